@@ -1,0 +1,25 @@
+# Two set-up commands (README): `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test bench lint-deploy clean
+
+$(BIN)/zerocf: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,deploy-lint]'
+	touch $@
+
+demo: $(BIN)/zerocf
+	$(BIN)/zerocf demo $(ARGS)
+
+test: $(BIN)/zerocf
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: $(BIN)/zerocf
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""zerocf stream side: raw impressions and clicks in, validated normalised events out."""

@@ -1,0 +1,393 @@
+"""Raw impression/click parsing and validation, and the normalised :class:`Event` (pure, no Kafka).
+
+Raw records (JSON objects, UTF-8) as producers write them to ``<p>.impressions`` / ``<p>.clicks``::
+
+    {"impression_id": "imp-9", "user_id": "u42", "item_ids": ["i7", "i3"], "ts": 1700000000000}
+    {"user_id": "u42", "item_id": "i7", "ts": "2023-11-14T22:13:20Z", "impression_id": "imp-9", "count": 2}
+
+Rules (every violation raises :class:`~stream.errors.InvalidEvent` naming the field, value and rule):
+
+- the message is at most 1 MiB (checked on the byte length first), valid UTF-8 and one JSON object;
+  ``NaN``/``Infinity`` literals are rejected; unknown extra fields are ignored; with duplicate keys
+  the last one wins (as in :func:`json.loads`).
+- ids (``user_id``, ``item_id``, ``impression_id``, each of ``item_ids``) are strings of 1..256 UTF-8
+  bytes without control characters (Unicode category Cc). JSON integers are accepted too and
+  normalised to their decimal string (datasets use numeric ids): ``42`` and ``"42"`` are the same id.
+  Booleans and floats are not ids.
+- ``ts`` is epoch milliseconds (a JSON integer, or a number with an integral value such as ``1.7e12``)
+  or an ISO-8601 string (anything :meth:`datetime.datetime.fromisoformat` accepts, e.g. with a
+  ``+02:00`` offset or ``Z``; a string without an offset is read as UTC; sub-millisecond digits are
+  truncated). It must lie within [2000-01-01T00:00:00Z, ``now_ms`` + 1 day].
+- ``item_ids`` holds 1..500 distinct ids, in display order (position 0 first).
+- ``count`` (optional, default 1) is an integer 1..10^6; ``impression_id`` is optional. ``null`` for
+  an optional field means "absent".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+from stream.errors import InvalidEvent
+
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_ID_BYTES = 256
+MAX_ITEMS = 500
+MAX_COUNT = 1_000_000
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+FUTURE_SLACK_MS = 86_400_000  # ts may be at most one day ahead of now_ms
+_MAX_TS_TEXT = 64
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # exactly Unicode category Cc
+_EVENT_KEYS = ("id", "type", "user", "item", "ts", "weight", "pos", "imp", "src")
+_EVENT_KEYSET = frozenset(_EVENT_KEYS)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr`` of *value*, truncated to about *limit* characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON; send numbers only")
+
+
+def check_id(value: Any, field: str) -> str:
+    """Validate one id and return it as a string (JSON integers become their decimal string).
+
+    >>> check_id("u42", "user_id"), check_id(42, "user_id")
+    ('u42', '42')
+    >>> check_id("", "item_id")
+    Traceback (most recent call last):
+    ...
+    stream.errors.InvalidEvent: item_id '' is empty; ids must be 1..256 UTF-8 bytes
+    """
+    if type(value) is not str:
+        if type(value) is int:
+            value = str(value)
+        else:
+            raise InvalidEvent(f"{field} {_show(value)} is a {type(value).__name__}; ids must be strings "
+                               "(or JSON integers)")
+    if value.isascii():
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidEvent(f"{field} {_show(value)} contains a lone surrogate; ids must be valid Unicode") from None
+    if size == 0:
+        raise InvalidEvent(f"{field} '' is empty; ids must be 1..{MAX_ID_BYTES} UTF-8 bytes")
+    if size > MAX_ID_BYTES:
+        raise InvalidEvent(f"{field} {_show(value)} is {size} bytes; the limit is {MAX_ID_BYTES} UTF-8 bytes")
+    if _CONTROL.search(value):
+        raise InvalidEvent(f"{field} {_show(value)} contains a control character; remove it")
+    return value
+
+
+def _as_int(value: Any, field: str) -> int:
+    """An integer, or a finite float with an integral value; bool is rejected."""
+    kind = type(value)
+    if kind is int:
+        return value
+    if kind is float and value.is_integer():  # False for nan/inf
+        return int(value)
+    raise InvalidEvent(f"{field} {_show(value)} is not an integer")
+
+
+def iso_to_ms(text: str) -> int:
+    """Parse an ISO-8601 timestamp to epoch ms; without an offset the time is UTC.
+
+    >>> iso_to_ms("2000-01-01T00:00:00Z"), iso_to_ms("2000-01-01T01:00:00.0019+01:00")
+    (946684800000, 946684800001)
+    """
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return (dt - _EPOCH) // _ONE_MS
+
+
+def parse_ts(value: Any, now_ms: int, field: str = "ts") -> int:
+    """Validate a raw ``ts`` (epoch ms or ISO-8601 string) and return epoch milliseconds.
+
+    >>> parse_ts("2023-11-14T22:13:20Z", now_ms=1_800_000_000_000)
+    1700000000000
+    """
+    if type(value) is str:
+        try:
+            if len(value) > _MAX_TS_TEXT:
+                raise ValueError
+            ms = iso_to_ms(value)
+        except (ValueError, OverflowError, TypeError):
+            raise InvalidEvent(f"{field} {_show(value)} is not an ISO-8601 timestamp; send e.g. "
+                               "'2024-05-01T12:00:00Z' or epoch milliseconds") from None
+    else:
+        try:
+            ms = _as_int(value, field)
+        except InvalidEvent:
+            raise InvalidEvent(f"{field} {_show(value)} is not epoch milliseconds (an integer) "
+                               "or an ISO-8601 string") from None
+    if ms < MIN_TS_MS:
+        raise InvalidEvent(f"{field} {_show(value)} is before 2000-01-01T00:00:00Z; ts must be epoch "
+                           "milliseconds (seconds?) after 2000")
+    if ms > now_ms + FUTURE_SLACK_MS:
+        raise InvalidEvent(f"{field} {_show(value)} is more than one day after now ({now_ms} ms); "
+                           "check the producer's clock")
+    return ms
+
+
+def _load_object(value: bytes) -> dict[str, Any]:
+    if type(value) is not bytes:
+        raise InvalidEvent(f"message is a {type(value).__name__}, expected bytes")
+    if len(value) > MAX_MESSAGE_BYTES:
+        raise InvalidEvent(f"message is {len(value)} bytes; the limit is {MAX_MESSAGE_BYTES} (1 MiB)")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidEvent(f"message is not valid UTF-8 (byte {e.start}); encode JSON as UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise InvalidEvent(f"message is not valid JSON ({_show(str(e), 100)}): {_show(text)}") from None
+    if type(obj) is not dict:
+        raise InvalidEvent(f"message is a JSON {type(obj).__name__}, expected an object: {_show(text)}")
+    return obj
+
+
+def _required(obj: dict[str, Any], field: str, kind: str) -> Any:
+    if field not in obj:
+        raise InvalidEvent(f"{field} is missing; a {kind} needs {field} (fields: {_show(sorted(obj))})")
+    return obj[field]
+
+
+@dataclass(frozen=True, slots=True)
+class RawClick:
+    """A validated raw click.
+
+    >>> RawClick("u1", "i2", 1700000000000).count
+    1
+    """
+
+    user_id: str
+    item_id: str
+    ts: int
+    impression_id: str | None = None
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RawImpression:
+    """A validated raw impression: ``item_ids`` in display order.
+
+    >>> RawImpression("imp-1", "u1", ("i2", "i3"), 1700000000000).item_ids[0]
+    'i2'
+    """
+
+    impression_id: str
+    user_id: str
+    item_ids: tuple[str, ...]
+    ts: int
+
+
+def parse_click(value: bytes, now_ms: int) -> RawClick:
+    """Parse and validate a raw click message.
+
+    >>> parse_click(b'{"user_id": 42, "item_id": "i7", "ts": 1700000000000, "count": 3}', 1700000000000)
+    RawClick(user_id='42', item_id='i7', ts=1700000000000, impression_id=None, count=3)
+    """
+    obj = _load_object(value)
+    user = check_id(_required(obj, "user_id", "click"), "user_id")
+    item = check_id(_required(obj, "item_id", "click"), "item_id")
+    ts = parse_ts(_required(obj, "ts", "click"), now_ms)
+    imp = obj.get("impression_id")
+    if imp is not None:
+        imp = check_id(imp, "impression_id")
+    count = obj.get("count")
+    if count is None:
+        count = 1
+    else:
+        count = _as_int(count, "count")
+        if not 1 <= count <= MAX_COUNT:
+            raise InvalidEvent(f"count {count} is out of range; count must be 1..{MAX_COUNT}")
+    return RawClick(user, item, ts, imp, count)
+
+
+def parse_impression(value: bytes, now_ms: int) -> RawImpression:
+    """Parse and validate a raw impression message.
+
+    >>> parse_impression(b'{"impression_id": "m1", "user_id": "u", "item_ids": [3, "b"], "ts": 1.7e12}',
+    ...                  1700000000000).item_ids
+    ('3', 'b')
+    """
+    obj = _load_object(value)
+    imp = check_id(_required(obj, "impression_id", "impression"), "impression_id")
+    user = check_id(_required(obj, "user_id", "impression"), "user_id")
+    raw_items = _required(obj, "item_ids", "impression")
+    if type(raw_items) is not list:
+        raise InvalidEvent(f"item_ids {_show(raw_items)} is not a list; send the shown item ids in display order")
+    n = len(raw_items)
+    if n == 0:
+        raise InvalidEvent("item_ids is empty; an impression shows at least 1 item")
+    if n > MAX_ITEMS:
+        raise InvalidEvent(f"item_ids has {n} items; the limit is {MAX_ITEMS} per impression")
+    items = tuple(check_id(x, f"item_ids[{i}]") for i, x in enumerate(raw_items))
+    if len(set(items)) != n:
+        seen: dict[str, int] = {}
+        for i, x in enumerate(items):
+            if x in seen:
+                raise InvalidEvent(f"item_ids has {_show(x)} at positions {seen[x]} and {i}; "
+                                   "each item may be shown once per impression")
+            seen[x] = i
+    ts = parse_ts(_required(obj, "ts", "impression"), now_ms)
+    return RawImpression(imp, user, items, ts)
+
+
+def parse_record(topic_kind: Literal["clicks", "impressions"], value: bytes, now_ms: int) -> RawClick | RawImpression:
+    """Parse a record of the ``clicks`` or ``impressions`` topic (dispatch on *topic_kind*).
+
+    >>> parse_record("clicks", b'{"user_id": "u", "item_id": "i", "ts": 1700000000000}', 1700000000000).item_id
+    'i'
+    """
+    if topic_kind == "clicks":
+        return parse_click(value, now_ms)
+    if topic_kind == "impressions":
+        return parse_impression(value, now_ms)
+    raise ValueError(f"topic_kind {topic_kind!r} is unknown; use 'clicks' or 'impressions'")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A normalised event, the value of ``<p>.events`` (see docs/architecture.md).
+
+    >>> e = to_events(RawClick("u42", "i7", 1700000000000, "imp-9"), "zerocf.clicks", 2, 1041)[0]
+    >>> e.to_json()
+    b'{"id":"zerocf.clicks:2:1041:0","type":"click","user":"u42","item":"i7","ts":1700000000000,"weight":1.0,"pos":null,"imp":"imp-9","src":"zerocf.clicks/2/1041"}'
+    >>> Event.from_json(e.to_json()) == e, e.key, e.origin
+    (True, b'u42', ('zerocf.clicks', 2, 1041, 0))
+    """
+
+    id: str
+    type: Literal["click", "impression"]
+    user: str
+    item: str
+    ts: int
+    weight: float
+    pos: int | None
+    imp: str | None
+    src: str
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka key: the user id, UTF-8."""
+        return self.user.encode("utf-8")
+
+    @property
+    def origin(self) -> tuple[str, int, int, int]:
+        """``(source topic, source partition, source offset, index)`` parsed from ``id``."""
+        topic, partition, offset, index = self.id.rsplit(":", 3)
+        return topic, int(partition), int(offset), int(index)
+
+    def to_json(self) -> bytes:
+        """Compact JSON, keys exactly ``id,type,user,item,ts,weight,pos,imp,src``."""
+        return _ENCODER.encode({"id": self.id, "type": self.type, "user": self.user, "item": self.item,
+                                "ts": self.ts, "weight": self.weight, "pos": self.pos, "imp": self.imp,
+                                "src": self.src}).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Event:
+        """Strictly parse :meth:`to_json` output; anything malformed raises ``InvalidEvent``."""
+        obj = _load_object(data)
+        if obj.keys() != _EVENT_KEYSET:
+            raise InvalidEvent(f"event has keys {_show(sorted(obj), 120)}; expected exactly {list(_EVENT_KEYS)}")
+        return cls(*_check_event_fields(obj))
+
+
+def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
+    eid, kind, src, ts, weight, pos, imp = (obj["id"], obj["type"], obj["src"], obj["ts"], obj["weight"],
+                                            obj["pos"], obj["imp"])
+    user = check_id(obj["user"], "user") if type(obj["user"]) is str else _bad("user", obj["user"], "a string")
+    item = check_id(obj["item"], "item") if type(obj["item"]) is str else _bad("item", obj["item"], "a string")
+    if type(ts) is not int or ts < MIN_TS_MS:
+        _bad("ts", ts, f"an integer epoch ms >= {MIN_TS_MS}")
+    if type(weight) is int:
+        weight = float(weight)
+    if type(weight) is not float or not 0.0 <= weight <= MAX_COUNT:
+        _bad("weight", weight, f"a number in [0, {MAX_COUNT}]")
+    if imp is not None and (type(imp) is not str or not imp):
+        _bad("imp", imp, "null or a non-empty string")
+    if type(eid) is not str or type(src) is not str:
+        _bad("id/src", (eid, src), "strings")
+    parts = eid.rsplit(":", 3)
+    if (len(parts) != 4 or not all(p.isdigit() and p.isascii() for p in parts[1:]) or not parts[0]
+            or src != f"{parts[0]}/{parts[1]}/{parts[2]}"):
+        _bad("id", eid, f"'<topic>:<partition>:<offset>:<index>' matching src {_show(src)}")
+    index = int(parts[3])
+    if kind == "click":
+        if pos is not None or index != 0 or weight < 1.0:
+            _bad("click", (pos, index, weight), "pos null, index 0, weight >= 1")
+    elif kind == "impression":
+        if type(pos) is not int or pos != index or weight != 0.0 or imp is None:
+            _bad("impression", (pos, index, weight, imp), "pos == index, weight 0.0, imp set")
+    else:
+        _bad("type", kind, "'click' or 'impression'")
+    return eid, kind, user, item, ts, weight, pos, imp, src
+
+
+def _bad(field: str, value: Any, rule: str) -> Any:
+    raise InvalidEvent(f"event {field} {_show(value)} is invalid; it must be {rule}")
+
+
+def to_events(raw: RawClick | RawImpression, topic: str, partition: int, offset: int) -> list[Event]:
+    """Normalise a raw record read at (*topic*, *partition*, *offset*) into events.
+
+    A click gives one event (index 0, ``weight = count``); an impression one event per shown item
+    (index = display position, ``weight = 0.0``, ``pos`` = position).
+
+    >>> [e.id for e in to_events(RawImpression("m", "u", ("a", "b"), 1700000000000), "p.impressions", 0, 5)]
+    ['p.impressions:0:5:0', 'p.impressions:0:5:1']
+    """
+    head = f"{topic}:{partition}:{offset}:"
+    src = f"{topic}/{partition}/{offset}"
+    if type(raw) is RawClick:
+        return [Event(head + "0", "click", raw.user_id, raw.item_id, raw.ts, float(raw.count), None,
+                      raw.impression_id, src)]
+    user, ts, imp = raw.user_id, raw.ts, raw.impression_id
+    return [Event(f"{head}{i}", "impression", user, item, ts, 0.0, i, imp, src)
+            for i, item in enumerate(raw.item_ids)]
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    try:
+        return _ENCODER.encode(obj).encode("utf-8")
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError (lone surrogate) is a ValueError
+        raise InvalidEvent(f"cannot encode {_show(obj)} as UTF-8 JSON ({e}); use str/int ids") from None
+
+
+def encode_click(user_id: str | int, item_id: str | int, ts: int | str, impression_id: str | int | None = None,
+                 count: int | None = None) -> bytes:
+    """Raw click JSON (not validated: run :func:`parse_click` on it); ``None`` fields are omitted.
+
+    >>> encode_click("u", "i", 1700000000000, count=2)
+    b'{"user_id":"u","item_id":"i","ts":1700000000000,"count":2}'
+    """
+    obj: dict[str, Any] = {"user_id": user_id, "item_id": item_id, "ts": ts}
+    if impression_id is not None:
+        obj["impression_id"] = impression_id
+    if count is not None:
+        obj["count"] = count
+    return _dumps(obj)
+
+
+def encode_impression(impression_id: str | int, user_id: str | int, item_ids: list[str | int] | tuple[str | int, ...],
+                      ts: int | str) -> bytes:
+    """Raw impression JSON (not validated: run :func:`parse_impression` on it).
+
+    >>> encode_impression("m", "u", ["a", "b"], 1700000000000)
+    b'{"impression_id":"m","user_id":"u","item_ids":["a","b"],"ts":1700000000000}'
+    """
+    return _dumps({"impression_id": impression_id, "user_id": user_id, "item_ids": list(item_ids), "ts": ts})

@@ -1,0 +1,105 @@
+"""Plain-Kafka helpers shared by the stages: client construction, topic creation, "caught up" detection.
+
+Nothing here is specific to the dev broker; where the dev broker (Tansu) has a defect we avoid the affected
+API in a way that is also correct on Apache Kafka (see ``caught_up``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from stream.config import KafkaSettings
+from stream.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """Errors kafka-python raises when no broker answers (the name changed across versions)."""
+    from kafka import errors
+
+    return tuple(getattr(errors, n) for n in ("NoBrokersAvailable", "KafkaTimeoutError") if hasattr(errors, n))
+
+# Group timings that make joins and rebalances take seconds instead of ~20 s (see INFRA notes); all are
+# ordinary Kafka consumer settings. max_poll_interval bounds the time between polls: batches stay far below.
+GROUP_TIMINGS: dict[str, int] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
+                                 "max_poll_interval_ms": 30000}
+
+
+def consumer(settings: KafkaSettings, *, group_id: str | None, client_id: str, **extra: Any) -> Any:
+    """A KafkaConsumer with manual commits, reading from the earliest offset when a group has none."""
+    from kafka import KafkaConsumer
+
+    kw: dict[str, Any] = {**settings.client_kwargs(), "group_id": group_id, "client_id": client_id,
+                          "enable_auto_commit": False, "auto_offset_reset": "earliest",
+                          "max_partition_fetch_bytes": 4 << 20, "fetch_max_bytes": 32 << 20}
+    if group_id is not None:
+        kw.update(GROUP_TIMINGS)
+    kw.update(extra)
+    try:
+        return KafkaConsumer(**kw)
+    except _unreachable():
+        raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}; start one "
+                                 "(`zerocf stack up`) or fix ZEROCF_KAFKA_BOOTSTRAP") from None
+
+
+def producer(settings: KafkaSettings, *, client_id: str, **extra: Any) -> Any:
+    """A KafkaProducer that keeps per-partition order (one request in flight) and waits for the leader."""
+    from kafka import KafkaProducer
+
+    kw: dict[str, Any] = {**settings.client_kwargs(), "client_id": client_id, "acks": 1,
+                          "enable_idempotence": settings.idempotence, "retries": 5,
+                          "max_in_flight_requests_per_connection": 1, "linger_ms": 20,
+                          "batch_size": 512 * 1024, "max_request_size": 4 << 20}
+    kw.update(extra)
+    try:
+        return KafkaProducer(**kw)
+    except _unreachable():
+        raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}; start one "
+                                 "(`zerocf stack up`) or fix ZEROCF_KAFKA_BOOTSTRAP") from None
+
+
+def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> None:
+    """Create each missing topic with its partition count (replication 1 here; production sets its own).
+
+    Existing topics are left alone; a partition count that differs is logged, not changed.
+    """
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(**settings.client_kwargs(), client_id="zerocf-admin")
+    except _unreachable():
+        raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}") from None
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name, n, 1) for name, n in partitions.items() if name not in existing]
+        if missing:
+            try:
+                admin.create_topics(missing)
+                log.info("created topics %s", ", ".join(f"{t.name}({t.num_partitions})" for t in missing))
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def caught_up(consumer_: Any) -> bool:
+    """True when every assigned partition's position has reached its high watermark.
+
+    Uses the high watermark the broker returned with the last fetch (``consumer.highwater``), not
+    ``end_offsets()``: the dev broker reports the latter wrongly for batched records. A partition with no
+    fetch yet (unknown watermark) counts as not caught up unless its position is 0 and the caller saw an
+    empty poll.
+    """
+    assignment = consumer_.assignment()
+    if not assignment:
+        return False
+    for tp in assignment:
+        hw = consumer_.highwater(tp)
+        if hw is None or consumer_.position(tp) < hw:
+            return False
+    return True

@@ -1,0 +1,501 @@
+"""Implicit ALS / weighted matrix factorisation (Hu, Koren & Volinsky 2008): CG and exact solvers.
+
+Pure kernels: arrays, scalars and a ``np.random.Generator`` in, arrays out. No I/O, no logging setup.
+
+Problem solved. For a user x item count matrix ``F`` (CSR, ``f_ui >= 0``) every observed pair has
+preference ``r_ui = 1`` and confidence ``c_ui = 1 + d_ui`` with
+
+- ``kind="linear"``: ``d_ui = alpha * f_ui``
+- ``kind="log"``:    ``d_ui = alpha * log(1 + f_ui / eps)``
+
+and every unobserved pair has ``r_ui = 0``, ``c_ui = 1``. ALS minimises the WMF objective ::
+
+    L(P, Q) = sum_{all u, i} c_ui (r_ui - p_u . q_i)^2 + reg (||P||^2 + ||Q||^2)
+
+**Stored-value convention.** :func:`confidence` returns a CSR whose stored values are ``d_ui = c_ui - 1``
+(the extra weight over an unobserved pair). The ``implicit`` library (0.7.x,
+``implicit.cpu.als.AlternatingLeastSquares``) instead reads its stored value ``v`` as the confidence
+itself after multiplying by its own ``alpha``: ``c = alpha_implicit * v`` (and ``A += (c - 1) y y^T``,
+``b += c y``; a negative ``v`` means preference 0). To make implicit solve exactly our problem, feed it
+``C = confidence(F, alpha, kind)`` with ``C.data + 1`` as values and ``alpha=1.0``, the same ``reg``
+(both add ``reg * I`` unscaled to the Gram matrix). Passing raw counts with ``alpha=a`` to implicit is
+*not* the same problem: it gives ``c = a * f`` (no ``+1``).
+
+Half-sweep (users; items are symmetric with ``F^T``), with ``G = Q^T Q`` computed once per half-sweep::
+
+    p_u = (G + Q^T (C_u - I) Q + reg I)^-1 Q^T C_u r_u
+
+costing ``O(nnz k + (m + n) k^2)`` per CG step. ``solver="cg"`` runs ``cg_steps`` conjugate-gradient
+steps warm-started from the current factors (float32, like implicit); ``solver="exact"`` builds each
+``A_u`` and solves it by an in-kernel Cholesky in float64 (``O(nnz k^2 + (m + n) k^3)``). Both kernels
+are numba ``prange`` loops over blocks of rows, no Python loop over users.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numba
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+F32 = npt.NDArray[np.float32]
+_CHUNK = 32  # rows per parallel work item: amortises scratch allocation, keeps load balanced
+_EPS_RS = 1e-20  # CG stops when the squared residual norm drops below this (as implicit does)
+
+__all__ = [
+    "ALSDiverged",
+    "FitHistory",
+    "als_fit",
+    "confidence",
+    "fold_in",
+    "recommend_from_factors",
+    "wmf_loss",
+]
+
+
+class ALSDiverged(ValueError):
+    """A factor became NaN/inf during an ALS sweep; lower ``alpha`` or raise ``reg`` and refit."""
+
+
+@dataclass
+class FitHistory:
+    """Per-iteration record of :func:`als_fit`.
+
+    ``loss[t]`` is the WMF objective after iteration ``t`` (empty when ``compute_loss=False``);
+    ``seconds[t]`` the wall time of its two half-sweeps, excluding the loss evaluation.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def _check_counts(counts: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
+    if not sp.issparse(counts):
+        raise TypeError(f"counts must be a scipy sparse matrix, got {type(counts).__name__}; "
+                        "build one with InteractionMatrix.to_csr()")
+    c = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    c.sum_duplicates()
+    if not np.isfinite(c.data).all():
+        bad = int((~np.isfinite(c.data)).sum())
+        raise ValueError(f"counts hold {bad} NaN/inf values; drop or clip them before fitting")
+    if (c.data < 0).any():
+        raise ValueError(f"counts must be >= 0, min is {float(c.data.min())}; "
+                         "ALS models positive feedback only, drop negative events upstream")
+    c.eliminate_zeros()
+    return c
+
+
+def confidence(counts_csr: sp.spmatrix | sp.sparray, alpha: float,
+               kind: Literal["linear", "log"] = "linear", eps: float = 1.0) -> sp.csr_matrix:
+    """Return the extra confidence ``d = c - 1`` of every observed pair, as float32 CSR.
+
+    Parameters
+    ----------
+    counts_csr : sparse matrix, shape (n_users, n_items)
+        Non-negative click counts ``f_ui``; duplicates are summed, explicit zeros dropped.
+    alpha : float
+        Confidence scale, ``> 0``.
+    kind : {"linear", "log"}
+        ``d = alpha * f`` or ``d = alpha * log(1 + f / eps)``.
+    eps : float
+        Count scale of the log variant, ``> 0``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, float32, int32 indices
+        Same sparsity as ``counts_csr``. The full confidence is ``1 + value``; feed implicit with
+        ``value + 1`` and ``alpha=1.0`` (see the module docstring).
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> f = sp.csr_matrix(np.array([[0, 1, 3]], dtype=np.float32))
+    >>> confidence(f, alpha=2.0).toarray()
+    array([[0., 2., 6.]], dtype=float32)
+    >>> np.round(confidence(f, alpha=2.0, kind="log").data, 3)
+    array([1.386, 2.773], dtype=float32)
+    """
+    if not alpha > 0 or not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+    c = _check_counts(counts_csr)
+    if kind == "linear":
+        with np.errstate(over="ignore"):  # overflow is reported below
+            c.data = (np.float32(alpha) * c.data).astype(np.float32)
+    elif kind == "log":
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 for kind='log', got {eps}")
+        with np.errstate(over="ignore"):
+            c.data = (alpha * np.log1p(c.data.astype(np.float64) / eps)).astype(np.float32)
+    else:
+        raise ValueError(f"kind must be 'linear' or 'log', got {kind!r}")
+    if not np.isfinite(c.data).all():
+        raise ValueError(f"confidence alpha * f overflows float32 (alpha={alpha}); "
+                         "lower alpha or use kind='log'")
+    c.indices = c.indices.astype(np.int32, copy=False)
+    c.indptr = c.indptr.astype(np.int64, copy=False)
+    return c
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _cg_sweep(indptr, indices, data, X, Y, G, cg_steps):  # pragma: no cover - numba
+    """In place: ``cg_steps`` CG steps on every row of X; ``G = Y^T Y + reg I`` (float32)."""
+    n, k = X.shape
+    nblocks = (n + _CHUNK - 1) // _CHUNK
+    for blk in numba.prange(nblocks):
+        x = np.empty(k, np.float32)
+        r = np.empty(k, np.float32)
+        p = np.empty(k, np.float32)
+        ap = np.empty(k, np.float32)
+        for u in range(blk * _CHUNK, min(n, (blk + 1) * _CHUNK)):
+            x[:] = X[u]
+            for a in range(k):  # r = b - A x, A x = G x + sum_i d_i (y_i . x) y_i
+                s = np.float32(0.0)
+                for b in range(k):
+                    s += G[a, b] * x[b]
+                r[a] = -s
+            for j in range(indptr[u], indptr[u + 1]):
+                i, d = indices[j], data[j]
+                s = np.float32(0.0)
+                for f in range(k):
+                    s += Y[i, f] * x[f]
+                w = np.float32(1.0) + d - d * s
+                for f in range(k):
+                    r[f] += w * Y[i, f]
+            rs = np.float32(0.0)
+            for f in range(k):
+                rs += r[f] * r[f]
+                p[f] = r[f]
+            for _ in range(cg_steps):
+                if rs < _EPS_RS:
+                    break
+                for a in range(k):
+                    s = np.float32(0.0)
+                    for b in range(k):
+                        s += G[a, b] * p[b]
+                    ap[a] = s
+                for j in range(indptr[u], indptr[u + 1]):
+                    i, d = indices[j], data[j]
+                    s = np.float32(0.0)
+                    for f in range(k):
+                        s += Y[i, f] * p[f]
+                    w = d * s
+                    for f in range(k):
+                        ap[f] += w * Y[i, f]
+                pap = np.float32(0.0)
+                for f in range(k):
+                    pap += p[f] * ap[f]
+                step = rs / pap
+                rs_new = np.float32(0.0)
+                for f in range(k):
+                    x[f] += step * p[f]
+                    r[f] -= step * ap[f]
+                    rs_new += r[f] * r[f]
+                beta = rs_new / rs
+                for f in range(k):
+                    p[f] = r[f] + beta * p[f]
+                rs = rs_new
+            X[u] = x
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _exact_sweep(indptr, indices, data, X, Y, G):  # pragma: no cover - numba
+    """In place: exact solve of every row of X by Cholesky; ``G = Y^T Y + reg I`` (float64)."""
+    n, k = X.shape
+    nblocks = (n + _CHUNK - 1) // _CHUNK
+    for blk in numba.prange(nblocks):
+        A = np.empty((k, k), np.float64)
+        b = np.empty(k, np.float64)
+        y = np.empty(k, np.float64)
+        for u in range(blk * _CHUNK, min(n, (blk + 1) * _CHUNK)):
+            A[:, :] = G
+            b[:] = 0.0
+            for j in range(indptr[u], indptr[u + 1]):  # lower triangle of A, and b
+                i, d = indices[j], np.float64(data[j])
+                for f in range(k):
+                    y[f] = Y[i, f]
+                for a in range(k):
+                    b[a] += (1.0 + d) * y[a]
+                    w = d * y[a]
+                    for c in range(a + 1):
+                        A[a, c] += w * y[c]
+            for jj in range(k):  # in-place Cholesky A = L L^T (lower)
+                s = A[jj, jj]
+                for q in range(jj):
+                    s -= A[jj, q] * A[jj, q]
+                s = np.sqrt(s) if s > 0.0 else np.nan  # NaN propagates -> ALSDiverged
+                A[jj, jj] = s
+                for ii in range(jj + 1, k):
+                    t = A[ii, jj]
+                    for q in range(jj):
+                        t -= A[ii, q] * A[jj, q]
+                    A[ii, jj] = t / s
+            for a in range(k):  # L z = b
+                s = b[a]
+                for q in range(a):
+                    s -= A[a, q] * b[q]
+                b[a] = s / A[a, a]
+            for a in range(k - 1, -1, -1):  # L^T x = z
+                s = b[a]
+                for q in range(a + 1, k):
+                    s -= A[q, a] * b[q]
+                b[a] = s / A[a, a]
+            for f in range(k):
+                X[u, f] = b[f]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _observed_loss(indptr, indices, data, X, Y):  # pragma: no cover - numba
+    """Sum over observed pairs of ``(1 + d)(1 - s)^2 - s^2`` with ``s = x_u . y_i`` (deterministic)."""
+    n, k = X.shape
+    nblocks = (n + _CHUNK - 1) // _CHUNK
+    part = np.zeros(nblocks, np.float64)
+    for blk in numba.prange(nblocks):
+        acc = 0.0
+        for u in range(blk * _CHUNK, min(n, (blk + 1) * _CHUNK)):
+            for j in range(indptr[u], indptr[u + 1]):
+                i = indices[j]
+                s = 0.0
+                for f in range(k):
+                    s += np.float64(X[u, f]) * np.float64(Y[i, f])
+                acc += (1.0 + data[j]) * (1.0 - s) ** 2 - s * s
+        part[blk] = acc
+    return part.sum()
+
+
+def wmf_loss(conf: sp.csr_matrix, U: F32, V: F32, reg: float) -> float:
+    """WMF objective ``sum_ui c_ui (r_ui - u.v)^2 + reg (||U||^2 + ||V||^2)`` in O(nnz k + (m+n) k^2).
+
+    Uses ``sum_{all u,i} (u.v)^2 = sum(U^T U * V^T V)`` plus a correction on the observed pairs.
+
+    Parameters
+    ----------
+    conf : csr_matrix, shape (m, n)
+        Extra confidence ``d = c - 1`` as returned by :func:`confidence`.
+    U : ndarray, shape (m, k), float32
+    V : ndarray, shape (n, k), float32
+    reg : float
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> conf = confidence(sp.csr_matrix(np.eye(2, dtype=np.float32)), alpha=1.0)
+    >>> U = V = np.eye(2, dtype=np.float32)
+    >>> wmf_loss(conf, U, V, reg=0.5)  # perfect fit: only the penalty 0.5 * (2 + 2)
+    2.0
+    """
+    U64, V64 = U.astype(np.float64), V.astype(np.float64)
+    base = float(((U64.T @ U64) * (V64.T @ V64)).sum())
+    obs = float(_observed_loss(conf.indptr, conf.indices, conf.data, U, V))
+    return base + obs + reg * float((U64 * U64).sum() + (V64 * V64).sum())
+
+
+def _init_factors(n: int, k: int, init: F32 | None, rng: np.random.Generator, name: str) -> F32:
+    """Return an (n, k) float32 C-contiguous copy of ``init``, seeding missing (new) rows."""
+    new = (rng.random((n, k)) * 0.01).astype(np.float32)  # small, positive: first direction ~ popularity
+    if init is None:
+        return new
+    init = np.asarray(init, dtype=np.float32)
+    if init.ndim != 2 or init.shape[1] != k or init.shape[0] > n:
+        raise ValueError(f"init {name} has shape {init.shape}, expected (<= {n}, {k}); "
+                         f"pass factors={init.shape[-1]} or refit from scratch with init=None")
+    if not np.isfinite(init).all():
+        raise ValueError(f"init {name} holds NaN/inf; refit from scratch with init=None")
+    new[: init.shape[0]] = init
+    return new
+
+
+def _half_sweep(conf: sp.csr_matrix, X: F32, Y: F32, reg: float, solver: str, cg_steps: int) -> None:
+    k = X.shape[1]
+    if solver == "cg":
+        G = Y.T @ Y
+        G[np.diag_indices(k)] += np.float32(reg)
+        _cg_sweep(conf.indptr, conf.indices, conf.data, X, Y, G, cg_steps)
+    else:
+        Y64 = Y.astype(np.float64)
+        G = Y64.T @ Y64 + reg * np.eye(k)
+        _exact_sweep(conf.indptr, conf.indices, conf.data, X, Y, G)
+
+
+def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float = 0.05,
+            alpha: float = 2.0, iterations: int = 15, solver: Literal["cg", "exact"] = "cg",
+            cg_steps: int = 3, init: tuple[F32 | None, F32 | None] | None = None,
+            rng: np.random.Generator | None = None,
+            callback: Callable[[int, float, float | None], None] | None = None,
+            num_threads: int | None = None, kind: Literal["linear", "log"] = "linear",
+            eps: float = 1.0, compute_loss: bool = True) -> tuple[F32, F32, FitHistory]:
+    """Fit implicit ALS on a user x item count matrix.
+
+    Parameters
+    ----------
+    counts_csr : sparse matrix, shape (m, n)
+        Non-negative counts; turned into confidence by :func:`confidence` (``alpha``, ``kind``, ``eps``).
+    factors, reg, alpha, iterations : int, float, float, int
+        Rank ``k``, L2 penalty, confidence scale, number of (user, item) sweep pairs.
+    solver : {"cg", "exact"}
+        ``cg_steps`` warm-started CG steps per row, or an exact Cholesky solve per row.
+    init : (U0, V0) or None
+        Warm start. Each may be None or have fewer rows than the matrix (new users/items): missing
+        rows get a small random init ``U[0, 0.01)`` (as for a cold start; same scheme as implicit).
+    rng : numpy Generator
+        Seeds the random init (default ``np.random.default_rng(0)``).
+    callback : callable(iteration, seconds, loss) or None
+        Called after every iteration; ``loss`` is None when ``compute_loss=False``.
+    num_threads : int or None
+        numba threads for the sweeps (clamped to ``numba.config.NUMBA_NUM_THREADS``); None keeps
+        numba's current setting. Restored on return.
+
+    Returns
+    -------
+    U : ndarray, shape (m, k), float32
+    V : ndarray, shape (n, k), float32
+    history : FitHistory
+
+    Raises
+    ------
+    ALSDiverged
+        A factor is NaN/inf after a sweep.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> F = sp.csr_matrix(np.kron(np.eye(2), np.ones((3, 3))).astype(np.float32))
+    >>> U, V, h = als_fit(F, factors=2, reg=0.01, iterations=5, rng=np.random.default_rng(0))
+    >>> (U @ V.T).argmax(axis=1).tolist()[::3], len(h.loss), h.loss[-1] < h.loss[0]
+    ([0, 3], 5, True)
+    """
+    if solver not in ("cg", "exact"):
+        raise ValueError(f"solver must be 'cg' or 'exact', got {solver!r}")
+    if factors < 1 or iterations < 0 or cg_steps < 1 or not reg >= 0:
+        raise ValueError(f"need factors >= 1, iterations >= 0, cg_steps >= 1, reg >= 0; got "
+                         f"{factors}, {iterations}, {cg_steps}, {reg}")
+    cui = confidence(counts_csr, alpha, kind, eps)
+    ciu = cui.T.tocsr()
+    ciu.indices = ciu.indices.astype(np.int32, copy=False)
+    ciu.indptr = ciu.indptr.astype(np.int64, copy=False)
+    rng = np.random.default_rng(0) if rng is None else rng
+    u0, v0 = (None, None) if init is None else init
+    U = _init_factors(cui.shape[0], factors, u0, rng, "U")
+    V = _init_factors(cui.shape[1], factors, v0, rng, "V")
+    history = FitHistory()
+    prev_threads = numba.get_num_threads()
+    if num_threads is not None:
+        numba.set_num_threads(max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        for it in range(iterations):
+            t0 = time.perf_counter()
+            _half_sweep(cui, U, V, reg, solver, cg_steps)
+            _half_sweep(ciu, V, U, reg, solver, cg_steps)
+            seconds = time.perf_counter() - t0
+            if not (np.isfinite(U).all() and np.isfinite(V).all()):
+                raise ALSDiverged(f"ALS factors became NaN/inf at iteration {it} (alpha={alpha}, "
+                                  f"reg={reg}, solver={solver}); lower alpha or raise reg and refit")
+            loss = wmf_loss(cui, U, V, reg) if compute_loss else None
+            history.seconds.append(seconds)
+            if loss is not None:
+                history.loss.append(loss)
+            if callback is not None:
+                callback(it, seconds, loss)
+    finally:
+        numba.set_num_threads(prev_threads)
+    return U, V, history
+
+
+def fold_in(V: F32, item_idx: npt.ArrayLike, counts: npt.ArrayLike, reg: float, alpha: float,
+            kind: Literal["linear", "log"] = "linear", eps: float = 1.0,
+            gram: npt.NDArray[np.floating] | None = None) -> F32:
+    """Exact factor of one (cold) user against fixed item factors.
+
+    Solves ``(V^T V + V_I^T D V_I + reg I) p = V_I^T (1 + d)`` with ``d`` from :func:`confidence`.
+
+    Parameters
+    ----------
+    V : ndarray, shape (n, k), float32
+    item_idx : array of int, shape (t,)
+        Item rows the user interacted with (duplicates are summed).
+    counts : array of float, shape (t,)
+        Their counts ``f >= 0``.
+    gram : ndarray, shape (k, k), optional
+        Precomputed ``V^T V`` (saves ``O(n k^2)`` per call when folding in many users).
+
+    Returns
+    -------
+    ndarray, shape (k,), float32
+
+    Examples
+    --------
+    >>> V = np.array([[1, 0], [0, 1], [0, 0]], dtype=np.float32)
+    >>> fold_in(V, [0], [1.0], reg=0.0, alpha=1.0).tolist()  # (1 + 1) p0 = 2
+    [1.0, 0.0]
+    """
+    V = np.asarray(V, dtype=np.float32)
+    idx = np.asarray(item_idx, dtype=np.int64).ravel()
+    f = np.asarray(counts, dtype=np.float32).ravel()
+    if idx.shape != f.shape:
+        raise ValueError(f"item_idx has {idx.size} entries but counts has {f.size}; pass one count per item")
+    if idx.size and (idx.min() < 0 or idx.max() >= V.shape[0]):
+        raise ValueError(f"item_idx out of range [0, {V.shape[0]}); map unknown items before fold_in")
+    row = sp.csr_matrix((f, idx, [0, idx.size]), shape=(1, V.shape[0]))
+    d = confidence(row, alpha, kind, eps)
+    Vi = V[d.indices].astype(np.float64)
+    V64 = V.astype(np.float64)
+    A = (V64.T @ V64 if gram is None else np.asarray(gram, np.float64)) + reg * np.eye(V.shape[1])
+    A += (Vi * d.data[:, None]).T @ Vi
+    b = Vi.T @ (1.0 + d.data.astype(np.float64))
+    return np.linalg.solve(A, b).astype(np.float32)
+
+
+def recommend_from_factors(U_rows: F32, V: F32, exclude_csr: sp.spmatrix | sp.sparray | None = None,
+                           k: int = 10, batch_size: int = 1024) -> tuple[npt.NDArray[np.int32], F32]:
+    """Top-``k`` items for each row of ``U_rows`` by score ``u . v``, best first.
+
+    Parameters
+    ----------
+    U_rows : ndarray, shape (b, f)
+    V : ndarray, shape (n, f)
+    exclude_csr : sparse matrix, shape (b, n), optional
+        Row ``j`` lists the items to exclude for ``U_rows[j]`` (e.g. its training items).
+    k : int
+        Clamped to ``n``. Slots with no eligible item get id ``-1`` and score ``-inf``.
+    batch_size : int
+        Rows scored per matrix product (memory ``batch_size * n * 4`` bytes).
+
+    Returns
+    -------
+    ids : ndarray, shape (b, k), int32
+    scores : ndarray, shape (b, k), float32
+
+    Examples
+    --------
+    >>> V = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    >>> ids, s = recommend_from_factors(np.array([[1, 0.5]], np.float32), V, k=2)
+    >>> ids.tolist(), s.tolist()
+    ([[2, 0]], [[1.5, 1.0]])
+    """
+    U_rows = np.asarray(U_rows, dtype=np.float32)
+    V = np.asarray(V, dtype=np.float32)
+    n = V.shape[0]
+    k = max(0, min(int(k), n))
+    ex = None if exclude_csr is None else sp.csr_matrix(exclude_csr)
+    if ex is not None and ex.shape != (U_rows.shape[0], n):
+        raise ValueError(f"exclude_csr has shape {ex.shape}, expected {(U_rows.shape[0], n)}: "
+                         "one row per query row, one column per item")
+    ids = np.full((U_rows.shape[0], k), -1, dtype=np.int32)
+    scores = np.full((U_rows.shape[0], k), -np.inf, dtype=np.float32)
+    if k == 0:
+        return ids, scores
+    for lo in range(0, U_rows.shape[0], batch_size):
+        s = U_rows[lo:lo + batch_size] @ V.T
+        if ex is not None:
+            sub = ex[lo:lo + batch_size]
+            s[np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr)), sub.indices] = -np.inf
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(s), 1))
+        ts = np.take_along_axis(s, top, axis=1)
+        order = np.argsort(-ts, axis=1, kind="stable")
+        top, ts = np.take_along_axis(top, order, axis=1), np.take_along_axis(ts, order, axis=1)
+        scores[lo:lo + len(s)] = ts
+        ids[lo:lo + len(s)] = np.where(np.isneginf(ts), -1, top)
+    return ids, scores

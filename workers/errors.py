@@ -1,0 +1,45 @@
+"""Errors of the workers package.
+
+Every error derives from :class:`WorkerError`, itself a :class:`stream.errors.ZerocfError`; errors that a
+retry may cure set ``retriable = True``.
+
+>>> issubclass(StaleBatch, WorkerError) and StaleBatch.retriable
+True
+"""
+
+from __future__ import annotations
+
+from stream.errors import ZerocfError
+
+__all__ = ["GenerationError", "ModelDiverged", "StaleBatch", "StoreSchemaError", "WorkerError"]
+
+
+class WorkerError(ZerocfError):
+    """Base class of the errors raised by the LMF/ALS workers, the store and the lookup client."""
+
+
+class StoreSchemaError(WorkerError):
+    """What Redis holds does not match what this process expects (k, dtype, schema version, blob size).
+
+    The message names the stored value, the expected one and the command that fixes it, e.g.
+    ``redis model zerocf has k=32, worker configured k=64; rerun with --factors 32 or rebuild with
+    `zerocf als --once --rebuild```.
+    """
+
+
+class ModelDiverged(WorkerError):
+    """A factor, delta, accumulator or bias is NaN or infinite; it was refused and nothing was written."""
+
+
+class StaleBatch(WorkerError):
+    """The offset fence failed: the partition's applied offset in Redis is not the one the batch expected.
+
+    Another worker (or an earlier run) already applied these events; reseek the partition to the stored
+    applied offset + 1 and continue.
+    """
+
+    retriable = True
+
+
+class GenerationError(WorkerError):
+    """A generation cannot be published, dropped or read in its current state (named in the message)."""

@@ -1,0 +1,362 @@
+"""``zerocf lmf``: the online LMF worker — events from Kafka, SGD, factors to Redis, exactly-once effect.
+
+Per poll and per events partition: parse, de-duplicate (ingest is at-least-once), plan (sample negatives),
+fetch every vector the batch touches in one round trip, train, and write back in one Lua call that also
+stores the partition's applied offset and de-duplication watermarks — atomically, fenced on the previous
+offset (see :meth:`workers.store.FactorStore.apply_batch`). Kafka commits are only a hint: at start and on
+every assignment the worker seeks each partition to the offset stored in Redis + 1, so a worker killed at
+any moment resumes without losing or double-applying an event.
+
+When the ALS worker publishes a new generation, the next write returns ``NEW_GENERATION``: the worker
+reloads the generation (items, counts, calibration bias) and seeks its partitions to the offsets the
+snapshot covered, replaying everything learned online since into the new generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream.dedupe import Deduper
+from stream.errors import InvalidEvent, ZerocfError
+from stream.events import Event
+from stream.runtime import Backoff, StopFlag, start_http
+from workers.config import LMFConfig
+from workers.online import BatchPlan, OnlineModel
+from workers.store import ApplyStatus, FactorStore
+
+log = logging.getLogger(__name__)
+
+
+class _Switch(Exception):
+    """Internal: a new generation went live; discard the rest of this poll."""
+
+
+class LMFMetrics:
+    """Prometheus metrics of one worker (own registry, so tests can run several in one process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.events = Counter("zerocf_lmf_events", "events applied (after de-duplication)", registry=r)
+        self.duplicates = Counter("zerocf_lmf_duplicates", "replayed events dropped by the deduper", registry=r)
+        self.invalid = Counter("zerocf_lmf_invalid_events", "undecodable records on the events topic", registry=r)
+        self.batches = Counter("zerocf_lmf_batches", "batches by outcome", ["outcome"], registry=r)
+        self.nan_guards = Counter("zerocf_lmf_nan_guards", "batches whose factors were refused (NaN/inf)",
+                                  registry=r)
+        self.errors = Counter("zerocf_lmf_errors", "Redis/Kafka errors retried", ["kind"], registry=r)
+        self.loss = Gauge("zerocf_lmf_loss_ewma", "EWMA of the per-event logistic loss", registry=r)
+        self.lag = Gauge("zerocf_lmf_lag", "records behind the high watermark", ["partition"], registry=r)
+        self.generation = Gauge("zerocf_lmf_generation", "generation being written", registry=r)
+        self.latency = Histogram("zerocf_lmf_batch_seconds", "batch latency (plan+fetch+train+write)",
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=r)
+
+
+@dataclass
+class WorkerStats:
+    events: int = 0
+    clicks: int = 0
+    batches: int = 0
+    duplicates: int = 0
+    nan_batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+    loss_ewma: float = float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        secs = max(time.monotonic() - self.started, 1e-9)
+        return {"events": self.events, "clicks": self.clicks, "batches": self.batches,
+                "duplicates": self.duplicates, "nan_batches": self.nan_batches,
+                "seconds": round(secs, 2), "events_per_s": round(self.events / secs, 1),
+                "loss_ewma": round(self.loss_ewma, 5)}
+
+
+class LMFWorker:
+    """Consume ``<p>.events`` with a group and train the online model into the live generation."""
+
+    def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None,
+                 rank_hook: Any = None) -> None:
+        """``rank_hook(ranks)``, if given, receives per batch the prequential ranks of its clicks
+        (:meth:`workers.online.OnlineModel.ranks_before_learning`), computed before the batch is learned."""
+        self.cfg, self.store = cfg, store
+        self.rank_hook = rank_hook
+        self.stop = stop or StopFlag()
+        self.model = OnlineModel(cfg, seed=cfg.seed)
+        self.metrics = LMFMetrics()
+        self.stats = WorkerStats()
+        self.g = 0
+        self.bias = 0.0
+        self.applied: dict[int, int | None] = {}
+        self.dedupers: dict[int, Deduper] = {}
+        self.consumer: Any = None
+        self._healthy_redis = True
+
+    # ------------------------------------------------------------------ lifecycle
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        assigned = sorted(tp.partition for tp in self.consumer.assignment()) if self.consumer else []
+        ok = bool(assigned) and self._healthy_redis
+        return ok, {"assigned": assigned, "redis": self._healthy_redis, "generation": self.g}
+
+    def load_generation(self) -> None:
+        """(Re)load the live generation: item vectors, counts (sampler), calibration bias."""
+        self.g = self.store.live_generation()
+        self.bias = self.store.generation_meta(self.g).bias
+        ids, mat = self.store.get_all_items(self.g)
+        self.model.warm(ids, mat, self.store.item_counts(self.g))
+        self.model.forget_users()
+        self.metrics.generation.set(self.g)
+        log.info("writing into generation %d (%d items, bias %.3f)", self.g, len(ids), self.bias)
+
+    def resume(self, partitions: list[Any]) -> None:
+        """Seek each partition to its applied offset in Redis + 1 and restore its deduper."""
+        if not partitions:
+            return
+        state = self.store.read_batch_state(self.g, [tp.partition for tp in partitions], [], [])
+        for tp in partitions:
+            off = state.offsets.get(tp.partition)
+            self.applied[tp.partition] = off
+            self.dedupers[tp.partition] = Deduper.from_state(state.watermarks.get(tp.partition))
+            if off is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, off + 1)
+            log.info("partition %d resumes at offset %s (generation %d)", tp.partition,
+                     "beginning" if off is None else off + 1, self.g)
+
+    # kafka-python ConsumerRebalanceListener protocol
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        for tp in revoked:
+            self.applied.pop(tp.partition, None)
+            self.dedupers.pop(tp.partition, None)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.model.forget_users()  # another worker may have written these users meanwhile
+        self.resume(list(assigned))
+
+    def run(self, until_idle: bool = False) -> WorkerStats:
+        from kafka import ConsumerRebalanceListener
+
+        from stream import kafka_util
+
+        self.store.ensure_model(self.cfg.factors)
+        self.load_generation()
+        self.consumer = kafka_util.consumer(self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf",
+                                            max_poll_records=self.cfg.batch)
+        listener = type("L", (ConsumerRebalanceListener,), {
+            "on_partitions_revoked": lambda _s, r: self.on_partitions_revoked(r),
+            "on_partitions_assigned": lambda _s, a: self.on_partitions_assigned(a)})()
+        self.consumer.subscribe([self.cfg.topics.events], listener=listener)
+        http = start_http(self.cfg.runtime.metrics_port, self.health, self.metrics.registry) \
+            if self.cfg.runtime.metrics_port else None
+        try:
+            self._loop(until_idle)
+        finally:
+            log.info("lmf stopping: %s", self.stats.summary())
+            self.consumer.close(autocommit=False)
+            if http:
+                http.shutdown()
+        return self.stats
+
+    def _loop(self, until_idle: bool) -> None:
+        from stream.kafka_util import caught_up
+
+        idle_since = time.monotonic()
+        backoff = Backoff()
+        last_log = time.monotonic()
+        while not self.stop.is_set():
+            polled = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.batch)
+            if polled:
+                idle_since = time.monotonic()
+                try:
+                    for tp, records in polled.items():
+                        self._partition_batch(tp, records)
+                    backoff.reset()
+                    self._healthy_redis = True
+                except _Switch:
+                    continue
+                except (ConnectionError, TimeoutError, OSError) + _redis_errors() as exc:
+                    self._healthy_redis = False
+                    self.metrics.errors.labels("redis").inc()
+                    log.warning("redis unavailable (%s); backing off and replaying from stored offsets", exc)
+                    backoff.sleep(self.stop)
+                    self._resume_after_error()
+                    continue
+                self._update_lag()
+                if time.monotonic() - last_log > 10:
+                    log.info("lmf progress: %s", self.stats.summary())
+                    last_log = time.monotonic()
+            elif until_idle and time.monotonic() - idle_since >= self.cfg.idle_seconds:
+                if caught_up(self.consumer):
+                    log.info("caught up and idle for %.1fs: exiting (--until-idle)", self.cfg.idle_seconds)
+                    return
+                if not self.consumer.assignment() and time.monotonic() - idle_since > 60:
+                    log.warning("no partition of %s assigned after 60 s: exiting (--until-idle); does the "
+                                "topic exist?", self.cfg.topics.events)
+                    return
+
+    def _resume_after_error(self) -> None:
+        try:
+            if self.store.live_generation() != self.g:
+                self.load_generation()
+            self.model.forget_users()
+            self.resume(list(self.consumer.assignment()))
+            self._healthy_redis = True
+        except _redis_errors():
+            pass  # still down: the next poll's batch fails again and backs off longer
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - self.consumer.position(tp)))
+
+    # ------------------------------------------------------------------ one partition's batch
+    def _partition_batch(self, tp: Any, records: list[Any]) -> None:
+        p = tp.partition
+        applied = self.applied.get(p)
+        if p not in self.dedupers:  # assignment raced with the poll: resume properly first
+            self.resume([tp])
+            raise _Switch()
+        records = [r for r in records if applied is None or r.offset > applied]
+        if not records:
+            return
+        t0 = time.perf_counter()
+        dedupe = self.dedupers[p]
+        saved = dedupe.state()
+        events: list[Event] = []
+        for rec in records:
+            try:
+                ev = Event.from_json(rec.value)
+            except InvalidEvent as exc:
+                self.metrics.invalid.inc()
+                log.error("partition %d offset %d: undecodable event skipped (%s)", p, rec.offset, exc.reason)
+                continue
+            if dedupe.accept(ev):
+                events.append(ev)
+        dups = len(records) - len(events)
+        try:
+            status = self._apply(p, applied, records[-1].offset, events, dedupe)
+        except BaseException:
+            self.dedupers[p] = Deduper.from_state(saved)
+            raise
+        if status is ApplyStatus.APPLIED:
+            self.applied[p] = records[-1].offset
+            self.stats.events += len(events)
+            self.stats.duplicates += dups
+            self.stats.batches += 1
+            self.metrics.events.inc(len(events))
+            self.metrics.duplicates.inc(dups)
+            self.metrics.batches.labels("applied").inc()
+            self.metrics.latency.observe(time.perf_counter() - t0)
+            self.consumer.commit_async()  # a hint only: Redis holds the truth
+            return
+        self.dedupers[p] = Deduper.from_state(saved)
+        if status is ApplyStatus.NEW_GENERATION:
+            self.metrics.batches.labels("new_generation").inc()
+            log.info("generation %d was replaced: switching and replaying from the snapshot offsets", self.g)
+            self.load_generation()
+            self.resume(list(self.consumer.assignment()))
+        else:
+            self.metrics.batches.labels("stale").inc()
+            log.warning("partition %d: stored offset moved under us (another writer?); resuming from Redis", p)
+            self.model.forget_users()
+            self.resume([tp])
+        raise _Switch()
+
+    def _apply(self, p: int, applied: int | None, last: int, events: list[Event],
+               dedupe: Deduper) -> ApplyStatus:
+        cfg, store, model = self.cfg, self.store, self.model
+        clicks = [e for e in events if e.type == "click"]
+        missing = model.users_missing_seen(e.user for e in clicks)
+        if missing:
+            model.load_seen(store.seen_items_many(missing, cfg.seen_cap))
+        plan = model.plan(p, events)
+        state = store.read_batch_state(self.g, [], plan.users, plan.items, accumulators=cfg.adagrad)
+        if state.live_gen != self.g:
+            return ApplyStatus.NEW_GENERATION
+        ranks = model.ranks_before_learning(plan, state.user_vecs, state.user_found) if self.rank_hook else None
+        result = model.train(plan, state.user_vecs, state.user_found, state.item_vecs, self.bias,
+                             state.user_acc, state.item_acc)
+        counts: dict[str, float] = {}
+        increments: dict[str, int] = {}
+        for e in events:
+            increments[e.user] = increments.get(e.user, 0) + 1
+        for user, item, _ts, w in plan.clicks:
+            counts[item] = counts.get(item, 0.0) + w
+        seen = [(u, i, ts) for u, i, ts, _w in plan.clicks]
+        if not result.finite:
+            self.metrics.nan_guards.inc()
+            self.stats.nan_batches += 1
+            log.error("partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets "
+                      "still recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)
+            return store.apply_batch(self.g, p, applied, last, dedupe.state(), [], np.zeros((0, model.k), np.float32),
+                                     [], np.zeros((0, model.k), np.float32), counts=counts,
+                                     user_increments=increments, seen=seen)
+        status = store.apply_batch(self.g, p, applied, last, dedupe.state(), plan.users, result.user_vecs,
+                                   plan.items, result.item_deltas, counts=counts, user_increments=increments,
+                                   seen=seen, user_acc=result.user_acc, item_acc_deltas=result.item_acc_deltas)
+        if status is ApplyStatus.APPLIED:
+            model.commit(plan, result)
+            if ranks is not None:
+                self.rank_hook(ranks)
+            self.stats.clicks += len(clicks)
+            n = max(1, len(plan.ev_user))
+            per_event = result.loss / n
+            prev = self.stats.loss_ewma
+            self.stats.loss_ewma = per_event if prev != prev else 0.98 * prev + 0.02 * per_event
+            self.metrics.loss.set(self.stats.loss_ewma)
+        return status
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+# ---------------------------------------------------------------------- CLI
+_FLAGS = {"factors": int, "lr": float, "reg": float, "negatives": int, "sample_alpha": float,
+          "hard_share": float, "hard_candidates": int, "reservoir": int, "batch": int, "init": str,
+          "exposure_window_s": float, "exposure_weight": float, "lmf_group": str, "seed": int,
+          "idle_seconds": float}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("lmf", help="online logistic-MF worker: <p>.events -> factors in Redis")
+    p.add_argument("--until-idle", action="store_true", help="exit 0 once caught up and idle")
+    for name, typ in _FLAGS.items():
+        flag = "--group" if name == "lmf_group" else "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, type=typ, default=None,
+                       help=f"(env ZEROCF_{'LMF_' if name not in ('factors', 'idle_seconds') else ''}"
+                            f"{name.upper().replace('LMF_', '')})")
+    p.add_argument("--adagrad", action="store_true", default=None, help="AdaGrad (env ZEROCF_LMF_ADAGRAD)")
+    p.add_argument("--metrics-port", type=int, default=None, help="/healthz and /metrics port")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.config import RuntimeSettings, load, redact_url
+
+    overrides = {name: getattr(args, name) for name in (*_FLAGS, "adagrad")}
+    cfg = load(LMFConfig, args.env, overrides)
+    if args.metrics_port is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, runtime=replace(cfg.runtime, metrics_port=args.metrics_port))
+    assert isinstance(cfg.runtime, RuntimeSettings)
+    try:
+        store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap,
+                                     seen_ttl=int(cfg.seen_ttl_days * 86400))
+        store.r.ping()
+    except _redis_errors() as exc:
+        raise ZerocfError(f"cannot reach Redis at {redact_url(cfg.redis_url)} ({exc}); start it "
+                          "(`zerocf stack up`) or fix ZEROCF_REDIS_URL") from None
+    worker = LMFWorker(cfg, store, StopFlag().install())
+    stats = worker.run(until_idle=args.until_idle)
+    log.info("lmf done: %s", stats.summary())
+    return 0

@@ -1,0 +1,299 @@
+"""Top-k recommendations and P(click) scores over the factor store (the read side of the model).
+
+Model: ``P(click | u, i) = sigmoid(bias + p_u . q_i)`` with ``bias`` from the live generation's meta (0 when
+absent). :class:`Recommender` keeps the live generation's item matrix in memory and reads only the user's
+row (one HMGET) and recent clicks (one ZREVRANGE) from Redis per request; the rest is one float32
+matrix-vector product and an ``argpartition``.
+
+Cache and staleness. At most every ``refresh_s`` seconds a request (or :meth:`Recommender.refresh`, which
+``zerocf serve`` calls from its main loop) checks ``live_gen`` and the item count (HLEN): a new generation
+or a changed item count reloads the whole matrix. Existing item vectors also change online (LMF adds item
+deltas), so the matrix is reloaded anyway once it is older than ``max(refresh_s, load_seconds /
+RELOAD_SHARE)``: a reload never takes more than ``RELOAD_SHARE`` (5 %) of wall time. Hence a served item
+vector is at most ``max(refresh_s, load_seconds / RELOAD_SHARE) + load_seconds`` old, and a new
+generation or a new item is visible after at most ``refresh_s + load_seconds`` (with ``load_seconds`` the
+duration of the last full load, ~0.1-1 s at 100k items and k=64). User vectors are always read fresh,
+from the cached generation, so ``p``, ``q`` and ``bias`` always come from one generation; a retired
+generation stays readable for the ALS worker's ``gc_grace_s`` (600 s), far longer than ``refresh_s``.
+
+Users without a vector in the cached generation get the generation's most clicked items (``top_items``)
+with ``fallback=True``; their score is the model's prior ``sigmoid(bias)`` (``p = 0``), the same for every
+item: the order carries the popularity ranking.
+
+>>> import fakeredis, numpy as np
+>>> store = FactorStore(fakeredis.FakeRedis(), namespace="doc")
+>>> _ = store.ensure_model(2)
+>>> store.write_vectors(1, "item", ["a", "b", "c"], np.array([[1, 0], [0, 1], [-1, 0]], dtype=np.float32))
+>>> store.write_vectors(1, "user", ["u1"], np.array([[2, 1]], dtype=np.float32))
+>>> store.write_counts(1, {"c": 5, "b": 3})
+>>> rec = Recommender(store)
+>>> r = rec.recommend("u1", k=2)
+>>> r.items, [round(s, 3) for s in r.scores], r.fallback
+(['a', 'b'], [0.881, 0.731], False)
+>>> rec.recommend("stranger", k=2).items, rec.recommend("stranger", k=2).fallback
+(['c', 'b'], True)
+>>> [round(float(x), 3) for x in rec.score("u1", ["c", "zzz"])]
+[0.119, nan]
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from workers.errors import GenerationError, StoreSchemaError, WorkerError
+from workers.store import FactorStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NoModel", "Recommendation", "Recommender", "sigmoid"]
+
+RELOAD_SHARE = 0.05  # a periodic content reload may use at most this share of wall time
+SEEN_LIMIT = 1000  # newest clicked items excluded per user (the store keeps at most seen_cap anyway)
+_BATCH_CELLS = 1 << 22  # users x items scores per chunk of recommend_many (16 MiB of float32)
+
+
+class NoModel(WorkerError):
+    """Redis holds no model under the namespace (nothing trained yet, or a wrong prefix/URL)."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """Top-k items of one user, best first.
+
+    ``scores[j]`` is P(click) of ``items[j]``; ``fallback`` is True when the user has no vector and the
+    items are the generation's most clicked ones; ``generation`` is the generation that served it.
+    """
+
+    user: str
+    items: list[str]
+    scores: list[float]
+    fallback: bool
+    generation: int
+
+
+@dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """One immutable cached item matrix (swapped as a whole, so readers need no lock)."""
+
+    gen: int
+    bias: float
+    ids: list[str]
+    index: dict[str, int]
+    matrix: npt.NDArray[np.float32]  # (n_items, k)
+    loaded_at: float
+    load_seconds: float
+
+
+def sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Logistic function in float32, overflow-safe.
+
+    >>> sigmoid(np.array([0.0, 100.0, -100.0], dtype=np.float32)).tolist()
+    [0.5, 1.0, 0.0]
+    """
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        return (np.float32(1.0) / (np.float32(1.0) + np.exp(-x))).astype(np.float32, copy=False)
+
+
+def top_k_indices(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
+    """Indices of the ``k`` largest finite scores of a 1-d array, best first.
+
+    ``-inf`` marks excluded entries; fewer than ``k`` indices come back when fewer remain. Among the
+    selected, equal scores are ordered by index; which of several items tied at the cut-off is selected
+    is up to ``argpartition``.
+
+    >>> top_k_indices(np.array([0.1, 3.0, -np.inf, 2.0], dtype=np.float32), 3).tolist()
+    [1, 3, 0]
+    """
+    n = scores.shape[0]
+    if k < n:
+        cand = np.argpartition(-scores, k - 1)[:k]
+        cand.sort()
+    else:
+        cand = np.arange(n)
+    best = cand[np.argsort(-scores[cand], kind="stable")]
+    return best[np.isfinite(scores[best])]
+
+
+class Recommender:
+    """Serve top-k recommendations and P(click) scores from a :class:`FactorStore`.
+
+    Parameters
+    ----------
+    store : FactorStore
+        The model's store; only its public read methods are used.
+    refresh_s : float
+        The cached item matrix checks the live generation and item count at most this often (seconds).
+    clock : callable
+        Monotonic seconds (tests inject a fake clock).
+    auto_refresh : bool
+        Check the cache on the request path (default). ``zerocf serve`` turns it off and calls
+        :meth:`refresh` from its main loop so that no request pays for a reload.
+
+    Thread-safe: readers take the current snapshot reference; one thread at a time reloads.
+    """
+
+    def __init__(self, store: FactorStore, refresh_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic, *, auto_refresh: bool = True) -> None:
+        if refresh_s < 0:
+            raise ValueError(f"refresh_s={refresh_s} must be >= 0 seconds")
+        self.store, self.refresh_s, self._clock, self.auto_refresh = store, float(refresh_s), clock, auto_refresh
+        self._snap: _Snapshot | None = None
+        self._checked_at = float("-inf")
+        self._lock = threading.Lock()
+        self.refreshes = 0  # full matrix loads so far (exported by serve as a metric)
+
+    # ------------------------------------------------------------------ cache
+    @property
+    def generation(self) -> int | None:
+        """The generation of the cached matrix (None before the first load)."""
+        return None if self._snap is None else self._snap.gen
+
+    @property
+    def n_items(self) -> int:
+        """Items in the cached matrix (0 before the first load)."""
+        return 0 if self._snap is None else len(self._snap.ids)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Reload the item matrix if due (see the module docstring); return True when it was reloaded.
+
+        Raises :class:`NoModel` when Redis holds no model. Cheap when not due (no Redis call).
+        """
+        if not force and self._snap is not None and self._clock() - self._checked_at < self.refresh_s:
+            return False
+        if not self._lock.acquire(blocking=self._snap is None or force):
+            return False  # another thread is reloading: keep serving the current snapshot
+        try:
+            return self._refresh_locked(force)
+        finally:
+            self._lock.release()
+
+    def _refresh_locked(self, force: bool) -> bool:
+        now, snap = self._clock(), self._snap
+        if not force and snap is not None and now - self._checked_at < self.refresh_s:
+            return False  # reloaded by another thread while we waited
+        live = self._live_generation()
+        self._checked_at = now
+        if snap is not None and not force and live == snap.gen:
+            age_limit = max(self.refresh_s, snap.load_seconds / RELOAD_SHARE)
+            if self.store.item_count(live) == len(snap.ids) and now - snap.loaded_at < age_limit:
+                return False
+        self._snap = self._load(live)
+        self.refreshes += 1
+        return True
+
+    def _live_generation(self) -> int:
+        try:
+            return self.store.live_generation()
+        except StoreSchemaError as exc:
+            raise NoModel(f"no model in Redis namespace {self.store.keys.ns!r}; run `zerocf lmf` or "
+                          "`zerocf als --once` first, or check ZEROCF_TOPIC_PREFIX") from exc
+
+    def _load(self, live: int) -> _Snapshot:
+        started = self._clock()
+        for _ in range(3):
+            try:
+                bias = self.store.generation_meta(live).bias
+                ids, matrix = self.store.get_all_items(live)
+                break
+            except GenerationError:  # dropped between reading live_gen and loading it: read again
+                live = self._live_generation()
+        else:
+            raise GenerationError(f"live generation of {self.store.keys.ns!r} kept changing during the item "
+                                  "load; retry, and check that the ALS worker is not publishing in a loop")
+        took = self._clock() - started
+        log.info("item matrix loaded namespace=%s gen=%s items=%d bias=%.4f in %.3fs",
+                 self.store.keys.ns, live, len(ids), bias, took)
+        return _Snapshot(live, float(bias), ids, {i: n for n, i in enumerate(ids)},
+                         np.ascontiguousarray(matrix, dtype=np.float32), self._clock(), took)
+
+    def _current(self) -> _Snapshot:
+        if self._snap is None or self.auto_refresh:
+            self.refresh()
+        assert self._snap is not None
+        return self._snap
+
+    # ------------------------------------------------------------------ queries
+    def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True) -> Recommendation:
+        """Top-``k`` items for one user by P(click), best first.
+
+        Known users: ``sigmoid(bias + Q p_u)`` over the cached matrix, their recent clicks excluded when
+        ``exclude_seen``. Unknown users: the most clicked items (``fallback=True``). Fewer than ``k`` items
+        come back when the model has fewer candidates.
+        """
+        return self.recommend_many([user_id], k, exclude_seen)[str(user_id)]
+
+    def recommend_many(self, user_ids: Sequence[str], k: int = 10,
+                       exclude_seen: bool = True) -> dict[str, Recommendation]:
+        """:meth:`recommend` for many users: one HMGET of their vectors, one pipelined read of their recent
+        clicks, and one matrix product per chunk of users (chunks bound memory to 16 MiB of scores).
+
+        Returns a dict keyed by user id in first-seen order (duplicates collapse).
+        """
+        if int(k) < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        k = int(k)
+        users = list(dict.fromkeys(str(u) for u in user_ids))
+        snap = self._current()
+        if not users:
+            return {}
+        vecs, found = self.store.get_vectors(snap.gen, "user", users)
+        seen = self.store.seen_items_many(users, SEEN_LIMIT) if exclude_seen else {}
+        out: dict[str, Recommendation] = {}
+        known = np.flatnonzero(found)
+        chunk = max(1, _BATCH_CELLS // max(1, len(snap.ids)))
+        for c in range(0, len(known), chunk):
+            rows = known[c:c + chunk]
+            logits = vecs[rows] @ snap.matrix.T  # (m, n_items) float32
+            logits += np.float32(snap.bias)
+            for r, i in enumerate(rows):
+                out[users[i]] = self._rank(snap, users[i], logits[r], k, seen.get(users[i], ()))
+        missing = [u for u, f in zip(users, found) if not f]
+        if missing:
+            out.update(self._popular(snap, missing, k, seen))
+        return {u: out[u] for u in users}
+
+    def _rank(self, snap: _Snapshot, user: str, logits: npt.NDArray[np.float32], k: int,
+              seen: Sequence[str]) -> Recommendation:
+        excl = [j for j in (snap.index.get(i) for i in seen) if j is not None]
+        if excl:
+            logits[excl] = -np.inf
+        best = top_k_indices(logits, k)
+        return Recommendation(user, [snap.ids[j] for j in best], sigmoid(logits[best]).tolist(), False, snap.gen)
+
+    def _popular(self, snap: _Snapshot, users: list[str], k: int,
+                 seen: dict[str, list[str]]) -> dict[str, Recommendation]:
+        extra = max((len(seen.get(u, ())) for u in users), default=0)
+        top = [item for item, _ in self.store.top_items(snap.gen, k + extra)]
+        prior = float(sigmoid(np.array([snap.bias], dtype=np.float32))[0])
+        out = {}
+        for u in users:
+            skip = set(seen.get(u, ()))
+            items = [i for i in top if i not in skip][:k]
+            out[u] = Recommendation(u, items, [prior] * len(items), True, snap.gen)
+        return out
+
+    def score(self, user_id: str, item_ids: Sequence[str]) -> npt.NDArray[np.float32]:
+        """P(click) of ``user_id`` for each of ``item_ids`` (vectors read fresh from Redis), float32.
+
+        NaN where the model has no opinion: for an item without a vector, and for every item when the user
+        has no vector. The generation is the cached one, so bias, p and q come from the same generation.
+        """
+        snap = self._current()
+        ids = [str(i) for i in item_ids]
+        out = np.full(len(ids), np.nan, dtype=np.float32)
+        if not ids:
+            return out
+        p, pf = self.store.get_vectors(snap.gen, "user", [str(user_id)])
+        if not pf[0]:
+            return out
+        q, qf = self.store.get_vectors(snap.gen, "item", ids)
+        out[qf] = sigmoid(q[qf] @ p[0] + np.float32(snap.bias))
+        return out

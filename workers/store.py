@@ -1,0 +1,858 @@
+"""The Redis factor store: THE owner of the key schema (docs/redis-schema.md) and of the float32 encoding.
+
+Every key of one model carries the hash tag ``{<ns>}`` under the versioned prefix ``zcf:v1:``; callers
+never format keys, they call :class:`FactorStore` (or read ``store.keys`` for tools and benchmarks).
+Vectors are float32 little-endian blobs of exactly ``k`` values, no header.
+
+Hot-path writes (:meth:`FactorStore.apply_batch`, :meth:`FactorStore.add_item_deltas`) and generation
+publish/drop run as Lua scripts (EVALSHA; redis-py reloads them on NOSCRIPT). They need a real Redis >= 6.2
+(``struct`` library, ``ZADD GT``); fakeredis has no Lua, so everything else here also works on fakeredis.
+
+>>> import fakeredis, numpy as np
+>>> store = FactorStore(fakeredis.FakeRedis(), namespace="demo")
+>>> store.ensure_model(4)
+1
+>>> store.keys.vectors(1, "user")
+'zcf:v1:{demo}:g:1:user'
+>>> store.write_vectors(1, "user", ["u1"], np.ones((1, 4), dtype=np.float32))
+>>> vecs, found = store.get_vectors(1, "user", ["u1", "nobody"])
+>>> vecs.dtype, vecs.shape, found.tolist()
+(dtype('float32'), (2, 4), [True, False])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import numpy.typing as npt
+import redis
+
+from stream.errors import ConfigError
+from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KEY_PREFIX = f"zcf:v{SCHEMA_VERSION}:"
+DTYPE = "<f4"
+Kind = Literal["user", "item", "user_acc", "item_acc"]
+KINDS: tuple[str, ...] = ("user", "item", "user_acc", "item_acc")
+_CHUNK = 1000
+
+# ----------------------------------------------------------------------------------------------- Lua
+# Shared helpers. Vectors are unpacked/packed in chunks of CHUNK=64 floats (struct.unpack returns one value
+# per 'f' plus the next position, and Lua's C stack caps unpack sizes), so any k works. A float32 + float32
+# sum in Lua's double is exact; struct.pack('f') then rounds it once to nearest: the same bits as numpy's
+# float32 addition. Bulk HMGET/HSET are chunked by 256 fields for the same stack reason.
+_LUA_LIB = r"""
+local BIG = 3.4028235677973366e38  -- doubles at or beyond this round to float32 inf
+local CHUNK = 64
+local FMT = {}
+local function fmt(m)
+  local f = FMT[m]
+  if not f then f = '<' .. string.rep('f', m); FMT[m] = f end
+  return f
+end
+local function add_vec(old, delta, k)
+  if not old then return delta end
+  if #old ~= 4 * k then return nil, -3 end
+  local parts, done = {}, 0
+  while done < k do
+    local m = math.min(CHUNK, k - done)
+    local f, pos = fmt(m), done * 4 + 1
+    local a = {struct.unpack(f, old, pos)}
+    local d = {struct.unpack(f, delta, pos)}
+    for j = 1, m do
+      local s = a[j] + d[j]
+      if s ~= s or s >= BIG or s <= -BIG then return nil, -2 end
+      a[j] = s
+    end
+    parts[#parts + 1] = struct.pack(f, unpack(a, 1, m))
+    done = done + m
+  end
+  return table.concat(parts)
+end
+local function add_many(key, ids, deltas, k)
+  local out = {}
+  for c = 1, #ids, 256 do
+    local e = math.min(c + 255, #ids)
+    local cur = redis.call('HMGET', key, unpack(ids, c, e))
+    for i = c, e do
+      local v, err = add_vec(cur[i - c + 1], deltas[i], k)
+      if not v then return nil, err, ids[i] end
+      out[i] = v
+    end
+  end
+  return out
+end
+local function hset_many(key, ids, vals)
+  for c = 1, #ids, 256 do
+    local args = {}
+    for i = c, math.min(c + 255, #ids) do args[#args + 1] = ids[i]; args[#args + 1] = vals[i] end
+    redis.call('HSET', key, unpack(args))
+  end
+end
+local function take_pairs(pos, n)
+  local a, b = {}, {}
+  for i = 1, n do a[i] = ARGV[pos]; b[i] = ARGV[pos + 1]; pos = pos + 2 end
+  return a, b, pos
+end
+"""
+
+# KEYS: meta offsets wm user item user_acc item_acc counts nupd seen...   ARGV: see apply_batch.
+APPLY_BATCH_LUA = _LUA_LIB + r"""
+local g, part, expected = ARGV[1], ARGV[2], ARGV[3]
+local live = redis.call('HGET', KEYS[1], 'live_gen')
+if live ~= g then return {-1, live or ''} end
+local stored = redis.call('HGET', KEYS[2], part)
+if (expected == '' and stored) or (expected ~= '' and stored ~= expected) then return {0, stored or ''} end
+local k, cap, ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local pos = 16
+local uids, ublobs, iids, ideltas, cids, cinc, nids, ninc, aids, ablobs, bids, bdeltas
+uids, ublobs, pos = take_pairs(pos, tonumber(ARGV[9]))
+iids, ideltas, pos = take_pairs(pos, tonumber(ARGV[10]))
+cids, cinc, pos = take_pairs(pos, tonumber(ARGV[11]))
+nids, ninc, pos = take_pairs(pos, tonumber(ARGV[12]))
+local seen_pos, nseen = pos, tonumber(ARGV[13])
+pos = pos + 3 * nseen
+aids, ablobs, pos = take_pairs(pos, tonumber(ARGV[14]))
+bids, bdeltas, pos = take_pairs(pos, tonumber(ARGV[15]))
+local items, err, bad = add_many(KEYS[5], iids, ideltas, k)
+if not items then return {err, bad} end
+local iacc
+iacc, err, bad = add_many(KEYS[7], bids, bdeltas, k)
+if not iacc then return {err, bad} end
+hset_many(KEYS[4], uids, ublobs)
+hset_many(KEYS[5], iids, items)
+hset_many(KEYS[6], aids, ablobs)
+hset_many(KEYS[7], bids, iacc)
+for i = 1, #cids do redis.call('ZINCRBY', KEYS[8], cinc[i], cids[i]) end
+for i = 1, #nids do redis.call('HINCRBY', KEYS[9], nids[i], ninc[i]) end
+local touched = {}
+for i = 0, nseen - 1 do
+  local p = seen_pos + 3 * i
+  local key = KEYS[tonumber(ARGV[p])]
+  redis.call('ZADD', key, 'GT', ARGV[p + 1], ARGV[p + 2])
+  touched[key] = true
+end
+for key, _ in pairs(touched) do
+  redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+  redis.call('EXPIRE', key, ttl)
+end
+redis.call('HSET', KEYS[2], part, ARGV[4])
+redis.call('HSET', KEYS[3], part, ARGV[5])
+return {1, ARGV[4]}
+"""
+
+# KEYS: vectors hash.  ARGV: k, (id, delta)*
+ADD_DELTAS_LUA = _LUA_LIB + r"""
+local ids, deltas = take_pairs(2, (#ARGV - 1) / 2)
+local out, err, bad = add_many(KEYS[1], ids, deltas, tonumber(ARGV[1]))
+if not out then return {err, bad} end
+hset_many(KEYS[1], ids, out)
+return {1, #ids}
+"""
+
+# KEYS: meta gen_meta(g) user(g) item(g) offsets(g) wm(g) gen_meta(prev)
+# ARGV: g prev n_users n_items bias offsets_json wm_json now (partition, offset|'', wm_json|'')*
+PUBLISH_LUA = r"""
+local live = redis.call('HGET', KEYS[1], 'live_gen')
+if live ~= ARGV[2] then return {-1, live or ''} end
+local state = redis.call('HGET', KEYS[2], 'state')
+if state ~= 'building' then return {-2, state or 'missing'} end
+local nu, ni = redis.call('HLEN', KEYS[3]), redis.call('HLEN', KEYS[4])
+if nu ~= tonumber(ARGV[3]) then return {-3, nu} end
+if ni ~= tonumber(ARGV[4]) then return {-4, ni} end
+local now = ARGV[8]
+redis.call('HSET', KEYS[2], 'state', 'complete', 'published_at', now, 'bias', ARGV[5], 'n_users', ARGV[3],
+           'n_items', ARGV[4], 'offsets', ARGV[6], 'watermarks', ARGV[7])
+for p = 9, #ARGV, 3 do
+  if ARGV[p + 1] ~= '' then redis.call('HSET', KEYS[5], ARGV[p], ARGV[p + 1]) end
+  if ARGV[p + 2] ~= '' then redis.call('HSET', KEYS[6], ARGV[p], ARGV[p + 2]) end
+end
+redis.call('HSET', KEYS[1], 'live_gen', ARGV[1], 'updated_at', now)
+if ARGV[2] ~= ARGV[1] then redis.call('HSET', KEYS[7], 'state', 'retired', 'retired_at', now) end
+return {1, live}
+"""
+
+# KEYS: meta gens generation-keys...   ARGV: g
+DROP_LUA = r"""
+if redis.call('HGET', KEYS[1], 'live_gen') == ARGV[1] then return 0 end
+redis.call('UNLINK', unpack(KEYS, 3))
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+__all__ = [
+    "ApplyStatus", "BatchState", "FactorStore", "GenerationMeta", "Keys", "ModelMeta",
+    "decode", "encode", "redact_url",
+]
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+def encode(vecs: npt.NDArray[np.float32], k: int | None = None,
+           ids: Sequence[str] | None = None) -> list[bytes]:
+    """Encode the rows of an ``(n, k)`` float32 matrix as ``n`` little-endian blobs of ``4*k`` bytes.
+
+    Raises :class:`StoreSchemaError` for a wrong dtype or width (naming ``ids[0]`` when given) and
+    :class:`ModelDiverged` for NaN/inf (naming the first bad id).
+
+    >>> encode(np.array([[1.0, -2.0]], dtype=np.float32))
+    [b'\\x00\\x00\\x80?\\x00\\x00\\x00\\xc0']
+    """
+    arr = np.asarray(vecs)
+    if arr.dtype != np.float32:
+        raise StoreSchemaError(f"vectors have dtype {arr.dtype}, the store keeps float32; "
+                               "cast with .astype(np.float32) where they are computed")
+    if arr.ndim != 2 or (k is not None and arr.shape[1] != k):
+        first = ids[0] if ids else "row 0"
+        raise StoreSchemaError(f"vectors have shape {arr.shape} (first id {first!r}), store expects "
+                               f"(n, {k}); "
+                               "check --factors against the model's k")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ModelDiverged(f"vector {ids[i] if ids else i!r} holds NaN/inf; refused, nothing written. "
+                            "Lower the learning rate or raise regularisation")
+    buf = np.ascontiguousarray(arr, dtype=DTYPE).tobytes()
+    w = 4 * arr.shape[1]
+    return [buf[i * w:(i + 1) * w] for i in range(arr.shape[0])]
+
+
+def decode(blobs: Sequence[bytes | None], k: int,
+           ids: Sequence[str] | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Decode blobs (``None`` = absent) into an ``(n, k)`` float32 matrix (zeros where absent) and a mask.
+
+    >>> m, found = decode([b'\\x00\\x00\\x80?\\x00\\x00\\x00\\xc0', None], 2)
+    >>> m.tolist(), found.tolist()
+    ([[1.0, -2.0], [0.0, 0.0]], [True, False])
+    >>> decode([b'\\x00' * 12], 2, ids=["i7"])
+    Traceback (most recent call last):
+    ...
+    workers.errors.StoreSchemaError: stored vector 'i7' has 3 float32 values (12 bytes), store expects k=2; \
+the model was written with another k: rebuild with `zerocf als --once --rebuild`
+    """
+    n = len(blobs)
+    found = np.fromiter((b is not None for b in blobs), dtype=np.bool_, count=n)
+    out = np.zeros((n, k), dtype=np.float32)
+    present = [b for b in blobs if b is not None]
+    if not present:
+        return out, found
+    lens = np.fromiter((len(b) for b in present), dtype=np.int64, count=len(present))
+    if (lens != 4 * k).any():
+        j = int(np.flatnonzero(lens != 4 * k)[0])
+        i = int(np.flatnonzero(found)[j])
+        name = ids[i] if ids is not None else f"row {i}"
+        raise StoreSchemaError(f"stored vector {name!r} has {lens[j] / 4:g} float32 values "
+                               f"({lens[j]} bytes), store expects k={k}; the model was written with another "
+                               "k: rebuild with `zerocf als --once --rebuild`")
+    out[found] = np.frombuffer(b"".join(present), dtype=DTYPE).reshape(-1, k)
+    return out, found
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe to log).
+
+    >>> redact_url("rediss://app:s3cret@redis.internal:6380/0")
+    'rediss://app:***@redis.internal:6380/0'
+    >>> redact_url("redis://:s3cret@localhost/0?password=x")
+    'redis://:***@localhost/0?password=***'
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        cred, host = netloc.rsplit("@", 1)
+        user = cred.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in cred else netloc
+    query = "&".join(f"{q.split('=', 1)[0]}=***" if q.lower().startswith("password=") else q
+                     for q in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# ----------------------------------------------------------------------------------------------- keys
+@dataclass(frozen=True)
+class Keys:
+    """Every key template of one model. ``ns`` must not contain braces or whitespace.
+
+    >>> Keys("zerocf").seen("u42")
+    'zcf:v1:{zerocf}:seen:u42'
+    """
+
+    ns: str
+
+    def __post_init__(self) -> None:
+        if not self.ns or any(c in self.ns for c in "{} \t\r\n"):
+            raise ConfigError(f"namespace {self.ns!r} must be non-empty without braces or whitespace; "
+                              "use the topic prefix, e.g. zerocf")
+
+    @property
+    def base(self) -> str:
+        return f"{KEY_PREFIX}{{{self.ns}}}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.base}:meta"
+
+    @property
+    def gens(self) -> str:
+        return f"{self.base}:gens"
+
+    def gen_meta(self, g: int) -> str:
+        return f"{self.base}:g:{int(g)}:meta"
+
+    def vectors(self, g: int, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+        return f"{self.base}:g:{int(g)}:{kind}"
+
+    def offsets(self, g: int) -> str:
+        return f"{self.base}:g:{int(g)}:offsets"
+
+    def watermarks(self, g: int) -> str:
+        return f"{self.base}:g:{int(g)}:wm"
+
+    def counts(self, g: int) -> str:
+        return f"{self.base}:g:{int(g)}:counts"
+
+    def updates(self, g: int) -> str:
+        return f"{self.base}:g:{int(g)}:nupd"
+
+    def seen(self, user: str) -> str:
+        return f"{self.base}:seen:{user}"
+
+    def generation_keys(self, g: int) -> list[str]:
+        """All keys owned by generation ``g`` (what :meth:`FactorStore.drop_generation` unlinks)."""
+        return [self.gen_meta(g), *(self.vectors(g, kd) for kd in KINDS), self.offsets(g),
+                self.watermarks(g), self.counts(g), self.updates(g)]
+
+
+# ----------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class ModelMeta:
+    """The model meta hash."""
+
+    schema_version: int
+    k: int
+    dtype: str
+    live_gen: int
+    next_gen: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class GenerationMeta:
+    """One generation's meta hash. ``offsets``: events partition -> last offset its snapshot covers."""
+
+    g: int
+    state: str
+    source: str
+    created_at: float
+    n_users: int
+    n_items: int
+    bias: float
+    offsets: dict[int, int]
+    watermarks: dict[int, dict[str, Any]]
+    published_at: float | None
+    retired_at: float | None
+
+
+@dataclass(frozen=True, eq=False)
+class BatchState:
+    """Everything an LMF batch reads, fetched in one round trip by :meth:`FactorStore.read_batch_state`.
+
+    ``offsets[p]`` is the partition's last applied offset (None: nothing applied yet in this generation);
+    ``*_acc`` are None unless accumulators were requested.
+    """
+
+    live_gen: int
+    user_vecs: npt.NDArray[np.float32]
+    user_found: npt.NDArray[np.bool_]
+    item_vecs: npt.NDArray[np.float32]
+    item_found: npt.NDArray[np.bool_]
+    offsets: dict[int, int | None]
+    watermarks: dict[int, dict[str, Any]]
+    user_acc: npt.NDArray[np.float32] | None = None
+    user_acc_found: npt.NDArray[np.bool_] | None = None
+    item_acc: npt.NDArray[np.float32] | None = None
+    item_acc_found: npt.NDArray[np.bool_] | None = None
+
+
+class ApplyStatus(IntEnum):
+    """Outcome of :meth:`FactorStore.apply_batch`; only ``APPLIED`` is truthy.
+
+    >>> bool(ApplyStatus.APPLIED), bool(ApplyStatus.STALE), bool(ApplyStatus.NEW_GENERATION)
+    (True, False, False)
+    """
+
+    APPLIED = 1
+    STALE = 0  # the offset fence failed: nothing written (caller raises or handles StaleBatch)
+    NEW_GENERATION = -1  # live_gen is no longer g: nothing written; seek to the new generation's offsets
+
+    def __bool__(self) -> bool:
+        return self is ApplyStatus.APPLIED
+
+
+def _s(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _f(v: bytes | None) -> float | None:
+    return None if v is None or v == b"" else float(v)
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+# ----------------------------------------------------------------------------------------------- store
+class FactorStore:
+    """Read and write one model's factors, generations, offsets, counts and seen sets in Redis.
+
+    Parameters
+    ----------
+    client : redis.Redis
+        A client with ``decode_responses=False`` (blobs are bytes).
+    namespace : str
+        The topic prefix; every key carries the hash tag ``{namespace}``.
+    seen_cap, seen_ttl : int
+        Per-user recent clicks keep the newest ``seen_cap`` items and expire ``seen_ttl`` seconds after
+        the user's last click.
+    clock : callable
+        Returns epoch seconds (tests inject a fixed clock).
+    """
+
+    def __init__(self, client: redis.Redis, namespace: str = "zerocf", *, seen_cap: int = 200,
+                 seen_ttl: int = 30 * 86400, clock: Callable[[], float] = time.time) -> None:
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None and pool.connection_kwargs.get("decode_responses"):
+            raise ConfigError("the Redis client decodes responses; FactorStore needs bytes: "
+                              "create it with decode_responses=False")
+        if seen_cap < 1 or seen_ttl < 1:
+            raise ConfigError(f"seen_cap={seen_cap} and seen_ttl={seen_ttl} must be >= 1")
+        self.r = client
+        self.keys = Keys(namespace)
+        self.seen_cap, self.seen_ttl, self._clock = int(seen_cap), int(seen_ttl), clock
+        self._k: int | None = None
+        self._apply = client.register_script(APPLY_BATCH_LUA)
+        self._add = client.register_script(ADD_DELTAS_LUA)
+        self._publish = client.register_script(PUBLISH_LUA)
+        self._drop = client.register_script(DROP_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "zerocf", **kw: Any) -> FactorStore:
+        """Connect with a ``redis://`` / ``rediss://`` (TLS) URL; a password may be in the URL.
+
+        ``kw`` goes to :class:`FactorStore` (``seen_cap``, ``seen_ttl``, ``clock``) or else to
+        :meth:`redis.Redis.from_url` (e.g. ``ssl_ca_certs``, ``socket_timeout``).
+        """
+        own = {n: kw.pop(n) for n in ("seen_cap", "seen_ttl", "clock") if n in kw}
+        log.info("connecting factor store %s namespace=%s", redact_url(url), namespace)
+        client = redis.Redis.from_url(url, decode_responses=False, **kw)
+        return cls(client, namespace, **own)
+
+    # ------------------------------------------------------------------ model meta
+    @property
+    def k(self) -> int:
+        """The model's k (read once from Redis, immutable for a model)."""
+        if self._k is None:
+            self._k = self.meta().k
+        return self._k
+
+    def ensure_model(self, k: int) -> int:
+        """Create the model (meta + generation 1, complete, source online) if absent; return ``live_gen``.
+
+        Raises :class:`StoreSchemaError` when the stored model has another k, dtype or schema version.
+        """
+        if int(k) < 1:
+            raise StoreSchemaError(f"k={k} must be >= 1; pass --factors with a positive value")
+        km, now = self.keys, _num(self._clock())
+
+        def create(pipe: redis.client.Pipeline) -> None:
+            if pipe.exists(km.meta):
+                return
+            pipe.multi()
+            pipe.hset(km.meta, mapping={"schema_version": SCHEMA_VERSION, "k": int(k), "dtype": DTYPE,
+                                        "live_gen": 1, "next_gen": 1, "created_at": now, "updated_at": now})
+            pipe.hset(km.gen_meta(1), mapping={"state": "complete", "source": "online", "created_at": now,
+                                               "published_at": now, "n_users": 0, "n_items": 0,
+                                               "bias": "0.0", "offsets": "{}", "watermarks": "{}"})
+            pipe.zadd(km.gens, {"1": 1})
+
+        self.r.transaction(create, km.meta)
+        m = self.meta()
+        ns = self.keys.ns
+        if m.schema_version != SCHEMA_VERSION or m.dtype != DTYPE:
+            raise StoreSchemaError(f"redis model {ns} has schema_version={m.schema_version} dtype={m.dtype}, "
+                                   f"this zerocf reads schema_version={SCHEMA_VERSION} dtype={DTYPE}; "
+                                   "upgrade zerocf or use another --prefix")
+        if m.k != int(k):
+            raise StoreSchemaError(f"redis model {ns} has k={m.k}, worker configured k={k}; rerun with "
+                                   f"--factors {m.k} or rebuild with `zerocf als --once --rebuild`")
+        self._k = m.k
+        return m.live_gen
+
+    def meta(self) -> ModelMeta:
+        """Read the model meta hash; :class:`StoreSchemaError` if there is no model."""
+        raw = {_s(a): b for a, b in self.r.hgetall(self.keys.meta).items()}
+        if not raw:
+            raise StoreSchemaError(f"no zerocf model in Redis under namespace {self.keys.ns!r}; start "
+                                   "`zerocf lmf` or run `zerocf als --once` first, or check --prefix")
+        return ModelMeta(int(raw["schema_version"]), int(raw["k"]), raw["dtype"].decode(),
+                         int(raw["live_gen"]), int(raw["next_gen"]), float(raw["created_at"]),
+                         float(raw["updated_at"]))
+
+    def live_generation(self) -> int:
+        """The live generation number (one HGET)."""
+        v = self.r.hget(self.keys.meta, "live_gen")
+        if v is None:
+            self.meta()  # raises the instructive error
+        return int(v)
+
+    def generation_meta(self, g: int) -> GenerationMeta:
+        """Read generation ``g``'s meta; :class:`GenerationError` if it does not exist."""
+        raw = {_s(a): b for a, b in self.r.hgetall(self.keys.gen_meta(g)).items()}
+        if not raw:
+            raise GenerationError(f"generation {g} of model {self.keys.ns!r} does not exist (dropped or "
+                                  "never begun); read live_generation() for the current one")
+        return GenerationMeta(
+            g=int(g), state=raw["state"].decode(), source=raw.get("source", b"").decode(),
+            created_at=float(raw["created_at"]), n_users=int(raw.get("n_users", 0)),
+            n_items=int(raw.get("n_items", 0)), bias=float(raw.get("bias", 0.0)),
+            offsets={int(p): int(o) for p, o in json.loads(raw.get("offsets", b"{}")).items()},
+            watermarks={int(p): w for p, w in json.loads(raw.get("watermarks", b"{}")).items()},
+            published_at=_f(raw.get("published_at")), retired_at=_f(raw.get("retired_at")))
+
+    def generations(self) -> list[int]:
+        """Every generation with a meta hash (building, complete or retired), ascending."""
+        return [int(g) for g in self.r.zrange(self.keys.gens, 0, -1)]
+
+    # ------------------------------------------------------------------ vector reads
+    def get_vectors(self, g: int, kind: Kind, ids: Sequence[str]
+                    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """Fetch rows for ``ids`` with one HMGET: ``(n, k)`` float32 (zeros where absent) and found mask."""
+        if not ids:
+            return np.zeros((0, self.k), dtype=np.float32), np.zeros(0, dtype=np.bool_)
+        return decode(self.r.hmget(self.keys.vectors(g, kind), list(ids)), self.k, ids)
+
+    def get_all_items(self, g: int, chunk: int = _CHUNK) -> tuple[list[str], npt.NDArray[np.float32]]:
+        """Every item vector of generation ``g`` via HSCAN (order unspecified, ids aligned with rows)."""
+        rows = dict(self.r.hscan_iter(self.keys.vectors(g, "item"), count=chunk))
+        ids = [i.decode() for i in rows]
+        return ids, decode(list(rows.values()), self.k, ids)[0]
+
+    def item_count(self, g: int) -> int:
+        """Number of item vectors in generation ``g`` (HLEN)."""
+        return int(self.r.hlen(self.keys.vectors(g, "item")))
+
+    def read_batch_state(self, g: int, partitions: Sequence[int], users: Sequence[str],
+                         items: Sequence[str], *, accumulators: bool = False) -> BatchState:
+        """One pipelined round trip: live_gen, user/item rows, applied offsets + watermarks (+ AdaGrad)."""
+        km, k = self.keys, self.k
+        p = self.r.pipeline(transaction=False)
+        p.hget(km.meta, "live_gen")
+        parts = [str(int(x)) for x in partitions]
+        kinds = ["user", "item"] + (["user_acc", "item_acc"] if accumulators else [])
+        idlists = [list(users), list(items)] * (2 if accumulators else 1)
+        for kind, ids in zip(kinds, idlists):
+            if ids:
+                p.hmget(km.vectors(g, kind), ids)
+        if parts:
+            p.hmget(km.offsets(g), parts)
+            p.hmget(km.watermarks(g), parts)
+        res = iter(p.execute())
+        live = next(res)
+        if live is None:
+            self.meta()
+        mats: dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]] = {}
+        for kind, ids in zip(kinds, idlists):
+            mats[kind] = decode(next(res) if ids else [], k, ids)
+        offs = next(res) if parts else []
+        wms = next(res) if parts else []
+        return BatchState(
+            live_gen=int(live), user_vecs=mats["user"][0], user_found=mats["user"][1],
+            item_vecs=mats["item"][0], item_found=mats["item"][1],
+            offsets={int(pp): (None if o is None else int(o)) for pp, o in zip(parts, offs)},
+            watermarks={int(pp): json.loads(w) for pp, w in zip(parts, wms) if w is not None},
+            **({"user_acc": mats["user_acc"][0], "user_acc_found": mats["user_acc"][1],
+                "item_acc": mats["item_acc"][0], "item_acc_found": mats["item_acc"][1]}
+               if accumulators else {}))
+
+    # ------------------------------------------------------------------ hot-path writes (Lua)
+    def apply_batch(self, g: int, partition: int, expected_offset: int | None, new_offset: int,
+                    watermarks: Mapping[str, Any], user_ids: Sequence[str],
+                    user_vecs: npt.NDArray[np.float32], item_ids: Sequence[str],
+                    item_deltas: npt.NDArray[np.float32], *, counts: Mapping[str, float] | None = None,
+                    user_increments: Mapping[str, int] | None = None,
+                    seen: Iterable[tuple[str, str, int]] = (),
+                    user_acc: npt.NDArray[np.float32] | None = None,
+                    item_acc_deltas: npt.NDArray[np.float32] | None = None) -> ApplyStatus:
+        """Atomically apply one LMF batch to generation ``g`` (one EVALSHA); see docs/redis-schema.md.
+
+        Writes happen only if ``live_gen == g`` (else ``NEW_GENERATION``) and the partition's stored
+        applied offset equals ``expected_offset`` (absent when None; else ``STALE``). Then: user rows
+        (and ``user_acc``) are SET (one writer per user), ``item_deltas`` (and ``item_acc_deltas``) are
+        ADDED in float32 to the stored item rows -- an absent item starts from zeros, so pass its initial
+        vector as its delta --, ``counts`` ZINCRBY, ``user_increments`` HINCRBY, ``seen`` ``(user, item,
+        ts_ms)`` ZADD GT + cap + EXPIRE, then the partition's offset and dedupe ``watermarks`` are stored.
+        Raises :class:`ModelDiverged` for NaN/inf input or a float32 overflow (nothing written).
+        """
+        k = self.k
+        user_ids, item_ids = [str(u) for u in user_ids], [str(i) for i in item_ids]
+        ublobs = encode(user_vecs, k, user_ids) if user_ids else []
+        iblobs = encode(item_deltas, k, item_ids) if item_ids else []
+        _same_len("user_ids", user_ids, ublobs, "user_vecs")
+        _same_len("item_ids", item_ids, iblobs, "item_deltas")
+        uacc = encode(user_acc, k, user_ids) if user_acc is not None else []
+        iacc = encode(item_acc_deltas, k, item_ids) if item_acc_deltas is not None else []
+        if user_acc is not None:
+            _same_len("user_ids", user_ids, uacc, "user_acc")
+        if item_acc_deltas is not None:
+            _same_len("item_ids", item_ids, iacc, "item_acc_deltas")
+        counts = dict(counts or {})
+        if not all(math.isfinite(c) for c in counts.values()):
+            raise ModelDiverged(f"batch for partition {partition} has a non-finite item count; refused")
+        km = self.keys
+        seen_keys: dict[str, int] = {}
+        seen_args: list[Any] = []
+        for user, item, ts in seen:
+            idx = seen_keys.setdefault(km.seen(str(user)), 10 + len(seen_keys))
+            seen_args += [idx, int(ts), str(item)]
+        incr = dict(user_increments or {})
+        keys = [km.meta, km.offsets(g), km.watermarks(g), *(km.vectors(g, kd) for kd in KINDS),
+                km.counts(g), km.updates(g), *seen_keys]
+        args: list[Any] = [int(g), int(partition), "" if expected_offset is None else int(expected_offset),
+                           int(new_offset), json.dumps(dict(watermarks), sort_keys=True), k,
+                           self.seen_cap, self.seen_ttl, len(ublobs), len(iblobs), len(counts), len(incr),
+                           len(seen_args) // 3, len(uacc), len(iacc)]
+        args += _pairs(user_ids, ublobs) + _pairs(item_ids, iblobs)
+        args += _pairs(list(counts), [_num(c) for c in counts.values()])
+        args += _pairs(list(incr), [int(n) for n in incr.values()]) + seen_args
+        args += _pairs(user_ids[:len(uacc)], uacc) + _pairs(item_ids[:len(iacc)], iacc)
+        code, detail = self._apply(keys=keys, args=args)
+        return self._status(code, detail, g, partition, expected_offset)
+
+    def _status(self, code: int, detail: Any, g: int, partition: int,
+                expected: int | None) -> ApplyStatus:
+        if code == 1:
+            return ApplyStatus.APPLIED
+        if code == 0:
+            log.info("stale batch partition=%s expected applied offset %s, Redis has %s; nothing written",
+                     partition, expected, _s(detail) or None)
+            return ApplyStatus.STALE
+        if code == -1:
+            log.info("generation %s is no longer live (live=%s); batch for partition %s not written",
+                     g, _s(detail), partition)
+            return ApplyStatus.NEW_GENERATION
+        _raise_lua(code, detail, self.k)
+        raise AssertionError(code)  # pragma: no cover
+
+    def add_item_deltas(self, g: int, item_ids: Sequence[str], deltas: npt.NDArray[np.float32],
+                        kind: Literal["item", "item_acc"] = "item") -> None:
+        """Atomically add float32 ``deltas`` to item rows of ``g`` (absent rows start at zero); no fences."""
+        ids = [str(i) for i in item_ids]
+        blobs = encode(deltas, self.k, ids)
+        _same_len("item_ids", ids, blobs, "deltas")
+        if ids:
+            code, detail = self._add(keys=[self.keys.vectors(g, kind)], args=[self.k, *_pairs(ids, blobs)])
+            if code != 1:
+                _raise_lua(code, detail, self.k)
+
+    # ------------------------------------------------------------------ bulk writes (ALS, tools)
+    def begin_generation(self, source: Literal["als", "online"] = "als") -> int:
+        """Allocate generation ``next_gen + 1`` in state ``building`` and return its number."""
+        self.meta()
+        km, now = self.keys, _num(self._clock())
+        g = int(self.r.hincrby(km.meta, "next_gen", 1))
+        p = self.r.pipeline(transaction=True)
+        p.hset(km.gen_meta(g), mapping={"state": "building", "source": source, "created_at": now,
+                                        "n_users": 0, "n_items": 0, "bias": "0.0", "offsets": "{}",
+                                        "watermarks": "{}"})
+        p.zadd(km.gens, {str(g): g})
+        p.execute()
+        log.info("generation %s begun (source=%s) namespace=%s", g, source, km.ns)
+        return g
+
+    def write_vectors(self, g: int, kind: Kind, ids: Sequence[str], matrix: npt.NDArray[np.float32],
+                      chunk: int = _CHUNK, pipeline: redis.client.Pipeline | None = None) -> None:
+        """HSET rows (absolute) in chunks of ``chunk`` rows; queued on ``pipeline`` when given."""
+        ids = [str(i) for i in ids]
+        blobs = encode(matrix, self.k, ids)
+        _same_len("ids", ids, blobs, "matrix")
+        key = self.keys.vectors(g, kind)
+        for c in range(0, len(ids), chunk):
+            p = pipeline if pipeline is not None else self.r.pipeline(transaction=False)
+            p.hset(key, mapping=dict(zip(ids[c:c + chunk], blobs[c:c + chunk])))
+            if pipeline is None:
+                p.execute()
+
+    def write_counts(self, g: int, counts: Mapping[str, float], chunk: int = _CHUNK,
+                     pipeline: redis.client.Pipeline | None = None) -> None:
+        """ZADD absolute item counts (ALS seeds a generation's popularity from its snapshot)."""
+        items = [(str(i), float(c)) for i, c in counts.items()]
+        if not all(math.isfinite(c) for _, c in items):
+            raise ModelDiverged(f"item counts for generation {g} hold NaN/inf; refused")
+        for c in range(0, len(items), chunk):
+            p = pipeline if pipeline is not None else self.r.pipeline(transaction=False)
+            p.zadd(self.keys.counts(g), dict(items[c:c + chunk]))
+            if pipeline is None:
+                p.execute()
+
+    def write_offsets(self, g: int, offsets: Mapping[int, int],
+                      watermarks: Mapping[int, Mapping[str, Any]],
+                      pipeline: redis.client.Pipeline | None = None) -> None:
+        """HSET applied offsets and dedupe watermarks per partition (publish also does this atomically)."""
+        p = pipeline if pipeline is not None else self.r.pipeline(transaction=True)
+        if offsets:
+            p.hset(self.keys.offsets(g), mapping={str(int(a)): int(b) for a, b in offsets.items()})
+        if watermarks:
+            p.hset(self.keys.watermarks(g), mapping={str(int(a)): json.dumps(dict(b), sort_keys=True)
+                                                     for a, b in watermarks.items()})
+        if pipeline is None:
+            p.execute()
+
+    def publish_generation(self, g: int, offsets: Mapping[int, int],
+                           watermarks: Mapping[int, Mapping[str, Any]], bias: float,
+                           n_users: int, n_items: int) -> None:
+        """Atomically flip ``live_gen`` to the building generation ``g`` (one Lua script).
+
+        Refused (:class:`GenerationError`, nothing written) unless ``g`` is ``building`` and holds exactly
+        ``n_users`` user and ``n_items`` item rows. On success ``g`` becomes complete with ``bias``, its
+        snapshot ``offsets``/``watermarks`` (also stored as its applied offsets, the LMF fence), and the
+        previous live generation is marked retired.
+        """
+        if not math.isfinite(bias):
+            raise ModelDiverged(f"generation {g} calibration bias is {bias}; refused to publish")
+        km, now = self.keys, _num(self._clock())
+        offs = {str(int(a)): int(b) for a, b in offsets.items()}
+        wms = {str(int(a)): dict(b) for a, b in watermarks.items()}
+        flat: list[Any] = []
+        for part in sorted(set(offs) | set(wms)):
+            flat += [part, offs.get(part, ""), json.dumps(wms[part], sort_keys=True) if part in wms else ""]
+        for _ in range(5):
+            prev = self.live_generation()
+            code, detail = self._publish(
+                keys=[km.meta, km.gen_meta(g), km.vectors(g, "user"), km.vectors(g, "item"),
+                      km.offsets(g), km.watermarks(g), km.gen_meta(prev)],
+                args=[int(g), prev, int(n_users), int(n_items), _num(bias),
+                      json.dumps(offs, sort_keys=True), json.dumps(wms, sort_keys=True), now, *flat])
+            if code == 1:
+                log.info("generation %s published (was %s) namespace=%s n_users=%s n_items=%s",
+                         g, prev, km.ns, n_users, n_items)
+                return
+            if code != -1:
+                break
+        what = {-1: f"live_gen kept changing (now {_s(detail)})",
+                -2: f"its state is {_s(detail)}, not building",
+                -3: f"it holds {detail} user rows, expected n_users={n_users}",
+                -4: f"it holds {detail} item rows, expected n_items={n_items}"}[code]
+        raise GenerationError(f"generation {g} not published: {what}; write all vectors of a fresh "
+                              "begin_generation() before publishing (nothing was changed)")
+
+    def drop_generation(self, g: int) -> None:
+        """UNLINK every key of generation ``g``; :class:`GenerationError` if ``g`` is live."""
+        km = self.keys
+        if not self._drop(keys=[km.meta, km.gens, *km.generation_keys(g)], args=[int(g)]):
+            raise GenerationError(f"generation {g} is live in model {km.ns!r}; publish another first")
+        log.info("generation %s dropped namespace=%s", g, km.ns)
+
+    def gc_generations(self, grace_seconds: float, now: float | None = None) -> list[int]:
+        """Drop retired generations retired, and building ones created, more than ``grace_seconds`` ago."""
+        now = self._clock() if now is None else now
+        live, dropped = self.live_generation(), []
+        for g in self.generations():
+            if g == live:
+                continue
+            try:
+                gm = self.generation_meta(g)
+            except GenerationError:
+                continue
+            since = gm.retired_at if gm.state == "retired" else gm.created_at
+            if gm.state in ("retired", "building") and since is not None and now - since >= grace_seconds:
+                try:
+                    self.drop_generation(g)
+                    dropped.append(g)
+                except GenerationError:  # it went live meanwhile
+                    continue
+        return dropped
+
+    # ------------------------------------------------------------------ popularity, counters, seen
+    def top_items(self, g: int, n: int) -> list[tuple[str, float]]:
+        """The ``n`` most clicked items of generation ``g``, highest count first."""
+        rows = self.r.zrevrange(self.keys.counts(g), 0, n - 1, withscores=True) if n > 0 else []
+        return [(i.decode(), float(c)) for i, c in rows]
+
+    def item_counts(self, g: int) -> dict[str, float]:
+        """Every item count of generation ``g`` (ZSCAN)."""
+        return {i.decode(): float(c) for i, c in self.r.zscan_iter(self.keys.counts(g), count=_CHUNK)}
+
+    def user_update_counts(self, g: int, users: Sequence[str] | None = None) -> dict[str, int]:
+        """Events applied per user in generation ``g`` (all users when ``users`` is None; 0 if none)."""
+        key = self.keys.updates(g)
+        if users is None:
+            return {u.decode(): int(n) for u, n in self.r.hgetall(key).items()}
+        vals = self.r.hmget(key, list(users)) if users else []
+        return {u: int(n or 0) for u, n in zip(users, vals)}
+
+    def add_seen(self, seen: Iterable[tuple[str, str, int]],
+                 pipeline: redis.client.Pipeline | None = None) -> None:
+        """Record ``(user, item, ts_ms)`` clicks in the per-user recent set (ZADD GT, cap, EXPIRE)."""
+        p = pipeline if pipeline is not None else self.r.pipeline(transaction=True)
+        users: dict[str, None] = {}
+        for user, item, ts in seen:
+            p.zadd(self.keys.seen(str(user)), {str(item): int(ts)}, gt=True)
+            users[str(user)] = None
+        for user in users:
+            p.zremrangebyrank(self.keys.seen(user), 0, -(self.seen_cap + 1))
+            p.expire(self.keys.seen(user), self.seen_ttl)
+        if pipeline is None:
+            p.execute()
+
+    def seen_items(self, user: str, limit: int | None = None) -> list[str]:
+        """The user's recently clicked items, newest first (at most ``limit``)."""
+        if limit is not None and limit <= 0:
+            return []
+        return [i.decode() for i in self.r.zrevrange(self.keys.seen(str(user)), 0, _end(limit))]
+
+    def seen_items_many(self, users: Sequence[str], limit: int | None = None) -> dict[str, list[str]]:
+        """:meth:`seen_items` for many users in one pipelined round trip."""
+        if limit is not None and limit <= 0:
+            return {str(u): [] for u in users}
+        p = self.r.pipeline(transaction=False)
+        for u in users:
+            p.zrevrange(self.keys.seen(str(u)), 0, _end(limit))
+        return {str(u): [i.decode() for i in rows] for u, rows in zip(users, p.execute())}
+
+
+def _end(limit: int | None) -> int:
+    return -1 if limit is None else int(limit) - 1
+
+
+def _pairs(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
+    out: list[Any] = [None] * (2 * len(a))
+    out[0::2], out[1::2] = a, b
+    return out
+
+
+def _same_len(na: str, a: Sequence[Any], b: Sequence[Any], nb: str) -> None:
+    if len(a) != len(b):
+        raise StoreSchemaError(f"{na} has {len(a)} ids but {nb} has {len(b)} rows; pass one row per id")
+
+
+def _raise_lua(code: int, detail: Any, k: int) -> None:
+    if code == -2:
+        raise ModelDiverged(f"adding the delta to item {_s(detail)!r} overflows float32; refused, nothing "
+                            "written. Lower the learning rate or clip gradients")
+    if code == -3:
+        raise StoreSchemaError(f"stored item vector {_s(detail)!r} is not {4 * k} bytes (k={k}); the model "
+                               "was written with another k: rebuild with `zerocf als --once --rebuild`")
+    raise StoreSchemaError(f"unexpected store script result {code} {detail!r}; "
+                           "check the Redis version (>= 6.2)")
