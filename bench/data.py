@@ -12,6 +12,9 @@ Benchmark-only: library code never imports this module.
   there are no timestamps), for users with at least 5 interactions.
 - :func:`ranking_metrics` gives recall@k (hits / min(k, |test|)) and NDCG@k (binary gains) of top-k
   lists that already exclude the training items.
+
+The split and the metrics live in :mod:`workers.evaluation` (``zerocf eval`` uses them too); the two
+functions here are thin wrappers kept for the benchmarks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
+
+from workers import evaluation
 
 ML100K = Path("/work/shared/datasets/ml-100k/u.data")
 LASTFM = Path("/work/shared/datasets/lastfm-2k/user_artists.dat")
@@ -139,18 +144,8 @@ def subset(d: Interactions, mask: npt.NDArray[np.bool_]) -> Interactions:
 
 def holdout_mask(d: Interactions, test_frac: float = 0.2, min_interactions: int = 5,
                  seed: int = 0) -> npt.NDArray[np.bool_]:
-    """Boolean mask of the test interactions of :func:`holdout_split`."""
-    rng = np.random.default_rng(seed)
-    ts = np.zeros(d.user.size) if d.ts is None else d.ts
-    order = np.lexsort((rng.random(d.user.size), ts, d.user))
-    n_u = np.bincount(d.user, minlength=d.n_users)
-    start = np.concatenate([[0], np.cumsum(n_u)[:-1]])
-    u_sorted = d.user[order]
-    rank = np.arange(order.size) - start[u_sorted]
-    n_test = np.where(n_u >= min_interactions, np.maximum(1, np.rint(test_frac * n_u)), 0).astype(np.int64)
-    is_test = np.zeros(order.size, bool)
-    is_test[order] = rank >= n_u[u_sorted] - n_test[u_sorted]
-    return is_test
+    """Boolean mask of the test interactions of :func:`holdout_split` (:func:`workers.evaluation.holdout_mask`)."""
+    return evaluation.holdout_mask(d.user, d.ts, d.n_users, test_frac, min_interactions, seed)
 
 
 def ranking_metrics(top_ids: npt.NDArray[np.integer], test: sp.csr_matrix,
@@ -164,15 +159,5 @@ def ranking_metrics(top_ids: npt.NDArray[np.integer], test: sp.csr_matrix,
     >>> ranking_metrics(np.array([[2, 0]]), test, np.array([0]), k=2)
     {'recall': 0.5, 'ndcg': 0.6131471927654584, 'users': 1}
     """
-    top = np.asarray(top_ids)[:, :k]
-    n_test = np.diff(test.indptr)[users]
-    keep = n_test > 0
-    top, users, n_test = top[keep], np.asarray(users)[keep], n_test[keep]
-    hit = np.zeros(top.shape, bool)
-    for j, u in enumerate(users):  # bench helper: a Python loop over users is fine here
-        hit[j] = np.isin(top[j], test.indices[test.indptr[u]:test.indptr[u + 1]])
-    disc = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
-    ideal = np.cumsum(disc)[np.minimum(n_test, top.shape[1]) - 1]
-    recall = hit.sum(axis=1) / np.minimum(n_test, k)
-    ndcg = (hit * disc).sum(axis=1) / ideal
-    return {"recall": float(recall.mean()), "ndcg": float(ndcg.mean()), "users": int(users.size)}
+    m = evaluation.ranking_metrics(top_ids, test, users, k)
+    return {"recall": m["recall"], "ndcg": m["ndcg"], "users": m["users"]}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,8 @@ class LMFWorker:
         self.dedupers: dict[int, Deduper] = {}
         self.consumer: Any = None
         self._healthy_redis = True
+        self._pending: _Pending | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zerocf-lmf-writer")
 
     # ------------------------------------------------------------------ lifecycle
     def health(self) -> tuple[bool, dict[str, Any]]:
@@ -130,12 +133,21 @@ class LMFWorker:
 
     # kafka-python ConsumerRebalanceListener protocol
     def on_partitions_revoked(self, revoked: Any) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:  # let the write in flight land before the partitions move
+            try:
+                self._pending = pending
+                self._settle()
+            except Exception as exc:  # noqa: BLE001 - the assignment callback reloads from Redis anyway
+                log.info("write in flight at revocation not applied (%s); the new owner resumes from Redis",
+                         type(exc).__name__)
+                self._pending = None
         for tp in revoked:
             self.applied.pop(tp.partition, None)
             self.dedupers.pop(tp.partition, None)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self.model.forget_users()  # another worker may have written these users meanwhile
+        self.load_generation()  # caches may hold optimistic state; another worker may have written meanwhile
         self.resume(list(assigned))
 
     def run(self, until_idle: bool = False) -> WorkerStats:
@@ -155,8 +167,12 @@ class LMFWorker:
             if self.cfg.runtime.metrics_port else None
         try:
             self._loop(until_idle)
+            self._settle()
+        except _Switch:
+            pass
         finally:
             log.info("lmf stopping: %s", self.stats.summary())
+            self._writer.shutdown(wait=True)
             self.consumer.close(autocommit=False)
             if http:
                 http.shutdown()
@@ -179,18 +195,22 @@ class LMFWorker:
                     self._healthy_redis = True
                 except _Switch:
                     continue
-                except (ConnectionError, TimeoutError, OSError) + _redis_errors() as exc:
-                    self._healthy_redis = False
-                    self.metrics.errors.labels("redis").inc()
-                    log.warning("redis unavailable (%s); backing off and replaying from stored offsets", exc)
-                    backoff.sleep(self.stop)
-                    self._resume_after_error()
+                except _redis_errors() as exc:
+                    self._redis_down(exc, backoff)
                     continue
                 self._update_lag()
                 if time.monotonic() - last_log > 10:
                     log.info("lmf progress: %s", self.stats.summary())
                     last_log = time.monotonic()
-            elif until_idle and time.monotonic() - idle_since >= self.cfg.idle_seconds:
+                continue
+            try:
+                self._settle()  # nothing new: land the write in flight now (latency)
+            except _Switch:
+                continue
+            except _redis_errors() as exc:
+                self._redis_down(exc, backoff)
+                continue
+            if until_idle and time.monotonic() - idle_since >= self.cfg.idle_seconds:
                 if caught_up(self.consumer):
                     log.info("caught up and idle for %.1fs: exiting (--until-idle)", self.cfg.idle_seconds)
                     return
@@ -199,15 +219,22 @@ class LMFWorker:
                                 "topic exist?", self.cfg.topics.events)
                     return
 
-    def _resume_after_error(self) -> None:
+    def _redis_down(self, exc: BaseException, backoff: Backoff) -> None:
+        """Redis failed mid-batch: back off, then reload and replay from the offsets stored in Redis.
+
+        Whether the last write landed or not is unknown; the offset fence makes both cases safe.
+        """
+        self._healthy_redis = False
+        self._pending = None
+        self.metrics.errors.labels("redis").inc()
+        log.warning("redis unavailable (%s); backing off, then replaying from the stored offsets", exc)
+        backoff.sleep(self.stop)
         try:
-            if self.store.live_generation() != self.g:
-                self.load_generation()
-            self.model.forget_users()
+            self.load_generation()
             self.resume(list(self.consumer.assignment()))
             self._healthy_redis = True
         except _redis_errors():
-            pass  # still down: the next poll's batch fails again and backs off longer
+            pass  # still down: the next batch fails again and backs off longer
 
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():
@@ -216,18 +243,8 @@ class LMFWorker:
                 self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - self.consumer.position(tp)))
 
     # ------------------------------------------------------------------ one partition's batch
-    def _partition_batch(self, tp: Any, records: list[Any]) -> None:
-        p = tp.partition
-        applied = self.applied.get(p)
-        if p not in self.dedupers:  # assignment raced with the poll: resume properly first
-            self.resume([tp])
-            raise _Switch()
-        records = [r for r in records if applied is None or r.offset > applied]
-        if not records:
-            return
-        t0 = time.perf_counter()
+    def _decode(self, p: int, records: list[Any]) -> list[Event]:
         dedupe = self.dedupers[p]
-        saved = dedupe.state()
         events: list[Event] = []
         for rec in records:
             try:
@@ -238,47 +255,36 @@ class LMFWorker:
                 continue
             if dedupe.accept(ev):
                 events.append(ev)
-        dups = len(records) - len(events)
-        try:
-            status = self._apply(p, applied, records[-1].offset, events, dedupe)
-        except BaseException:
-            self.dedupers[p] = Deduper.from_state(saved)
-            raise
-        if status is ApplyStatus.APPLIED:
-            self.applied[p] = records[-1].offset
-            self.stats.events += len(events)
-            self.stats.duplicates += dups
-            self.stats.batches += 1
-            self.metrics.events.inc(len(events))
-            self.metrics.duplicates.inc(dups)
-            self.metrics.batches.labels("applied").inc()
-            self.metrics.latency.observe(time.perf_counter() - t0)
-            self.consumer.commit_async()  # a hint only: Redis holds the truth
-            return
-        self.dedupers[p] = Deduper.from_state(saved)
-        if status is ApplyStatus.NEW_GENERATION:
-            self.metrics.batches.labels("new_generation").inc()
-            log.info("generation %d was replaced: switching and replaying from the snapshot offsets", self.g)
-            self.load_generation()
-            self.resume(list(self.consumer.assignment()))
-        else:
-            self.metrics.batches.labels("stale").inc()
-            log.warning("partition %d: stored offset moved under us (another writer?); resuming from Redis", p)
-            self.model.forget_users()
-            self.resume([tp])
-        raise _Switch()
+        return events
 
-    def _apply(self, p: int, applied: int | None, last: int, events: list[Event],
-               dedupe: Deduper) -> ApplyStatus:
+    def _partition_batch(self, tp: Any, records: list[Any]) -> None:
+        """Plan, fetch, train and submit one partition's batch; its write overlaps the next batch's plan.
+
+        At most one write is in flight. Everything that reads Redis state waits for it first
+        (:meth:`_settle`), so reads always see every earlier write; only Kafka polling, decoding and
+        negative sampling of the next batch overlap with the Lua script running in Redis.
+        """
+        p = tp.partition
+        if p not in self.dedupers:  # assignment raced with the poll: resume properly first
+            self._settle()
+            self.resume([tp])
+            raise _Switch()
+        applied = self.applied.get(p)
+        records = [r for r in records if applied is None or r.offset > applied]
+        if not records:
+            return
+        t0 = time.perf_counter()
         cfg, store, model = self.cfg, self.store, self.model
+        events = self._decode(p, records)
         clicks = [e for e in events if e.type == "click"]
         missing = model.users_missing_seen(e.user for e in clicks)
-        if missing:
+        if missing:  # users new to this worker cannot be in the batch in flight
             model.load_seen(store.seen_items_many(missing, cfg.seen_cap))
         plan = model.plan(p, events)
+        self._settle()
         state = store.read_batch_state(self.g, [], plan.users, plan.items, accumulators=cfg.adagrad)
         if state.live_gen != self.g:
-            return ApplyStatus.NEW_GENERATION
+            self._restart("generation %d was replaced: switching and replaying from the snapshot offsets" % self.g)
         ranks = model.ranks_before_learning(plan, state.user_vecs, state.user_found) if self.rank_hook else None
         result = model.train(plan, state.user_vecs, state.user_found, state.item_vecs, self.bias,
                              state.user_acc, state.item_acc)
@@ -286,31 +292,86 @@ class LMFWorker:
         increments: dict[str, int] = {}
         for e in events:
             increments[e.user] = increments.get(e.user, 0) + 1
-        for user, item, _ts, w in plan.clicks:
+        for _user, item, _ts, w in plan.clicks:
             counts[item] = counts.get(item, 0.0) + w
         seen = [(u, i, ts) for u, i, ts, _w in plan.clicks]
-        if not result.finite:
+        last = records[-1].offset
+        empty = np.zeros((0, model.k), np.float32)
+        if result.finite:
+            vectors = (plan.users, result.user_vecs, plan.items, result.item_deltas, result.user_acc,
+                       result.item_acc_deltas)
+            model.commit(plan, result)  # optimistic: a failed write reloads every cache (_restart)
+        else:
             self.metrics.nan_guards.inc()
             self.stats.nan_batches += 1
-            log.error("partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets "
-                      "still recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)
-            return store.apply_batch(self.g, p, applied, last, dedupe.state(), [], np.zeros((0, model.k), np.float32),
-                                     [], np.zeros((0, model.k), np.float32), counts=counts,
-                                     user_increments=increments, seen=seen)
-        status = store.apply_batch(self.g, p, applied, last, dedupe.state(), plan.users, result.user_vecs,
-                                   plan.items, result.item_deltas, counts=counts, user_increments=increments,
-                                   seen=seen, user_acc=result.user_acc, item_acc_deltas=result.item_acc_deltas)
+            log.error("partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets still "
+                      "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)
+            vectors = ([], empty, [], empty, None, None)
+        future = self._writer.submit(store.apply_batch, self.g, p, applied, last, dedupe_state(self.dedupers[p]),
+                                     vectors[0], vectors[1], vectors[2], vectors[3], counts=counts,
+                                     user_increments=increments, seen=seen, user_acc=vectors[4],
+                                     item_acc_deltas=vectors[5])
+        self.applied[p] = last
+        self._pending = _Pending(future, p, len(events), len(records) - len(events), len(clicks), ranks,
+                                 result.loss / max(1, len(plan.ev_user)) if result.finite else None, t0)
+
+    def _settle(self) -> None:
+        """Wait for the write in flight; account for it, or restart from Redis if it was not applied."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        status = pending.future.result()  # Redis errors propagate to the loop's back-off
         if status is ApplyStatus.APPLIED:
-            model.commit(plan, result)
-            if ranks is not None:
-                self.rank_hook(ranks)
-            self.stats.clicks += len(clicks)
-            n = max(1, len(plan.ev_user))
-            per_event = result.loss / n
-            prev = self.stats.loss_ewma
-            self.stats.loss_ewma = per_event if prev != prev else 0.98 * prev + 0.02 * per_event
-            self.metrics.loss.set(self.stats.loss_ewma)
-        return status
+            st, m = self.stats, self.metrics
+            st.events += pending.events
+            st.duplicates += pending.dups
+            st.clicks += pending.clicks
+            st.batches += 1
+            m.events.inc(pending.events)
+            m.duplicates.inc(pending.dups)
+            m.batches.labels("applied").inc()
+            m.latency.observe(time.perf_counter() - pending.t0)
+            if pending.loss is not None:
+                prev = st.loss_ewma
+                st.loss_ewma = pending.loss if prev != prev else 0.98 * prev + 0.02 * pending.loss
+                m.loss.set(st.loss_ewma)
+            if pending.ranks is not None and self.rank_hook is not None:
+                self.rank_hook(pending.ranks)
+            self.consumer.commit_async()  # a hint only: Redis holds the truth
+            return
+        if status is ApplyStatus.NEW_GENERATION:
+            self.metrics.batches.labels("new_generation").inc()
+            self._restart("generation %d was replaced: switching and replaying from the snapshot offsets" % self.g)
+        self.metrics.batches.labels("stale").inc()
+        self._restart("partition %d: stored offset moved under us (another writer?); resuming from Redis"
+                      % pending.partition)
+
+    def _restart(self, why: str) -> None:
+        """Drop everything optimistic: reload the live generation, seek every partition from Redis."""
+        log.info("%s", why)
+        self._pending = None
+        self.load_generation()
+        self.resume(list(self.consumer.assignment()))
+        raise _Switch()
+
+
+@dataclass
+class _Pending:
+    """The one batch write in flight and what to account when it lands."""
+
+    future: Any
+    partition: int
+    events: int
+    dups: int
+    clicks: int
+    ranks: Any
+    loss: float | None
+    t0: float
+
+
+def dedupe_state(d: Deduper) -> dict[str, Any]:
+    """A snapshot of a deduper's watermarks (the write runs later, the deduper moves on)."""
+    return d.state()
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -19,6 +21,7 @@ from stream.config import StreamConfig, load
 from stream.dedupe import Deduper
 from stream.events import Event, encode_click, encode_impression
 from stream.ingest import Ingest, read_topic
+from stream.stack import free_port
 
 log = logging.getLogger(__name__)
 TS = 1_700_000_000_000
@@ -73,6 +76,19 @@ def _wait_for_events(cfg: StreamConfig, at_least: int, timeout: float) -> int:
         return seen
     finally:
         consumer.close()
+
+
+def _get_until_ok(url: str, timeout: float) -> dict[str, Any]:
+    """GET a JSON health endpoint until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return json.loads(resp.read())  # type: ignore[no-any-return]
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _dedupe(events: list[Any]) -> tuple[list[str], list[str]]:
@@ -204,10 +220,16 @@ def test_sigterm_finishes_batch_commits_and_exits_0(zerocf_env: dict[str, str], 
     expected = _expected_ids(records, metas, items_per_imp=2)
 
     log_path = tmp_path / "ingest-term.log"
+    port = free_port()
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(_ingest_cmd("--batch", "500"), env=env, stderr=log_file)
+        proc = subprocess.Popen(_ingest_cmd("--batch", "500", "--metrics-port", str(port)), env=env, stderr=log_file)
         try:
             assert _wait_for_events(cfg, at_least=1, timeout=30) >= 1
+            health = _get_until_ok(f"http://127.0.0.1:{port}/healthz", timeout=20)
+            assert health["ok"] is True and health["assigned_partitions"] > 0 and health["broker_reachable"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                metrics = resp.read().decode()
+            assert "zerocf_ingest_events_out_total" in metrics and "zerocf_ingest_batch_seconds_bucket" in metrics
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 from collections.abc import Iterator
@@ -167,8 +166,7 @@ def test_routes_events_by_user_hash_dead_letters_and_commits_last_plus_one(
     assert stats.records_in == 9 and stats.events_out == 9 and stats.dlq == 2 and stats.clean_exit
     assert fakes["consumer"].closed and fakes["producer"].closed
 
-    reg = None  # metrics counted per batch
-    ing = ingest.Ingest(cfg)
+    ing = ingest.Ingest(cfg)  # the same run again, looking at the Prometheus metrics
     fakes["consumer"], fakes["producer"] = FakeConsumer(_log()), FakeProducer()
     ing.run(until_idle=True)
     reg = ing.metrics.registry
@@ -282,4 +280,3 @@ def test_cli_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
     c = seen["cfg"]
     assert (c.group, c.ingest_batch, c.events_partitions, c.runtime.metrics_port, c.topic_prefix) == \
         ("g2", 7, 3, 9123, "shop") and seen["until_idle"] is True
-    assert isinstance(args, argparse.Namespace)

@@ -1,0 +1,266 @@
+"""``zerocf als`` on the real broker and Redis: publish, crash/stop safety, and the LMF handoff.
+
+Data: synthetic clicks (``stream.datasets.synthetic_dataset``) sent as raw clicks, normalised by the real
+ingest (in-process), read by the ALS snapshot; the LMF worker runs as a ``zerocf lmf`` subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stream import kafka_util
+from stream.config import StreamConfig, load
+from stream.datasets import Interaction, synthetic_dataset
+from stream.ingest import Ingest, read_topic
+from stream.producer import EventProducer
+from stream.runtime import StopFlag
+from workers.als_worker import ALSWorker
+from workers.config import ALSConfig
+from workers.store import FactorStore
+
+K = 16
+PARTS = 3
+
+
+# ------------------------------------------------------------------- helpers
+def _stream_cfg(env: dict[str, str]) -> StreamConfig:
+    return load(StreamConfig, {**env, "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_EVENTS_PARTITIONS": str(PARTS)})
+
+
+def _als_cfg(env: dict[str, str], ckpt: Path) -> ALSConfig:
+    return load(ALSConfig, env, {"factors": K, "checkpoint_dir": str(ckpt), "als_iterations": 6,
+                                 "calib_samples": 2000})
+
+
+def _store(env: dict[str, str]) -> FactorStore:
+    return FactorStore.from_url(env["ZEROCF_REDIS_URL"], env["ZEROCF_TOPIC_PREFIX"])
+
+
+def _topics(env: dict[str, str]) -> StreamConfig:
+    cfg = _stream_cfg(env)
+    t = cfg.topics
+    kafka_util.ensure_topics(cfg.kafka, {name: PARTS for name in (t.impressions, t.clicks, t.events, t.dlq)})
+    return cfg
+
+
+def _produce(env: dict[str, str], rows: list[Interaction]) -> None:
+    with EventProducer(bootstrap_servers=env["ZEROCF_KAFKA_BOOTSTRAP"],
+                       topic_prefix=env["ZEROCF_TOPIC_PREFIX"]) as p:
+        for r in rows:
+            p.send_click(r.user_id, r.item_id, ts=r.ts_ms)
+
+
+def _last_offsets(cfg: StreamConfig) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for rec in read_topic(cfg.kafka, cfg.topics.events):
+        out[rec.partition] = max(out.get(rec.partition, -1), rec.offset)
+    return out
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _ckpt_meta(ckpt: Path) -> dict[str, Any]:
+    name = (ckpt / "CURRENT").read_text().strip()
+    return json.loads((ckpt / name / "meta.json").read_text())["metadata"]
+
+
+@pytest.fixture()
+def ingest_thread(zerocf_env: dict[str, str]) -> Iterator[Ingest]:
+    """A running in-process ingest (one group join for the whole test); stopped at teardown."""
+    cfg = _topics(zerocf_env)
+    ing = Ingest(cfg, StopFlag())
+    t = threading.Thread(target=ing.run, name="test-ingest", daemon=True)
+    t.start()
+    try:
+        yield ing
+    finally:
+        ing.stop.set("test done")
+        t.join(timeout=15)
+
+
+# ------------------------------------------------------------------- (a) publish via the CLI
+def test_als_once_publishes_every_user_and_item_with_snapshot_offsets(
+        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    rows = synthetic_dataset(120, 60, 1500, seed=1)
+    _produce(zerocf_env, rows)
+    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
+    cfg = _stream_cfg(zerocf_env)
+    # a duplicate run on the events topic (as a replaying ingest leaves it): must be counted once
+    dup = [r for r in read_topic(cfg.kafka, cfg.topics.events) if r.partition == 0][:40]
+    producer = kafka_util.producer(cfg.kafka, client_id="test-dup")
+    for r in dup:
+        producer.send(cfg.topics.events, key=r.key, value=r.value, partition=0)
+    producer.flush()
+    producer.close()
+    last = _last_offsets(cfg)
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "als", "--once", "--factors", str(K),
+                           "--iterations", "6", "--checkpoint-dir", str(ckpt)],
+                          env=zerocf_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = _store(zerocf_env)
+    g = store.live_generation()
+    meta = store.generation_meta(g)
+    assert (g, meta.source, meta.state) == (2, "als", "complete")
+    assert meta.offsets == last and set(last) == set(range(PARTS))
+    users = sorted({r.user_id for r in rows})
+    items = sorted({r.item_id for r in rows})
+    assert (meta.n_users, meta.n_items) == (len(users), len(items))
+    U, fu = store.get_vectors(g, "user", users)
+    V, fi = store.get_vectors(g, "item", items)
+    assert fu.all() and fi.all() and U.dtype == np.float32 and np.isfinite(U).all()
+    assert store.item_counts(g) == {i: float(n) for i, n in Counter(r.item_id for r in rows).items()}
+    assert store.generation_meta(1).state == "retired"
+    ck = _ckpt_meta(ckpt)
+    assert ck["n_events"] == len(rows) and ck["n_duplicates"] == len(dup)
+    assert {int(p): o for p, o in ck["offsets"].items()} == last
+    assert {int(p): w for p, w in ck["watermarks"].items()} == meta.watermarks
+    # calibrated logits rank the clicked pairs above random pairs
+    iu = {u: n for n, u in enumerate(users)}
+    ii = {i: n for n, i in enumerate(items)}
+    clicked = np.array([U[iu[r.user_id]] @ V[ii[r.item_id]] for r in rows]) + meta.bias
+    rnd = np.random.default_rng(0)
+    random_pairs = np.einsum("ij,ij->i", U[rnd.integers(0, len(users), 2000)],
+                             V[rnd.integers(0, len(items), 2000)]) + meta.bias
+    assert clicked.mean() > random_pairs.mean() + 1.0
+    assert "als iteration 6/6: loss" in proc.stderr
+
+
+# ------------------------------------------------------------------- (b) stop / crash before the flip
+def test_stop_or_crash_before_publish_keeps_the_old_generation(
+        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = synthetic_dataset(80, 40, 600, seed=2)
+    _produce(zerocf_env, rows)
+    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
+    cfg = _als_cfg(zerocf_env, tmp_path / "ckpt")
+    store = _store(zerocf_env)
+    first = ALSWorker(cfg, store).run_once()
+    assert first.outcome == "published" and store.live_generation() == first.generation == 2
+    users = sorted({r.user_id for r in rows})
+    before, _ = store.get_vectors(2, "user", users)
+
+    # 1. a stop arriving after the first vector chunk: nothing published, the half-built generation dropped
+    stop = StopFlag()
+    worker = ALSWorker(cfg, store, stop)
+    real_write = store.write_vectors
+
+    def write_then_stop(*a: Any, **kw: Any) -> None:
+        real_write(*a, **kw)
+        stop.set("test")
+
+    monkeypatch.setattr(store, "write_vectors", write_then_stop)
+    assert worker.run_once().outcome == "stopped"
+    assert store.live_generation() == 2 and 3 not in store.generations()
+    monkeypatch.setattr(store, "write_vectors", real_write)
+
+    # 2. a crash between begin and publish, with Redis unreachable for the clean-up: a building generation
+    def boom(*a: Any, **kw: Any) -> None:
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(store, "write_counts", boom)
+    monkeypatch.setattr(store, "drop_generation", boom)
+    with pytest.raises(ConnectionError):
+        ALSWorker(cfg, store).run_once()
+    assert store.live_generation() == 2 and store.generation_meta(4).state == "building"
+    monkeypatch.undo()
+    after, _ = store.get_vectors(2, "user", users)
+    np.testing.assert_array_equal(before, after)
+    assert store.gc_generations(0.0) == [1, 4]  # the retired online generation and the abandoned one
+
+    # 3. a later run works (and retires generation 2)
+    ok = ALSWorker(cfg, store).run_once()
+    assert ok.outcome == "published" and store.live_generation() == ok.generation == 5
+    vecs, found = store.get_vectors(5, "user", users)
+    assert found.all() and np.isfinite(vecs).all()
+    assert store.generation_meta(2).state == "retired"
+
+
+# ------------------------------------------------------------------- (c) the handoff
+def test_handoff_lmf_replays_after_swap_and_checkpoint_resumes(
+        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    rows = synthetic_dataset(100, 50, 1450, seed=3)
+    p1, p2, p3, p4 = rows[:800], rows[800:1200], rows[1200:1400], rows[1400:]
+    rows = rows[:1400]
+    cfg_s = _stream_cfg(zerocf_env)
+    store = _store(zerocf_env)
+    ckpt = tmp_path / "ckpt"
+    cfg = _als_cfg(zerocf_env, ckpt)
+
+    def applied(g: int) -> int:
+        return sum(store.user_update_counts(g).values())
+
+    # part 1 -> events; the ALS snapshot covers exactly part 1
+    _produce(zerocf_env, p1)
+    _wait(lambda: ingest_thread.stats.events_out >= len(p1), 30, "ingest of part 1")
+    als = ALSWorker(cfg, store)
+    als.start()
+    assert als.snapshot.catch_up() == len(p1)
+    als.snapshot.save()
+    p1_offsets = _last_offsets(cfg_s)
+
+    # the LMF worker learns parts 1 and 2 online in generation 1
+    env = {**zerocf_env, "ZEROCF_FACTORS": str(K), "ZEROCF_LMF_GROUP": f"{zerocf_env['ZEROCF_TOPIC_PREFIX']}-lmf"}
+    with open(tmp_path / "lmf.log", "w") as log_fh:
+        lmf = subprocess.Popen([sys.executable, "-m", "workers.cli", "lmf"], env=env,
+                               stdout=log_fh, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: store.r.exists(store.keys.meta) and applied(1) == len(p1), 30, "LMF on part 1")
+        _produce(zerocf_env, p2)
+        _wait(lambda: applied(1) == len(p1) + len(p2), 30, "LMF on part 2")
+
+        # the swap: generation 2 from the part-1 snapshot, warm-started from the LMF's vectors
+        res = als.solve_and_publish()
+        assert res.outcome == "published" and store.live_generation() == res.generation == 2
+        assert store.generation_meta(2).offsets == p1_offsets
+
+        # the next events make the LMF notice the swap, rewind to the snapshot offsets + 1 and replay
+        _produce(zerocf_env, p3)
+        _wait(lambda: applied(2) == len(p2) + len(p3), 30, "LMF replay of parts 2 and 3 into generation 2")
+        time.sleep(1.0)  # anything extra (a double replay) would show up now
+        assert store.user_update_counts(2) == dict(Counter(r.user_id for r in p2 + p3))
+        assert applied(1) == len(p1) + len(p2)  # nothing more went to the retired generation
+        expected_counts = Counter(r.item_id for r in rows)
+        assert store.item_counts(2) == {i: float(n) for i, n in expected_counts.items()}
+    finally:
+        lmf.send_signal(signal.SIGTERM)
+        try:
+            lmf.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            lmf.kill()
+            lmf.wait()
+    assert lmf.returncode == 0, (tmp_path / "lmf.log").read_text()[-3000:]
+    assert "switching and replaying from the snapshot offsets" in (tmp_path / "lmf.log").read_text()
+
+    # checkpoint restart: a fresh worker reads only parts 2 and 3
+    again = ALSWorker(cfg, store)
+    res = again.run_once(min_new_events=1)
+    assert res.outcome == "published" and res.new_events == len(p2) + len(p3)
+    assert again.snapshot.n_events == len(rows) and _ckpt_meta(ckpt)["n_events"] == len(rows)
+    assert store.generation_meta(res.generation).offsets == _last_offsets(cfg_s)
+
+    # an LMF started after that swap (the restart path) resumes at generation 3's offsets + 1
+    _produce(zerocf_env, p4)
+    _wait(lambda: ingest_thread.stats.events_out >= len(rows) + len(p4), 30, "ingest of part 4")
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "lmf", "--until-idle", "--idle-seconds", "1"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert store.user_update_counts(res.generation) == dict(Counter(r.user_id for r in p4))

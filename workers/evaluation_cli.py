@@ -1,0 +1,427 @@
+"""``zerocf eval``: holdout and prequential evaluation of our models against baselines (docs/evaluation.md).
+
+``--protocol holdout`` trains in memory (:mod:`workers.offline`) on a per-user temporal 80/20 split and
+reports precision/recall/NDCG/MAP@k and coverage; hyper-parameters are tuned on a validation split carved
+the same way out of the training part (never on test). ``--protocol prequential`` replays the stream
+through the real broker, ``Ingest`` and ``LMFWorker`` (and, for ``pipeline``, the ALS worker's re-solve,
+``zerocf als --once`` run in-process) and records the rank of each clicked item before it is learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from stream.datasets import BadLine, Interaction, read_interactions
+from stream.errors import ConfigError
+from workers.evaluation import holdout_mask, ranking_metrics
+from workers.offline import (ALSParams, Stream, fit_als, lmf_config, popularity, recommend, recommend_popular,
+                             replay_lmf, replay_pipeline)
+
+log = logging.getLogger(__name__)
+OURS = ("als", "lmf", "pipeline", "popularity")
+ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+LMF_LRS = (0.05, 0.1, 0.2)
+LMF_MAX_EPOCHS = 8
+
+
+@dataclass
+class Data:
+    """A dataset as dense arrays; ``ts`` is None without timestamps."""
+
+    user: np.ndarray
+    item: np.ndarray
+    count: np.ndarray
+    ts: np.ndarray | None
+    n_users: int
+    n_items: int
+    rows: list[Interaction] = field(default_factory=list)
+
+    def csr(self, mask: np.ndarray) -> sp.csr_matrix:
+        m = sp.csr_matrix((self.count[mask], (self.user[mask], self.item[mask])),
+                          shape=(self.n_users, self.n_items), dtype=np.float32)
+        m.sum_duplicates()
+        return m
+
+    def stream(self, mask: np.ndarray, seed: int) -> Stream:
+        """The rows of ``mask`` in stream order: by time (stable), else a seeded random permutation."""
+        idx = np.flatnonzero(mask)
+        idx = idx[np.argsort(self.ts[idx], kind="stable")] if self.ts is not None else \
+            idx[np.random.default_rng(seed).permutation(idx.size)]
+        return Stream(self.user[idx].astype(np.int32), self.item[idx].astype(np.int32),
+                      self.count[idx].astype(np.float32), self.n_users, self.n_items)
+
+
+def load_data(path: str, fmt: str) -> Data:
+    """Read a dataset file; bad lines are logged and skipped (counted)."""
+    bad: list[BadLine] = []
+    rows = list(read_interactions(path, fmt, on_bad_line=bad.append))  # type: ignore[arg-type]
+    if bad:
+        log.warning("%s: %d bad lines skipped (first: line %d, %s)", path, len(bad), bad[0].line_no, bad[0].reason)
+    if not rows:
+        raise ConfigError(f"{path} holds no interactions in format {fmt!r}; check --format")
+    users, u = np.unique([r.user_id for r in rows], return_inverse=True)
+    items, i = np.unique([r.item_id for r in rows], return_inverse=True)
+    has_ts = rows[0].ts_ms is not None
+    ts = np.array([r.ts_ms for r in rows], np.int64) if has_ts else None
+    count = np.array([r.count for r in rows], np.float32)
+    return Data(u.astype(np.int32), i.astype(np.int32), count, ts, users.size, items.size, rows)
+
+
+# ---------------------------------------------------------------------- holdout
+class Holdout:
+    """Train/validation/test masks and the scoring of a model's factors on one of them."""
+
+    def __init__(self, data: Data, seed: int, k: int) -> None:
+        self.data, self.seed, self.k = data, seed, k
+        self.test = holdout_mask(data.user, data.ts, data.n_users, seed=seed)
+        train = ~self.test
+        inner = holdout_mask(data.user[train], None if data.ts is None else data.ts[train], data.n_users, seed=seed)
+        self.val = np.zeros_like(train)
+        self.val[np.flatnonzero(train)[inner]] = True
+        self.fit_mask = train & ~self.val
+
+    def split(self, validation: bool) -> tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+        """(train mask, train csr, eval csr, evaluated users)."""
+        tr = self.fit_mask if validation else ~self.test
+        ev = self.data.csr(self.val if validation else self.test)
+        return tr, self.data.csr(tr), ev, np.flatnonzero(np.diff(ev.indptr))
+
+    def score(self, U: np.ndarray, V: np.ndarray, validation: bool) -> dict[str, float]:
+        _, train, ev, users = self.split(validation)
+        return ranking_metrics(recommend(U, V, train, users, self.k), ev, users, self.k, self.data.n_items)
+
+
+def tune_als(h: Holdout, factors: int, tune: bool) -> ALSParams:
+    """Best (confidence kind, alpha) by validation NDCG@k; reg 0.05 and 15 iterations fixed."""
+    if not tune:
+        return ALSParams()
+    _, train, _, _ = h.split(True)
+    kinds = ("linear",) if np.all(h.data.count == 1) else ("linear", "log")
+    best, best_ndcg = ALSParams(), -1.0
+    for kind in kinds:
+        for alpha in ALPHAS:
+            U, V = fit_als(train, factors, 0.05, alpha, 15, kind, h.seed)
+            ndcg = h.score(U, V, True)["ndcg"]
+            log.info("tune als kind=%s alpha=%g: validation ndcg@%d %.4f", kind, alpha, h.k, ndcg)
+            if ndcg > best_ndcg:
+                best, best_ndcg = ALSParams(alpha=alpha, kind=kind), ndcg
+    return best
+
+
+def tune_lmf(h: Holdout, factors: int, tune: bool) -> tuple[float, int]:
+    """Best (lr, epochs) of the offline LMF replay by validation NDCG@k (epochs 1..8 in one run per lr)."""
+    if not tune:
+        return 0.2, 4
+    tr, _, _, _ = h.split(True)
+    stream = h.data.stream(tr, h.seed)
+    best, best_ndcg = (0.2, 4), -1.0
+    for lr in LMF_LRS:
+        scores: list[float] = []
+        replay_lmf(stream, lmf_config(factors, h.seed, lr=lr), LMF_MAX_EPOCHS, h.seed,
+                   callback=lambda e, U, V: scores.append(h.score(U, V, True)["ndcg"]))
+        e = int(np.argmax(scores))
+        log.info("tune lmf lr=%g: validation ndcg@%d by epoch %s", lr, h.k, [round(s, 4) for s in scores])
+        if scores[e] > best_ndcg:
+            best, best_ndcg = (lr, e + 1), scores[e]
+    return best
+
+
+def implicit_models(h: Holdout, factors: int, als: ALSParams) -> dict[str, dict[str, Any]]:
+    """implicit 0.7.3's ALS, BPR and LMF on the same split (k, reg 0.05, 15 iterations); {} if absent."""
+    try:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+        from implicit.cpu.lmf import LogisticMatrixFactorization
+    except ImportError:
+        log.info("implicit is not installed: skipping its models")
+        return {}
+    from workers.als import confidence
+
+    tr, train, _, _ = h.split(False)
+    conf = confidence(train, als.alpha, als.kind)  # type: ignore[arg-type]
+    conf.data += np.float32(1.0)  # implicit reads the stored value as the confidence c itself
+    binary = train.copy()
+    binary.data[:] = 1.0
+    specs = {
+        "implicit_als": (AlternatingLeastSquares(factors=factors, regularization=0.05, alpha=1.0, iterations=15,
+                                                 random_state=h.seed, num_threads=2), conf),
+        "implicit_bpr": (BayesianPersonalizedRanking(factors=factors, regularization=0.05, iterations=15,
+                                                     random_state=h.seed, num_threads=2), binary),
+        "implicit_lmf": (LogisticMatrixFactorization(factors=factors, regularization=0.05, iterations=15,
+                                                     random_state=h.seed, num_threads=2), binary),
+    }
+    out = {}
+    for name, (model, matrix) in specs.items():
+        t0 = time.perf_counter()
+        m = sp.csr_matrix(matrix, dtype=np.float32)
+        m.indptr = m.indptr.astype(np.int32)
+        model.fit(m, show_progress=False)
+        U = np.ascontiguousarray(model.user_factors, np.float32)
+        V = np.ascontiguousarray(model.item_factors, np.float32)
+        out[name] = {**h.score(U, V, False), "seconds": round(time.perf_counter() - t0, 2)}
+    return out
+
+
+def run_holdout(data: Data, models: Sequence[str], factors: int, k: int, seed: int, tune: bool,
+                resolve_every: int) -> dict[str, Any]:
+    """Every requested model on the holdout split; returns ``{"models": {...}, "params": {...}}``."""
+    h = Holdout(data, seed, k)
+    tr, train, test, users = h.split(False)
+    out: dict[str, Any] = {}
+    params: dict[str, Any] = {"factors": factors, "k": k, "seed": seed, "train": int(tr.sum()),
+                              "test": int(h.test.sum()), "users": int(users.size)}
+    als = tune_als(h, factors, tune) if {"als", "pipeline", "all"} & set(models) else ALSParams()
+    lr, epochs = tune_lmf(h, factors, tune) if {"lmf", "pipeline", "all"} & set(models) else (0.2, 4)
+    params.update(als_alpha=als.alpha, als_confidence=als.kind, als_reg=als.reg, als_iterations=als.iterations,
+                  lmf_lr=lr, lmf_epochs=epochs, resolve_every=resolve_every)
+    want = OURS if "all" in models else models
+    for name in want:
+        t0 = time.perf_counter()
+        if name == "popularity":
+            ids = recommend_popular(popularity(train), train, users, k)
+            out[name] = ranking_metrics(ids, test, users, k, data.n_items)
+        else:
+            if name == "als":
+                U, V = fit_als(train, factors, als.reg, als.alpha, als.iterations, als.kind, seed)
+            elif name == "lmf":
+                U, V = replay_lmf(data.stream(tr, seed), lmf_config(factors, seed, lr=lr), epochs, seed)
+            else:
+                U, V, info = replay_pipeline(data.stream(tr, seed), lmf_config(factors, seed, lr=lr), als,
+                                             resolve_every, seed)
+                params["pipeline_resolves"] = info["resolves"]
+            out[name] = h.score(U, V, False)
+        out[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        log.info("%s: %s", name, out[name])
+    if "all" in models:
+        out.update(implicit_models(h, factors, als))
+    return {"protocol": "holdout", "models": out, "params": params}
+
+
+# ---------------------------------------------------------------------- prequential
+def _stack_env(env: dict[str, str], stack_dir: str) -> tuple[dict[str, str], Any]:
+    """Use the broker/Redis named in ``env``; else start an embedded LocalStack in ``stack_dir``."""
+    if env.get("ZEROCF_KAFKA_BOOTSTRAP") and env.get("ZEROCF_REDIS_URL"):
+        return dict(env), None
+    from stream.stack import LocalStack
+
+    stack = LocalStack(stack_dir)
+    stack.up()
+    log.info("started an embedded stack in %s (set ZEROCF_KAFKA_BOOTSTRAP and ZEROCF_REDIS_URL to use yours)",
+             stack_dir)
+    return {**env, **stack.env()}, stack
+
+
+def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *, chunk: int = 5000,
+                resolve_every: int = 25_000, factors: int = 64, seed: int = 0, lmf_lr: float | None = None,
+                als_alpha: float | None = None, timeout: float = 120.0) -> tuple[Any, dict[str, Any]]:
+    """Replay ``rows`` through the real broker, ingest and LMF worker; return (PrequentialLog, info).
+
+    ``env`` must name the broker and Redis (``ZEROCF_KAFKA_BOOTSTRAP``, ``ZEROCF_REDIS_URL``); topics and the
+    Redis namespace use ``ZEROCF_TOPIC_PREFIX`` if set, else a fresh ``eval<random>`` prefix. Ingest and the
+    LMF worker (with the rank hook) run in threads; the clicks are produced ``chunk`` at a time and each
+    chunk is waited for until every click has been ranked and learned. With ``model="pipeline"`` the ALS
+    worker (:class:`workers.als_worker.ALSWorker`, what ``zerocf als --once`` runs) re-solves and publishes
+    a generation after every ``resolve_every`` clicks (rounded up to whole chunks), except at the end.
+    """
+    import tempfile
+    import threading
+    import uuid
+
+    from stream import kafka_util
+    from stream.config import StreamConfig, load
+    from stream.ingest import Ingest
+    from stream.produce import prepare, replay
+    from stream.producer import EventProducer
+    from stream.runtime import StopFlag
+    from workers.config import ALSConfig, LMFConfig
+    from workers.evaluation import PrequentialLog
+    from workers.lmf_worker import LMFWorker
+    from workers.store import FactorStore
+
+    if model not in ("lmf", "pipeline"):
+        raise ConfigError(f"prequential --model {model}: use lmf or pipeline (popularity is reported alongside)")
+    prefix = env.get("ZEROCF_TOPIC_PREFIX") or "eval" + uuid.uuid4().hex[:8]
+    tmp = tempfile.TemporaryDirectory(prefix="zerocf-eval-")
+    common = {"topic_prefix": prefix, "idle_seconds": 1.0, "factors": factors}
+    scfg = load(StreamConfig, env, common)
+    lcfg = load(LMFConfig, env, {**common, "seed": seed, "lr": lmf_lr})
+    acfg = load(ALSConfig, env, {**common, "checkpoint_dir": tmp.name, "als_alpha": als_alpha, "als_seed": seed})
+    kafka_util.ensure_topics(scfg.kafka, {t: scfg.events_partitions for t in (
+        scfg.topics.clicks, scfg.topics.impressions, scfg.topics.events, scfg.topics.dlq)})
+    store = FactorStore.from_url(lcfg.redis_url, prefix, seen_cap=lcfg.seen_cap)
+    ranks = PrequentialLog()
+    stop = StopFlag()
+    ingest, worker = Ingest(scfg, stop), LMFWorker(lcfg, store, stop, rank_hook=ranks)
+    threads = [threading.Thread(target=t.run, name=n, daemon=True) for n, t in (("ingest", ingest), ("lmf", worker))]
+    kw = scfg.kafka.client_kwargs()
+    producer = EventProducer(bootstrap_servers=kw.pop("bootstrap_servers"), topic_prefix=prefix, **kw)
+    ordered = prepare(list(rows), keep_ts=False, now_ms=time.time_ns() // 1_000_000)
+    every = max(1, -(-resolve_every // chunk))
+    info: dict[str, Any] = {"topic_prefix": prefix, "resolves": [], "chunk": chunk, "sent": 0}
+    t0 = time.monotonic()
+    try:
+        for t in threads:
+            t.start()
+        als = None
+        for n, lo in enumerate(range(0, len(ordered), chunk), 1):
+            info["sent"] += replay(producer, ordered[lo:lo + chunk], 0, None, seed)["clicks_sent"]
+            _wait_ranked(ranks, info["sent"], threads, timeout)
+            if model == "pipeline" and n % every == 0 and lo + chunk < len(ordered):
+                from workers.als_worker import ALSWorker
+
+                als = als or ALSWorker(acfg, FactorStore.from_url(acfg.redis_url, prefix), stop)
+                res = als.run_once(0)
+                info["resolves"].append({"at": info["sent"], "outcome": res.outcome, "generation": res.generation,
+                                         "scale": res.scale, "bias": res.bias})
+    finally:
+        stop.set("evaluation done")
+        producer.close()
+        for t in threads:
+            t.join(timeout=30)
+        tmp.cleanup()
+    info["seconds"] = round(time.monotonic() - t0, 1)
+    return ranks, info
+
+
+def _wait_ranked(ranks: Any, expected: int, threads: Sequence[Any], timeout: float) -> None:
+    """Block until ``expected`` clicks were ranked; fail if nothing moves for ``timeout`` seconds."""
+    last, since = len(ranks), time.monotonic()
+    while len(ranks) < expected:
+        if not all(t.is_alive() for t in threads):
+            raise ConfigError("the ingest or LMF thread stopped early; see the log above")
+        if len(ranks) != last:
+            last, since = len(ranks), time.monotonic()
+        elif time.monotonic() - since > timeout:
+            raise ConfigError(f"only {len(ranks)} of {expected} clicks were ranked after {timeout:.0f}s without "
+                              "progress; check the broker/Redis and the ingest DLQ")
+        time.sleep(0.05)
+
+
+def plot_windows(summary: dict[str, Any], path: str, title: str) -> None:
+    """HR@k and MRR per window, model vs popularity, as a small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=80)
+    for name, s in summary.items():
+        x = [w["start"] + w["clicks"] for w in s["windows"]]
+        axes[0].plot(x, [w["model_hr"] for w in s["windows"]], label=name)
+        axes[1].plot(x, [w["model_mrr"] for w in s["windows"]], label=name)
+    first = next(iter(summary.values()))
+    x = [w["start"] + w["clicks"] for w in first["windows"]]
+    axes[0].plot(x, [w["pop_hr"] for w in first["windows"]], "k--", label="popularity")
+    axes[1].plot(x, [w["pop_mrr"] for w in first["windows"]], "k--", label="popularity")
+    axes[0].set_title(f"HR@{first['k']} per {first['window']} clicks", fontsize=9)
+    axes[1].set_title(f"MRR per {first['window']} clicks", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("clicks", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_prequential_models(rows: Sequence[Interaction], args: argparse.Namespace) -> dict[str, Any]:
+    """``--protocol prequential`` for ``lmf``, ``pipeline`` or both (``all``), each on fresh topics."""
+    import os
+    import tempfile
+
+    from workers.evaluation import prequential_summary
+
+    models = ["lmf", "pipeline"] if args.model == "all" else [args.model]
+    env = dict(getattr(args, "env", None) or os.environ)
+    env.pop("ZEROCF_TOPIC_PREFIX", None)  # each model gets fresh topics and a fresh Redis namespace
+    out: dict[str, Any] = {}
+    summaries: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="zerocf-eval-stack-") as stack_dir:
+        env, stack = _stack_env(env, stack_dir)
+        try:
+            for name in models:
+                ranks, info = prequential(rows, name, env, chunk=args.chunk, resolve_every=args.resolve_every,
+                                          factors=args.factors, seed=args.seed, lmf_lr=args.lmf_lr,
+                                          als_alpha=args.als_alpha)
+                s = prequential_summary(ranks.model_ranks(), ranks.pop_ranks(), args.k, args.window)
+                summaries[name] = s
+                out[name] = {**s["model"], "pop_hr": s["popularity"]["hr"], "pop_mrr": s["popularity"]["mrr"],
+                             "seconds": info["seconds"], "warm": s["warm"], "windows": s["windows"],
+                             "resolves": info["resolves"]}
+        finally:
+            if stack is not None:
+                stack.down()
+    if args.plot:
+        plot_windows(summaries, args.plot, f"prequential, {len(rows)} clicks")
+    return {"protocol": "prequential", "models": out,
+            "params": {"k": args.k, "factors": args.factors, "seed": args.seed, "chunk": args.chunk,
+                       "window": args.window, "resolve_every": args.resolve_every}}
+
+
+# ---------------------------------------------------------------------- output
+def table(result: dict[str, Any]) -> str:
+    """The result as a fixed-width text table, one row per model."""
+    k = result["params"]["k"]
+    if result["protocol"] == "holdout":
+        cols = [("precision", f"P@{k}"), ("recall", f"R@{k}"), ("ndcg", f"NDCG@{k}"), ("map", f"MAP@{k}"),
+                ("coverage", "coverage"), ("seconds", "s")]
+    else:
+        cols = [("hr", f"HR@{k}"), ("mrr", "MRR"), ("pop_hr", f"pop HR@{k}"), ("pop_mrr", "pop MRR"),
+                ("clicks", "clicks"), ("cold", "cold"), ("seconds", "s")]
+    lines = ["model".ljust(14) + "".join(h.rjust(11) for _, h in cols)]
+    for name, m in result["models"].items():
+        cells = [m.get(c, float("nan")) for c, _ in cols]
+        lines.append(name.ljust(14) + "".join((f"{v:11.4f}" if isinstance(v, float) else f"{v:11d}")
+                                              for v in cells))
+    return "\n".join(lines)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="evaluate models: holdout (in memory) or prequential (real stack)")
+    p.add_argument("--dataset", required=True, metavar="PATH", help="dataset file")
+    p.add_argument("--format", required=True, choices=["csv", "movielens", "lastfm"])
+    p.add_argument("--protocol", default="holdout", choices=["holdout", "prequential"])
+    p.add_argument("--model", default="all", choices=[*OURS, "all"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--plot", metavar="FILE.png", help="prequential: HR@k/MRR per window, model vs popularity")
+    p.add_argument("--k", type=int, default=10, help="cut-off of the metrics")
+    p.add_argument("--factors", type=int, default=64, help="latent dimension of every model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tune", action="store_true", help="holdout: skip validation tuning (defaults)")
+    p.add_argument("--resolve-every", type=int, default=25_000, metavar="N",
+                   help="pipeline: ALS re-solve after every N clicks")
+    p.add_argument("--chunk", type=int, default=5000, help="prequential: clicks produced per step")
+    p.add_argument("--window", type=int, default=5000, help="prequential: clicks per reported window")
+    p.add_argument("--lmf-lr", type=float, default=None, help="prequential: LMF learning rate (env ZEROCF_LMF_LR)")
+    p.add_argument("--als-alpha", type=float, default=None, help="prequential: ALS alpha (env ZEROCF_ALS_ALPHA)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.k < 1 or args.factors < 1:
+        raise ConfigError(f"--k {args.k} and --factors {args.factors} must be >= 1")
+    data = load_data(args.dataset, args.format)
+    log.info("%s: %d interactions, %d users, %d items%s", args.dataset, data.user.size, data.n_users,
+             data.n_items, "" if data.ts is not None else " (no timestamps)")
+    if args.protocol == "holdout":
+        if args.plot:
+            raise ConfigError("--plot applies to --protocol prequential only")
+        result = run_holdout(data, [args.model], args.factors, args.k, args.seed, not args.no_tune,
+                             args.resolve_every)
+    else:
+        result = run_prequential_models(data.rows, args)
+    result["dataset"] = args.dataset
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    sys.stdout.flush()
+    return 0
