@@ -252,6 +252,8 @@ class ALSWorker:
         cfg = self.cfg
         rng = np.random.default_rng(cfg.als_seed)
         init = (self._warm("user", users, rng), self._warm("item", items, rng))
+        if not self.cold:
+            init = _unfold(csr, *init, alpha=cfg.als_alpha, kind=cfg.als_confidence, eps=cfg.als_eps)
         log.info("ALS solve: %d users x %d items, %d pairs, k=%d, %d iterations (%s, alpha=%g, reg=%g)",
                  len(users), len(items), csr.nnz, cfg.factors, cfg.als_iterations, cfg.als_solver,
                  cfg.als_alpha, cfg.als_reg)
@@ -323,6 +325,32 @@ class ALSWorker:
         log.info("als worker stopping (%s)", self.stop.reason)
 
 
+def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], alpha: float, kind: str,
+            eps: float) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Rescale warm-start factors by the ``t`` minimising the WMF data term of ``t·U0·V0^T``.
+
+    Live vectors carry the previous calibration's ``sqrt(scale)`` (and the LMF's logit scale), so they are
+    typically several times too long for the squared loss. ``t = Σ_obs c·s / (Σ_all s² + Σ_obs (c-1)·s²)``
+    (``s = u·v``) is computed in ``O(nnz k + (m+n) k²)``; both factor sets are multiplied by ``sqrt(t)``.
+    Measured on 20k x 3k, 209k pairs, k=64: the first warm iteration's loss drops from 504k to 281k
+    (the cold solve reaches 282k after 15 iterations).
+    """
+    from workers.als import confidence
+
+    d = confidence(csr, alpha, kind, eps)  # type: ignore[arg-type]
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(d.indptr))
+    s = np.einsum("ij,ij->i", U0[rows].astype(np.float64), V0[d.indices].astype(np.float64))
+    U64, V64 = U0.astype(np.float64), V0.astype(np.float64)
+    num = float(((1.0 + d.data) * s).sum())
+    den = float(((U64.T @ U64) * (V64.T @ V64)).sum() + (d.data * s * s).sum())
+    t = num / den if den > 0 else 0.0
+    if not (math.isfinite(t) and t > 0):
+        return U0, V0
+    r = np.float32(math.sqrt(t))
+    log.info("warm start rescaled by %.4g (factor scale sqrt(t), t=%.4g)", r, t)
+    return (U0 * r).astype(np.float32), (V0 * r).astype(np.float32)
+
+
 # ---------------------------------------------------------------------- CLI
 _FLAGS: dict[str, tuple[str, type]] = {
     "factors": ("--factors", int), "als_iterations": ("--iterations", int), "als_reg": ("--reg", float),
@@ -343,8 +371,14 @@ def register(subparsers: Any) -> None:
                    help="solve only when this many new records arrived (default 0 with --once, 1 with --every)")
     p.add_argument("--rebuild", action="store_true",
                    help="ignore the checkpoint and the live vectors: re-read the topic, cold start")
+    from dataclasses import fields
+
+    from stream.config import RuntimeSettings
+
+    meta = {f.name: f.metadata for cls in (ALSConfig, RuntimeSettings) for f in fields(cls)}
     for name, (flag, typ) in _FLAGS.items():
-        p.add_argument(flag, dest=name, type=typ, default=None, help=f"(config field {name})")
+        m = meta.get(name, {})
+        p.add_argument(flag, dest=name, type=typ, default=None, help=f"{m.get('help', '')} (env {m.get('env')})")
     p.set_defaults(func=run)
 
 

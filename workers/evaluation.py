@@ -160,6 +160,9 @@ class PrequentialLog:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __bool__(self) -> bool:  # an empty log is still a hook (the worker tests ``if rank_hook``)
+        return True
+
     def model_ranks(self) -> npt.NDArray[np.int64]:
         return np.fromiter((r[2] for r in self.rows), np.int64, len(self.rows))
 

@@ -32,6 +32,7 @@ OURS = ("als", "lmf", "pipeline", "popularity")
 ALPHAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 LMF_LRS = (0.05, 0.1, 0.2)
 LMF_MAX_EPOCHS = 8
+PIPELINE_LRS = (0.005, 0.02, 0.05, 0.2)
 
 
 @dataclass
@@ -136,6 +137,22 @@ def tune_lmf(h: Holdout, factors: int, tune: bool) -> tuple[float, int]:
     return best
 
 
+def tune_pipeline(h: Holdout, factors: int, als: ALSParams, resolve_every: int, tune: bool) -> float:
+    """Best LMF learning rate of the pipeline (LMF on top of calibrated ALS) by validation NDCG@k."""
+    if not tune:
+        return 0.02
+    tr, _, _, _ = h.split(True)
+    best, best_ndcg = 0.02, -1.0
+    for lr in PIPELINE_LRS:
+        U, V, _ = replay_pipeline(h.data.stream(tr, h.seed), lmf_config(factors, h.seed, lr=lr), als,
+                                  resolve_every, h.seed)
+        ndcg = h.score(U, V, True)["ndcg"]
+        log.info("tune pipeline lmf lr=%g: validation ndcg@%d %.4f", lr, h.k, ndcg)
+        if ndcg > best_ndcg:
+            best, best_ndcg = lr, ndcg
+    return best
+
+
 def implicit_models(h: Holdout, factors: int, als: ALSParams) -> dict[str, dict[str, Any]]:
     """implicit 0.7.3's ALS, BPR and LMF on the same split (k, reg 0.05, 15 iterations); {} if absent."""
     try:
@@ -182,8 +199,9 @@ def run_holdout(data: Data, models: Sequence[str], factors: int, k: int, seed: i
                               "test": int(h.test.sum()), "users": int(users.size)}
     als = tune_als(h, factors, tune) if {"als", "pipeline", "all"} & set(models) else ALSParams()
     lr, epochs = tune_lmf(h, factors, tune) if {"lmf", "pipeline", "all"} & set(models) else (0.2, 4)
+    pipe_lr = tune_pipeline(h, factors, als, resolve_every, tune) if {"pipeline", "all"} & set(models) else lr
     params.update(als_alpha=als.alpha, als_confidence=als.kind, als_reg=als.reg, als_iterations=als.iterations,
-                  lmf_lr=lr, lmf_epochs=epochs, resolve_every=resolve_every)
+                  lmf_lr=lr, lmf_epochs=epochs, pipeline_lmf_lr=pipe_lr, resolve_every=resolve_every)
     want = OURS if "all" in models else models
     for name in want:
         t0 = time.perf_counter()
@@ -196,7 +214,7 @@ def run_holdout(data: Data, models: Sequence[str], factors: int, k: int, seed: i
             elif name == "lmf":
                 U, V = replay_lmf(data.stream(tr, seed), lmf_config(factors, seed, lr=lr), epochs, seed)
             else:
-                U, V, info = replay_pipeline(data.stream(tr, seed), lmf_config(factors, seed, lr=lr), als,
+                U, V, info = replay_pipeline(data.stream(tr, seed), lmf_config(factors, seed, lr=pipe_lr), als,
                                              resolve_every, seed)
                 params["pipeline_resolves"] = info["resolves"]
             out[name] = h.score(U, V, False)

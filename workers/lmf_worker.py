@@ -183,7 +183,7 @@ class LMFWorker:
 
         idle_since = time.monotonic()
         backoff = Backoff()
-        last_log = time.monotonic()
+        last_log = last_gen_check = time.monotonic()
         while not self.stop.is_set():
             polled = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.batch)
             if polled:
@@ -205,7 +205,12 @@ class LMFWorker:
                 continue
             try:
                 self._settle()  # nothing new: land the write in flight now (latency)
+                if time.monotonic() - last_gen_check > 1.0:  # idle: notice a swap without waiting for data
+                    last_gen_check = time.monotonic()
+                    if self.consumer.assignment() and self.store.live_generation() != self.g:
+                        self._restart("generation %d was replaced while idle: switching and replaying" % self.g)
             except _Switch:
+                idle_since = time.monotonic()
                 continue
             except _redis_errors() as exc:
                 self._redis_down(exc, backoff)
@@ -401,7 +406,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.config import RuntimeSettings, load, redact_url
+    from stream.config import RuntimeSettings, load
 
     overrides = {name: getattr(args, name) for name in (*_FLAGS, "adagrad")}
     cfg = load(LMFConfig, args.env, overrides)
@@ -410,13 +415,8 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = replace(cfg, runtime=replace(cfg.runtime, metrics_port=args.metrics_port))
     assert isinstance(cfg.runtime, RuntimeSettings)
-    try:
-        store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap,
-                                     seen_ttl=int(cfg.seen_ttl_days * 86400))
-        store.r.ping()
-    except _redis_errors() as exc:
-        raise ZerocfError(f"cannot reach Redis at {redact_url(cfg.redis_url)} ({exc}); start it "
-                          "(`zerocf stack up`) or fix ZEROCF_REDIS_URL") from None
+    store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap,
+                                seen_ttl=int(cfg.seen_ttl_days * 86400))
     worker = LMFWorker(cfg, store, StopFlag().install())
     stats = worker.run(until_idle=args.until_idle)
     log.info("lmf done: %s", stats.summary())

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
-from stream.errors import ConfigError
+from stream.errors import ConfigError, ServiceUnavailable
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
 
 log = logging.getLogger(__name__)
@@ -458,6 +458,34 @@ class FactorStore:
         log.info("connecting factor store %s namespace=%s", redact_url(url), namespace)
         client = redis.Redis.from_url(url, decode_responses=False, **kw)
         return cls(client, namespace, **own)
+
+    @classmethod
+    def connect(cls, url: str, namespace: str = "zerocf", **kw: Any) -> FactorStore:
+        """:meth:`from_url` plus a PING, turning connection and credential failures into clear errors.
+
+        Workers call this at start-up so a wrong URL or password fails fast with a message that says what
+        to fix, instead of a traceback from the first batch. Sockets time out (15 s) so a hung Redis is
+        detected rather than waited on forever.
+        """
+        kw.setdefault("socket_timeout", 15)
+        kw.setdefault("socket_connect_timeout", 5)
+        kw.setdefault("health_check_interval", 30)
+        store = cls.from_url(url, namespace, **kw)
+        where = redact_url(url)
+        try:
+            store.r.ping()
+        except redis.AuthenticationError as exc:
+            raise ConfigError(f"Redis at {where} rejected the credentials ({exc}); fix the password in "
+                              "ZEROCF_REDIS_URL (redis://:PASSWORD@host:port/db)") from None
+        except redis.ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise ConfigError(f"Redis at {where} needs a password ({exc}); put it in ZEROCF_REDIS_URL "
+                                  "(redis://:PASSWORD@host:port/db)") from None
+            raise
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise ServiceUnavailable(f"cannot reach Redis at {where} ({exc}); start it (`zerocf stack up` "
+                                     "for the local stack) or fix ZEROCF_REDIS_URL") from None
+        return store
 
     # ------------------------------------------------------------------ model meta
     @property

@@ -264,3 +264,25 @@ def test_handoff_lmf_replays_after_swap_and_checkpoint_resumes(
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert store.user_update_counts(res.generation) == dict(Counter(r.user_id for r in p4))
+
+
+def test_every_skips_when_nothing_is_new_and_stops_on_the_flag(
+        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    rows = synthetic_dataset(30, 20, 200, seed=4)
+    _produce(zerocf_env, rows)
+    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
+    cfg = _als_cfg(zerocf_env, tmp_path / "ckpt")
+    store = _store(zerocf_env)
+    worker = ALSWorker(cfg, store)
+    t = threading.Thread(target=worker.run_every, args=(3600.0, 1), daemon=True)
+    t.start()
+    _wait(lambda: worker.last is not None, 30, "the first scheduled run")
+    assert worker.last is not None and worker.last.outcome == "published" and worker.last.pending == len(rows)
+    worker.last = None
+    worker.stop.set("test")
+    t.join(timeout=10)
+    assert not t.is_alive()
+    # nothing new since the live generation: a scheduled run skips, health stays ok
+    res = ALSWorker(cfg, store).run_once(min_new_events=1)
+    assert res.outcome == "skipped" and res.pending == 0 and res.new_events == 0
+    assert worker.health()[0]
