@@ -35,7 +35,7 @@ from typing import Any
 
 from stream import kafka_util
 from stream.config import KafkaSettings, StreamConfig, load
-from stream.errors import InvalidEvent, ServiceUnavailable
+from stream.errors import ConfigError, InvalidEvent, ServiceUnavailable
 from stream.events import parse_record, to_events
 from stream.runtime import Backoff, StopFlag, start_http
 
@@ -168,15 +168,19 @@ class Ingest:
                                              (topics.impressions, topics.clicks, topics.events, topics.dlq)})
         server = None
         if cfg.runtime.metrics_port:
-            server = start_http(cfg.runtime.metrics_port, self.health, self.metrics.registry)
+            try:
+                server = start_http(cfg.runtime.metrics_port, self.health, self.metrics.registry)
+            except OSError as exc:
+                raise ConfigError(f"--metrics-port {cfg.runtime.metrics_port}: {exc}; pick a free port "
+                                  "(ZEROCF_METRICS_PORT) or 0 to turn the endpoint off") from None
         consumer = producer = None
         try:
             consumer = kafka_util.consumer(cfg.kafka, group_id=cfg.group, client_id="zerocf-ingest",
                                            max_poll_records=cfg.ingest_batch)
-            # gzip: kafka-python computes the batch CRC32C in pure Python (no `crc32c` wheel here); on
-            # compressed batches that is ~5x fewer bytes, which made ingest ~20% faster (bench/bench_ingest.py)
-            # and makes every consumer of <p>.events cheaper too.
-            producer = kafka_util.producer(cfg.kafka, client_id="zerocf-ingest", compression_type="gzip")
+            # Unbounded retries (until delivery_timeout_ms): with a small retry count one batch of a partition
+            # could fail while a later one succeeds, leaving a gap below the Deduper's mark that the replay
+            # cannot fill. No compression: with the crc32c wheel, gzip cost ~12 us/record more CPU.
+            producer = kafka_util.producer(cfg.kafka, client_id="zerocf-ingest", retries=float("inf"))
             consumer.subscribe([topics.impressions, topics.clicks])
             self._partitions = sorted(producer.partitions_for(topics.events))
             log.info("ingest: group %s reading %s, %s -> %s (%d partitions), batch %d", cfg.group,
@@ -238,8 +242,10 @@ class Ingest:
             self._failing = True
             self.stats.produce_failures += 1
             self.metrics.produce_failures.inc()
+            assigned = consumer.assignment()
             for tp, records in polled.items():
-                consumer.seek(tp, records[0].offset)
+                if tp in assigned:  # a revoked partition is re-read by its new owner from the committed offset
+                    consumer.seek(tp, records[0].offset)
             log.warning("ingest: %d records (%s) will be re-processed after a back-off; offsets not committed",
                         n_in, ", ".join(f"{tp.topic}/{tp.partition}@{r[0].offset}" for tp, r in polled.items()))
             return False
@@ -335,7 +341,11 @@ def _murmur2(key: bytes) -> int:
 
 
 def _idle_end(consumer: Any) -> bool:
-    """Caught up for --until-idle: each partition's position reached its watermark (or none was seen)."""
+    """Caught up for --until-idle: each partition's position reached its watermark (or none was seen).
+
+    :func:`stream.kafka_util.caught_up` relaxed for partitions whose watermark is still unknown: the caller
+    only asks after ``idle_seconds`` of empty polls with an assignment, so an empty topic ends too.
+    """
     for tp in consumer.assignment():
         hw = consumer.highwater(tp)
         if hw is not None and consumer.position(tp) < hw:

@@ -22,8 +22,7 @@ class StoreSchemaError(WorkerError):
     """What Redis holds does not match what this process expects (k, dtype, schema version, blob size).
 
     The message names the stored value, the expected one and the command that fixes it, e.g.
-    ``redis model zerocf has k=32, worker configured k=64; rerun with --factors 32 or rebuild with
-    `zerocf als --once --rebuild```.
+    ``redis model zerocf has k=32, worker configured k=64; rerun with --factors 32 ...``.
     """
 
 

@@ -174,22 +174,30 @@ def prequential_summary(model_ranks: npt.ArrayLike, pop_ranks: npt.ArrayLike, k:
                         window: int = 5000) -> dict[str, object]:
     """Overall and per-window (``window`` consecutive clicks) HR@k / MRR of the model and of popularity.
 
-    ``warm`` restricts both to the clicks the model could score (user vector present).
+    The model's figures are what the system serves: its own rank for users with a vector, the popularity
+    rank for cold users (model rank -1; ``cold`` is their share). ``warm`` restricts both to the clicks
+    the model itself could score.
 
-    >>> s = prequential_summary([0, 20, 1, 2], [5, 0, 30, 30], k=10, window=2)
-    >>> s["model"]["hr"], s["popularity"]["hr"], [w["model_hr"] for w in s["windows"]]
-    (0.75, 0.5, [0.5, 1.0])
+    >>> s = prequential_summary([0, 20, 1, -1], [5, 0, 30, 3], k=10, window=2)
+    >>> s["model"]["hr"], s["model"]["cold"], s["popularity"]["hr"], [w["model_hr"] for w in s["windows"]]
+    (0.75, 0.25, 0.75, [0.5, 1.0])
     """
-    m = np.asarray(model_ranks, np.int64)
+    raw = np.asarray(model_ranks, np.int64)
     p = np.asarray(pop_ranks, np.int64)
-    if m.shape != p.shape:
-        raise ValueError(f"{m.size} model ranks but {p.size} popularity ranks; record both per click")
+    if raw.shape != p.shape:
+        raise ValueError(f"{raw.size} model ranks but {p.size} popularity ranks; record both per click")
+    # What the system serves: the model's ranking for users with a vector, the popularity fallback for
+    # cold users (exactly what Recommender.recommend returns for an unknown user).
+    m = np.where(raw < 0, p, raw)
+    cold = float(np.mean(raw < 0)) if raw.size else 0.0
     windows = []
     for lo in range(0, m.size, window):
         a, b = rank_metrics(m[lo:lo + window], k), rank_metrics(p[lo:lo + window], k)
         windows.append({"start": lo, "clicks": a["clicks"], "model_hr": a["hr"], "model_mrr": a["mrr"],
-                        "pop_hr": b["hr"], "pop_mrr": b["mrr"], "cold": a["cold"]})
-    warm = m >= 0
-    return {"k": k, "window": window, "model": rank_metrics(m, k), "popularity": rank_metrics(p, k),
-            "warm": {"model": rank_metrics(m[warm], k), "popularity": rank_metrics(p[warm], k)},
+                        "pop_hr": b["hr"], "pop_mrr": b["mrr"],
+                        "cold": float(np.mean(raw[lo:lo + window] < 0))})
+    warm = raw >= 0
+    return {"k": k, "window": window, "model": {**rank_metrics(m, k), "cold": cold},
+            "popularity": rank_metrics(p, k),
+            "warm": {"model": rank_metrics(raw[warm], k), "popularity": rank_metrics(p[warm], k)},
             "windows": windows}

@@ -7,11 +7,12 @@
   exactly what the worker's Redis write + :meth:`OnlineModel.commit` amount to for one writer).
   ``epochs`` repeats the whole replay in the same order.
 - :func:`replay_pipeline` is the production loop: one LMF pass over the stream, and after every
-  ``resolve_every`` clicks an ALS re-solve on all clicks so far (warm-started from the previous re-solve),
-  calibrated by the ALS worker's :func:`workers.calibration.calibrate`, after which LMF continues from the calibrated ALS factors and bias.
+  ``resolve_every`` clicks an ALS re-solve on all clicks so far (warm-started from the live online
+  vectors), calibrated by the ALS worker's :func:`workers.calibration.calibrate`; LMF then continues from
+  the calibrated ALS factors and bias.
 - :func:`fit_als`, :func:`popularity` and :func:`recommend` are thin wrappers of :mod:`workers.als`.
 
-Rows of the stream are ``(user index, item index, count)`` arrays; see :class:`Split`.
+Rows of the stream are ``(user index, item index, count)`` arrays; see :class:`Stream`.
 """
 
 from __future__ import annotations
@@ -145,7 +146,6 @@ def replay_lmf(stream: Stream, cfg: LMFConfig, epochs: int = 1, seed: int = 0,
 
     ``callback(epoch, U, V)`` is called after every epoch (validation curves without refitting).
 
-    >>> from stream.datasets import synthetic_dataset
     >>> s = Stream(np.array([0, 1, 0], np.int32), np.array([1, 1, 2], np.int32), np.ones(3, np.float32), 2, 3)
     >>> U, V = replay_lmf(s, LMFConfig(factors=4), epochs=2)
     >>> U.shape, V.shape, bool(np.isfinite(U).all())

@@ -521,10 +521,11 @@ class FactorStore:
         if m.schema_version != SCHEMA_VERSION or m.dtype != DTYPE:
             raise StoreSchemaError(f"redis model {ns} has schema_version={m.schema_version} dtype={m.dtype}, "
                                    f"this zerocf reads schema_version={SCHEMA_VERSION} dtype={DTYPE}; "
-                                   "upgrade zerocf or use another --prefix")
+                                   "upgrade zerocf or use another ZEROCF_TOPIC_PREFIX")
         if m.k != int(k):
             raise StoreSchemaError(f"redis model {ns} has k={m.k}, worker configured k={k}; rerun with "
-                                   f"--factors {m.k} or rebuild with `zerocf als --once --rebuild`")
+                                   f"--factors {m.k} (ZEROCF_FACTORS={m.k}), or start a new model under another ZEROCF_TOPIC_PREFIX "
+                                   "(a model's k is fixed; see docs/production.md, upgrading)")
         self._k = m.k
         return m.live_gen
 

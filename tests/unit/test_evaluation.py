@@ -58,7 +58,9 @@ def test_rank_metrics_and_windows() -> None:
     assert rank_metrics([0, 9, 10, -1], k=10) == pytest.approx(
         {"hr": 0.5, "mrr": (1 + 1 / 10 + 1 / 11) / 4, "clicks": 4, "cold": 0.25})
     s = prequential_summary([0, -1, 4, 30], [1, 1, 50, 50], k=5, window=2)
-    assert [w["model_hr"] for w in s["windows"]] == [0.5, 0.5]
+    # the cold click (-1) is served the popularity fallback, whose rank 1 is a hit at k=5
+    assert [w["model_hr"] for w in s["windows"]] == [1.0, 0.5]
+    assert s["model"]["cold"] == 0.25
     assert [w["pop_hr"] for w in s["windows"]] == [1.0, 0.0]
     assert s["warm"]["model"]["clicks"] == 3 and s["warm"]["popularity"]["hr"] == pytest.approx(1 / 3)
     log = PrequentialLog()

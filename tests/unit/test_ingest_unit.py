@@ -280,3 +280,19 @@ def test_cli_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
     c = seen["cfg"]
     assert (c.group, c.ingest_batch, c.events_partitions, c.runtime.metrics_port, c.topic_prefix) == \
         ("g2", 7, 3, 9123, "shop") and seen["until_idle"] is True
+
+
+def test_busy_metrics_port_is_a_config_error(cfg: StreamConfig, fakes: dict[str, Any]) -> None:
+    import dataclasses
+    import socket
+
+    from stream.errors import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, metrics_port=port))
+        fakes["consumer"], fakes["producer"] = FakeConsumer({}), FakeProducer()
+        with pytest.raises(ConfigError, match=f"--metrics-port {port}.*pick a free port"):
+            ingest.Ingest(cfg).run(until_idle=True)
