@@ -11,7 +11,8 @@ fresh topic set, then in the same run measures
 
 and ``ratio`` = ingest / raw, each the median of ``--repeat`` alternating passes (ingest in a fresh group
 each time); unless ``--no-verify``, it counts ``<p>.events`` with
-:func:`stream.ingest.read_topic` (``events_read_rps`` includes that helper's start-up). Usage: ``python -m bench.bench_ingest [--records 200000] [--batch 5000]``.
+:func:`stream.ingest.read_topic` (``events_read_rps`` includes that helper's start-up).
+Usage: ``python -m bench.bench_ingest [--records 200000] [--batch 5000] [--repeat 3]``.
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ class LMFWorker:
         state = store.read_batch_state(self.g, [], plan.users, plan.items, accumulators=cfg.adagrad)
         if state.live_gen != self.g:
             self._restart("generation %d was replaced: switching and replaying from the snapshot offsets" % self.g)
-        ranks = model.ranks_before_learning(plan, state.user_vecs, state.user_found) if self.rank_hook else None
+        ranks = model.ranks_before_learning(plan, state.user_vecs, state.user_found) if self.rank_hook is not None else None
         result = model.train(plan, state.user_vecs, state.user_found, state.item_vecs, self.bias,
                              state.user_acc, state.item_acc)
         counts: dict[str, float] = {}

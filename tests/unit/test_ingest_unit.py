@@ -156,7 +156,8 @@ def test_routes_events_by_user_hash_dead_letters_and_commits_last_plus_one(
         assert key == ev.key and part == partitioner.partition(EVENTS, key, key, None, None, cluster)
 
     dlq = [(key, json.loads(value)) for topic, key, value, _ in sent if topic == DLQ]
-    assert [(k, d["offset"], d["reason"].split(" ")[0]) for k, d in dlq] == [(b"u9", 0, "message"), (None, 1, "message")]
+    assert [(k, d["offset"], d["reason"].split(" ")[0]) for k, d in dlq] == \
+        [(b"u9", 0, "message"), (None, 1, "message")]
     assert dlq[1][1]["key_b64"] is None and dlq[1][1]["value_b64"] is None
 
     final: dict[TopicPartition, int] = {}
