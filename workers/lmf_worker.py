@@ -248,9 +248,11 @@ class LMFWorker:
                 self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - self.consumer.position(tp)))
 
     # ------------------------------------------------------------------ one partition's batch
-    def _decode(self, p: int, records: list[Any]) -> list[Event]:
+    def _decode(self, p: int, records: list[Any]) -> tuple[list[Event], int]:
+        """Parse and de-duplicate; returns (new events, replayed duplicates dropped)."""
         dedupe = self.dedupers[p]
         events: list[Event] = []
+        dups = 0
         for rec in records:
             try:
                 ev = Event.from_json(rec.value)
@@ -260,14 +262,19 @@ class LMFWorker:
                 continue
             if dedupe.accept(ev):
                 events.append(ev)
-        return events
+            else:
+                dups += 1
+        return events, dups
 
     def _partition_batch(self, tp: Any, records: list[Any]) -> None:
-        """Plan, fetch, train and submit one partition's batch; its write overlaps the next batch's plan.
+        """Plan, fetch, train and submit one partition's batch while the previous batch's write runs.
 
-        At most one write is in flight. Everything that reads Redis state waits for it first
-        (:meth:`_settle`), so reads always see every earlier write; only Kafka polling, decoding and
-        negative sampling of the next batch overlap with the Lua script running in Redis.
+        At most one write is in flight, and it is settled before the next one is submitted, so the offset
+        fence chain stays exact. The fetch does not wait for it: user rows come from the worker's own cache
+        when present (this worker is their only writer, so the cache is never older than Redis), and an item
+        row read while a write is in flight may miss that one batch's deltas -- the next deltas are still
+        added to whatever Redis holds, so no update is lost (bounded staleness, as in Hogwild). With AdaGrad
+        the fetch waits, since accumulators are not cached.
         """
         p = tp.partition
         if p not in self.dedupers:  # assignment raced with the poll: resume properly first
@@ -280,19 +287,28 @@ class LMFWorker:
             return
         t0 = time.perf_counter()
         cfg, store, model = self.cfg, self.store, self.model
-        events = self._decode(p, records)
+        events, dups = self._decode(p, records)
         clicks = [e for e in events if e.type == "click"]
         missing = model.users_missing_seen(e.user for e in clicks)
-        if missing:  # users new to this worker cannot be in the batch in flight
-            model.load_seen(store.seen_items_many(missing, cfg.seen_cap))
         plan = model.plan(p, events)
-        self._settle()
-        state = store.read_batch_state(self.g, [], plan.users, plan.items, accumulators=cfg.adagrad)
+        if cfg.adagrad:
+            self._settle()
+        state = store.read_batch_state(self.g, [], plan.users, plan.items, accumulators=cfg.adagrad,
+                                       seen_users=missing, seen_limit=cfg.seen_cap)
         if state.live_gen != self.g:
+            self._settle()
             self._restart("generation %d was replaced: switching and replaying from the snapshot offsets" % self.g)
-        ranks = model.ranks_before_learning(plan, state.user_vecs, state.user_found) if self.rank_hook is not None else None
-        result = model.train(plan, state.user_vecs, state.user_found, state.item_vecs, self.bias,
-                             state.user_acc, state.item_acc)
+        if missing:  # users new to this worker: their stored recent clicks may not be sampled as negatives
+            model.load_seen(state.seen or {})
+            model.drop_known_negatives(plan, missing)
+        user_vecs, user_found = state.user_vecs, state.user_found
+        for n, user in enumerate(plan.users):
+            cached = model.user_cache.get(user)
+            if cached is not None:
+                user_vecs[n], user_found[n] = cached, True
+        ranks = model.ranks_before_learning(plan, user_vecs, user_found) if self.rank_hook is not None else None
+        result = model.train(plan, user_vecs, user_found, state.item_vecs, self.bias, state.user_acc,
+                             state.item_acc)
         counts: dict[str, float] = {}
         increments: dict[str, int] = {}
         for e in events:
@@ -302,6 +318,8 @@ class LMFWorker:
         seen = [(u, i, ts) for u, i, ts, _w in plan.clicks]
         last = records[-1].offset
         empty = np.zeros((0, model.k), np.float32)
+        watermarks = self.dedupers[p].state()
+        self._settle()  # the previous write must have landed before this one is fenced on its offset
         if result.finite:
             vectors = (plan.users, result.user_vecs, plan.items, result.item_deltas, result.user_acc,
                        result.item_acc_deltas)
@@ -312,12 +330,12 @@ class LMFWorker:
             log.error("partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets still "
                       "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)
             vectors = ([], empty, [], empty, None, None)
-        future = self._writer.submit(store.apply_batch, self.g, p, applied, last, dedupe_state(self.dedupers[p]),
+        future = self._writer.submit(store.apply_batch, self.g, p, applied, last, watermarks,
                                      vectors[0], vectors[1], vectors[2], vectors[3], counts=counts,
                                      user_increments=increments, seen=seen, user_acc=vectors[4],
                                      item_acc_deltas=vectors[5])
         self.applied[p] = last
-        self._pending = _Pending(future, p, len(events), len(records) - len(events), len(clicks), ranks,
+        self._pending = _Pending(future, p, len(events), dups, len(clicks), ranks,
                                  result.loss / max(1, len(plan.ev_user)) if result.finite else None, t0)
 
     def _settle(self) -> None:
@@ -372,11 +390,6 @@ class _Pending:
     ranks: Any
     loss: float | None
     t0: float
-
-
-def dedupe_state(d: Deduper) -> dict[str, Any]:
-    """A snapshot of a deduper's watermarks (the write runs later, the deduper moves on)."""
-    return d.state()
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:

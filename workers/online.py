@@ -157,8 +157,9 @@ class OnlineModel:
         return [u for u in dict.fromkeys(users) if u not in self.seen]
 
     def load_seen(self, seen: dict[str, list[str]]) -> None:
+        """Cache users' recent clicks as read from Redis (newest first there, oldest first here)."""
         for user, items in seen.items():
-            self.seen[user] = [self.items.index(i) for i in items][: self.cfg.seen_cap]
+            self.seen[user] = [self.items.index(i) for i in reversed(items[: self.cfg.seen_cap])]
         self._grow()
         while len(self.seen) > self.seen_limit:
             self.seen.popitem(last=False)
@@ -191,9 +192,11 @@ class OnlineModel:
             exp_items = [self.items.ids[i] for i in di]
         pos_global = self.items.index_many([e.item for e in clicks])
         self._grow()
-        # Known positives per click: the user's recent clicks plus this click's item.
-        per_event = [np.asarray(self.seen.get(e.user, []) + [int(p)], np.int32)
-                     for e, p in zip(clicks, pos_global)]
+        # Known positives per click: the user's recent clicks plus everything they click in this batch.
+        in_batch: dict[str, list[int]] = {}
+        for e, p in zip(clicks, pos_global):
+            in_batch.setdefault(e.user, []).append(int(p))
+        per_event = [np.asarray(self.seen.get(e.user, []) + in_batch[e.user], np.int32) for e in clicks]
         users = list(dict.fromkeys([e.user for e in clicks] + exp_users))
         uidx = {u: n for n, u in enumerate(users)}
         ev_user = np.fromiter((uidx[e.user] for e in clicks), np.int32, len(clicks))
@@ -231,6 +234,23 @@ class OnlineModel:
                          ev_user=ev_user, ev_pos=ev_pos.astype(np.int32), ev_neg=ev_neg, weights=weights,
                          neg_weights=neg_w, clicks=[(e.user, e.item, e.ts, e.weight) for e in clicks],
                          n_events=len(events), n_exposure=len(exp_users))
+
+    def drop_known_negatives(self, plan: BatchPlan, users: Iterable[str]) -> int:
+        """After ``users``' recent clicks were loaded (:meth:`load_seen`), un-sample any negative of theirs
+        that turns out to be a known positive (set to -1: skipped by the kernel). Returns how many."""
+        rows = {u: n for n, u in enumerate(plan.users)}
+        dropped = 0
+        for user in users:
+            u = rows.get(user)
+            known = set(self.seen.get(user, ()))
+            if u is None or not known:
+                continue
+            for e in np.flatnonzero(plan.ev_user[: len(plan.clicks)] == u):
+                for j, local in enumerate(plan.ev_neg[e]):
+                    if local >= 0 and int(plan.item_global[local]) in known:
+                        plan.ev_neg[e, j] = -1
+                        dropped += 1
+        return dropped
 
     def _user_guess(self, clicks: Sequence[Event]) -> F32:
         """User vectors for hard-negative scoring: the cached row, else the mean of their clicks' items."""

@@ -508,12 +508,18 @@ def test_ingest_survives_broker_restart_that_brings_back_fewer_partitions(
         except AssertionError as exc:
             pytest.fail(f"drill precondition: {exc}")
 
+        got: list[int] = [0]
+
         def delivered() -> bool:
             assert ingest.poll() is None, f"ingest exited {ingest.returncode}: {_tail(log_path, 400)}"
-            return len({Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 10)}) \
-                >= work.n_events
+            got[0] = len({Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 10)})
+            return got[0] >= work.n_events
 
-        _wait("every event delivered to <p>.events", delivered, 20, every=1.0)
+        try:
+            _wait("every event delivered to <p>.events", delivered, 12, every=1.0)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {got[0]} of {work.n_events} events on <p>.events, ingest log: "
+                                 f"{_tail(log_path, 300)}") from None
 
 
 # ------------------------------------------------------------------- drill 3: SIGTERM mid-batch

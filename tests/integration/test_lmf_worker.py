@@ -230,8 +230,6 @@ def test_undecodable_records_are_skipped_logged_and_counted(zerocf_env: dict[str
     assert store.item_counts(g) == {f"i{j}": 3.0 for j in range(4)}
 
 
-@pytest.mark.xfail(strict=True, reason="workers/lmf_worker.py counts undecodable records as duplicates too: "
-                                       "dups = len(records) - len(events) in _partition_batch")
 def test_invalid_records_are_not_counted_as_duplicates(zerocf_env: dict[str, str]) -> None:
     """One partition: 3 valid events, 1 replayed event, 2 undecodable records -> 1 duplicate, 2 invalid."""
     env = {**zerocf_env, "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_FACTORS": "8"}

@@ -245,3 +245,14 @@ def test_commit_updates_caches_seen_and_reservoir() -> None:
     assert int(after.sum() - before.sum()) == 5
     m.forget_users()
     assert not m.seen and not m.user_cache and m.users_missing_seen(["u", "v", "u"]) == ["u", "v"]
+
+
+def test_plan_never_samples_a_positive_of_the_same_batch() -> None:
+    m = _warm_model(_cfg(negatives=6), n_items=12)
+    events = [_click("a", f"i{j}") for j in range(8, 12)]  # the four most popular items, one batch
+    clicked = {e.item for e in events}
+    hits = 0
+    for _ in range(20):
+        plan = m.plan(0, events)
+        hits += sum(len(_neg_ids(plan, e) & clicked) for e in range(len(events)))
+    assert hits == 0, f"{hits} negatives were items the same user clicked in the same batch"
