@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from stream.events import Event
 from workers.config import LMFConfig
-from workers.lmf import check_finite, event_weights, fold_in_user, init_rows, lmf_sgd
+from workers.lmf import check_finite, event_weights, fold_in_users, init_rows, lmf_sgd
 from workers.sampling import ExposureTracker, PopularitySampler, Reservoir, positives_csr, sample_negatives
 
 log = logging.getLogger(__name__)
@@ -307,12 +307,18 @@ class OnlineModel:
         U = np.array(user_vecs, dtype=np.float32, copy=True)
         V0 = np.array(item_vecs, dtype=np.float32, copy=True)
         V = V0.copy()
-        for u in np.flatnonzero(~user_found):
-            mine = plan.ev_pos[(plan.ev_user == u) & (plan.ev_pos >= 0)]
-            vec = fold_in_user(V, mine, reg=0.1) if (cfg.init == "foldin" and mine.size) else None
-            if vec is None or not np.isfinite(vec).all() or float(np.abs(vec).max(initial=0)) < 1e-6:
-                vec = init_rows(1, self.k, self.rng, cfg.init_scale)[0]
-            U[u] = vec
+        new = np.flatnonzero(~user_found)
+        if new.size:
+            init = init_rows(new.size, self.k, self.rng, cfg.init_scale)
+            if cfg.init == "foldin":
+                slot = np.full(U.shape[0], -1, np.int64)
+                slot[new] = np.arange(new.size)
+                sel = (slot[plan.ev_user] >= 0) & (plan.ev_pos >= 0)
+                if sel.any():
+                    fold = fold_in_users(V, slot[plan.ev_user[sel]], plan.ev_pos[sel], new.size, reg=0.1)
+                    ok = np.isfinite(fold).all(axis=1) & (np.abs(fold).max(axis=1) >= 1e-6)
+                    init[ok] = fold[ok]
+            U[new] = init
         ada = None
         if user_acc is not None and item_acc is not None:
             ada = (np.ascontiguousarray(user_acc[:, 0], np.float32), np.ascontiguousarray(item_acc[:, 0], np.float32))

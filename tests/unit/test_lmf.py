@@ -179,3 +179,17 @@ def test_fold_in_solves_normal_equations() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="reg > 0"):
         fold_in_user(V, idx, reg=0.0)
+
+
+def test_fold_in_users_matches_one_by_one_including_heavy_users() -> None:
+    from workers.lmf import fold_in_user, fold_in_users
+
+    rng = np.random.default_rng(3)
+    V = init_rows(300, 16, rng, scale=1.0)
+    rows = np.r_[rng.integers(0, 50, 120), np.full(30, 7)]  # user 7 has > pad clicks: the fallback path
+    items = rng.integers(0, 300, rows.size)
+    P = fold_in_users(V, rows, items, 50, reg=0.05)
+    for u in range(50):
+        mine = items[rows == u]
+        expected = fold_in_user(V, mine, reg=0.05) if mine.size else np.zeros(16, np.float32)
+        np.testing.assert_allclose(P[u], expected, atol=1e-4)
