@@ -206,7 +206,7 @@ class OnlineModel:
             self.sampler.maybe_refresh()
             indptr, pos_items = positives_csr(per_event)
             hard = cfg.hard_share if self.sampler.n_items > 1 else 0.0
-            uvec = self._user_guess(clicks) if hard > 0 else None
+            uvec = self._user_guess(clicks, pos_global) if hard > 0 else None
             neg_global = sample_negatives(self.sampler, indptr, pos_items, n_neg, self.rng,
                                           hard_share=hard, m_candidates=cfg.hard_candidates,
                                           user_vecs=uvec, item_vecs=self.item_cache, n_items=self.n_items)
@@ -252,16 +252,18 @@ class OnlineModel:
                         dropped += 1
         return dropped
 
-    def _user_guess(self, clicks: Sequence[Event]) -> F32:
-        """User vectors for hard-negative scoring: the cached row, else the mean of their clicks' items."""
-        out = np.zeros((len(clicks), self.k), np.float32)
+    def _user_guess(self, clicks: Sequence[Event], pos_global: npt.NDArray[np.int32]) -> F32:
+        """User vectors for hard-negative scoring: the cached row (exact), else a proxy -- the mean item
+        vector of the user's recent clicks, or of the clicked item for a user with no history here."""
+        out = self.item_cache[pos_global]
         for n, e in enumerate(clicks):
             cached = self.user_cache.get(e.user)
             if cached is not None:
                 out[n] = cached
             else:
-                idx = self.seen.get(e.user, [])[-20:] + [self.items.index(e.item)]
-                out[n] = self.item_cache[idx].mean(axis=0)
+                hist = self.seen.get(e.user)
+                if hist:
+                    out[n] = self.item_cache[hist[-20:]].mean(axis=0)
         return out
 
     # -------------------------------------------------------------- prequential evaluation
