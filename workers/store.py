@@ -100,6 +100,16 @@ local function hset_many(key, ids, vals)
     redis.call('HSET', key, unpack(args))
   end
 end
+local function take_ids_blob(pos, n, w)
+  -- n ids, then ONE argument holding their n blobs of w bytes back to back (fewer, larger arguments:
+  -- the client packs 2 instead of 2n values)
+  local ids, vals = {}, {}
+  for i = 1, n do ids[i] = ARGV[pos + i - 1] end
+  local blob = ARGV[pos + n]
+  if #blob ~= n * w then return nil, nil, pos end
+  for i = 1, n do vals[i] = string.sub(blob, (i - 1) * w + 1, i * w) end
+  return ids, vals, pos + n + 1
+end
 local function take_pairs(pos, n)
   local a, b = {}, {}
   for i = 1, n do a[i] = ARGV[pos]; b[i] = ARGV[pos + 1]; pos = pos + 2 end
@@ -115,16 +125,20 @@ if live ~= g then return {-1, live or ''} end
 local stored = redis.call('HGET', KEYS[2], part)
 if (expected == '' and stored) or (expected ~= '' and stored ~= expected) then return {0, stored or ''} end
 local k, cap, ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local pos = 16
+local pos, w = 16, 4 * k
 local uids, ublobs, iids, ideltas, cids, cinc, nids, ninc, aids, ablobs, bids, bdeltas
-uids, ublobs, pos = take_pairs(pos, tonumber(ARGV[9]))
-iids, ideltas, pos = take_pairs(pos, tonumber(ARGV[10]))
+uids, ublobs, pos = take_ids_blob(pos, tonumber(ARGV[9]), w)
+if not uids then return {-5, 'user'} end
+iids, ideltas, pos = take_ids_blob(pos, tonumber(ARGV[10]), w)
+if not iids then return {-5, 'item'} end
 cids, cinc, pos = take_pairs(pos, tonumber(ARGV[11]))
 nids, ninc, pos = take_pairs(pos, tonumber(ARGV[12]))
 local seen_pos, nseen = pos, tonumber(ARGV[13])
 pos = pos + 3 * nseen
-aids, ablobs, pos = take_pairs(pos, tonumber(ARGV[14]))
-bids, bdeltas, pos = take_pairs(pos, tonumber(ARGV[15]))
+aids, ablobs, pos = take_ids_blob(pos, tonumber(ARGV[14]), w)
+if not aids then return {-5, 'user_acc'} end
+bids, bdeltas, pos = take_ids_blob(pos, tonumber(ARGV[15]), w)
+if not bids then return {-5, 'item_acc'} end
 local items, err, bad = add_many(KEYS[5], iids, ideltas, k)
 if not items then return {err, bad} end
 local iacc
@@ -233,6 +247,20 @@ def encode(vecs: npt.NDArray[np.float32], k: int | None = None,
     buf = np.ascontiguousarray(arr, dtype=DTYPE).tobytes()
     w = 4 * arr.shape[1]
     return [buf[i * w:(i + 1) * w] for i in range(arr.shape[0])]
+
+
+def encode_joined(vecs: npt.NDArray[np.float32], k: int, ids: Sequence[str]) -> bytes:
+    """:func:`encode` with the same checks, as one buffer of ``len(ids)`` rows (the hot path's format).
+
+    >>> encode_joined(np.zeros((2, 1), np.float32), 1, ["a", "b"])
+    b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
+    """
+    if not len(ids):
+        return b""
+    arr = np.asarray(vecs)
+    if arr.dtype == np.float32 and arr.ndim == 2 and arr.shape == (len(ids), k) and np.isfinite(arr).all():
+        return np.ascontiguousarray(arr, dtype=DTYPE).tobytes()
+    return b"".join(encode(arr, k, ids))  # raises the precise error (or handles a count mismatch below)
 
 
 def decode(blobs: Sequence[bytes | None], k: int,
@@ -653,16 +681,17 @@ class FactorStore:
         """
         k = self.k
         user_ids, item_ids = [str(u) for u in user_ids], [str(i) for i in item_ids]
-        ublobs = encode(user_vecs, k, user_ids) if user_ids else []
-        iblobs = encode(item_deltas, k, item_ids) if item_ids else []
-        _same_len("user_ids", user_ids, ublobs, "user_vecs")
-        _same_len("item_ids", item_ids, iblobs, "item_deltas")
-        uacc = encode(user_acc, k, user_ids) if user_acc is not None else []
-        iacc = encode(item_acc_deltas, k, item_ids) if item_acc_deltas is not None else []
+        ublob = encode_joined(user_vecs, k, user_ids)
+        iblob = encode_joined(item_deltas, k, item_ids)
+        _same_len("user_ids", user_ids, range(len(ublob) // (4 * k)), "user_vecs")
+        _same_len("item_ids", item_ids, range(len(iblob) // (4 * k)), "item_deltas")
+        uacc = encode_joined(user_acc, k, user_ids) if user_acc is not None else b""
+        iacc = encode_joined(item_acc_deltas, k, item_ids) if item_acc_deltas is not None else b""
+        n_uacc, n_iacc = len(uacc) // (4 * k), len(iacc) // (4 * k)
         if user_acc is not None:
-            _same_len("user_ids", user_ids, uacc, "user_acc")
+            _same_len("user_ids", user_ids, range(n_uacc), "user_acc")
         if item_acc_deltas is not None:
-            _same_len("item_ids", item_ids, iacc, "item_acc_deltas")
+            _same_len("item_ids", item_ids, range(n_iacc), "item_acc_deltas")
         counts = dict(counts or {})
         if not all(math.isfinite(c) for c in counts.values()):
             raise ModelDiverged(f"batch for partition {partition} has a non-finite item count; refused")
@@ -677,12 +706,12 @@ class FactorStore:
                 km.counts(g), km.updates(g), *seen_keys]
         args: list[Any] = [int(g), int(partition), "" if expected_offset is None else int(expected_offset),
                            int(new_offset), json.dumps(dict(watermarks), sort_keys=True), k,
-                           self.seen_cap, self.seen_ttl, len(ublobs), len(iblobs), len(counts), len(incr),
-                           len(seen_args) // 3, len(uacc), len(iacc)]
-        args += _pairs(user_ids, ublobs) + _pairs(item_ids, iblobs)
+                           self.seen_cap, self.seen_ttl, len(user_ids), len(item_ids), len(counts), len(incr),
+                           len(seen_args) // 3, n_uacc, n_iacc]
+        args += [*user_ids, ublob, *item_ids, iblob]
         args += _pairs(list(counts), [_num(c) for c in counts.values()])
         args += _pairs(list(incr), [int(n) for n in incr.values()]) + seen_args
-        args += _pairs(user_ids[:len(uacc)], uacc) + _pairs(item_ids[:len(iacc)], iacc)
+        args += [*user_ids[:n_uacc], uacc, *item_ids[:n_iacc], iacc]
         code, detail = self._apply(keys=keys, args=args)
         return self._status(code, detail, g, partition, expected_offset)
 
@@ -897,6 +926,9 @@ def _raise_lua(code: int, detail: Any, k: int) -> None:
     if code == -2:
         raise ModelDiverged(f"adding the delta to item {_s(detail)!r} overflows float32; refused, nothing "
                             "written. Lower the learning rate or clip gradients")
+    if code == -5:
+        raise StoreSchemaError(f"batch {_s(detail)} vectors do not hold n * {4 * k} bytes (k={k}); are the "
+                               "worker and the store module from the same zerocf version?")
     if code == -3:
         raise StoreSchemaError(f"stored item vector {_s(detail)!r} is not {4 * k} bytes (k={k}); the model "
                                "was written with another k; set ZEROCF_FACTORS to the model's k or use another "
