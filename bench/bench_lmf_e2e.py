@@ -58,6 +58,9 @@ def _event(prefix: str, src: int, off: int, user: str, item: str, ts: int) -> by
                  f"{prefix}.clicks/{src}/{off}").to_json()
 
 
+BATCH = 2000
+
+
 def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int = 0) -> dict[int, int]:
     """Send ``n`` click events (Zipf-ish items); returns the last offset per events partition."""
     rng = np.random.default_rng(seed)
@@ -88,7 +91,8 @@ def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int
 def _paced_producer(bootstrap: str, prefix: str, rate: float, seconds: float, n_users: int, n_items: int,
                     start_offsets: list[int], out: Any) -> None:
     """Child process: clicks at ``rate``/s with ts = send time (ms); puts the number sent on ``out``."""
-    cfg = load(LMFConfig, {"ZEROCF_KAFKA_BOOTSTRAP": bootstrap, "ZEROCF_TOPIC_PREFIX": prefix})
+    cfg = load(LMFConfig, {"ZEROCF_KAFKA_BOOTSTRAP": bootstrap, "ZEROCF_TOPIC_PREFIX": prefix,
+                           "ZEROCF_LMF_BATCH": str(BATCH)})
     rng = np.random.default_rng(1)
     producer = kafka_util.producer(cfg.kafka, client_id="bench-lmf-paced", linger_ms=5)
     offsets = list(start_offsets)
@@ -278,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=5000.0, help="events/s of the latency phase")
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--profile", action="store_true", help="cProfile the worker thread of the throughput pass")
+    ap.add_argument("--batch", type=int, default=2000, help="ZEROCF_LMF_BATCH of the worker (and the raw pass)")
     args = ap.parse_args(argv)
+    global BATCH
+    BATCH = args.batch
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out: dict[str, Any] = {"events": args.events, "partitions": PARTITIONS,

@@ -307,6 +307,9 @@ class Event:
         return cls(*_check_event_fields(obj))
 
 
+_EVENT_ID = re.compile(r"(.+):([0-9]+):([0-9]+):([0-9]+)")
+
+
 def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
     eid, kind, src, ts, weight, pos, imp = (obj["id"], obj["type"], obj["src"], obj["ts"], obj["weight"],
                                             obj["pos"], obj["imp"])
@@ -322,11 +325,10 @@ def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
         _bad("imp", imp, "null or a non-empty string")
     if type(eid) is not str or type(src) is not str:
         _bad("id/src", (eid, src), "strings")
-    parts = eid.rsplit(":", 3)
-    if (len(parts) != 4 or not all(p.isdigit() and p.isascii() for p in parts[1:]) or not parts[0]
-            or src != f"{parts[0]}/{parts[1]}/{parts[2]}"):
+    m = _EVENT_ID.fullmatch(eid)
+    if m is None or src != f"{m[1]}/{m[2]}/{m[3]}":
         _bad("id", eid, f"'<topic>:<partition>:<offset>:<index>' matching src {_show(src)}")
-    index = int(parts[3])
+    index = int(m[4])
     if kind == "click":
         if pos is not None or index != 0 or weight < 1.0:
             _bad("click", (pos, index, weight), "pos null, index 0, weight >= 1")

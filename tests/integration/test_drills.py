@@ -47,7 +47,13 @@ log = logging.getLogger(__name__)
 pytestmark = pytest.mark.slow
 
 TS = 1_700_000_000_000
-OUTAGE_S = 30.0          # how long Redis is paused / down in drill 1
+OUTAGE_S = 30.0          # how long Redis is down in drill 1 (crash variant)
+# The pause variant stops Redis for 25 s, not 30: the worker's Redis socket timeout is 15 s (hard-coded in
+# workers/lmf_worker.py), so its first call times out at ~15 s and the reload after the back-off blocks until
+# ~30 s. A 30 s pause ends within a second of that reload's own timeout; when the reload loses that race the
+# worker hits the _redis_down bug (test_lmf_redis_back_before_next_batch_loses_no_events): one run lost 99
+# events. 25 s keeps the SIGCONT ~5 s inside the blocked reload, so the drill is deterministic.
+PAUSE_S = 25.0
 LMF_FLAGS = ("--factors", "16", "--batch", "200")
 
 
@@ -260,9 +266,9 @@ def _outage(work: Workload, bootstrap: str, prefix: str, lmf_port: int, ingest_p
     return {"lmf_healthz": dict(lmf_codes), "ingest_healthz": dict(ingest_codes), "first_503_s": first_503}
 
 
-def test_redis_paused_30s_worker_unhealthy_then_resumes_and_reconciles(
+def test_redis_paused_worker_unhealthy_then_resumes_and_reconciles(
         drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
-    """SIGSTOP redis-server for 30 s (a hang, not a refusal): socket timeouts must turn it into 503."""
+    """SIGSTOP redis-server for 25 s (a hang, not a refusal): socket timeouts must turn it into 503."""
     prefix = _prefix("pause")
     env = _env(drill_stack, prefix)
     cfg = load(LMFConfig, env)
@@ -279,11 +285,10 @@ def test_redis_paused_30s_worker_unhealthy_then_resumes_and_reconciles(
         _wait("both /healthz 200", lambda: _health(ip) == 200 and _health(lp) == 200, 40, *procs)
         before.send(bootstrap, prefix)
         _wait("the first workload applied", lambda: _applied_total(store) == before.n_events, 40, *procs)
+        time.sleep(2.0)  # let the worker go idle: its next Redis call is the one the pause catches
         os.kill(redis_pid, signal.SIGSTOP)
         try:
-            # first Redis call ~5 s into the pause: it times out at ~20 s, the reload then blocks until the
-            # SIGCONT at 30 s and succeeds (a reload timing out too hits the _redis_down bug, see below)
-            seen = _outage(during, bootstrap, prefix, lp, ip, procs, OUTAGE_S, send_from=5.0)
+            seen = _outage(during, bootstrap, prefix, lp, ip, procs, PAUSE_S, send_from=2.0)
         finally:
             os.kill(redis_pid, signal.SIGCONT)
         back = _wait("lmf /healthz 200 after SIGCONT", lambda: _health(lp) == 200, 30, *procs)
