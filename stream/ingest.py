@@ -117,6 +117,8 @@ class IngestMetrics:
         self.produce_failures = Counter("zerocf_ingest_produce_failures",
                                         "batches not acknowledged (re-processed)", registry=r)
         self.assigned = Gauge("zerocf_ingest_assigned_partitions", "raw partitions assigned", registry=r)
+        self.lag = Gauge("zerocf_ingest_lag", "raw records behind the high watermark", ["topic", "partition"],
+                         registry=r)
 
 
 def _reachable(bootstrap: str, timeout: float = 0.5) -> bool:
@@ -221,6 +223,8 @@ class Ingest:
                     continue
                 backoff.reset()
                 last_data = stats.last_batch_at = time.monotonic()
+                for tp, behind in kafka_util.lag(consumer).items():
+                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(behind)
             elif until_idle and assignment and now - last_data >= cfg.idle_seconds and _idle_end(consumer):
                 log.info("ingest: caught up and idle for %.1fs; exiting (--until-idle)", now - last_data)
                 break

@@ -103,3 +103,13 @@ def caught_up(consumer_: Any) -> bool:
         if hw is None or consumer_.position(tp) < hw:
             return False
     return True
+
+
+def lag(consumer_: Any) -> dict[Any, int]:
+    """Records between each assigned partition's position and its high watermark (known ones only)."""
+    out = {}
+    for tp in consumer_.assignment():
+        hw = consumer_.highwater(tp)
+        if hw is not None:
+            out[tp] = max(0, hw - consumer_.position(tp))
+    return out

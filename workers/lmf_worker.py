@@ -242,10 +242,10 @@ class LMFWorker:
             pass  # still down: the next batch fails again and backs off longer
 
     def _update_lag(self) -> None:
-        for tp in self.consumer.assignment():
-            hw = self.consumer.highwater(tp)
-            if hw is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - self.consumer.position(tp)))
+        from stream.kafka_util import lag
+
+        for tp, behind in lag(self.consumer).items():
+            self.metrics.lag.labels(str(tp.partition)).set(behind)
 
     # ------------------------------------------------------------------ one partition's batch
     def _decode(self, p: int, records: list[Any]) -> tuple[list[Event], int]:
