@@ -215,6 +215,8 @@ class Ingest:
                 self._assigned = len(assignment)
                 self.metrics.assigned.set(len(assignment))
                 log.info("ingest: assigned %d partitions", len(assignment))
+                if assignment:  # a rebalance may follow a broker restart: re-check topics and partitions
+                    self._refresh_partitions(producer)
             if polled:
                 if stats.first_record_at is None:
                     stats.first_record_at = t0
@@ -240,9 +242,16 @@ class Ingest:
         """Produce, await acks and commit one polled batch; False (nothing committed) if a send failed."""
         started = time.monotonic()
         now_ms = int(time.time() * 1000)
-        futures, n_in, n_out, n_dlq = self._produce(producer, polled, now_ms)
+        try:
+            futures, n_in, n_out, n_dlq = self._produce(producer, polled, now_ms)
+            ok = self._acknowledged(producer, futures)
+        except Exception as exc:  # noqa: BLE001 - a send that cannot even be queued (e.g. a partition
+            # that vanished when a dev broker restarted, a full buffer): the batch failed, nothing committed
+            log.warning("ingest: could not queue the batch (%s: %s)", type(exc).__name__, exc)
+            ok, n_in = False, sum(len(r) for r in polled.values())
         produced = time.monotonic()
-        if not self._acknowledged(producer, futures):
+        if not ok:
+            self._refresh_partitions(producer)
             self._failing = True
             self.stats.produce_failures += 1
             self.metrics.produce_failures.inc()
@@ -305,6 +314,20 @@ class Ingest:
                     append(send(events_topic, value=value, key=key, partition=p))
                 n_out += len(out)
         return futures, n_in, n_out, n_dlq
+
+    def _refresh_partitions(self, producer: Any) -> None:
+        """Re-create missing topics and re-read the events topic's partitions (after a failed batch)."""
+        topics = self.cfg.topics
+        try:
+            kafka_util.ensure_topics(self.cfg.kafka, {t: self.cfg.events_partitions for t in
+                                                      (topics.impressions, topics.clicks, topics.events, topics.dlq)})
+            producer._metadata.request_update()  # noqa: SLF001 - force fresh metadata, not the cached layout
+            parts = producer.partitions_for(topics.events)
+            if parts:
+                self._partitions = sorted(parts)
+                self._part_cache.clear()
+        except Exception as exc:  # noqa: BLE001 - still down: the next failed batch retries
+            log.info("ingest: topic refresh failed (%s); retrying after the back-off", exc)
 
     def _dead_letter(self, producer: Any, reason: str, record: Any, now_ms: int) -> Any:
         self.metrics.dlq.labels(reason_class(reason)).inc()

@@ -97,6 +97,7 @@ class LMFWorker:
         self.consumer: Any = None
         self._healthy_redis = True
         self._pending: _Pending | None = None
+        self._needs_resume = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zerocf-lmf-writer")
 
     # ------------------------------------------------------------------ lifecycle
@@ -186,6 +187,12 @@ class LMFWorker:
         last_log = last_gen_check = time.monotonic()
         while not self.stop.is_set():
             polled = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.batch)
+            if self._needs_resume:  # after a Redis outage: nothing is processed before a full resume
+                try:
+                    self._recover()
+                except _redis_errors() as exc:
+                    self._redis_down(exc, backoff)
+                continue  # what was polled is re-read from the stored offsets (or dropped on failure)
             if polled:
                 idle_since = time.monotonic()
                 try:
@@ -225,21 +232,32 @@ class LMFWorker:
                     return
 
     def _redis_down(self, exc: BaseException, backoff: Backoff) -> None:
-        """Redis failed mid-batch: back off, then reload and replay from the offsets stored in Redis.
+        """Redis failed mid-batch: forget every partition's position, back off, try to recover.
 
-        Whether the last write landed or not is unknown; the offset fence makes both cases safe.
+        Until :meth:`_recover` succeeds no partition is processed (records polled meanwhile are dropped:
+        the resume seeks back to the offsets stored in Redis), so nothing polled during an outage can be
+        skipped. Whether the last write landed or not is unknown; the offset fence makes both cases safe.
         """
         self._healthy_redis = False
+        self._needs_resume = True
         self._pending = None
+        self.applied.clear()
+        self.dedupers.clear()
         self.metrics.errors.labels("redis").inc()
         log.warning("redis unavailable (%s); backing off, then replaying from the stored offsets", exc)
         backoff.sleep(self.stop)
         try:
-            self.load_generation()
-            self.resume(list(self.consumer.assignment()))
-            self._healthy_redis = True
+            self._recover()
         except _redis_errors():
-            pass  # still down: the next batch fails again and backs off longer
+            pass  # still down: retried on the next loop pass
+
+    def _recover(self) -> None:
+        """Reload the live generation and seek every assigned partition to its stored offset + 1."""
+        self.load_generation()
+        self.resume(list(self.consumer.assignment()))
+        self._needs_resume = False
+        self._healthy_redis = True
+        log.info("redis is back: resumed from the offsets stored in Redis")
 
     def _update_lag(self) -> None:
         from stream.kafka_util import lag

@@ -387,11 +387,6 @@ def test_redis_killed_30s_with_aof_worker_recovers_and_reconciles(
         _kill(server)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "workers/lmf_worker.py LMFWorker._redis_down: when the reload after the back-off fails too (Redis still "
-    "down) the consumer stays positioned after the failed batch, whose records were never written; if the "
-    "next Redis call is a batch (not a reload), its fence (expected offset == stored offset) passes and the "
-    "failed batch's events are skipped for good"))
 def test_lmf_redis_back_before_next_batch_loses_no_events(
         drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
     """Short Redis crash while a small batch arrives; Redis returns; only then new data comes."""
@@ -543,12 +538,6 @@ def test_broker_restart_memory_storage_workers_reconnect_stale_offsets_skip_new_
     assert 0 < applied_new < second.n_events, found
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "stream/ingest.py Ingest.run caches the events partitions once (self._partitions) and _produce sends with "
-    "an explicit partition: after a memory-broker restart <p>.events is auto-created with 4 partitions, "
-    "producer.send(partition=4) raises ValueError('Unrecognized partition') outside the loop's error "
-    "handling and ingest exits 1 (or, with stale metadata, the dev broker acks records to partitions that "
-    "do not exist)"))
 def test_ingest_survives_broker_restart_that_brings_back_fewer_partitions(
         drill_stack: LocalStack, tmp_path: Path) -> None:
     """The 6-partition default layout through a memory-broker restart (topics return with 4 partitions)."""
