@@ -113,7 +113,7 @@ class ALSConfig(ModelSettings):
 
     als_iterations: int = setting(15, "ALS_ITERATIONS", "ALS sweeps per re-solve")
     als_reg: float = setting(0.05, "ALS_REG", "L2 regularisation lambda")
-    als_alpha: float = setting(2.0, "ALS_ALPHA", "confidence c = 1 + alpha * f (or the log variant)")
+    als_alpha: float = setting(1.0, "ALS_ALPHA", "confidence c = 1 + alpha * f (or the log variant)")
     als_confidence: str = setting("linear", "ALS_CONFIDENCE", "linear | log")
     als_eps: float = setting(1.0, "ALS_EPS", "epsilon of the log confidence 1 + alpha*log(1 + f/eps)")
     als_solver: str = setting("cg", "ALS_SOLVER", "cg | exact")
