@@ -125,18 +125,22 @@ def check_unknown_env(env: Mapping[str, str], known: Iterable[str]) -> None:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password of a URL for logs.
+    """Return ``url`` with any password replaced by ``***`` (safe to log).
 
-    >>> redact_url("rediss://:s3cret@cache:6380/0")
-    'rediss://:***@cache:6380/0'
+    >>> redact_url("rediss://app:s3cret@redis.internal:6380/0")
+    'rediss://app:***@redis.internal:6380/0'
+    >>> redact_url("redis://:s3cret@localhost/0?password=x")
+    'redis://:***@localhost/0?password=***'
     """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if "@" in netloc:
+        cred, host = netloc.rsplit("@", 1)
+        user = cred.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in cred else netloc
+    query = "&".join(f"{q.split('=', 1)[0]}=***" if q.lower().startswith("password=") else q
+                     for q in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import numpy.typing as npt
 import redis
 
+from stream.config import redact_url
 from stream.errors import ConfigError, ServiceUnavailable
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
 
@@ -293,24 +293,6 @@ the model was written with another k; set ZEROCF_FACTORS to the model's k or use
     out[found] = np.frombuffer(b"".join(present), dtype=DTYPE).reshape(-1, k)
     return out, found
 
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to log).
-
-    >>> redact_url("rediss://app:s3cret@redis.internal:6380/0")
-    'rediss://app:***@redis.internal:6380/0'
-    >>> redact_url("redis://:s3cret@localhost/0?password=x")
-    'redis://:***@localhost/0?password=***'
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        cred, host = netloc.rsplit("@", 1)
-        user = cred.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in cred else netloc
-    query = "&".join(f"{q.split('=', 1)[0]}=***" if q.lower().startswith("password=") else q
-                     for q in parts.query.split("&")) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 # ----------------------------------------------------------------------------------------------- keys
