@@ -80,7 +80,7 @@ class LMFConfig(ModelSettings):
     adagrad: bool = setting(False, "LMF_ADAGRAD", "AdaGrad learning-rate scaling")
     clip: float = setting(5.0, "LMF_CLIP", "gradient norm clip")
     init_scale: float = setting(0.01, "LMF_INIT_SCALE", "std of the random init of new rows")
-    init: str = setting("foldin", "LMF_INIT", "new users: foldin (least squares on their first clicks) | random")
+    init: str = setting("random", "LMF_INIT", "new users: random (small) | foldin (least squares on their first clicks)")
     exposure_window_s: float = setting(0.0, "LMF_EXPOSURE_WINDOW_S",
                                        "shown-not-clicked after this many seconds is a negative (0 = off)")
     exposure_weight: float = setting(0.2, "LMF_EXPOSURE_WEIGHT", "gradient weight of exposure negatives")
