@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stream.errors import ZerocfError
 from stream.runtime import StopFlag, start_http
 from workers.als import ALSDiverged, als_fit
 from workers.calibration import calibrate, fold_scale
@@ -384,19 +383,12 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point: 0 when published, skipped or stopped cleanly; 1 when the solve diverged."""
-    import redis
-
-    from stream.config import load, redact_url
+    from stream.config import load
 
     cfg = load(ALSConfig, args.env, {name: getattr(args, name, None) for name in _FLAGS})
     interval = parse_duration(args.every) if args.every else None
     min_new = args.min_new_events if args.min_new_events is not None else (0 if args.once else 1)
-    try:
-        store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix)
-        store.r.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise ZerocfError(f"cannot reach Redis at {redact_url(cfg.redis_url)} ({exc}); start it "
-                          "(`zerocf stack up`) or fix ZEROCF_REDIS_URL") from None
+    store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)  # clear errors: unreachable, bad password
     worker = ALSWorker(cfg, store, StopFlag().install(), rebuild=args.rebuild)
     http = start_http(cfg.runtime.metrics_port, worker.health, worker.metrics.registry) \
         if cfg.runtime.metrics_port else None

@@ -15,9 +15,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from stream.config import StreamConfig, check_unknown_env, known_env_vars, load, setting
+from stream.config import check_unknown_env, known_env_vars, load, setting
 from stream.errors import ZerocfError
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ COMMAND_MODULES = ("stream.ingest", "stream.produce", "workers.lmf_worker", "wor
 CONFIG_CLASSES = ("stream.config:StreamConfig", "workers.cli:StackConfig", "workers.config:LMFConfig",
                   "workers.config:ALSConfig", "workers.config:ServeConfig")
 
-
-from dataclasses import dataclass  # noqa: E402
 
 
 @dataclass(frozen=True)

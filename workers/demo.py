@@ -21,7 +21,6 @@ import base64
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from stream.dedupe import Deduper
-from stream.errors import InvalidEvent, ZerocfError
+from stream.errors import InvalidEvent
 from stream.events import Event
 from stream.runtime import Backoff, StopFlag, start_http
 from workers.config import LMFConfig
-from workers.online import BatchPlan, OnlineModel
+from workers.online import OnlineModel
 from workers.store import ApplyStatus, FactorStore
 
 log = logging.getLogger(__name__)

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.k <= cfg.max_k:
         raise ConfigError(f"-k {args.k} must be in 1..{cfg.max_k} (ZEROCF_SERVE_MAX_K)")
     users = read_users(args.users, args.users_file)
-    store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix)
+    store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)
     where = f"namespace {cfg.topic_prefix} at {redact_url(cfg.redis_url)}"
     try:
         recs = Recommender(store, cfg.item_refresh_s).recommend_many(users, args.k, not args.include_seen)

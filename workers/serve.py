@@ -36,6 +36,7 @@ import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from stream.config import load
+from stream.errors import ServiceUnavailable
 from workers.config import ServeConfig
 from workers.errors import StoreSchemaError
 from workers.lookup import NoModel, Recommender
@@ -243,7 +244,11 @@ def run(args: argparse.Namespace) -> int:
     from stream.runtime import StopFlag, start_http
 
     cfg = load(ServeConfig, args.env, {"host": args.host, "port": args.port, "max_k": args.max_k})
-    store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix)
+    try:  # a wrong password fails fast; an unreachable Redis only makes /healthz 503 until it answers
+        store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)
+    except ServiceUnavailable as exc:
+        log.warning("%s; serving 503 until it answers", exc)
+        store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix, socket_timeout=5)
     rec = Recommender(store, cfg.item_refresh_s, auto_refresh=False)
     last_error = _refresh(rec, "")
     server = make_server(rec, cfg.host, cfg.port, max_k=cfg.max_k)
