@@ -77,7 +77,7 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zerocf", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="zerocf", description="zerocf: a streaming, online-learning recommender for implicit feedback (Kafka in, factors in Redis).")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (env ZEROCF_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("stack", help="start/stop the local broker + Redis (dev, tests, demo)")
