@@ -30,7 +30,8 @@ from typing import Any
 from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.events import encode_click
-from stream.ingest import Ingest, read_topic
+from stream.ingest import Ingest
+from stream.kafka_util import read_topic
 from stream.stack import LocalStack
 
 log = logging.getLogger("bench.ingest")

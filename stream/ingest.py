@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stream import kafka_util
-from stream.config import KafkaSettings, StreamConfig, load
-from stream.errors import ConfigError, InvalidEvent, ServiceUnavailable
+from stream.config import StreamConfig, load
+from stream.errors import ConfigError, InvalidEvent
 from stream.events import parse_record, to_events
 from stream.runtime import Backoff, StopFlag, start_http
 
@@ -378,45 +378,6 @@ def _idle_end(consumer: Any) -> bool:
         if hw is not None and consumer.position(tp) < hw:
             return False
     return True
-
-
-def read_topic(settings: KafkaSettings, topic: str, timeout: float = 30.0) -> list[Any]:
-    """Every record of ``topic`` (partition by partition, in offset order), read without a group.
-
-    Assigns all partitions, seeks to the beginning and stops when each position reached the high
-    watermark of the last fetch (not ``end_offsets``, which the dev broker gets wrong). Raises
-    :class:`~stream.errors.ServiceUnavailable` if the topic is missing or not read within ``timeout``.
-    """
-    from kafka.structs import TopicPartition
-
-    consumer = kafka_util.consumer(settings, group_id=None, client_id="zerocf-read-topic",
-                                   max_poll_records=20000)
-    deadline = time.monotonic() + timeout
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise ServiceUnavailable(f"topic {topic} does not exist at {settings.bootstrap}; "
-                                     "check the topic prefix (ZEROCF_TOPIC_PREFIX)")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning()
-        by_tp: dict[Any, list[Any]] = {tp: [] for tp in tps}
-        while True:
-            polled = consumer.poll(timeout_ms=200)
-            for tp, records in polled.items():
-                by_tp[tp].extend(records)
-            if not polled and all(consumer.highwater(tp) is not None
-                                  and consumer.position(tp) >= consumer.highwater(tp) for tp in tps):
-                break
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable(f"read_topic({topic!r}) not caught up after {timeout:.0f}s "
-                                         f"({sum(map(len, by_tp.values()))} records read); raise the timeout")
-        return [r for tp in tps for r in by_tp[tp]]
-    finally:
-        consumer.close()
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ API in a way that is also correct on Apache Kafka (see ``caught_up``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -113,3 +114,41 @@ def lag(consumer_: Any) -> dict[Any, int]:
         if hw is not None:
             out[tp] = max(0, hw - consumer_.position(tp))
     return out
+
+
+def read_topic(settings: KafkaSettings, topic: str, timeout: float = 30.0) -> list[Any]:
+    """Every record of ``topic`` (partition by partition, in offset order), read without a group.
+
+    Assigns all partitions, seeks to the beginning and stops when each position reached the high
+    watermark of the last fetch (not ``end_offsets``, which the dev broker gets wrong). Raises
+    :class:`~stream.errors.ServiceUnavailable` if the topic is missing or not read within ``timeout``.
+    """
+    from kafka.structs import TopicPartition
+
+    consumer_ = consumer(settings, group_id=None, client_id="zerocf-read-topic", max_poll_records=20000)
+    deadline = time.monotonic() + timeout
+    try:
+        parts = consumer_.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer_.partitions_for_topic(topic)
+        if not parts:
+            raise ServiceUnavailable(f"topic {topic} does not exist at {settings.bootstrap}; "
+                                     "check the topic prefix (ZEROCF_TOPIC_PREFIX)")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer_.assign(tps)
+        consumer_.seek_to_beginning()
+        by_tp: dict[Any, list[Any]] = {tp: [] for tp in tps}
+        while True:
+            polled = consumer_.poll(timeout_ms=200)
+            for tp, records in polled.items():
+                by_tp[tp].extend(records)
+            if not polled and all(consumer_.highwater(tp) is not None
+                                  and consumer_.position(tp) >= consumer_.highwater(tp) for tp in tps):
+                break
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"read_topic({topic!r}) not caught up after {timeout:.0f}s "
+                                         f"({sum(map(len, by_tp.values()))} records read); raise the timeout")
+        return [r for tp in tps for r in by_tp[tp]]
+    finally:
+        consumer_.close()

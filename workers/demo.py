@@ -48,7 +48,7 @@ def _send_malformed(env: dict[str, str], prefix: str) -> None:
 
 def _dead_letters(env: dict[str, str], prefix: str) -> list[dict[str, Any]]:
     from stream.config import StreamConfig, load
-    from stream.ingest import read_topic
+    from stream.kafka_util import read_topic
 
     cfg = load(StreamConfig, env, {"topic_prefix": prefix})
     return [json.loads(r.value) for r in read_topic(cfg.kafka, cfg.topics.dlq, timeout=10)]

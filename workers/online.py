@@ -32,7 +32,8 @@ import numpy.typing as npt
 from stream.events import Event
 from workers.config import LMFConfig
 from workers.lmf import check_finite, event_weights, fold_in_users, init_rows, lmf_sgd
-from workers.sampling import ExposureTracker, PopularitySampler, Reservoir, positives_csr, sample_negatives
+from workers.exposure import ExposureTracker
+from workers.sampling import PopularitySampler, Reservoir, positives_csr, sample_negatives
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]

@@ -8,19 +8,17 @@ Nothing here does I/O, reads the clock or configures logging; randomness comes o
 - :class:`PopularitySampler`: Vose alias table with ``P(i) ∝ f_i ** alpha`` over reservoir frequencies.
 - :func:`sample_negatives`: per-event negatives that never equal the user's known positives, a share of
   them hard (Dynamic Negative Sampling: best-scoring of ``m_candidates`` popularity draws).
-- :class:`ExposureTracker`: (user, item) impressions not clicked within a window -> exposure negatives.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-__all__ = ["ExposureTracker", "PopularitySampler", "Reservoir", "positives_csr", "sample_negatives"]
+__all__ = ["PopularitySampler", "Reservoir", "positives_csr", "sample_negatives"]
 
 I32 = npt.NDArray[np.int32]
 
@@ -370,69 +368,3 @@ def sample_negatives(sampler: PopularitySampler, pos_indptr: npt.ArrayLike, pos_
     if r.size:
         _uniform_non_positive(out, r, c, indptr, items, sampler.n_items if n_items is None else n_items, rng)
     return out
-
-
-class ExposureTracker:
-    """Impressions waiting for a click; those not clicked within a window become exposure negatives.
-
-    Keys are (user index, item index). Showing a pair again restarts its window; a click on the pair
-    forgets it. Uses the events' own timestamps (ms), never the clock. Memory is bounded: beyond
-    ``capacity`` pending pairs the oldest-shown are dropped and counted in ``dropped``.
-
-    >>> t = ExposureTracker(capacity=10)
-    >>> t.shown([1, 1, 2], [7, 8, 7], [1000, 1000, 1500])
-    >>> t.clicked([1], [8])
-    1
-    >>> [a.tolist() for a in t.due(now_ts=61_200, window_ms=60_000)]
-    [[1], [7]]
-    >>> len(t)
-    1
-    """
-
-    def __init__(self, capacity: int = 1_000_000) -> None:
-        if capacity < 1:
-            raise ValueError(f"exposure capacity must be >= 1 pending pair, got {capacity}")
-        self.capacity = int(capacity)
-        self.dropped = 0
-        self._pending: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (shown_ts, seq)
-        self._heap: list[tuple[int, int, int, int]] = []  # (shown_ts, seq, user, item), lazy deletes
-        self._seq = 0
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def shown(self, users: npt.ArrayLike, items: npt.ArrayLike, ts: npt.ArrayLike) -> None:
-        """Record impressions: users, items, shown timestamps (ms); ``ts`` may be a scalar."""
-        u, i = np.atleast_1d(users).tolist(), np.atleast_1d(items).tolist()
-        t = np.broadcast_to(np.asarray(ts, np.int64), (len(u),)).tolist()
-        for uu, ii, tt in zip(u, i, t, strict=True):
-            self._seq += 1
-            self._pending[(uu, ii)] = (tt, self._seq)
-            heapq.heappush(self._heap, (tt, self._seq, uu, ii))
-        while len(self._pending) > self.capacity:
-            tt, seq, uu, ii = heapq.heappop(self._heap)
-            if self._pending.get((uu, ii)) == (tt, seq):
-                del self._pending[(uu, ii)]
-                self.dropped += 1
-        if len(self._heap) > 2 * len(self._pending) + 1024:
-            self._heap = [(tt, seq, uu, ii) for (uu, ii), (tt, seq) in self._pending.items()]
-            heapq.heapify(self._heap)
-
-    def clicked(self, users: npt.ArrayLike, items: npt.ArrayLike) -> int:
-        """Forget clicked pairs; return how many were pending."""
-        pend = self._pending
-        return sum(pend.pop(k, None) is not None
-                   for k in zip(np.atleast_1d(users).tolist(), np.atleast_1d(items).tolist(), strict=True))
-
-    def due(self, now_ts: int, window_ms: int) -> tuple[I32, I32]:
-        """Pop pairs shown more than ``window_ms`` before ``now_ts``: (users, items) int32 arrays."""
-        out_u: list[int] = []
-        out_i: list[int] = []
-        limit = now_ts - window_ms
-        while self._heap and self._heap[0][0] < limit:
-            tt, seq, uu, ii = heapq.heappop(self._heap)
-            if self._pending.get((uu, ii)) == (tt, seq):
-                del self._pending[(uu, ii)]
-                out_u.append(uu)
-                out_i.append(ii)
-        return np.array(out_u, np.int32), np.array(out_i, np.int32)

@@ -23,7 +23,8 @@ import pytest
 from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.datasets import Interaction, synthetic_dataset
-from stream.ingest import Ingest, read_topic
+from stream.ingest import Ingest
+from stream.kafka_util import read_topic
 from stream.producer import EventProducer
 from stream.runtime import StopFlag
 from workers.als_worker import ALSWorker

@@ -36,7 +36,7 @@ import redis
 from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.events import Event
-from stream.ingest import read_topic
+from stream.kafka_util import read_topic
 from stream.producer import EventProducer
 from stream.stack import LocalStack, free_port, redis_binary
 from tests.integration.test_lmf_worker import Truth, assert_store_matches, fresh_group, truth_of

@@ -20,7 +20,8 @@ from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.dedupe import Deduper
 from stream.events import Event, encode_click, encode_impression
-from stream.ingest import Ingest, read_topic
+from stream.ingest import Ingest
+from stream.kafka_util import read_topic
 from stream.stack import free_port
 
 log = logging.getLogger(__name__)

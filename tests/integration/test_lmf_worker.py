@@ -29,7 +29,7 @@ from stream import kafka_util
 from stream.config import load
 from stream.errors import InvalidEvent
 from stream.events import Event
-from stream.ingest import read_topic
+from stream.kafka_util import read_topic
 from workers.config import LMFConfig
 from workers.lmf_worker import LMFWorker
 from workers.store import FactorStore

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from workers.sampling import (ExposureTracker, PopularitySampler, Reservoir, positives_csr,
+from workers.exposure import ExposureTracker
+from workers.sampling import (PopularitySampler, Reservoir, positives_csr,
                               sample_negatives)
 
 P_MIN = 1e-3
