@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from stream.datasets import read_interactions, synthetic_dataset
     from stream.stack import LocalStack
     from workers.evaluation import prequential_summary
-    from workers.evaluation_cli import plot_windows, prequential
+    from workers.prequential import plot_windows, prequential
 
     if args.dataset:
         bad: list[Any] = []

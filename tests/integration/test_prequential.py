@@ -6,7 +6,7 @@ from collections import Counter
 
 from stream.datasets import synthetic_dataset
 from workers.evaluation import prequential_summary
-from workers.evaluation_cli import prequential
+from workers.prequential import prequential
 
 N_ITEMS = 300
 
