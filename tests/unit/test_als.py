@@ -145,7 +145,7 @@ def test_divergence_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(indptr, indices, data, X, Y, G, cg_steps):
         X[0, 0] = np.nan
 
-    monkeypatch.setattr(als, "_cg_sweep", poisoned)
+    monkeypatch.setattr(als, "cg_sweep", poisoned)
     with pytest.raises(ALSDiverged, match="lower alpha or raise reg"):
         als_fit(_counts(), factors=4, iterations=2)
     assert issubclass(ALSDiverged, ValueError)
