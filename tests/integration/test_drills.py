@@ -110,6 +110,22 @@ def _health(port: int) -> int | None:
         return None
 
 
+@contextmanager
+def _pipeline(env: dict[str, str], tmp_path: Path, lmf_log: Path | None = None
+              ) -> Iterator[tuple[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]], int, int]]:
+    """``zerocf ingest`` + ``zerocf lmf`` (fresh groups, metrics ports) until both /healthz are 200.
+
+    Yields ``((ingest, lmf), ingest_port, lmf_port)``; both are stopped on exit.
+    """
+    ip, lp = free_port(), free_port()
+    with _zerocf(env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group",
+                 fresh_group("ing")) as ingest, \
+            _zerocf(env, lmf_log or tmp_path / "lmf.log", "lmf", *LMF_FLAGS, "--metrics-port", str(lp),
+                    "--group", fresh_group("lmf")) as lmf:
+        _wait("both /healthz 200", lambda: _health(ip) == 200 and _health(lp) == 200, 40, ingest, lmf)
+        yield (ingest, lmf), ip, lp
+
+
 def _wait(what: str, pred: Callable[[], bool], timeout: float, *procs: subprocess.Popen[bytes],
           every: float = 0.3) -> float:
     """Poll ``pred`` until true; fail if it is not within ``timeout`` or a watched process exits.
@@ -276,13 +292,7 @@ def test_redis_paused_worker_unhealthy_then_resumes_and_reconciles(
     before, during, after = (Workload.make(s, n) for s, n in ((1, 1500), (2, 1000), (3, 500)))
     store = FactorStore.from_url(cfg.redis_url, prefix, socket_timeout=5)
     redis_pid = drill_stack.services()["redis"].pid
-    ip, lp = free_port(), free_port()
-    with _zerocf(env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group",
-                 fresh_group("ing")) as ingest, \
-            _zerocf(env, tmp_path / "lmf.log", "lmf", *LMF_FLAGS, "--metrics-port", str(lp), "--group",
-                    fresh_group("lmf")) as lmf:
-        procs = (ingest, lmf)
-        _wait("both /healthz 200", lambda: _health(ip) == 200 and _health(lp) == 200, 40, *procs)
+    with _pipeline(env, tmp_path) as (procs, ip, lp):
         before.send(bootstrap, prefix)
         _wait("the first workload applied", lambda: _applied_total(store) == before.n_events, 40, *procs)
         time.sleep(2.0)  # let the worker go idle: its next Redis call is the one the pause catches
@@ -305,7 +315,7 @@ def test_redis_paused_worker_unhealthy_then_resumes_and_reconciles(
                 redis_errors=[ln for ln in metrics.splitlines() if ln.startswith("zerocf_lmf_errors_total")])
     record_property("drill", seen)
     log.warning("redis pause drill: %s", json.dumps(seen))
-    assert ingest.returncode == 0 and lmf.returncode == 0, _tail(tmp_path / "lmf.log")
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, _tail(tmp_path / "lmf.log")
     # a hang became "unhealthy" (socket timeouts work), the ingest (no Redis) stayed ready throughout
     assert seen["lmf_healthz"].get(503, 0) > 0, seen
     assert set(seen["ingest_healthz"]) == {200}, seen
@@ -351,13 +361,7 @@ def test_redis_killed_30s_with_aof_worker_recovers_and_reconciles(
     server = _start_aof_redis(rdir, port)
     try:
         store = FactorStore.from_url(cfg.redis_url, prefix, socket_timeout=5)
-        ip, lp = free_port(), free_port()
-        with _zerocf(env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group",
-                     fresh_group("ing")) as ingest, \
-                _zerocf(env, tmp_path / "lmf.log", "lmf", *LMF_FLAGS, "--metrics-port", str(lp), "--group",
-                        fresh_group("lmf")) as lmf:
-            procs = (ingest, lmf)
-            _wait("both /healthz 200", lambda: _health(ip) == 200 and _health(lp) == 200, 40, *procs)
+        with _pipeline(env, tmp_path) as (procs, ip, lp):
             before.send(bootstrap, prefix)
             _wait("the first workload applied", lambda: _applied_total(store) == before.n_events, 40, *procs)
             applied_before = _counters(store)
@@ -379,7 +383,7 @@ def test_redis_killed_30s_with_aof_worker_recovers_and_reconciles(
                     applied_before_kill=sum(applied_before.values()), records=truth.records)
         record_property("drill", seen)
         log.warning("redis kill drill: %s", json.dumps(seen))
-        assert ingest.returncode == 0 and lmf.returncode == 0, _tail(tmp_path / "lmf.log")
+        assert procs[0].returncode == 0 and procs[1].returncode == 0, _tail(tmp_path / "lmf.log")
         assert seen["lmf_healthz"].get(503, 0) > 0, seen
         assert set(seen["ingest_healthz"]) == {200}, seen
         _assert_reconciled(store, cfg, total, truth)
@@ -479,13 +483,7 @@ def test_broker_restart_memory_storage_workers_reconnect_stale_offsets_skip_new_
     first = Workload.make(21, 800, users=60, impressions=False)
     second = Workload.make(22, 1400, users=60, impressions=False)  # more per partition than before
     store = FactorStore.from_url(cfg.redis_url, prefix, socket_timeout=5)
-    ip, lp = free_port(), free_port()
-    with _zerocf(env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group",
-                 fresh_group("ing")) as ingest, \
-            _zerocf(env, tmp_path / "lmf.log", "lmf", *LMF_FLAGS, "--metrics-port", str(lp), "--group",
-                    fresh_group("lmf")) as lmf:
-        procs = (ingest, lmf)
-        _wait("both /healthz 200", lambda: _health(ip) == 200 and _health(lp) == 200, 40, *procs)
+    with _pipeline(env, tmp_path) as (procs, ip, lp):
         first.send(bootstrap, prefix)
         truth1 = _stream_done(cfg, first.n_events)
         _wait_applied_to_end(store, truth1, *procs)
@@ -523,7 +521,7 @@ def test_broker_restart_memory_storage_workers_reconnect_stale_offsets_skip_new_
              "rejoined_s": round(rejoin_s, 1)}
     record_property("drill", found)
     log.warning("broker restart drill: %s", json.dumps(found))
-    assert ingest.returncode == 0 and lmf.returncode == 0, _tail(tmp_path / "lmf.log")
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, _tail(tmp_path / "lmf.log")
     # ingest reconnected and processed everything produced after the restart (topic holds exactly that)
     assert truth2.distinct == second.n_events and truth2.records == len(new_records)
     # the worker applied exactly what the stale-offset model predicts: new data at offsets above the
