@@ -14,7 +14,13 @@ $(BIN)/zerocf: pyproject.toml
 demo: $(BIN)/zerocf
 	$(BIN)/zerocf demo $(ARGS)
 
-test: $(BIN)/zerocf
+# The tests also exercise the optional Spark ALS backend (extra `spark`: pyspark, ~40 s to install; its tests
+# skip themselves where Java is missing).
+$(VENV)/.test-extras: $(BIN)/zerocf
+	$(BIN)/python -m pip install --quiet -e '.[dev,deploy-lint,spark]'
+	touch $@
+
+test: $(VENV)/.test-extras
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(BIN)/zerocf

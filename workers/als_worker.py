@@ -249,6 +249,8 @@ class ALSWorker:
         from tqdm import tqdm
 
         cfg = self.cfg
+        if cfg.als_backend == "spark":
+            return self._solve_spark(csr)
         rng = np.random.default_rng(cfg.als_seed)
         init = (self._warm("user", users, rng), self._warm("item", items, rng))
         if not self.cold:
@@ -281,6 +283,23 @@ class ALSWorker:
             raise ModelDiverged(f"ALS factors or loss are NaN/inf (loss {last[0]}); lower ZEROCF_ALS_ALPHA "
                                 "or raise ZEROCF_ALS_REG")
         return U, V, last[0]
+
+    def _solve_spark(self, csr: Any) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
+        """The optional Spark MLlib backend (:mod:`workers.als_spark`): same snapshot, same outputs."""
+        from workers.als import confidence, wmf_loss
+        from workers.als_spark import spark_als_fit
+
+        cfg = self.cfg
+        U, V = spark_als_fit(csr, cfg.factors, cfg.als_reg, cfg.als_alpha, cfg.als_iterations, cfg.als_threads,
+                             cfg.als_seed, cfg.als_confidence, cfg.als_eps)
+        loss = wmf_loss(confidence(csr, cfg.als_alpha, cfg.als_confidence, cfg.als_eps), U, V, cfg.als_reg)  # type: ignore[arg-type]
+        if self.stop.is_set():
+            raise _Stopped()
+        if not (np.isfinite(U).all() and np.isfinite(V).all() and math.isfinite(loss)):
+            raise ModelDiverged(f"Spark ALS factors or loss are NaN/inf (loss {loss}); lower ZEROCF_ALS_ALPHA "
+                                "or raise ZEROCF_ALS_REG")
+        log.info("spark ALS done: WMF loss %.6g (our objective, for comparison with the numpy backend)", loss)
+        return U, V, loss
 
     # ------------------------------------------------------------------ publish
     def _write(self, g: int, kind: str, ids: list[str], mat: npt.NDArray[np.float32]) -> None:
@@ -354,7 +373,8 @@ def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], 
 _FLAGS: dict[str, tuple[str, type]] = {
     "factors": ("--factors", int), "als_iterations": ("--iterations", int), "als_reg": ("--reg", float),
     "als_alpha": ("--alpha", float), "als_confidence": ("--confidence", str), "als_eps": ("--eps", float),
-    "als_solver": ("--solver", str), "als_cg_steps": ("--cg-steps", int), "als_threads": ("--threads", int),
+    "als_solver": ("--solver", str), "als_backend": ("--backend", str), "als_cg_steps": ("--cg-steps", int),
+    "als_threads": ("--threads", int),
     "checkpoint_dir": ("--checkpoint-dir", str), "gc_grace_s": ("--gc-grace-s", float),
     "calib_samples": ("--calib-samples", int), "als_seed": ("--seed", int), "metrics_port": ("--metrics-port", int)}
 

@@ -117,6 +117,7 @@ class ALSConfig(ModelSettings):
     als_confidence: str = setting("linear", "ALS_CONFIDENCE", "linear | log")
     als_eps: float = setting(1.0, "ALS_EPS", "epsilon of the log confidence 1 + alpha*log(1 + f/eps)")
     als_solver: str = setting("cg", "ALS_SOLVER", "cg | exact")
+    als_backend: str = setting("numpy", "ALS_BACKEND", "numpy (ours, numba) | spark (Spark MLlib, extra `spark`)")
     als_cg_steps: int = setting(3, "ALS_CG_STEPS", "conjugate-gradient steps per row and sweep")
     als_threads: int = setting(2, "ALS_THREADS", "solver threads")
     checkpoint_dir: str = setting("./zerocf-als", "ALS_CHECKPOINT_DIR", "snapshot checkpoint directory")
@@ -133,6 +134,8 @@ class ALSConfig(ModelSettings):
             raise ConfigError(f"ZEROCF_ALS_CONFIDENCE={self.als_confidence!r}; use linear or log")
         if self.als_solver not in ("cg", "exact"):
             raise ConfigError(f"ZEROCF_ALS_SOLVER={self.als_solver!r}; use cg or exact")
+        if self.als_backend not in ("numpy", "spark"):
+            raise ConfigError(f"ZEROCF_ALS_BACKEND={self.als_backend!r}; use numpy or spark")
 
 
 @dataclass(frozen=True)

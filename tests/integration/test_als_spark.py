@@ -1,0 +1,70 @@
+"""The optional Spark MLlib backend (extra ``spark``): same snapshot in, same generation out.
+
+Skipped when pyspark or Java is missing (the default install has neither requirement); with the extra
+installed (``pip install -e '.[spark]'``) it runs here like every other integration test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+pytest.importorskip("pyspark", reason="the spark backend is an optional extra: pip install -e '.[spark]'")
+if shutil.which("java") is None:
+    pytest.skip("the spark backend needs Java (17)", allow_module_level=True)
+
+from stream.datasets import synthetic_dataset  # noqa: E402
+from tests.integration.test_als_worker import (K, PARTS, Ingest, _last_offsets, _produce, _store,  # noqa: E402
+                                               _stream_cfg, _wait, ingest_thread)  # noqa: F401 (fixture)
+from workers.als_spark import spark_als_fit  # noqa: E402
+
+
+def test_spark_recovers_planted_blocks_and_zero_rows_for_unseen_ids() -> None:
+    # 3 user groups x 3 item blocks; each user clicked all but one item of its block
+    rng = np.random.default_rng(0)
+    users, items, held = [], [], {}
+    for u in range(60):
+        block = u % 3
+        mine = list(range(block * 10, block * 10 + 10))
+        held[u] = mine.pop(int(rng.integers(10)))
+        users += [u] * len(mine)
+        items += mine
+    counts = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(61, 31))
+    U, V = spark_als_fit(counts, factors=8, reg=0.01, alpha=5.0, iterations=10, threads=2)
+    assert U.shape == (61, 8) and V.shape == (31, 8) and U.dtype == np.float32
+    assert not U[60].any() and not V[30].any()  # ids without clicks: zero rows
+    scores = U[:60] @ V[:30].T
+    scores[counts[:60, :30].toarray() > 0] = -np.inf  # seen items excluded
+    top3 = np.argsort(-scores, axis=1)[:, :3]
+    hits = np.mean([held[u] in top3[u] for u in range(60)])
+    assert hits > 0.8, hits
+
+
+def test_als_once_with_spark_backend_publishes_the_same_generation_format(
+        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    rows = synthetic_dataset(80, 40, 1000, seed=3)
+    _produce(zerocf_env, rows)
+    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
+    last = _last_offsets(_stream_cfg(zerocf_env))
+    proc = subprocess.run([sys.executable, "-m", "workers.cli", "als", "--once", "--backend", "spark",
+                           "--factors", str(K), "--iterations", "5", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                          env=zerocf_env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = _store(zerocf_env)
+    g = store.live_generation()
+    meta = store.generation_meta(g)
+    assert (g, meta.source, meta.state) == (2, "als", "complete")
+    assert meta.offsets == last and set(last) == set(range(PARTS))
+    users = sorted({r.user_id for r in rows})
+    items = sorted({r.item_id for r in rows})
+    U, fu = store.get_vectors(g, "user", users)
+    V, fi = store.get_vectors(g, "item", items)
+    assert fu.all() and fi.all() and np.isfinite(U).all() and np.isfinite(V).all()
+    assert store.item_counts(g) == {i: float(n) for i, n in Counter(r.item_id for r in rows).items()}
