@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,8 @@ if shutil.which("java") is None:
     pytest.skip("the spark backend needs Java (17)", allow_module_level=True)
 
 from stream.datasets import synthetic_dataset  # noqa: E402
-from tests.integration.test_als_worker import (K, PARTS, Ingest, _last_offsets, _produce, _store,  # noqa: E402
-                                               _stream_cfg, _wait, ingest_thread)  # noqa: F401 (fixture)
+from tests.integration.test_als_worker import (K, Ingest, _assert_published, _last_offsets,  # noqa: E402
+                                               _produce, _stream_cfg, _wait, ingest_thread)  # noqa: F401 (fixture)
 from workers.als_spark import spark_als_fit  # noqa: E402
 
 
@@ -57,14 +56,4 @@ def test_als_once_with_spark_backend_publishes_the_same_generation_format(
                            "--factors", str(K), "--iterations", "5", "--checkpoint-dir", str(tmp_path / "ckpt")],
                           env=zerocf_env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    store = _store(zerocf_env)
-    g = store.live_generation()
-    meta = store.generation_meta(g)
-    assert (g, meta.source, meta.state) == (2, "als", "complete")
-    assert meta.offsets == last and set(last) == set(range(PARTS))
-    users = sorted({r.user_id for r in rows})
-    items = sorted({r.item_id for r in rows})
-    U, fu = store.get_vectors(g, "user", users)
-    V, fi = store.get_vectors(g, "item", items)
-    assert fu.all() and fi.all() and np.isfinite(U).all() and np.isfinite(V).all()
-    assert store.item_counts(g) == {i: float(n) for i, n in Counter(r.item_id for r in rows).items()}
+    _assert_published(zerocf_env, rows, last)

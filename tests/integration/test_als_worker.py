@@ -78,6 +78,25 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _assert_published(env: dict[str, str], rows: list[Interaction], last: dict[int, int]) -> tuple[Any, ...]:
+    """Generation 2 is live, from ALS, complete, covers ``last``, and holds every user/item and the counts.
+
+    Returns ``(store, meta, users, items, U, V)`` for further checks."""
+    store = _store(env)
+    g = store.live_generation()
+    meta = store.generation_meta(g)
+    assert (g, meta.source, meta.state) == (2, "als", "complete")
+    assert meta.offsets == last and set(last) == set(range(PARTS))
+    users = sorted({r.user_id for r in rows})
+    items = sorted({r.item_id for r in rows})
+    assert (meta.n_users, meta.n_items) == (len(users), len(items))
+    U, fu = store.get_vectors(g, "user", users)
+    V, fi = store.get_vectors(g, "item", items)
+    assert fu.all() and fi.all() and U.dtype == np.float32 and np.isfinite(U).all() and np.isfinite(V).all()
+    assert store.item_counts(g) == {i: float(n) for i, n in Counter(r.item_id for r in rows).items()}
+    return store, meta, users, items, U, V
+
+
 def _ckpt_meta(ckpt: Path) -> dict[str, Any]:
     name = (ckpt / "CURRENT").read_text().strip()
     return json.loads((ckpt / name / "meta.json").read_text())["metadata"]
@@ -117,18 +136,7 @@ def test_als_once_publishes_every_user_and_item_with_snapshot_offsets(
                            "--iterations", "6", "--checkpoint-dir", str(ckpt)],
                           env=zerocf_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    store = _store(zerocf_env)
-    g = store.live_generation()
-    meta = store.generation_meta(g)
-    assert (g, meta.source, meta.state) == (2, "als", "complete")
-    assert meta.offsets == last and set(last) == set(range(PARTS))
-    users = sorted({r.user_id for r in rows})
-    items = sorted({r.item_id for r in rows})
-    assert (meta.n_users, meta.n_items) == (len(users), len(items))
-    U, fu = store.get_vectors(g, "user", users)
-    V, fi = store.get_vectors(g, "item", items)
-    assert fu.all() and fi.all() and U.dtype == np.float32 and np.isfinite(U).all()
-    assert store.item_counts(g) == {i: float(n) for i, n in Counter(r.item_id for r in rows).items()}
+    store, meta, users, items, U, V = _assert_published(zerocf_env, rows, last)
     assert store.generation_meta(1).state == "retired"
     ck = _ckpt_meta(ckpt)
     assert ck["n_events"] == len(rows) and ck["n_duplicates"] == len(dup)
