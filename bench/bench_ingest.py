@@ -32,7 +32,7 @@ from stream.config import StreamConfig, load
 from stream.events import encode_click
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from stream.stack import LocalStack
+from stream.devstack import LocalStack
 
 log = logging.getLogger("bench.ingest")
 

@@ -7,7 +7,7 @@ batches as ``zerocf ingest`` writes them). Then, in the same run:
 1. ``raw``: a kafka-python consume-only pass over ``<p>.events`` with the worker's consumer settings (a
    fresh group, ``max_poll_records`` = batch) **including ``json.loads`` of every value**: events/s from
    the first non-empty poll to the last record.
-2. ``lmf``: :class:`workers.lmf_worker.LMFWorker` in-process (k=64, 5 negatives, hard_share 0.2, batch
+2. ``lmf``: :class:`workers.online.worker.LMFWorker` in-process (k=64, 5 negatives, hard_share 0.2, batch
    2000, fresh group): events/s from the first non-empty poll to the moment Redis holds every partition's
    last offset; ``ratio`` = lmf / raw. Per-batch time split by wrapping the model/store methods the worker
    calls (plan, seen load, fetch, train, commit, write; the write runs on the worker's writer thread and
@@ -43,9 +43,9 @@ import numpy as np
 from stream import kafka_util
 from stream.config import load
 from stream.events import Event
-from stream.stack import LocalStack
+from stream.devstack import LocalStack
 from workers.config import LMFConfig
-from workers.lmf_worker import LMFWorker
+from workers.online.worker import LMFWorker
 from workers.store import ApplyStatus, FactorStore
 
 log = logging.getLogger("bench.lmf_e2e")

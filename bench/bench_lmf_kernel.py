@@ -4,9 +4,9 @@ Run: ``python bench/bench_lmf_kernel.py`` (about a minute on one core). Sections
 
 - ``compile``: first-call time of each numba kernel in this process (a compile, or a load from the
   on-disk cache if ``cache_present_before``).
-- ``kernel``: events/s of :func:`workers.lmf.lmf_sgd` for k=64, 5 negatives, batches of 2000 events over
+- ``kernel``: events/s of :func:`workers.kernels.lmf.lmf_sgd` for k=64, 5 negatives, batches of 2000 events over
   10k users x 5k items (compile excluded), with and without AdaGrad, vs :func:`lmf_sgd_reference`.
-- ``sampling``: negatives/s of :func:`workers.sampling.sample_negatives`, popularity only and with
+- ``sampling``: negatives/s of :func:`workers.kernels.sampling.sample_negatives`, popularity only and with
   hard negatives, plus the alias-table rebuild time.
 - ``new_user_init``: planted low-rank data; items trained online, then new users with 3 clicks each;
   HR@10 on their next clicks for random init vs fold-in, before and after a few SGD passes.
@@ -23,8 +23,8 @@ import time
 import numpy as np
 from numba.core import config as numba_config
 
-from workers.lmf import fold_in_user, init_rows, lmf_sgd, lmf_sgd_reference
-from workers.sampling import PopularitySampler, Reservoir, positives_csr, sample_negatives
+from workers.kernels.lmf import fold_in_user, init_rows, lmf_sgd, lmf_sgd_reference
+from workers.kernels.sampling import PopularitySampler, Reservoir, positives_csr, sample_negatives
 
 K, N_NEG, BATCH, N_USERS, N_ITEMS = 64, 5, 2000, 10_000, 5_000
 

@@ -1,7 +1,7 @@
-"""Benchmark :class:`workers.lookup.Recommender` against the bare numpy limit; prints one JSON object.
+"""Benchmark :class:`workers.serving.lookup.Recommender` against the bare numpy limit; prints one JSON object.
 
 For each catalogue size (10k and 100k items, k=64 factors) it writes a random model into a private
-redis-server (started here with :meth:`stream.stack.LocalStack.start_redis`, shut down at the end) and
+redis-server (started here with :meth:`stream.devstack.LocalStack.start_redis`, shut down at the end) and
 measures, in the same process and run:
 
 - ``single``: ``recommend(user, k=10)`` latency p50/p99 (ms) for known users with 20 seen items each
@@ -36,8 +36,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
-from stream.stack import LocalStack  # noqa: E402
-from workers.lookup import Recommender  # noqa: E402
+from stream.devstack import LocalStack  # noqa: E402
+from workers.serving.lookup import Recommender  # noqa: E402
 from workers.store import FactorStore  # noqa: E402
 
 log = logging.getLogger("bench.lookup")

@@ -1,4 +1,4 @@
-"""Benchmark of workers/store.py on a real redis-server it starts on a free port (and stops). Prints JSON.
+"""Benchmark of workers/store/factor_store.py on a real redis-server it starts on a free port (and stops). Prints JSON.
 
     python -m bench.bench_store [--k 64] [--rows 50000] [--repeats 10]
 
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import redis
 
-from stream.stack import free_port, redis_binary
+from stream.devstack import free_port, redis_binary
 from workers.store import FactorStore
 
 log = logging.getLogger("bench.bench_store")

@@ -13,7 +13,7 @@ Benchmark-only: library code never imports this module.
 - :func:`ranking_metrics` gives recall@k (hits / min(k, |test|)) and NDCG@k (binary gains) of top-k
   lists that already exclude the training items.
 
-The split and the metrics live in :mod:`workers.evaluation` (``zerocf eval`` uses them too); the two
+The split and the metrics live in :mod:`workers.evaluation.metrics` (``zerocf eval`` uses them too); the two
 functions here are thin wrappers kept for the benchmarks.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from workers import evaluation
+from workers.evaluation import metrics as evaluation
 
 ML100K = Path("/work/shared/datasets/ml-100k/u.data")
 LASTFM = Path("/work/shared/datasets/lastfm-2k/user_artists.dat")
@@ -144,7 +144,7 @@ def subset(d: Interactions, mask: npt.NDArray[np.bool_]) -> Interactions:
 
 def holdout_mask(d: Interactions, test_frac: float = 0.2, min_interactions: int = 5,
                  seed: int = 0) -> npt.NDArray[np.bool_]:
-    """Boolean mask of the test interactions of :func:`holdout_split` (:func:`workers.evaluation.holdout_mask`)."""
+    """Boolean mask of the test interactions of :func:`holdout_split` (:func:`workers.evaluation.metrics.holdout_mask`)."""
     return evaluation.holdout_mask(d.user, d.ts, d.n_users, test_frac, min_interactions, seed)
 
 

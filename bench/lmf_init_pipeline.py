@@ -2,7 +2,7 @@
 
     python -m bench.lmf_init_pipeline [--dataset ../shared/datasets/ml-100k/u.data]
 
-Replays the training part of the ml-100k holdout's validation split through :func:`workers.offline.replay_pipeline`
+Replays the training part of the ml-100k holdout's validation split through :func:`workers.evaluation.offline.replay_pipeline`
 (ALS alpha 1 every 25,000 clicks, calibrated handoff, LMF lr 0.02 in between) once with ``init=random`` and once
 with ``init=foldin``, and reports validation NDCG@10, next to ALS alone on the same data. This is the measurement
 behind the default ``ZEROCF_LMF_INIT=random`` (bench/bench_lmf_kernel.py measures the pure-online case, where
@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from workers.evaluation_cli import Holdout, load_data
-from workers.offline import ALSParams, fit_als, lmf_config, replay_pipeline
+from workers.evaluation.cli import Holdout, load_data
+from workers.evaluation.offline import ALSParams, fit_als, lmf_config, replay_pipeline
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "u.data"
 

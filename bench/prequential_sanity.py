@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from stream.datasets import read_interactions, time_ordered
-from workers.als import als_fit
+from stream.replay.datasets import read_interactions, time_ordered
+from workers.kernels.als import als_fit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "u.data"
 

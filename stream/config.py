@@ -1,9 +1,19 @@
 """Configuration: one frozen dataclass per process, built once from ``ZEROCF_*`` env vars and CLI flags.
 
-Every config field declares its environment variable with :func:`setting`. :func:`load` reads a dataclass
-from a mapping (normally ``os.environ``, read only by the entry point) plus explicit overrides (CLI flags),
-and converts each value to the field's type. :func:`check_unknown_env` names every ``ZEROCF_*`` variable no
-config declares, with the closest known name, so a typo never goes unnoticed.
+Every config field is declared with :func:`setting`: its environment variable, help text, unit and CLI
+flag. From that one declaration
+
+- :func:`load` builds the dataclass from a mapping (normally ``os.environ``, read only by the entry point)
+  plus overrides (CLI flags win), converting each value to the field's type (``Literal`` fields accept only
+  their values);
+- :func:`add_flags` adds the matching argparse flags to a command, with the default and unit in ``--help``,
+  and :func:`flag_overrides` reads them back for :func:`load`;
+- :func:`check_unknown_env` names every ``ZEROCF_*`` variable no config declares, with the closest known
+  name, so a typo never goes unnoticed; :func:`env_reference` lists them all for the README.
+
+Settings that several processes share are declared once: :class:`ProcessSettings` (Kafka, topic prefix,
+logging/metrics) and :class:`ConsumerSettings` (poll timeout, idle exit). Range errors are worded one way,
+by :func:`check_ranges`.
 
 >>> cfg = load(StreamConfig, {"ZEROCF_TOPIC_PREFIX": "shop", "ZEROCF_EVENTS_PARTITIONS": "3"})
 >>> cfg.topics.events, cfg.events_partitions
@@ -12,14 +22,21 @@ config declares, with the closest known name, so a typo never goes unnoticed.
 Traceback (most recent call last):
 ...
 stream.errors.ConfigError: unknown environment variable ZEROCF_TOPIK_PREFIX (did you mean ZEROCF_TOPIC_PREFIX?); unset it or fix the name
+>>> load(StreamConfig, {"ZEROCF_INGEST_BATCH": "0"})
+Traceback (most recent call last):
+...
+stream.errors.ConfigError: ZEROCF_INGEST_BATCH=0 must be in [1, 1e+06]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import re
+import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -30,85 +47,179 @@ T = TypeVar("T")
 ENV_PREFIX = "ZEROCF_"
 
 
-def setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
-    """Declare a config field bound to the environment variable ``ZEROCF_<env>``."""
-    return field(default=default, metadata={"env": ENV_PREFIX + env, "help": help, "secret": secret},
-                 repr=not secret)
+def setting(default: Any, env: str, help: str, *, unit: str = "", flag: str | None = None,
+            cli: bool = True, secret: bool = False) -> Any:
+    """Declare a config field bound to ``ZEROCF_<env>``.
+
+    ``flag`` names its CLI flag (default ``--<field-name>``); ``cli=False`` (implied by ``secret``) gives
+    it none: secrets belong in the environment, not in ``ps`` output. ``unit`` is shown after the default.
+    """
+    meta = {"env": ENV_PREFIX + env, "help": help, "unit": unit, "flag": flag,
+            "cli": cli and not secret, "secret": secret}
+    return field(default=default, metadata=meta, repr=not secret)
 
 
+# ---------------------------------------------------------------------------------------------- fields
+@dataclass(frozen=True)
+class _Field:
+    """One declared setting of a config class (nested dataclasses flattened)."""
+
+    name: str
+    typ: Any
+    default: Any
+    meta: Mapping[str, Any]
+
+    @property
+    def env(self) -> str:
+        return str(self.meta["env"])
+
+    @property
+    def flag(self) -> str:
+        return str(self.meta.get("flag") or "--" + self.name.replace("_", "-"))
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        return _literal_values(self.typ)
+
+
+def _literal_values(typ: Any) -> tuple[Any, ...] | None:
+    return tuple(typing.get_args(typ)) if typing.get_origin(typ) is typing.Literal else None
+
+
+def _unwrap_optional(typ: Any) -> tuple[Any, bool]:
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return typ, False
+
+
+def _fields(cls: type) -> Iterator[tuple[_Field | None, type | None, dataclasses.Field[Any]]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            yield None, typ, f  # type: ignore[misc]
+        elif "env" in f.metadata:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            yield _Field(f.name, typ, default, f.metadata), None, f
+
+
+def settings_of(*classes: type) -> list[_Field]:
+    """Every declared setting of ``classes``, nested ones included, each once (first declaration wins)."""
+    out: dict[str, _Field] = {}
+    for cls in classes:
+        for fld, nested, _ in _fields(cls):
+            for s in (settings_of(nested) if nested is not None else [fld]):
+                assert s is not None
+                out.setdefault(s.env, s)
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------------------------- loading
 def _convert(name: str, raw: Any, typ: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    origin = typing.get_origin(typ)
-    args = [a for a in typing.get_args(typ) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        if raw == "":
+    inner, optional = _unwrap_optional(typ)
+    if isinstance(raw, str):
+        if optional and raw == "":
             return None
-        typ = args[0]
-    try:
-        if typ is bool:
-            low = raw.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(raw)
-        if typ in (int, float):
-            return typ(raw)
-        if typ is tuple or typing.get_origin(typ) is tuple:
-            return tuple(s.strip() for s in raw.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a valid {getattr(typ, '__name__', typ)}; "
-                          f"fix the value") from None
+        try:
+            if inner is bool:
+                low = raw.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    raw = True
+                elif low in ("0", "false", "no", "off", ""):
+                    raw = False
+                else:
+                    raise ValueError(raw)
+            elif inner in (int, float):
+                raw = inner(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a valid {inner.__name__}; fix the value") from None
+    choices = _literal_values(inner)
+    if choices is not None and raw not in choices and not (optional and raw is None):
+        raise ConfigError(f"{name}={raw!r}; use one of {', '.join(map(str, choices))}")
     return raw
 
 
 def load(cls: type[T], env: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> T:
-    """Build config ``cls`` from ``env`` and ``overrides`` (CLI flags win; ``None`` means not given).
+    """Build config ``cls`` from ``env`` and ``overrides`` (field name -> value; ``None`` means not given).
 
     Nested dataclass fields (e.g. :class:`KafkaSettings`) are loaded recursively from the same sources.
     """
     overrides = dict(overrides or {})
-    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
-            kwargs[f.name] = load(typ, env, overrides)  # type: ignore[arg-type]
+    for fld, nested, f in _fields(cls):
+        if nested is not None:
+            kwargs[f.name] = load(nested, env, overrides)
             continue
-        name = f.metadata.get("env")
-        if overrides.get(f.name) is not None:
-            kwargs[f.name] = _convert(f"--{f.name.replace('_', '-')}", overrides[f.name], typ)
-        elif name and name in env:
-            kwargs[f.name] = _convert(name, env[name], typ)
+        assert fld is not None
+        if overrides.get(fld.name) is not None:
+            kwargs[fld.name] = _convert(fld.env, overrides[fld.name], fld.typ)
+        elif fld.env in env:
+            kwargs[fld.name] = _convert(fld.env, env[fld.env], fld.typ)
     return cls(**kwargs)
 
 
+def check_ranges(obj: Any, spec: Mapping[str, tuple[float, float]]) -> None:
+    """Raise :class:`ConfigError` ``"<ENV>=<value> must be in [lo, hi]"`` for the first field out of range."""
+    envs = {f.name: f.metadata.get("env", f.name) for f in dataclasses.fields(obj)}
+    for name, (lo, hi) in spec.items():
+        value = getattr(obj, name)
+        if not lo <= value <= hi:  # also False for NaN
+            raise ConfigError(f"{envs[name]}={value} must be in [{lo:g}, {hi:g}]")
+
+
+# ---------------------------------------------------------------------------------------------- CLI flags
+def _shown_default(fld: _Field) -> str:
+    d = fld.default
+    if d is None or d == "" or d == ():
+        return ""
+    text = ("on" if d else "off") if isinstance(d, bool) else f"{d:g}" if isinstance(d, float) else str(d)
+    return f"default {text}{' ' + fld.meta['unit'] if fld.meta.get('unit') else ''}; "
+
+
+def add_flags(parser: argparse.ArgumentParser | Any, *classes: type, skip: Iterable[str] = ()) -> None:
+    """Add one flag per CLI setting of ``classes`` to ``parser`` (help: text, default + unit, env var).
+
+    Flags default to ``None`` (not given) so the environment applies unless the flag is passed; booleans
+    get ``--x/--no-x``, ``Literal`` fields their choices. Read them back with :func:`flag_overrides`.
+    """
+    skip = set(skip)
+    for fld in settings_of(*classes):
+        if not fld.meta.get("cli", True) or fld.name in skip:
+            continue
+        inner, _ = _unwrap_optional(fld.typ)
+        help_text = f"{fld.meta['help']} ({_shown_default(fld)}env {fld.env})"
+        kw: dict[str, Any] = {"dest": fld.name, "default": None, "help": help_text}
+        if inner is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif fld.choices is not None:
+            kw["choices"] = fld.choices
+        else:
+            kw["type"] = inner if inner in (int, float) else str
+            kw["metavar"] = fld.meta.get("unit", "").upper() or fld.name.split("_")[-1].upper()
+        parser.add_argument(fld.flag, **kw)
+
+
+def flag_overrides(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
+    """The values of the flags :func:`add_flags` added, by field name, for :func:`load`."""
+    return {f.name: getattr(args, f.name, None) for f in settings_of(*classes)}
+
+
+# ---------------------------------------------------------------------------------------------- env checks
 def known_env_vars(*classes: type) -> set[str]:
     """Every environment variable declared by ``classes`` (recursively)."""
-    names: set[str] = set()
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                names |= known_env_vars(hints[f.name])
-            elif "env" in f.metadata:
-                names.add(f.metadata["env"])
-    return names
+    return {f.env for f in settings_of(*classes)}
 
 
-def env_reference(*classes: type) -> list[tuple[str, str, str]]:
-    """(variable, default, help) rows for the README's configuration reference."""
-    rows: dict[str, tuple[str, str, str]] = {}
-    for cls in classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                for row in env_reference(hints[f.name]):
-                    rows[row[0]] = row
-            elif "env" in f.metadata:
-                rows[f.metadata["env"]] = (f.metadata["env"], repr(f.default), f.metadata["help"])
-    return sorted(rows.values())
+def env_reference(*classes: type) -> list[tuple[str, str, str, str]]:
+    """(variable, default, flag, help) rows for the README's configuration reference, sorted."""
+    rows = []
+    for f in settings_of(*classes):
+        flag = f.flag if f.meta.get("cli", True) else ""
+        unit = f" {f.meta['unit']}" if f.meta.get("unit") and f.default not in ("", None) else ""
+        rows.append((f.env, f"{f.default!r}{unit}", flag, str(f.meta["help"])))
+    return sorted(rows)
 
 
 def check_unknown_env(env: Mapping[str, str], known: Iterable[str]) -> None:
@@ -143,27 +254,32 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+# ---------------------------------------------------------------------------------------------- settings
+SecurityProtocol = typing.Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = typing.Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogLevel = typing.Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     """Connection settings passed through to every kafka-python client."""
 
-    bootstrap: str = setting("127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, comma-separated")
-    security_protocol: str = setting("PLAINTEXT", "KAFKA_SECURITY_PROTOCOL",
-                                     "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
-    sasl_mechanism: str | None = setting(None, "KAFKA_SASL_MECHANISM", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
-    sasl_username: str | None = setting(None, "KAFKA_SASL_USERNAME", "SASL user name")
+    bootstrap: str = setting("127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, comma-separated",
+                             flag="--kafka-bootstrap")
+    security_protocol: SecurityProtocol = setting("PLAINTEXT", "KAFKA_SECURITY_PROTOCOL",
+                                                  "Kafka security protocol", flag="--kafka-security-protocol")
+    sasl_mechanism: SaslMechanism | None = setting(None, "KAFKA_SASL_MECHANISM", "SASL mechanism", cli=False)
+    sasl_username: str | None = setting(None, "KAFKA_SASL_USERNAME", "SASL user name", cli=False)
     sasl_password: str | None = setting(None, "KAFKA_SASL_PASSWORD", "SASL password (never logged)", secret=True)
-    ssl_cafile: str | None = setting(None, "KAFKA_SSL_CAFILE", "CA bundle for SSL")
-    ssl_certfile: str | None = setting(None, "KAFKA_SSL_CERTFILE", "client certificate for SSL")
-    ssl_keyfile: str | None = setting(None, "KAFKA_SSL_KEYFILE", "client key for SSL")
+    ssl_cafile: str | None = setting(None, "KAFKA_SSL_CAFILE", "CA bundle for SSL", cli=False)
+    ssl_certfile: str | None = setting(None, "KAFKA_SSL_CERTFILE", "client certificate for SSL", cli=False)
+    ssl_keyfile: str | None = setting(None, "KAFKA_SSL_KEYFILE", "client key for SSL", cli=False)
     ssl_password: str | None = setting(None, "KAFKA_SSL_PASSWORD", "password of the SSL key", secret=True)
     idempotence: bool = setting(False, "KAFKA_IDEMPOTENCE",
-                                "idempotent producer (off by default: the dev broker breaks it after a restart)")
+                                "idempotent producer (off by default: the dev broker breaks it after a restart)",
+                                cli=False)
 
     def __post_init__(self) -> None:
-        protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-        if self.security_protocol not in protocols:
-            raise ConfigError(f"ZEROCF_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}; use one of {protocols}")
         if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
             raise ConfigError("SASL needs ZEROCF_KAFKA_SASL_MECHANISM and ZEROCF_KAFKA_SASL_USERNAME")
         if not self.bootstrap.strip():
@@ -181,19 +297,24 @@ class KafkaSettings:
         return kw
 
 
+#: Field names of the Kafka settings (commands that never talk to Kafka skip their flags).
+KAFKA_FIELDS = tuple(f.name for f in dataclasses.fields(KafkaSettings))
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """Logging and the health/metrics endpoint, shared by every process."""
 
     metrics_port: int = setting(0, "METRICS_PORT", "port of /healthz and /metrics (0 = off)")
-    log_level: str = setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
-    log_json: bool = setting(False, "LOG_JSON", "log JSON lines instead of text")
+    log_level: LogLevel = setting("INFO", "LOG_LEVEL", "log level", flag="--log-level")
+    log_json: bool = setting(False, "LOG_JSON", "log JSON lines instead of text", flag="--log-json")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"ZEROCF_METRICS_PORT={self.metrics_port} must be in 0..65535")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"ZEROCF_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
+        check_ranges(self, {"metrics_port": (0, 65535)})
+
+
+#: The settings every command already takes at the top level (``zerocf --log-level ... COMMAND``).
+TOP_LEVEL = ("log_level", "log_json")
 
 
 @dataclass(frozen=True)
@@ -222,38 +343,53 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}.dlq"
 
-
-def _check_prefix(prefix: str) -> None:
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_\-]{1,100}", prefix):
-        raise ConfigError(f"ZEROCF_TOPIC_PREFIX={prefix!r}: use 1-100 letters, digits, '_' or '-'")
+    def all(self) -> tuple[str, str, str, str]:
+        """Every topic of the prefix: impressions, clicks, events, dlq."""
+        return self.impressions, self.clicks, self.events, self.dlq
 
 
 @dataclass(frozen=True)
-class StreamConfig:
-    """Configuration of ``zerocf ingest`` (and the topic layout every process shares)."""
+class ProcessSettings:
+    """What every zerocf process shares: the broker, the topic prefix (also the Redis namespace), runtime."""
 
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topic_prefix: str = setting("zerocf", "TOPIC_PREFIX", "prefix of every topic and of the Redis namespace")
-    events_partitions: int = setting(6, "EVENTS_PARTITIONS", "partitions of <p>.events (and the raw topics) when created")
-    ingest_group: str = setting("", "INGEST_GROUP", "consumer group of ingest (default <prefix>-ingest)")
-    ingest_batch: int = setting(5000, "INGEST_BATCH", "max records per ingest batch")
-    poll_timeout_ms: int = setting(500, "POLL_TIMEOUT_MS", "consumer poll timeout")
-    idle_seconds: float = setting(3.0, "IDLE_SECONDS", "--until-idle: exit after this long caught up with no data")
-    runtime: RuntimeSettings = field(default_factory=lambda: RuntimeSettings())
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def __post_init__(self) -> None:
-        _check_prefix(self.topic_prefix)
-        for name in ("events_partitions", "ingest_batch", "poll_timeout_ms"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.idle_seconds <= 0:
-            raise ConfigError(f"idle_seconds={self.idle_seconds} must be > 0")
+        if not re.fullmatch(r"[A-Za-z0-9_\-]{1,100}", self.topic_prefix):
+            raise ConfigError(f"ZEROCF_TOPIC_PREFIX={self.topic_prefix!r}: use 1-100 letters, digits, '_' or '-'")
 
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+
+@dataclass(frozen=True)
+class ConsumerSettings(ProcessSettings):
+    """The consumer loop of ingest and lmf: how long a poll waits, when ``--until-idle`` exits."""
+
+    poll_timeout_ms: int = setting(500, "POLL_TIMEOUT_MS", "consumer poll timeout", unit="ms")
+    idle_seconds: float = setting(3.0, "IDLE_SECONDS", "--until-idle: exit after this long caught up", unit="s")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ranges(self, {"poll_timeout_ms": (1, 60_000), "idle_seconds": (0.01, 3600)})
+
+
+@dataclass(frozen=True)
+class StreamConfig(ConsumerSettings):
+    """Configuration of ``zerocf ingest`` (and the topic layout every process shares)."""
+
+    events_partitions: int = setting(6, "EVENTS_PARTITIONS", "partitions of <p>.events (and the raw topics) "
+                                                             "when created here")
+    ingest_group: str = setting("", "INGEST_GROUP", "consumer group of ingest (default <prefix>-ingest)",
+                                flag="--group")
+    ingest_batch: int = setting(5000, "INGEST_BATCH", "max records per ingest batch", flag="--batch")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ranges(self, {"events_partitions": (1, 10_000), "ingest_batch": (1, 1_000_000)})
 
     @property
     def group(self) -> str:

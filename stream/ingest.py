@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stream import kafka_util
-from stream.config import StreamConfig, load
+from stream.config import TOP_LEVEL, StreamConfig, add_flags, flag_overrides, load
 from stream.errors import ConfigError, InvalidEvent
 from stream.events import parse_record, to_events
 from stream.runtime import Backoff, StopFlag, start_http
@@ -387,20 +387,13 @@ def register(subparsers: Any) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--until-idle", action="store_true",
                    help="exit 0 once caught up and idle for ZEROCF_IDLE_SECONDS (batch runs, tests)")
-    p.add_argument("--group", default=None, help="consumer group (env ZEROCF_INGEST_GROUP, default <prefix>-ingest)")
-    p.add_argument("--batch", type=int, default=None, help="max records per batch (env ZEROCF_INGEST_BATCH)")
-    p.add_argument("--events-partitions", type=int, default=None,
-                   help="partitions of topics created here (env ZEROCF_EVENTS_PARTITIONS)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve /healthz and /metrics on this port (env ZEROCF_METRICS_PORT; 0 = off)")
+    add_flags(p, StreamConfig, skip=TOP_LEVEL)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``zerocf ingest``: 0 on a clean stop, 1 if the last batch could not be produced."""
-    cfg = load(StreamConfig, args.env, {"ingest_group": args.group, "ingest_batch": args.batch,
-                                        "events_partitions": args.events_partitions,
-                                        "metrics_port": args.metrics_port})
+    cfg = load(StreamConfig, args.env, flag_overrides(args, StreamConfig))
     stop = StopFlag().install()
     stats = Ingest(cfg, stop).run(until_idle=args.until_idle)
     if not stats.clean_exit:

@@ -2,7 +2,7 @@
 
 Unit tests (``tests/unit``) use nothing from here but fakeredis and in-process objects. Integration tests
 (``tests/integration``) get a real Kafka-protocol broker and a real Redis, started once per session by the
-same :class:`stream.stack.LocalStack` code that ``zerocf stack up`` uses, on free loopback ports, and
+same :class:`stream.devstack.LocalStack` code that ``zerocf stack up`` uses, on free loopback ports, and
 stopped at the end. Each test gets fresh topic names (a unique prefix) and a flushed Redis database.
 """
 
@@ -18,7 +18,7 @@ import pytest
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The running local stack (broker + Redis) for this test session."""
-    from stream.stack import LocalStack
+    from stream.devstack import LocalStack
 
     st = LocalStack(tmp_path_factory.mktemp("stack"))
     try:

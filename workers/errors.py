@@ -3,7 +3,7 @@
 Every error derives from :class:`WorkerError`, itself a :class:`stream.errors.ZerocfError`; errors that a
 retry may cure set ``retriable = True``.
 
->>> issubclass(StaleBatch, WorkerError) and StaleBatch.retriable
+>>> issubclass(ModelDiverged, WorkerError)
 True
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from stream.errors import ZerocfError
 
-__all__ = ["GenerationError", "ModelDiverged", "StaleBatch", "StoreSchemaError", "WorkerError"]
+__all__ = ["GenerationError", "ModelDiverged", "StoreSchemaError", "WorkerError"]
 
 
 class WorkerError(ZerocfError):
@@ -28,16 +28,6 @@ class StoreSchemaError(WorkerError):
 
 class ModelDiverged(WorkerError):
     """A factor, delta, accumulator or bias is NaN or infinite; it was refused and nothing was written."""
-
-
-class StaleBatch(WorkerError):
-    """The offset fence failed: the partition's applied offset in Redis is not the one the batch expected.
-
-    Another worker (or an earlier run) already applied these events; reseek the partition to the stored
-    applied offset + 1 and continue.
-    """
-
-    retriable = True
 
 
 class GenerationError(WorkerError):

@@ -19,10 +19,10 @@ pytest.importorskip("pyspark", reason="the spark backend is an optional extra: p
 if shutil.which("java") is None:
     pytest.skip("the spark backend needs Java (17)", allow_module_level=True)
 
-from stream.datasets import synthetic_dataset  # noqa: E402
+from stream.replay.datasets import synthetic_dataset  # noqa: E402
 from tests.integration.test_als_worker import (K, Ingest, _assert_published, _last_offsets,  # noqa: E402
                                                _produce, _stream_cfg, _wait, ingest_thread)  # noqa: F401 (fixture)
-from workers.als_spark import spark_als_fit  # noqa: E402
+from workers.batch.spark import spark_als_fit  # noqa: E402
 
 
 def test_spark_recovers_planted_blocks_and_zero_rows_for_unseen_ids() -> None:

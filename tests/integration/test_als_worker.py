@@ -1,6 +1,6 @@
 """``zerocf als`` on the real broker and Redis: publish, crash/stop safety, and the LMF handoff.
 
-Data: synthetic clicks (``stream.datasets.synthetic_dataset``) sent as raw clicks, normalised by the real
+Data: synthetic clicks (``stream.replay.datasets.synthetic_dataset``) sent as raw clicks, normalised by the real
 ingest (in-process), read by the ALS snapshot; the LMF worker runs as a ``zerocf lmf`` subprocess.
 """
 
@@ -22,12 +22,12 @@ import pytest
 
 from stream import kafka_util
 from stream.config import StreamConfig, load
-from stream.datasets import Interaction, synthetic_dataset
+from stream.replay.datasets import Interaction, synthetic_dataset
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from stream.producer import EventProducer
+from stream.client.producer import EventProducer
 from stream.runtime import StopFlag
-from workers.als_worker import ALSWorker
+from workers.batch.worker import ALSWorker
 from workers.config import ALSConfig
 from workers.store import FactorStore
 

@@ -2,7 +2,7 @@
 
 ``zerocf ingest`` and ``zerocf lmf`` run as subprocesses with metrics ports, as in production. The drills stop
 and restart services, so they never touch the session stack other tests share: this module starts its own
-:class:`stream.stack.LocalStack` in a temporary directory (plus, for the Redis crash drill, its own
+:class:`stream.devstack.LocalStack` in a temporary directory (plus, for the Redis crash drill, its own
 ``redis-server`` with an append-only file) and stops it at the end. Every test uses fresh topic names and
 fresh consumer groups. Results and the numbers of a reference run are in docs/drills.md.
 
@@ -37,8 +37,8 @@ from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.events import Event
 from stream.kafka_util import read_topic
-from stream.producer import EventProducer
-from stream.stack import LocalStack, free_port, redis_binary
+from stream.client.producer import EventProducer
+from stream.devstack import LocalStack, free_port, redis_binary
 from tests.integration.test_lmf_worker import Truth, assert_store_matches, fresh_group, truth_of
 from workers.config import LMFConfig
 from workers.store import FactorStore
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.slow
 TS = 1_700_000_000_000
 OUTAGE_S = 30.0          # how long Redis is down in drill 1 (crash variant)
 # The pause variant stops Redis for 25 s, not 30: the worker's Redis socket timeout is 15 s (hard-coded in
-# workers/lmf_worker.py), so its first call times out at ~15 s and the reload after the back-off blocks until
+# workers/online/worker.py), so its first call times out at ~15 s and the reload after the back-off blocks until
 # ~30 s. A 30 s pause ends within a second of that reload's own timeout; when the reload loses that race the
 # worker hits the _redis_down bug (test_lmf_redis_back_before_next_batch_loses_no_events): one run lost 99
 # events. 25 s keeps the SIGCONT ~5 s inside the blocked reload, so the drill is deterministic.

@@ -22,7 +22,7 @@ from stream.dedupe import Deduper
 from stream.events import Event, encode_click, encode_impression
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from stream.stack import free_port
+from stream.devstack import free_port
 
 log = logging.getLogger(__name__)
 TS = 1_700_000_000_000

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from stream.config import StreamConfig, load
-from stream.datasets import synthetic_dataset, write_csv
+from stream.replay.datasets import synthetic_dataset, write_csv
 from tests.integration.test_lmf_worker import (Truth, assert_store_matches, fresh_group, lmf_cmd, run_lmf,
                                                truth_of)
 from workers.config import LMFConfig

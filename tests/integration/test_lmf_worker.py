@@ -31,7 +31,7 @@ from stream.errors import InvalidEvent
 from stream.events import Event
 from stream.kafka_util import read_topic
 from workers.config import LMFConfig
-from workers.lmf_worker import LMFWorker
+from workers.online.worker import LMFWorker
 from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def test_undecodable_records_are_skipped_logged_and_counted(zerocf_env: dict[str
 
     store = FactorStore.from_url(cfg.redis_url, p, seen_cap=cfg.seen_cap)
     worker = LMFWorker(cfg, store)
-    with caplog.at_level(logging.ERROR, logger="workers.lmf_worker"):
+    with caplog.at_level(logging.ERROR, logger="workers.online.worker"):
         stats = worker.run(until_idle=True)
     assert stats.events == 12 and stats.clicks == 12 and stats.nan_batches == 0
     assert worker.metrics.invalid._value.get() == len(bad)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from workers.lookup import Recommender
+from workers.serving.lookup import Recommender
 from workers.store import FactorStore
 
 K = 4

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from stream.datasets import synthetic_dataset
-from workers.evaluation import prequential_summary
-from workers.prequential import prequential
+from stream.replay.datasets import synthetic_dataset
+from workers.evaluation.metrics import prequential_summary
+from workers.evaluation.prequential import prequential
 
 N_ITEMS = 300
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from stream.errors import ConfigError
-from stream.stack import free_port, redis_binary
+from stream.devstack import free_port, redis_binary
 from workers.store import FactorStore
 
 SECRET = "s3cret-Pa55"

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from stream.stack import free_port
-from workers.lookup import Recommender
-from workers.serve import RecommendServer, make_server
+from stream.devstack import free_port
+from workers.serving.lookup import Recommender
+from workers.serving.server import RecommendServer, make_server
 from workers.store import FactorStore
 
 MAX_K = 50

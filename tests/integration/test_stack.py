@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from stream.stack import LocalStack
+from stream.devstack import LocalStack
 
 
 def _cli(stack_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

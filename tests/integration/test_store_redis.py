@@ -1,4 +1,4 @@
-"""Integration tests of workers/store.py on a real redis-server (the Lua scripts: struct, ZADD GT, UNLINK).
+"""Integration tests of workers/store/factor_store.py on a real redis-server (the Lua scripts: struct, ZADD GT, UNLINK).
 
 ``redis_client`` (a flushed database) and ``redis_url`` come from the session fixtures in tests/conftest.py.
 """

@@ -3,7 +3,7 @@
 The store-level property (two writers on disjoint partitions adding float32 deltas to the same items, final
 = initial + sum of deltas, exactly) is covered by tests/integration/test_store_redis.py
 (``test_two_workers_add_deltas_concurrently_without_losing_any``). Here the same property is checked at the
-worker level: two :class:`workers.lmf_worker.LMFWorker` objects run in threads of this process, each with
+worker level: two :class:`workers.online.worker.LMFWorker` objects run in threads of this process, each with
 its own consumer in the same group (the broker splits the partitions between them) and its own Redis
 connection; each store's ``apply_batch`` is wrapped to record the item deltas of every batch Redis applied.
 Every user's events live on one partition (keyed by user), every item is clicked on every partition.
@@ -24,7 +24,7 @@ from stream import kafka_util
 from stream.config import load
 from stream.events import Event
 from workers.config import LMFConfig
-from workers.lmf_worker import LMFWorker
+from workers.online.worker import LMFWorker
 from workers.store import ApplyStatus, FactorStore
 
 K = 16

@@ -1,4 +1,4 @@
-"""Unit tests of workers.calibration: recovery of a known (scale, bias), sampling, clamp, fold."""
+"""Unit tests of workers.kernels.calibration: recovery of a known (scale, bias), sampling, clamp, fold."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from workers.calibration import MIN_SCALE, calibrate, fit_scale_bias, fold_scale, sample_pairs
+from workers.kernels.calibration import MIN_SCALE, calibrate, fit_scale_bias, fold_scale, sample_pairs
 
 
 def _logits(a: float, b: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Tests of stream.datasets: readers with corrupted lines, ordering, impressions, synthetic data."""
+"""Tests of stream.replay.datasets: readers with corrupted lines, ordering, impressions, synthetic data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream.datasets import (
+from stream.replay.datasets import (
     BadDataLine,
     BadLine,
     Interaction,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from workers.evaluation import PrequentialLog, holdout_mask, prequential_summary, rank_metrics, ranking_metrics
-from workers.offline import Stream, lmf_config, popularity, recommend, recommend_popular, replay_lmf
+from workers.evaluation.metrics import PrequentialLog, holdout_mask, prequential_summary, rank_metrics, ranking_metrics
+from workers.evaluation.offline import Stream, lmf_config, popularity, recommend, recommend_popular, replay_lmf
 
 
 def _test_matrix(rows: list[list[int]], n_items: int) -> sp.csr_matrix:

@@ -1,4 +1,4 @@
-"""Unit tests of workers.interactions: id maps, CSR building, memory accounting, atomic checkpoints."""
+"""Unit tests of workers.batch.interactions: id maps, CSR building, memory accounting, atomic checkpoints."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from workers import interactions as im_mod
-from workers.interactions import InteractionMatrix
+from workers.batch import interactions as im_mod
+from workers.batch.interactions import InteractionMatrix
 
 
 def _filled(seed: int = 0, n: int = 500) -> InteractionMatrix:

@@ -1,11 +1,11 @@
-"""Unit tests of workers.lmf: numba kernel vs reference, learning on a planted problem, guards."""
+"""Unit tests of workers.kernels.lmf: numba kernel vs reference, learning on a planted problem, guards."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from workers.lmf import (check_finite, event_weights, fold_in_user, init_rows, lmf_sgd,
+from workers.kernels.lmf import (check_finite, event_weights, fold_in_user, init_rows, lmf_sgd,
                          lmf_sgd_reference)
 
 
@@ -182,7 +182,7 @@ def test_fold_in_solves_normal_equations() -> None:
 
 
 def test_fold_in_users_matches_one_by_one_including_heavy_users() -> None:
-    from workers.lmf import fold_in_user, fold_in_users
+    from workers.kernels.lmf import fold_in_user, fold_in_users
 
     rng = np.random.default_rng(3)
     V = init_rows(300, 16, rng, scale=1.0)

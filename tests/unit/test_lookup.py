@@ -8,8 +8,8 @@ import fakeredis
 import numpy as np
 import pytest
 
-from workers import lookup
-from workers.lookup import NoModel, Recommender, sigmoid, top_k_indices
+from workers.serving import lookup
+from workers.serving.lookup import NoModel, Recommender, sigmoid, top_k_indices
 from workers.store import FactorStore, GenerationMeta
 
 K = 8

@@ -1,4 +1,4 @@
-"""Pure tests of workers/online.py: OnlineModel (plan, init of new users, exposure negatives, prequential
+"""Pure tests of workers/online/model.py: OnlineModel (plan, init of new users, exposure negatives, prequential
 ranks, train deltas, commit) and IdMap. No Kafka, no Redis: vectors are passed in as the store would."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from stream.events import Event
 from workers.config import LMFConfig
-from workers.online import BatchPlan, IdMap, OnlineModel
+from workers.online.model import BatchPlan, IdMap, OnlineModel
 
 K = 8
 TS = 1_700_000_000_000

@@ -1,4 +1,4 @@
-"""Tests of stream.producer.EventProducer against a fake KafkaProducer (no broker)."""
+"""Tests of stream.client.producer.EventProducer against a fake KafkaProducer (no broker)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from stream.errors import ConfigError, InvalidEvent, ServiceUnavailable, ZerocfError
 from stream.events import parse_click, parse_impression
-from stream.producer import DeliveryFailed, EventProducer, producer_config
+from stream.client.producer import DeliveryFailed, EventProducer, producer_config
 
 NOW = 1_700_000_000_000
 

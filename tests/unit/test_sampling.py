@@ -1,4 +1,4 @@
-"""Unit tests of workers.sampling: reservoir, popularity alias sampler, exclusion, hard and exposure negatives.
+"""Unit tests of workers.kernels.sampling: reservoir, popularity alias sampler, exclusion, hard and exposure negatives.
 
 Statistical tests use fixed seeds and a chi-square goodness of fit; they pass when p > 0.001 (with the
 fixed seed the outcome is deterministic, the threshold states how surprising a pass-rate would be).
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from workers.exposure import ExposureTracker
-from workers.sampling import (PopularitySampler, Reservoir, positives_csr,
+from workers.kernels.exposure import ExposureTracker
+from workers.kernels.sampling import (PopularitySampler, Reservoir, positives_csr,
                               sample_negatives)
 
 P_MIN = 1e-3

@@ -1,4 +1,4 @@
-"""Unit tests of workers.snapshot with an in-memory stand-in for a group-less KafkaConsumer."""
+"""Unit tests of workers.batch.snapshot with an in-memory stand-in for a group-less KafkaConsumer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from stream.events import Event
 from stream.runtime import StopFlag
-from workers.snapshot import Snapshot
+from workers.batch.snapshot import Snapshot
 
 Rec = namedtuple("Rec", "offset value")
 TOPIC = "t.events"
@@ -154,7 +154,7 @@ def test_stop_flag_interrupts_with_consistent_offsets(tmp_path: Path) -> None:
 
 def test_missing_topic_is_an_instructive_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stream.errors import ServiceUnavailable
-    from workers import snapshot
+    from workers.batch import snapshot
 
     monkeypatch.setattr(snapshot, "DISCOVER_S", 0.0)
     s = Snapshot("nope.events", tmp_path, FakeLog(1).consumer)

@@ -1,4 +1,4 @@
-"""Unit tests of workers/store.py on fakeredis (no Lua there: scripts are covered by the integration tier)."""
+"""Unit tests of workers/store/factor_store.py on fakeredis (no Lua there: scripts are covered by the integration tier)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import redis
 
+from stream.config import redact_url
 from stream.errors import ConfigError
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
 from workers.store import (
-    KEY_PREFIX, ApplyStatus, FactorStore, Keys, decode, encode, redact_url,
+    KEY_PREFIX, ApplyStatus, FactorStore, Keys, decode, encode,
 )
 
 K = 8

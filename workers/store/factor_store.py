@@ -1,12 +1,12 @@
-"""The Redis factor store: THE owner of the key schema (docs/redis-schema.md) and of the float32 encoding.
+"""The Redis factor store: reads and writes of one model's factors, generations, offsets, counts, seen sets.
 
-Every key of one model carries the hash tag ``{<ns>}`` under the versioned prefix ``zcf:v1:``; callers
-never format keys, they call :class:`FactorStore` (or read ``store.keys`` for tools and benchmarks).
-Vectors are float32 little-endian blobs of exactly ``k`` values, no header.
+Keys come from :mod:`workers.store.keys` (callers never format keys; tools and benchmarks read
+``store.keys``), values from :mod:`workers.store.codec`, scripts from :mod:`workers.store.lua`.
 
-Hot-path writes (:meth:`FactorStore.apply_batch`, :meth:`FactorStore.add_item_deltas`) and generation
-publish/drop run as Lua scripts (EVALSHA; redis-py reloads them on NOSCRIPT). They need a real Redis >= 6.2
-(``struct`` library, ``ZADD GT``); fakeredis has no Lua, so everything else here also works on fakeredis.
+The hot-path batch write (:meth:`FactorStore.apply_batch`) and generation publish/drop run as Lua scripts
+(EVALSHA; redis-py reloads them on NOSCRIPT). They need a real Redis >= 6.2 (``struct`` library,
+``ZADD GT``). fakeredis (with ``lupa``) runs the scripts that do not pack floats, so everything but
+``apply_batch`` also works on it.
 
 >>> import fakeredis, numpy as np
 >>> store = FactorStore(fakeredis.FakeRedis(), namespace="demo")
@@ -28,7 +28,8 @@ import math
 import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -37,154 +38,15 @@ import redis
 from stream.config import redact_url
 from stream.errors import ConfigError, ServiceUnavailable
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
-from workers.store_lua import ADD_DELTAS_LUA, APPLY_BATCH_LUA, DROP_LUA, PUBLISH_LUA, SEEN_MANY_LUA
+from workers.store.codec import DTYPE, decode, encode, encode_joined
+from workers.store.keys import SCHEMA_VERSION, TABLES, Keys, Table
+from workers.store.lua import APPLY_BATCH_LUA, DROP_LUA, PUBLISH_LUA, SEEN_ADD_LUA, SEEN_MANY_LUA
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-KEY_PREFIX = f"zcf:v{SCHEMA_VERSION}:"
-DTYPE = "<f4"
-Kind = Literal["user", "item", "user_acc", "item_acc"]
-KINDS: tuple[str, ...] = ("user", "item", "user_acc", "item_acc")
 _CHUNK = 1000
 
-__all__ = [
-    "ApplyStatus", "BatchState", "FactorStore", "GenerationMeta", "Keys", "ModelMeta",
-    "decode", "encode", "redact_url",
-]
-
-
-# ----------------------------------------------------------------------------------------------- encoding
-def encode(vecs: npt.NDArray[np.float32], k: int | None = None,
-           ids: Sequence[str] | None = None) -> list[bytes]:
-    """Encode the rows of an ``(n, k)`` float32 matrix as ``n`` little-endian blobs of ``4*k`` bytes.
-
-    Raises :class:`StoreSchemaError` for a wrong dtype or width (naming ``ids[0]`` when given) and
-    :class:`ModelDiverged` for NaN/inf (naming the first bad id).
-
-    >>> encode(np.array([[1.0, -2.0]], dtype=np.float32))
-    [b'\\x00\\x00\\x80?\\x00\\x00\\x00\\xc0']
-    """
-    arr = np.asarray(vecs)
-    if arr.dtype != np.float32:
-        raise StoreSchemaError(f"vectors have dtype {arr.dtype}, the store keeps float32; "
-                               "cast with .astype(np.float32) where they are computed")
-    if arr.ndim != 2 or (k is not None and arr.shape[1] != k):
-        first = ids[0] if ids else "row 0"
-        raise StoreSchemaError(f"vectors have shape {arr.shape} (first id {first!r}), store expects "
-                               f"(n, {k}); "
-                               "check --factors against the model's k")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ModelDiverged(f"vector {ids[i] if ids else i!r} holds NaN/inf; refused, nothing written. "
-                            "Lower the learning rate or raise regularisation")
-    buf = np.ascontiguousarray(arr, dtype=DTYPE).tobytes()
-    w = 4 * arr.shape[1]
-    return [buf[i * w:(i + 1) * w] for i in range(arr.shape[0])]
-
-
-def encode_joined(vecs: npt.NDArray[np.float32], k: int, ids: Sequence[str]) -> bytes:
-    """:func:`encode` with the same checks, as one buffer of ``len(ids)`` rows (the hot path's format).
-
-    >>> encode_joined(np.zeros((2, 1), np.float32), 1, ["a", "b"])
-    b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00'
-    """
-    if not len(ids):
-        return b""
-    arr = np.asarray(vecs)
-    if arr.dtype == np.float32 and arr.ndim == 2 and arr.shape == (len(ids), k) and np.isfinite(arr).all():
-        return np.ascontiguousarray(arr, dtype=DTYPE).tobytes()
-    return b"".join(encode(arr, k, ids))  # raises the precise error (or handles a count mismatch below)
-
-
-def decode(blobs: Sequence[bytes | None], k: int,
-           ids: Sequence[str] | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """Decode blobs (``None`` = absent) into an ``(n, k)`` float32 matrix (zeros where absent) and a mask.
-
-    >>> m, found = decode([b'\\x00\\x00\\x80?\\x00\\x00\\x00\\xc0', None], 2)
-    >>> m.tolist(), found.tolist()
-    ([[1.0, -2.0], [0.0, 0.0]], [True, False])
-    >>> decode([b'\\x00' * 12], 2, ids=["i7"])
-    Traceback (most recent call last):
-    ...
-    workers.errors.StoreSchemaError: stored vector 'i7' has 3 float32 values (12 bytes), store expects k=2; \
-the model was written with another k; set ZEROCF_FACTORS to the model's k or use another ZEROCF_TOPIC_PREFIX
-    """
-    n = len(blobs)
-    found = np.fromiter((b is not None for b in blobs), dtype=np.bool_, count=n)
-    out = np.zeros((n, k), dtype=np.float32)
-    present = [b for b in blobs if b is not None]
-    if not present:
-        return out, found
-    lens = np.fromiter((len(b) for b in present), dtype=np.int64, count=len(present))
-    if (lens != 4 * k).any():
-        j = int(np.flatnonzero(lens != 4 * k)[0])
-        i = int(np.flatnonzero(found)[j])
-        name = ids[i] if ids is not None else f"row {i}"
-        raise StoreSchemaError(f"stored vector {name!r} has {lens[j] / 4:g} float32 values "
-                               f"({lens[j]} bytes), store expects k={k}; the model was written with another "
-                               "k; set ZEROCF_FACTORS to the model's k or use another ZEROCF_TOPIC_PREFIX")
-    out[found] = np.frombuffer(b"".join(present), dtype=DTYPE).reshape(-1, k)
-    return out, found
-
-
-
-# ----------------------------------------------------------------------------------------------- keys
-@dataclass(frozen=True)
-class Keys:
-    """Every key template of one model. ``ns`` must not contain braces or whitespace.
-
-    >>> Keys("zerocf").seen("u42")
-    'zcf:v1:{zerocf}:seen:u42'
-    """
-
-    ns: str
-
-    def __post_init__(self) -> None:
-        if not self.ns or any(c in self.ns for c in "{} \t\r\n"):
-            raise ConfigError(f"namespace {self.ns!r} must be non-empty without braces or whitespace; "
-                              "use the topic prefix, e.g. zerocf")
-
-    @property
-    def base(self) -> str:
-        return f"{KEY_PREFIX}{{{self.ns}}}"
-
-    @property
-    def meta(self) -> str:
-        return f"{self.base}:meta"
-
-    @property
-    def gens(self) -> str:
-        return f"{self.base}:gens"
-
-    def gen_meta(self, g: int) -> str:
-        return f"{self.base}:g:{int(g)}:meta"
-
-    def vectors(self, g: int, kind: str) -> str:
-        if kind not in KINDS:
-            raise ValueError(f"kind {kind!r} is not one of {KINDS}")
-        return f"{self.base}:g:{int(g)}:{kind}"
-
-    def offsets(self, g: int) -> str:
-        return f"{self.base}:g:{int(g)}:offsets"
-
-    def watermarks(self, g: int) -> str:
-        return f"{self.base}:g:{int(g)}:wm"
-
-    def counts(self, g: int) -> str:
-        return f"{self.base}:g:{int(g)}:counts"
-
-    def updates(self, g: int) -> str:
-        return f"{self.base}:g:{int(g)}:nupd"
-
-    def seen(self, user: str) -> str:
-        return f"{self.base}:seen:{user}"
-
-    def generation_keys(self, g: int) -> list[str]:
-        """All keys owned by generation ``g`` (what :meth:`FactorStore.drop_generation` unlinks)."""
-        return [self.gen_meta(g), *(self.vectors(g, kd) for kd in KINDS), self.offsets(g),
-                self.watermarks(g), self.counts(g), self.updates(g)]
+__all__ = ["ApplyStatus", "BatchState", "FactorStore", "GenerationMeta", "ModelMeta"]
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -248,7 +110,7 @@ class ApplyStatus(IntEnum):
     """
 
     APPLIED = 1
-    STALE = 0  # the offset fence failed: nothing written (caller raises or handles StaleBatch)
+    STALE = 0  # the offset fence failed: nothing written; reseek to the stored offset + 1
     NEW_GENERATION = -1  # live_gen is no longer g: nothing written; seek to the new generation's offsets
 
     def __bool__(self) -> bool:
@@ -297,10 +159,10 @@ class FactorStore:
         self.seen_cap, self.seen_ttl, self._clock = int(seen_cap), int(seen_ttl), clock
         self._k: int | None = None
         self._apply = client.register_script(APPLY_BATCH_LUA)
-        self._add = client.register_script(ADD_DELTAS_LUA)
         self._publish = client.register_script(PUBLISH_LUA)
         self._drop = client.register_script(DROP_LUA)
         self._seen_many = client.register_script(SEEN_MANY_LUA)
+        self._seen_add = client.register_script(SEEN_ADD_LUA)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "zerocf", **kw: Any) -> FactorStore:
@@ -420,12 +282,12 @@ class FactorStore:
         return [int(g) for g in self.r.zrange(self.keys.gens, 0, -1)]
 
     # ------------------------------------------------------------------ vector reads
-    def get_vectors(self, g: int, kind: Kind, ids: Sequence[str]
+    def get_vectors(self, g: int, table: Table, ids: Sequence[str]
                     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """Fetch rows for ``ids`` with one HMGET: ``(n, k)`` float32 (zeros where absent) and found mask."""
         if not ids:
             return np.zeros((0, self.k), dtype=np.float32), np.zeros(0, dtype=np.bool_)
-        return decode(self.r.hmget(self.keys.vectors(g, kind), list(ids)), self.k, ids)
+        return decode(self.r.hmget(self.keys.vectors(g, table), list(ids)), self.k, ids)
 
     def get_all_items(self, g: int, chunk: int = _CHUNK) -> tuple[list[str], npt.NDArray[np.float32]]:
         """Every item vector of generation ``g`` via HSCAN (order unspecified, ids aligned with rows)."""
@@ -446,11 +308,11 @@ class FactorStore:
         p = self.r.pipeline(transaction=False)
         p.hget(km.meta, "live_gen")
         parts = [str(int(x)) for x in partitions]
-        kinds = ["user", "item"] + (["user_acc", "item_acc"] if accumulators else [])
+        tables = ["user", "item"] + (["user_acc", "item_acc"] if accumulators else [])
         idlists = [list(users), list(items)] * (2 if accumulators else 1)
-        for kind, ids in zip(kinds, idlists):
+        for table, ids in zip(tables, idlists):
             if ids:
-                p.hmget(km.vectors(g, kind), ids)
+                p.hmget(km.vectors(g, table), ids)
         if parts:
             p.hmget(km.offsets(g), parts)
             p.hmget(km.watermarks(g), parts)
@@ -462,8 +324,8 @@ class FactorStore:
         if live is None:
             self.meta()
         mats: dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]] = {}
-        for kind, ids in zip(kinds, idlists):
-            mats[kind] = decode(next(res) if ids else [], k, ids)
+        for table, ids in zip(tables, idlists):
+            mats[table] = decode(next(res) if ids else [], k, ids)
         offs = next(res) if parts else []
         wms = next(res) if parts else []
         seen = ({u: [i.decode() for i in rows] for u, rows in zip(seen_users, next(res))}
@@ -513,13 +375,9 @@ class FactorStore:
         if not all(math.isfinite(c) for c in counts.values()):
             raise ModelDiverged(f"batch for partition {partition} has a non-finite item count; refused")
         km = self.keys
-        seen_keys: dict[str, int] = {}
-        seen_args: list[Any] = []
-        for user, item, ts in seen:
-            idx = seen_keys.setdefault(km.seen(str(user)), 10 + len(seen_keys))
-            seen_args += [idx, int(ts), str(item)]
+        seen_keys, seen_args = self._seen_args(seen, first_key=10)
         incr = dict(user_increments or {})
-        keys = [km.meta, km.offsets(g), km.watermarks(g), *(km.vectors(g, kd) for kd in KINDS),
+        keys = [km.meta, km.offsets(g), km.watermarks(g), *(km.vectors(g, kd) for kd in TABLES),
                 km.counts(g), km.updates(g), *seen_keys]
         args: list[Any] = [int(g), int(partition), "" if expected_offset is None else int(expected_offset),
                            int(new_offset), json.dumps(dict(watermarks), sort_keys=True), k,
@@ -547,17 +405,6 @@ class FactorStore:
         _raise_lua(code, detail, self.k)
         raise AssertionError(code)  # pragma: no cover
 
-    def add_item_deltas(self, g: int, item_ids: Sequence[str], deltas: npt.NDArray[np.float32],
-                        kind: Literal["item", "item_acc"] = "item") -> None:
-        """Atomically add float32 ``deltas`` to item rows of ``g`` (absent rows start at zero); no fences."""
-        ids = [str(i) for i in item_ids]
-        blobs = encode(deltas, self.k, ids)
-        _same_len("item_ids", ids, blobs, "deltas")
-        if ids:
-            code, detail = self._add(keys=[self.keys.vectors(g, kind)], args=[self.k, *_pairs(ids, blobs)])
-            if code != 1:
-                _raise_lua(code, detail, self.k)
-
     # ------------------------------------------------------------------ bulk writes (ALS, tools)
     def begin_generation(self, source: Literal["als", "online"] = "als") -> int:
         """Allocate generation ``next_gen + 1`` in state ``building`` and return its number."""
@@ -573,13 +420,13 @@ class FactorStore:
         log.info("generation %s begun (source=%s) namespace=%s", g, source, km.ns)
         return g
 
-    def write_vectors(self, g: int, kind: Kind, ids: Sequence[str], matrix: npt.NDArray[np.float32],
+    def write_vectors(self, g: int, table: Table, ids: Sequence[str], matrix: npt.NDArray[np.float32],
                       chunk: int = _CHUNK, pipeline: redis.client.Pipeline | None = None) -> None:
         """HSET rows (absolute) in chunks of ``chunk`` rows; queued on ``pipeline`` when given."""
         ids = [str(i) for i in ids]
         blobs = encode(matrix, self.k, ids)
         _same_len("ids", ids, blobs, "matrix")
-        key = self.keys.vectors(g, kind)
+        key = self.keys.vectors(g, table)
         for c in range(0, len(ids), chunk):
             p = pipeline if pipeline is not None else self.r.pipeline(transaction=False)
             p.hset(key, mapping=dict(zip(ids[c:c + chunk], blobs[c:c + chunk])))
@@ -696,17 +543,20 @@ class FactorStore:
 
     def add_seen(self, seen: Iterable[tuple[str, str, int]],
                  pipeline: redis.client.Pipeline | None = None) -> None:
-        """Record ``(user, item, ts_ms)`` clicks in the per-user recent set (ZADD GT, cap, EXPIRE)."""
-        p = pipeline if pipeline is not None else self.r.pipeline(transaction=True)
-        users: dict[str, None] = {}
+        """Record ``(user, item, ts_ms)`` clicks in the per-user recent sets (the batch write's Lua code)."""
+        keys, args = self._seen_args(seen, first_key=1)
+        if keys:
+            self._seen_add(keys=keys, args=[self.seen_cap, self.seen_ttl, *args],
+                           client=pipeline if pipeline is not None else self.r)
+
+    def _seen_args(self, seen: Iterable[tuple[str, str, int]], first_key: int) -> tuple[list[str], list[Any]]:
+        """Seen keys and ``(KEYS index, ts, item)`` triples for the Lua ``add_seen`` (KEYS from ``first_key``)."""
+        index: dict[str, int] = {}
+        args: list[Any] = []
         for user, item, ts in seen:
-            p.zadd(self.keys.seen(str(user)), {str(item): int(ts)}, gt=True)
-            users[str(user)] = None
-        for user in users:
-            p.zremrangebyrank(self.keys.seen(user), 0, -(self.seen_cap + 1))
-            p.expire(self.keys.seen(user), self.seen_ttl)
-        if pipeline is None:
-            p.execute()
+            idx = index.setdefault(self.keys.seen(str(user)), first_key + len(index))
+            args += [idx, int(ts), str(item)]
+        return list(index), args
 
     def seen_items(self, user: str, limit: int | None = None) -> list[str]:
         """The user's recently clicked items, newest first (at most ``limit``)."""

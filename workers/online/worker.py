@@ -3,7 +3,7 @@
 Per poll and per events partition: parse, de-duplicate (ingest is at-least-once), plan (sample negatives),
 fetch every vector the batch touches in one round trip, train, and write back in one Lua call that also
 stores the partition's applied offset and de-duplication watermarks — atomically, fenced on the previous
-offset (see :meth:`workers.store.FactorStore.apply_batch`). Kafka commits are only a hint: at start and on
+offset (see :meth:`workers.store.factor_store.FactorStore.apply_batch`). Kafka commits are only a hint: at start and on
 every assignment the worker seeks each partition to the offset stored in Redis + 1, so a worker killed at
 any moment resumes without losing or double-applying an event.
 
@@ -27,8 +27,9 @@ from stream.dedupe import Deduper
 from stream.errors import InvalidEvent
 from stream.events import Event
 from stream.runtime import Backoff, StopFlag, start_http
+from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from workers.config import LMFConfig
-from workers.online import OnlineModel
+from workers.online.model import OnlineModel
 from workers.store import ApplyStatus, FactorStore
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class LMFWorker:
     def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None,
                  rank_hook: Any = None) -> None:
         """``rank_hook(ranks)``, if given, receives per batch the prequential ranks of its clicks
-        (:meth:`workers.online.OnlineModel.ranks_before_learning`), computed before the batch is learned."""
+        (:meth:`workers.online.model.OnlineModel.ranks_before_learning`), computed before the batch is learned."""
         self.cfg, self.store = cfg, store
         self.rank_hook = rank_hook
         self.stop = stop or StopFlag()
@@ -417,35 +418,17 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 
 # ---------------------------------------------------------------------- CLI
-_FLAGS = {"factors": int, "lr": float, "reg": float, "negatives": int, "sample_alpha": float,
-          "hard_share": float, "hard_candidates": int, "reservoir": int, "batch": int, "init": str,
-          "exposure_window_s": float, "exposure_weight": float, "lmf_group": str, "seed": int,
-          "idle_seconds": float}
-
-
 def register(subparsers: Any) -> None:
+    """Add ``zerocf lmf``."""
     p = subparsers.add_parser("lmf", help="online logistic-MF worker: <p>.events -> factors in Redis")
     p.add_argument("--until-idle", action="store_true", help="exit 0 once caught up and idle")
-    for name, typ in _FLAGS.items():
-        flag = "--group" if name == "lmf_group" else "--" + name.replace("_", "-")
-        p.add_argument(flag, dest=name, type=typ, default=None,
-                       help=f"(env ZEROCF_{'LMF_' if name not in ('factors', 'idle_seconds') else ''}"
-                            f"{name.upper().replace('LMF_', '')})")
-    p.add_argument("--adagrad", action="store_true", default=None, help="AdaGrad (env ZEROCF_LMF_ADAGRAD)")
-    p.add_argument("--metrics-port", type=int, default=None, help="/healthz and /metrics port")
+    add_flags(p, LMFConfig, skip=TOP_LEVEL)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.config import RuntimeSettings, load
-
-    overrides = {name: getattr(args, name) for name in (*_FLAGS, "adagrad")}
-    cfg = load(LMFConfig, args.env, overrides)
-    if args.metrics_port is not None:
-        from dataclasses import replace
-
-        cfg = replace(cfg, runtime=replace(cfg.runtime, metrics_port=args.metrics_port))
-    assert isinstance(cfg.runtime, RuntimeSettings)
+    """Entry point of ``zerocf lmf``."""
+    cfg = load(LMFConfig, args.env, flag_overrides(args, LMFConfig))
     store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap,
                                 seen_ttl=int(cfg.seen_ttl_days * 86400))
     worker = LMFWorker(cfg, store, StopFlag().install())

@@ -40,7 +40,7 @@ from stream.dedupe import Deduper
 from stream.errors import InvalidEvent, ServiceUnavailable
 from stream.events import Event
 from stream.runtime import StopFlag
-from workers.interactions import InteractionMatrix
+from workers.batch.interactions import InteractionMatrix
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ from urllib.parse import parse_qsl
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from stream.config import load
+from stream.config import KAFKA_FIELDS, TOP_LEVEL, add_flags, flag_overrides, load
 from stream.errors import ServiceUnavailable
 from workers.config import ServeConfig
 from workers.errors import StoreSchemaError
-from workers.lookup import NoModel, Recommender
+from workers.serving.lookup import NoModel, Recommender
 from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def parse_recommend_query(query: str, max_k: int) -> tuple[str, int, bool]:
     >>> parse_recommend_query("user=u1&k=0", 100)
     Traceback (most recent call last):
     ...
-    workers.serve.BadRequest: k='0' must be an integer in 1..100
+    workers.serving.server.BadRequest: k='0' must be an integer in 1..100
     """
     try:
         pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict")
@@ -233,9 +233,7 @@ def make_server(source: ServeConfig | Recommender, host: str | None = None, port
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``zerocf serve``."""
     p = subparsers.add_parser("serve", help="serve recommendations over HTTP (/recommend, /healthz, /metrics)")
-    p.add_argument("--host", default=None, help="bind address (env ZEROCF_SERVE_HOST)")
-    p.add_argument("--port", type=int, default=None, help="port (env ZEROCF_SERVE_PORT)")
-    p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (env ZEROCF_SERVE_MAX_K)")
+    add_flags(p, ServeConfig, skip=TOP_LEVEL + KAFKA_FIELDS)
     p.set_defaults(func=run)
 
 
@@ -243,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; the item cache is refreshed from this (main) thread, off the request path."""
     from stream.runtime import StopFlag, start_http
 
-    cfg = load(ServeConfig, args.env, {"host": args.host, "port": args.port, "max_k": args.max_k})
+    cfg = load(ServeConfig, args.env, flag_overrides(args, ServeConfig))
     try:  # a wrong password fails fast; an unreachable Redis only makes /healthz 503 until it answers
         store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)
     except ServiceUnavailable as exc:

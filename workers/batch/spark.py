@@ -2,7 +2,7 @@
 factor matrices out, so the ALS worker calibrates and publishes them exactly like its own solver's.
 
 ``ZEROCF_ALS_BACKEND=spark`` (or ``zerocf als --backend spark``) runs :func:`spark_als_fit` instead of
-:func:`workers.als.als_fit`. Conventions, so the two solve the same problem (docs/als.md):
+:func:`workers.kernels.als.als_fit`. Conventions, so the two solve the same problem (docs/als.md):
 
 - MLlib's implicit ALS (``implicitPrefs=True``) uses ``c = 1 + alpha * r`` on the rating ``r``: we pass the
   click count for ``linear`` and ``log(1 + f / eps)`` for ``log`` (MLlib has no log variant), with

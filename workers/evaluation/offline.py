@@ -1,16 +1,16 @@
 """In-memory training of our models for the holdout protocol (no Kafka, no Redis).
 
 - :func:`replay_lmf` replays training clicks in stream order through the production
-  :class:`workers.online.OnlineModel` (same planning, negative sampling, fold-in and SGD kernel as
+  :class:`workers.online.model.OnlineModel` (same planning, negative sampling, fold-in and SGD kernel as
   ``zerocf lmf``), in mini-batches of ``cfg.batch`` clicks, with an in-memory factor table in place of
   Redis: user rows in an array, item rows in the model's own item cache (written back after every batch,
   exactly what the worker's Redis write + :meth:`OnlineModel.commit` amount to for one writer).
   ``epochs`` repeats the whole replay in the same order.
 - :func:`replay_pipeline` is the production loop: one LMF pass over the stream, and after every
   ``resolve_every`` clicks an ALS re-solve on all clicks so far (warm-started from the live online
-  vectors), calibrated by the ALS worker's :func:`workers.calibration.calibrate`; LMF then continues from
+  vectors), calibrated by the ALS worker's :func:`workers.kernels.calibration.calibrate`; LMF then continues from
   the calibrated ALS factors and bias.
-- :func:`fit_als`, :func:`popularity` and :func:`recommend` are thin wrappers of :mod:`workers.als`.
+- :func:`fit_als`, :func:`popularity` and :func:`recommend` are thin wrappers of :mod:`workers.kernels.als`.
 
 Rows of the stream are ``(user index, item index, count)`` arrays; see :class:`Stream`.
 """
@@ -26,9 +26,9 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from stream.events import Event
-from workers.als import als_fit, recommend_from_factors
+from workers.kernels.als import als_fit, recommend_from_factors
 from workers.config import LMFConfig
-from workers.online import OnlineModel
+from workers.online.model import OnlineModel
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -181,13 +181,13 @@ def replay_pipeline(stream: Stream, cfg: LMFConfig, als: ALSParams, resolve_ever
     ``N, 2N, ... < len(stream)``; the clicks after the last one are learned by LMF only (the state of a
     live system between two re-solves). Each re-solve does what the ALS worker does: fit ALS on all clicks
     so far, warm-started from the live (online-updated) vectors, new rows seeded ``U[0, 0.01)``; calibrate
-    ``(scale, bias)`` with :func:`workers.calibration.calibrate` (``calib_samples`` clicks, 1 negative
+    ``(scale, bias)`` with :func:`workers.kernels.calibration.calibrate` (``calib_samples`` clicks, 1 negative
     each); fold ``sqrt(scale)`` into both factor sets. LMF then continues from those factors with the
     calibrated ``bias`` and a sampler rebuilt from the click counts so far (its user caches dropped and
     the users' recent-click lists reloaded, as the worker does on a generation switch).
     Returns (U, V, info) with the re-solve points and calibrations.
     """
-    from workers.calibration import calibrate, fold_scale
+    from workers.kernels.calibration import calibrate, fold_scale
 
     if resolve_every < 1:
         raise ValueError(f"resolve_every={resolve_every} must be >= 1 click")

@@ -10,7 +10,7 @@
    through the lookup client) and writes the HR@10 curve as a PNG;
 5. stops everything it started, also on Ctrl-C.
 
-The streaming part is :func:`workers.evaluation_cli.prequential`, the same code ``zerocf eval --protocol
+The streaming part is :func:`workers.evaluation.cli.prequential`, the same code ``zerocf eval --protocol
 prequential`` runs.
 """
 
@@ -55,7 +55,7 @@ def _dead_letters(env: dict[str, str], prefix: str) -> list[dict[str, Any]]:
 
 
 def _recommendations(env: dict[str, str], prefix: str, users: list[str]) -> dict[str, Any]:
-    from workers.lookup import Recommender
+    from workers.serving.lookup import Recommender
     from workers.store import FactorStore
 
     rec = Recommender(FactorStore.connect(env["ZEROCF_REDIS_URL"], prefix))
@@ -65,10 +65,10 @@ def _recommendations(env: dict[str, str], prefix: str, users: list[str]) -> dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.datasets import read_interactions, synthetic_dataset
-    from stream.stack import LocalStack
-    from workers.evaluation import prequential_summary
-    from workers.prequential import plot_windows, prequential
+    from stream.replay.datasets import read_interactions, synthetic_dataset
+    from stream.devstack import LocalStack
+    from workers.evaluation.metrics import prequential_summary
+    from workers.evaluation.prequential import plot_windows, prequential
 
     if args.dataset:
         bad: list[Any] = []

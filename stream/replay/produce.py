@@ -23,13 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from stream.config import StreamConfig, load
-from stream.datasets import (BadLine, Interaction, read_interactions, synthesize_impressions, synthetic_dataset,
+from stream.config import TOP_LEVEL, StreamConfig, add_flags, flag_overrides, load
+from stream.replay.datasets import (BadLine, Interaction, read_interactions, synthesize_impressions, synthetic_dataset,
                              time_ordered, write_csv)
 from stream.errors import ConfigError, InvalidEvent
 from stream.events import MIN_TS_MS
 
 log = logging.getLogger(__name__)
+
+# ingest-only settings that `zerocf produce` does not use
+PRODUCE_SKIPS = ("ingest_group", "ingest_batch", "poll_timeout_ms", "idle_seconds", "metrics_port")
 
 
 class Pacer:
@@ -67,7 +70,7 @@ def prepare(rows: Sequence[Interaction], keep_ts: bool, now_ms: int) -> list[Int
 
 def replay(producer: Any, rows: Sequence[Interaction], impressions: int, rate: float | None,
            seed: int = 0, report: Callable[[str], None] = log.warning) -> dict[str, int]:
-    """Send ``rows`` through an :class:`stream.producer.EventProducer`; return counts."""
+    """Send ``rows`` through an :class:`stream.client.producer.EventProducer`; return counts."""
     counts = {"clicks_sent": 0, "impressions_sent": 0, "rejected": 0}
     pacer = Pacer(rate)
     pairs: list[tuple[Any, Any]] | None = None
@@ -100,7 +103,8 @@ def register(subparsers: Any) -> None:
                    help="wrap each click in a synthetic impression of N items (popularity-weighted)")
     p.add_argument("--limit", type=int, default=None, help="send only the first N interactions (time order)")
     p.add_argument("--keep-ts", action="store_true", help="do not shift pre-2000 timestamps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic impressions (default 0)")
+    add_flags(p, StreamConfig, skip=TOP_LEVEL + PRODUCE_SKIPS)
     p.set_defaults(func=run)
     s = subparsers.add_parser("synth", help="write a synthetic dataset (power-law popularity, planted "
                                             "structure, timestamps) as csv")
@@ -114,9 +118,9 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stream import kafka_util
-    from stream.producer import EventProducer
+    from stream.client.producer import EventProducer
 
-    cfg = load(StreamConfig, args.env)
+    cfg = load(StreamConfig, args.env, flag_overrides(args, StreamConfig))
     path = Path(args.file)
     if not path.exists():
         raise ConfigError(f"{path} does not exist; give the path of a {args.format} file")

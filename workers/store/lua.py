@@ -1,6 +1,6 @@
-"""The Lua scripts of :mod:`workers.store` (the hot-path batch write, delta adds, publish, drop, seen reads).
+"""The Lua scripts of :mod:`workers.store.factor_store` (the hot-path batch write, delta adds, publish, drop, seen reads).
 
-Kept apart from the Python so each reads on its own; only :mod:`workers.store` registers and calls them.
+Kept apart from the Python so each reads on its own; only :mod:`workers.store.factor_store` registers and calls them.
 All of them touch keys of one model only, which share the hash tag ``{<ns>}`` (one Redis Cluster slot).
 """
 
@@ -75,8 +75,27 @@ local function take_pairs(pos, n)
 end
 """
 
+
+# The one implementation of the per-user recent-click sets: n triples (KEYS index, ts_ms, item) from ARGV[pos];
+# ZADD GT keeps each item's newest ts (a replayed older click never demotes it), then cap and expire.
+_SEEN_LIB = r"""
+local function add_seen(pos, n, cap, ttl)
+  local touched = {}
+  for i = 0, n - 1 do
+    local p = pos + 3 * i
+    local key = KEYS[tonumber(ARGV[p])]
+    redis.call('ZADD', key, 'GT', ARGV[p + 1], ARGV[p + 2])
+    touched[key] = true
+  end
+  for key, _ in pairs(touched) do
+    redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+"""
+
 # KEYS: meta offsets wm user item user_acc item_acc counts nupd seen...   ARGV: see apply_batch.
-APPLY_BATCH_LUA = _LUA_LIB + r"""
+APPLY_BATCH_LUA = _LUA_LIB + _SEEN_LIB + r"""
 local g, part, expected = ARGV[1], ARGV[2], ARGV[3]
 local live = redis.call('HGET', KEYS[1], 'live_gen')
 if live ~= g then return {-1, live or ''} end
@@ -108,29 +127,16 @@ hset_many(KEYS[6], aids, ablobs)
 hset_many(KEYS[7], bids, iacc)
 for i = 1, #cids do redis.call('ZINCRBY', KEYS[8], cinc[i], cids[i]) end
 for i = 1, #nids do redis.call('HINCRBY', KEYS[9], nids[i], ninc[i]) end
-local touched = {}
-for i = 0, nseen - 1 do
-  local p = seen_pos + 3 * i
-  local key = KEYS[tonumber(ARGV[p])]
-  redis.call('ZADD', key, 'GT', ARGV[p + 1], ARGV[p + 2])
-  touched[key] = true
-end
-for key, _ in pairs(touched) do
-  redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
-  redis.call('EXPIRE', key, ttl)
-end
+add_seen(seen_pos, nseen, cap, ttl)
 redis.call('HSET', KEYS[2], part, ARGV[4])
 redis.call('HSET', KEYS[3], part, ARGV[5])
 return {1, ARGV[4]}
 """
 
-# KEYS: vectors hash.  ARGV: k, (id, delta)*
-ADD_DELTAS_LUA = _LUA_LIB + r"""
-local ids, deltas = take_pairs(2, (#ARGV - 1) / 2)
-local out, err, bad = add_many(KEYS[1], ids, deltas, tonumber(ARGV[1]))
-if not out then return {err, bad} end
-hset_many(KEYS[1], ids, out)
-return {1, #ids}
+# KEYS: seen keys...   ARGV: cap ttl (key index, ts_ms, item)*   (no floats: runs on fakeredis with lupa too)
+SEEN_ADD_LUA = _SEEN_LIB + r"""
+add_seen(3, (#ARGV - 2) / 3, tonumber(ARGV[1]), tonumber(ARGV[2]))
+return 1
 """
 
 # KEYS: meta gen_meta(g) user(g) item(g) offsets(g) wm(g) gen_meta(prev)

@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from workers.als_kernels import cg_sweep, exact_sweep, observed_loss
+from workers.kernels.als_numba import cg_sweep, exact_sweep, observed_loss
 
 F32 = npt.NDArray[np.float32]
 

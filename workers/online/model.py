@@ -1,6 +1,6 @@
 """The online LMF model's in-process state and one mini-batch's computation (no Kafka, no Redis).
 
-The worker (``workers/lmf_worker.py``) does the I/O; this module turns a partition's events into a
+The worker (``workers/online/worker.py``) does the I/O; this module turns a partition's events into a
 :class:`BatchPlan` (users, items, positives, sampled negatives), trains it on the vectors the store
 returned, and keeps the caches that make sampling cheap:
 
@@ -8,7 +8,7 @@ returned, and keeps the caches that make sampling cheap:
   Used only to *choose* hard negatives (a slightly stale score is fine); training always uses the vectors
   fetched from Redis for the batch.
 - ``reservoir`` / ``sampler``: popularity sampling P(i) ∝ f_i^α over a reservoir of recent clicks, rebuilt
-  from the generation's click counts at start (see :meth:`workers.sampling.Reservoir.from_counts`).
+  from the generation's click counts at start (see :meth:`workers.kernels.sampling.Reservoir.from_counts`).
 - ``seen``: each user's recent clicked items (indices), loaded from Redis the first time a user appears on
   this worker (a user has one writer, so the cache stays exact) and never sampled as negatives.
 - ``exposure``: impressions not clicked within the window become weighted negatives (optional).
@@ -31,9 +31,9 @@ import numpy.typing as npt
 
 from stream.events import Event
 from workers.config import LMFConfig
-from workers.lmf import check_finite, event_weights, fold_in_users, init_rows, lmf_sgd
-from workers.exposure import ExposureTracker
-from workers.sampling import PopularitySampler, Reservoir, positives_csr, sample_negatives
+from workers.kernels.lmf import check_finite, event_weights, fold_in_users, init_rows, lmf_sgd
+from workers.kernels.exposure import ExposureTracker
+from workers.kernels.sampling import PopularitySampler, Reservoir, positives_csr, sample_negatives
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]

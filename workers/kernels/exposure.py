@@ -12,7 +12,7 @@ import heapq
 import numpy as np
 import numpy.typing as npt
 
-from workers.sampling import I32
+from workers.kernels.sampling import I32
 
 class ExposureTracker:
     """Impressions waiting for a click; those not clicked within a window become exposure negatives.

@@ -22,11 +22,12 @@ from typing import TextIO
 
 import redis
 
-from stream.config import load
+from stream.config import KAFKA_FIELDS, TOP_LEVEL, add_flags, flag_overrides, load
 from stream.errors import ConfigError, ServiceUnavailable
 from workers.config import ServeConfig
-from workers.lookup import NoModel, Recommendation, Recommender
-from workers.store import FactorStore, redact_url
+from workers.serving.lookup import NoModel, Recommendation, Recommender
+from stream.config import redact_url
+from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--users-file", default=None, help="file of user ids, one per line ('-' = stdin)")
     p.add_argument("--json", action="store_true", help='print one JSON object {user: [{"item", "score"}]}')
     p.add_argument("--include-seen", action="store_true", help="do not exclude the users' recent clicks")
+    add_flags(p, ServeConfig, skip=TOP_LEVEL + KAFKA_FIELDS + ("host", "port", "metrics_port"))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print recommendations; 0 on success, 2 (via :class:`NoModel`/:class:`ConfigError`) otherwise."""
-    cfg = load(ServeConfig, args.env)
+    cfg = load(ServeConfig, args.env, flag_overrides(args, ServeConfig))
     if not 1 <= args.k <= cfg.max_k:
         raise ConfigError(f"-k {args.k} must be in 1..{cfg.max_k} (ZEROCF_SERVE_MAX_K)")
     users = read_users(args.users, args.users_file)

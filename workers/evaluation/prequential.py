@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from stream.datasets import Interaction
+from stream.replay.datasets import Interaction
 from stream.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def stack_env(env: dict[str, str], stack_dir: str) -> tuple[dict[str, str], Any]
     """Use the broker/Redis named in ``env``; else start an embedded LocalStack in ``stack_dir``."""
     if env.get("ZEROCF_KAFKA_BOOTSTRAP") and env.get("ZEROCF_REDIS_URL"):
         return dict(env), None
-    from stream.stack import LocalStack
+    from stream.devstack import LocalStack
 
     stack = LocalStack(stack_dir)
     stack.up()
@@ -39,7 +39,7 @@ def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *,
     Redis namespace use ``ZEROCF_TOPIC_PREFIX`` if set, else a fresh ``eval<random>`` prefix. Ingest and the
     LMF worker (with the rank hook) run in threads; the clicks are produced ``chunk`` at a time and each
     chunk is waited for until every click has been ranked and learned. With ``model="pipeline"`` the ALS
-    worker (:class:`workers.als_worker.ALSWorker`, what ``zerocf als --once`` runs) re-solves and publishes
+    worker (:class:`workers.batch.worker.ALSWorker`, what ``zerocf als --once`` runs) re-solves and publishes
     a generation after every ``resolve_every`` clicks (rounded up to whole chunks), except at the end.
     """
     import tempfile
@@ -49,12 +49,12 @@ def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *,
     from stream import kafka_util
     from stream.config import StreamConfig, load
     from stream.ingest import Ingest
-    from stream.produce import prepare, replay
-    from stream.producer import EventProducer
+    from stream.replay.produce import prepare, replay
+    from stream.client.producer import EventProducer
     from stream.runtime import StopFlag
     from workers.config import ALSConfig, LMFConfig
-    from workers.evaluation import PrequentialLog
-    from workers.lmf_worker import LMFWorker
+    from workers.evaluation.metrics import PrequentialLog
+    from workers.online.worker import LMFWorker
     from workers.store import FactorStore
 
     if model not in ("lmf", "pipeline"):
@@ -86,7 +86,7 @@ def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *,
             info["sent"] += replay(producer, ordered[lo:lo + chunk], 0, None, seed)["clicks_sent"]
             _wait_ranked(ranks, info["sent"], threads, timeout)
             if model == "pipeline" and n % every == 0 and lo + chunk < len(ordered):
-                from workers.als_worker import ALSWorker
+                from workers.batch.worker import ALSWorker
 
                 als = als or ALSWorker(acfg, FactorStore.from_url(acfg.redis_url, prefix), stop)
                 res = als.run_once(0)

@@ -1,0 +1,2 @@
+"""Evaluation: metrics and splits (:mod:`.metrics`, pure), the holdout and prequential protocols, ``zerocf eval``
+and ``zerocf demo``."""

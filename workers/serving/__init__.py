@@ -1,0 +1,2 @@
+"""The read side: :class:`~workers.serving.lookup.Recommender`, ``zerocf recommend`` (:mod:`.cli`) and
+``zerocf serve`` (:mod:`.server`)."""
