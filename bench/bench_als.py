@@ -11,7 +11,7 @@ both (implicit's recommendation; env vars set before numpy is imported, plus thr
 
 Protocol. Per-user temporal 80/20 holdout (seeded random order when there are no timestamps), users
 with >= 5 interactions; recall@10 and NDCG@10 with train items excluded, scored for both libraries by
-the same code (:func:`workers.kernels.als.recommend_from_factors`, :func:`bench.data.ranking_metrics`). With
+the same code (:func:`workers.kernels.topk.recommend_from_factors`, :func:`bench.data.ranking_metrics`). With
 tuning on, alpha (and reg, reported only) are chosen per library on a validation split carved the same
 way out of the training part; the timed, reported runs use reg = ``--reg`` and the alpha each library
 scored best with at that reg. Seconds per iteration are medians over all iterations of ``--repeats``
@@ -37,7 +37,8 @@ import scipy.sparse as sp  # noqa: E402
 
 from bench.data import (Interactions, holdout_mask, load_ml100k, ranking_metrics, subset,  # noqa: E402
                         synthetic)
-from workers.kernels.als import als_fit, confidence, recommend_from_factors, wmf_loss  # noqa: E402
+from workers.kernels.als import als_fit, confidence, wmf_loss  # noqa: E402
+from workers.kernels.topk import recommend_from_factors  # noqa: E402
 
 log = logging.getLogger("bench.bench_als")
 

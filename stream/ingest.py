@@ -182,7 +182,8 @@ class Ingest:
             # Unbounded retries (until delivery_timeout_ms): with a small retry count one batch of a partition
             # could fail while a later one succeeds, leaving a gap below the Deduper's mark that the replay
             # cannot fill. No compression: with the crc32c wheel, gzip cost ~12 us/record more CPU.
-            producer = kafka_util.producer(cfg.kafka, client_id="zerocf-ingest", retries=float("inf"))
+            producer = kafka_util.producer(cfg.kafka, client_id="zerocf-ingest", retries=float("inf"),
+                                           compression_type=None)
             consumer.subscribe([topics.impressions, topics.clicks])
             self._partitions = sorted(producer.partitions_for(topics.events))
             log.info("ingest: group %s reading %s, %s -> %s (%d partitions), batch %d", cfg.group,
@@ -227,7 +228,8 @@ class Ingest:
                 last_data = stats.last_batch_at = time.monotonic()
                 for tp, behind in kafka_util.lag(consumer).items():
                     self.metrics.lag.labels(tp.topic, str(tp.partition)).set(behind)
-            elif until_idle and assignment and now - last_data >= cfg.idle_seconds and _idle_end(consumer):
+            elif until_idle and assignment and now - last_data >= cfg.idle_seconds \
+                    and kafka_util.caught_up(consumer, unknown_is_done=True):
                 log.info("ingest: caught up and idle for %.1fs; exiting (--until-idle)", now - last_data)
                 break
             if now >= next_summary + SUMMARY_EVERY_S:
@@ -365,19 +367,6 @@ def _murmur2(key: bytes) -> int:
     from kafka.partitioner.default import murmur2
 
     return int(murmur2(key))
-
-
-def _idle_end(consumer: Any) -> bool:
-    """Caught up for --until-idle: each partition's position reached its watermark (or none was seen).
-
-    :func:`stream.kafka_util.caught_up` relaxed for partitions whose watermark is still unknown: the caller
-    only asks after ``idle_seconds`` of empty polls with an assignment, so an empty topic ends too.
-    """
-    for tp in consumer.assignment():
-        hw = consumer.highwater(tp)
-        if hw is not None and consumer.position(tp) < hw:
-            return False
-    return True
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from stream.config import KafkaSettings
@@ -29,6 +29,33 @@ GROUP_TIMINGS: dict[str, int] = {"session_timeout_ms": 6000, "heartbeat_interval
                                  "max_poll_interval_ms": 30000}
 
 
+def producer_defaults() -> dict[str, Any]:
+    """The one set of KafkaProducer defaults (ingest, ``zerocf produce`` and the SDK's ``EventProducer``).
+
+    Per-partition order is kept (one request in flight, retries), the leader's ack is awaited (``acks=1``;
+    ``acks=0`` loses records on the dev broker), idempotence is off (the dev broker breaks it after a restart;
+    ``ZEROCF_KAFKA_IDEMPOTENCE`` turns it on), batches linger 20 ms up to 512 KiB and are lz4-compressed when
+    the ``lz4`` package is importable.
+
+    >>> d = producer_defaults()
+    >>> d["acks"], d["max_in_flight_requests_per_connection"], d["linger_ms"]
+    (1, 1, 20)
+    """
+    from kafka.codec import has_lz4
+
+    return {"acks": 1, "enable_idempotence": False, "retries": 5, "max_in_flight_requests_per_connection": 1,
+            "linger_ms": 20, "batch_size": 512 * 1024, "max_request_size": 4 << 20,
+            "compression_type": "lz4" if has_lz4() else None}
+
+
+def _connect(factory: Any, settings: KafkaSettings, kw: dict[str, Any]) -> Any:
+    try:
+        return factory(**kw)
+    except _unreachable():
+        raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}; start one "
+                                 "(`zerocf stack up`) or fix ZEROCF_KAFKA_BOOTSTRAP") from None
+
+
 def consumer(settings: KafkaSettings, *, group_id: str | None, client_id: str, **extra: Any) -> Any:
     """A KafkaConsumer with manual commits, reading from the earliest offset when a group has none."""
     from kafka import KafkaConsumer
@@ -38,28 +65,16 @@ def consumer(settings: KafkaSettings, *, group_id: str | None, client_id: str, *
                           "max_partition_fetch_bytes": 4 << 20, "fetch_max_bytes": 32 << 20}
     if group_id is not None:
         kw.update(GROUP_TIMINGS)
-    kw.update(extra)
-    try:
-        return KafkaConsumer(**kw)
-    except _unreachable():
-        raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}; start one "
-                                 "(`zerocf stack up`) or fix ZEROCF_KAFKA_BOOTSTRAP") from None
+    return _connect(KafkaConsumer, settings, {**kw, **extra})
 
 
 def producer(settings: KafkaSettings, *, client_id: str, **extra: Any) -> Any:
-    """A KafkaProducer that keeps per-partition order (one request in flight) and waits for the leader."""
+    """A KafkaProducer with :func:`producer_defaults` (``extra`` overrides them)."""
     from kafka import KafkaProducer
 
-    kw: dict[str, Any] = {**settings.client_kwargs(), "client_id": client_id, "acks": 1,
-                          "enable_idempotence": settings.idempotence, "retries": 5,
-                          "max_in_flight_requests_per_connection": 1, "linger_ms": 20,
-                          "batch_size": 512 * 1024, "max_request_size": 4 << 20}
-    kw.update(extra)
-    try:
-        return KafkaProducer(**kw)
-    except _unreachable():
-        raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}; start one "
-                                 "(`zerocf stack up`) or fix ZEROCF_KAFKA_BOOTSTRAP") from None
+    kw = {**producer_defaults(), **settings.client_kwargs(), "client_id": client_id,
+          "enable_idempotence": settings.idempotence}
+    return _connect(KafkaProducer, settings, {**kw, **extra})
 
 
 def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> None:
@@ -88,20 +103,23 @@ def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> Non
         admin.close()
 
 
-def caught_up(consumer_: Any) -> bool:
-    """True when every assigned partition's position has reached its high watermark.
+def caught_up(consumer_: Any, partitions: Iterable[Any] | None = None, *, unknown_is_done: bool = False) -> bool:
+    """True when every partition (default: the assignment, which must not be empty) reached its high watermark.
 
     Uses the high watermark the broker returned with the last fetch (``consumer.highwater``), not
     ``end_offsets()``: the dev broker reports the latter wrongly for batched records. A partition with no
-    fetch yet (unknown watermark) counts as not caught up unless its position is 0 and the caller saw an
-    empty poll.
+    fetch answered yet has no known watermark: it counts as not caught up, unless ``unknown_is_done`` (for a
+    caller that has already seen empty polls for a while, so that an empty topic ends too).
     """
-    assignment = consumer_.assignment()
-    if not assignment:
+    tps = list(consumer_.assignment() if partitions is None else partitions)
+    if not tps:
         return False
-    for tp in assignment:
+    for tp in tps:
         hw = consumer_.highwater(tp)
-        if hw is None or consumer_.position(tp) < hw:
+        if hw is None:
+            if not unknown_is_done:
+                return False
+        elif consumer_.position(tp) < hw:
             return False
     return True
 
@@ -143,8 +161,7 @@ def read_topic(settings: KafkaSettings, topic: str, timeout: float = 30.0) -> li
             polled = consumer_.poll(timeout_ms=200)
             for tp, records in polled.items():
                 by_tp[tp].extend(records)
-            if not polled and all(consumer_.highwater(tp) is not None
-                                  and consumer_.position(tp) >= consumer_.highwater(tp) for tp in tps):
+            if not polled and caught_up(consumer_, tps):
                 break
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(f"read_topic({topic!r}) not caught up after {timeout:.0f}s "

@@ -53,22 +53,21 @@ def _system_now_ms() -> int:
 
 
 def producer_config(acks: int | str = 1, enable_idempotence: bool = False, **client_kwargs: Any) -> dict[str, Any]:
-    """KafkaProducer settings used by :class:`EventProducer`; *client_kwargs* override the defaults.
-
-    Defaults: ``linger_ms=20``, ``batch_size=256 KiB``, lz4 compression when the ``lz4`` package is
-    importable (else none), ``acks=1`` and idempotence off (see /work/shared/INFRA.md: the Tansu broker
-    breaks idempotent producers after a restart). Unknown settings are rejected by name.
+    """KafkaProducer settings used by :class:`EventProducer`: :func:`stream.kafka_util.producer_defaults`
+    (the same defaults ingest uses), then ``acks``, ``enable_idempotence`` and *client_kwargs*. Unknown
+    settings are rejected by name.
 
     >>> cfg = producer_config(acks="all", linger_ms=50)
     >>> cfg["acks"], cfg["linger_ms"], cfg["batch_size"], cfg["enable_idempotence"]
-    ('all', 50, 262144, False)
+    ('all', 50, 524288, False)
     >>> producer_config(lingr_ms=5)
     Traceback (most recent call last):
     ...
     stream.errors.ConfigError: unknown KafkaProducer setting(s) ['lingr_ms']; see kafka.KafkaProducer for valid names
     """
     from kafka import KafkaProducer
-    from kafka.codec import has_lz4
+
+    from stream.kafka_util import producer_defaults
 
     unknown = sorted(k for k in client_kwargs if k not in KafkaProducer.DEFAULT_CONFIG or k in _NOT_ALLOWED)
     if unknown:
@@ -77,11 +76,7 @@ def producer_config(acks: int | str = 1, enable_idempotence: bool = False, **cli
                              if _NOT_ALLOWED & set(unknown) else ""))
     if acks not in (0, 1, -1, "all"):
         raise ConfigError(f"acks {acks!r} is invalid; use 1 (default), 'all' or -1")
-    config: dict[str, Any] = {"linger_ms": 20, "batch_size": 256 * 1024,
-                              "compression_type": "lz4" if has_lz4() else None,
-                              "acks": acks, "enable_idempotence": enable_idempotence}
-    config.update(client_kwargs)
-    return config
+    return {**producer_defaults(), "acks": acks, "enable_idempotence": enable_idempotence, **client_kwargs}
 
 
 class EventProducer:

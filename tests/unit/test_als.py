@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 
 from workers.kernels import als
-from workers.kernels.als import ALSDiverged, als_fit, confidence, fold_in, recommend_from_factors, wmf_loss
+from workers.kernels.als import ALSDiverged, als_fit, confidence, fold_in, wmf_loss
+from workers.kernels.topk import recommend_from_factors
 
 
 def _counts(m: int = 40, n: int = 30, density: float = 0.15, seed: int = 0) -> sp.csr_matrix:

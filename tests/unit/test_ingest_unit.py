@@ -14,6 +14,7 @@ from kafka.partitioner.default import DefaultPartitioner
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 import stream.ingest as ingest
+from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.events import Event, encode_click, encode_impression
 from stream.runtime import StopFlag
@@ -232,13 +233,13 @@ def test_until_idle_ends_on_empty_topics(cfg: StreamConfig, fakes: dict[str, Any
     assert stats.records_in == 0 and stats.clean_exit and fakes["consumer"].polls > 1
 
 
-def test_idle_end_waits_for_lagging_partitions() -> None:
+def test_caught_up_waits_for_lagging_partitions() -> None:
     log = _log()
     consumer = FakeConsumer(log)
-    assert not ingest._idle_end(consumer)  # positions 0, watermarks > 0
+    assert not kafka_util.caught_up(consumer, unknown_is_done=True)  # positions 0, watermarks > 0
     for tp in log:
         consumer.seek(tp, len(log[tp]))
-    assert ingest._idle_end(consumer)
+    assert kafka_util.caught_up(consumer, unknown_is_done=True)
 
 
 def test_health_needs_assignment_and_a_reachable_broker(cfg: StreamConfig) -> None:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from workers.serving import lookup
-from workers.serving.lookup import NoModel, Recommender, sigmoid, top_k_indices
+from workers.kernels.topk import top_k
+from workers.serving.lookup import NoModel, Recommender, sigmoid
 from workers.store import FactorStore, GenerationMeta
 
 K = 8
@@ -191,8 +192,8 @@ def test_empty_model_returns_no_items() -> None:
     assert Recommender(store).recommend("u2").items == []
 
 
-def test_top_k_indices_ties_and_exclusions() -> None:
-    s = np.array([1.0, 2.0, 2.0, -np.inf, 0.5], dtype=np.float32)
-    assert top_k_indices(s, 2).tolist() == [1, 2]
-    assert top_k_indices(s, 10).tolist() == [1, 2, 0, 4]
+def test_top_k_ties_and_exclusions() -> None:
+    s = np.array([[1.0, 2.0, 2.0, -np.inf, 0.5]], dtype=np.float32)
+    assert top_k(s, 2)[0].tolist() == [[1, 2]]
+    assert top_k(s, 10)[0].tolist() == [[1, 2, 0, 4, -1]]
     assert sigmoid(np.array([-1e4, 0, 1e4], dtype=np.float32)).tolist() == [0.0, 0.5, 1.0]

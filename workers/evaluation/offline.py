@@ -26,7 +26,8 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from stream.events import Event
-from workers.kernels.als import als_fit, recommend_from_factors
+from workers.kernels.als import als_fit
+from workers.kernels.topk import recommend_from_factors
 from workers.config import LMFConfig
 from workers.online.model import OnlineModel
 

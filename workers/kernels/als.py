@@ -52,7 +52,6 @@ __all__ = [
     "als_fit",
     "confidence",
     "fold_in",
-    "recommend_from_factors",
     "wmf_loss",
 ]
 
@@ -320,56 +319,3 @@ def fold_in(V: F32, item_idx: npt.ArrayLike, counts: npt.ArrayLike, reg: float, 
     A += (Vi * d.data[:, None]).T @ Vi
     b = Vi.T @ (1.0 + d.data.astype(np.float64))
     return np.linalg.solve(A, b).astype(np.float32)
-
-
-def recommend_from_factors(U_rows: F32, V: F32, exclude_csr: sp.spmatrix | sp.sparray | None = None,
-                           k: int = 10, batch_size: int = 1024) -> tuple[npt.NDArray[np.int32], F32]:
-    """Top-``k`` items for each row of ``U_rows`` by score ``u . v``, best first.
-
-    Parameters
-    ----------
-    U_rows : ndarray, shape (b, f)
-    V : ndarray, shape (n, f)
-    exclude_csr : sparse matrix, shape (b, n), optional
-        Row ``j`` lists the items to exclude for ``U_rows[j]`` (e.g. its training items).
-    k : int
-        Clamped to ``n``. Slots with no eligible item get id ``-1`` and score ``-inf``.
-    batch_size : int
-        Rows scored per matrix product (memory ``batch_size * n * 4`` bytes).
-
-    Returns
-    -------
-    ids : ndarray, shape (b, k), int32
-    scores : ndarray, shape (b, k), float32
-
-    Examples
-    --------
-    >>> V = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
-    >>> ids, s = recommend_from_factors(np.array([[1, 0.5]], np.float32), V, k=2)
-    >>> ids.tolist(), s.tolist()
-    ([[2, 0]], [[1.5, 1.0]])
-    """
-    U_rows = np.asarray(U_rows, dtype=np.float32)
-    V = np.asarray(V, dtype=np.float32)
-    n = V.shape[0]
-    k = max(0, min(int(k), n))
-    ex = None if exclude_csr is None else sp.csr_matrix(exclude_csr)
-    if ex is not None and ex.shape != (U_rows.shape[0], n):
-        raise ValueError(f"exclude_csr has shape {ex.shape}, expected {(U_rows.shape[0], n)}: "
-                         "one row per query row, one column per item")
-    ids = np.full((U_rows.shape[0], k), -1, dtype=np.int32)
-    scores = np.full((U_rows.shape[0], k), -np.inf, dtype=np.float32)
-    if k == 0:
-        return ids, scores
-    for lo in range(0, U_rows.shape[0], batch_size):
-        s = U_rows[lo:lo + batch_size] @ V.T
-        if ex is not None:
-            sub = ex[lo:lo + batch_size]
-            s[np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr)), sub.indices] = -np.inf
-        top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(s), 1))
-        ts = np.take_along_axis(s, top, axis=1)
-        order = np.argsort(-ts, axis=1, kind="stable")
-        top, ts = np.take_along_axis(top, order, axis=1), np.take_along_axis(ts, order, axis=1)
-        scores[lo:lo + len(s)] = ts
-        ids[lo:lo + len(s)] = np.where(np.isneginf(ts), -1, top)
-    return ids, scores

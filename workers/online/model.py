@@ -86,6 +86,10 @@ class BatchPlan:
     n_events: int = 0                  # events applied (clicks + impressions) after de-duplication
     n_exposure: int = 0
 
+    def click_users(self) -> list[str]:
+        """The user of each click, in stream order."""
+        return [c[0] for c in self.clicks]
+
 
 @dataclass
 class TrainResult:

@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from workers.errors import GenerationError, StoreSchemaError, WorkerError
+from workers.kernels.topk import top_k
 from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
@@ -100,26 +101,6 @@ def sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     x = np.asarray(x, dtype=np.float32)
     with np.errstate(over="ignore"):
         return (np.float32(1.0) / (np.float32(1.0) + np.exp(-x))).astype(np.float32, copy=False)
-
-
-def top_k_indices(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
-    """Indices of the ``k`` largest finite scores of a 1-d array, best first.
-
-    ``-inf`` marks excluded entries; fewer than ``k`` indices come back when fewer remain. Among the
-    selected, equal scores are ordered by index; which of several items tied at the cut-off is selected
-    is up to ``argpartition``.
-
-    >>> top_k_indices(np.array([0.1, 3.0, -np.inf, 2.0], dtype=np.float32), 3).tolist()
-    [1, 3, 0]
-    """
-    n = scores.shape[0]
-    if k < n:
-        cand = np.argpartition(-scores, k - 1)[:k]
-        cand.sort()
-    else:
-        cand = np.arange(n)
-    best = cand[np.argsort(-scores[cand], kind="stable")]
-    return best[np.isfinite(scores[best])]
 
 
 class Recommender:
@@ -265,8 +246,10 @@ class Recommender:
         excl = [j for j in (snap.index.get(i) for i in seen) if j is not None]
         if excl:
             logits[excl] = -np.inf
-        best = top_k_indices(logits, k)
-        return Recommendation(user, [snap.ids[j] for j in best], sigmoid(logits[best]).tolist(), False, snap.gen)
+        ids, top = top_k(logits[None, :], k)
+        best = ids[0][ids[0] >= 0]
+        return Recommendation(user, [snap.ids[j] for j in best], sigmoid(top[0][: best.size]).tolist(), False,
+                              snap.gen)
 
     def _popular(self, snap: _Snapshot, users: list[str], k: int,
                  seen: dict[str, list[str]]) -> dict[str, Recommendation]:
