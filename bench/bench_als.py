@@ -3,7 +3,7 @@
 Run: ``python -m bench.bench_als [--datasets ml-100k,synthetic] [--threads 2] [--no-tune]``
 
 Same problem for both libraries. Counts ``f`` (ml-100k: 1 per rating unless ``--ml-weights rating``;
-synthetic: click counts) become confidence ``c = 1 + alpha * f`` (our ``kind="linear"``). Ours gets the
+synthetic: click counts) become confidence ``c = 1 + alpha * f`` (our ``scaling="linear"``). Ours gets the
 counts and ``alpha``; implicit gets the CSR ``1 + alpha * f`` with its own ``alpha=1.0`` (implicit uses
 the stored value as ``c`` directly), the same ``reg`` (unscaled ``reg * I`` in both), factors, iterations,
 CG steps (3) and threads (implicit ``num_threads``, our numba threads). BLAS is pinned to 1 thread for

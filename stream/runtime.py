@@ -89,52 +89,103 @@ class StopFlag:
 
 
 HealthCheck = Callable[[], "tuple[bool, dict[str, Any]]"]
+Response = tuple[int, str, bytes]  # status, content type, body
+Route = Callable[[str], Response]  # query string -> response
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+def json_response(code: int, obj: dict[str, Any]) -> Response:
+    """A JSON response (UTF-8, non-ASCII kept)."""
+    return code, "application/json", json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
-        path = self.path.split("?", 1)[0]
-        if path == "/healthz":
-            try:
-                ok, detail = self.server.health()
-            except Exception as exc:  # a broken check is "unhealthy", never a crash
-                ok, detail = False, {"error": str(exc)}
-            self._send(200 if ok else 503, "application/json", json.dumps({"ok": ok, **detail}).encode())
-        elif path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.registry))
-        else:
-            self._send(404, "application/json", b'{"error": "not found; use /healthz or /metrics"}')
+def health_route(health: HealthCheck) -> Route:
+    """``/healthz``: 200 when ``health()`` says ready, else 503; a check that raises is "unhealthy"."""
 
-    def _send(self, code: int, ctype: str, body: bytes) -> None:
+    def route(_query: str) -> Response:
+        try:
+            ok, detail = health()
+        except Exception as exc:  # noqa: BLE001 - a broken check is "unhealthy", never a crash
+            ok, detail = False, {"error": str(exc)}
+        return json_response(200 if ok else 503, {"ok": ok, **detail})
+
+    return route
+
+
+def metrics_route(registry: Any) -> Route:
+    """``/metrics``: the Prometheus text exposition of ``registry``."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return lambda _query: (200, CONTENT_TYPE_LATEST, generate_latest(registry))
+
+
+class RoutingHandler(BaseHTTPRequestHandler):
+    """GET (and HEAD: same headers, no body) by path to ``server.routes``; JSON 404/405/500 otherwise.
+
+    Every response is reported to ``server.observe(path_label, status, seconds)`` (metrics); the stack trace
+    of a failing route goes to the log, never to the client.
+    """
+
+    server: RoutingServer
+    server_version = "zerocf"
+    timeout = 30  # seconds a client may take to send its request (a stalled client cannot block shutdown)
+
+    def _dispatch(self) -> None:
+        started = time.perf_counter()
+        path, _, query = self.path.partition("?")
+        routes = self.server.routes
+        headers: dict[str, str] = {}
+        try:
+            if path not in routes:
+                code, ctype, body = json_response(404, {"error": f"no such path {path[:100]!r}; use "
+                                                                f"{', '.join(routes)}"})
+            elif self.command not in ("GET", "HEAD"):
+                headers["Allow"] = "GET, HEAD"
+                code, ctype, body = json_response(405, {"error": f"method {self.command} not allowed; use GET"})
+            else:
+                code, ctype, body = routes[path](query)
+        except Exception:  # noqa: BLE001 - the request boundary: log it, never send a trace
+            log.exception("internal error serving %s", self.path[:300])
+            code, ctype, body = json_response(500, {"error": "internal error; see the server log"})
+        self.server.observe(path if path in routes else "other", code, time.perf_counter() - started)
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch  # noqa: N815
 
     def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http: " + fmt, *args)
+        log.debug("http %s: " + fmt, self.client_address[0], *args)
 
 
-class _Server(ThreadingHTTPServer):
+class RoutingServer(ThreadingHTTPServer):
+    """A threading HTTP server over a path -> :data:`Route` table (see :class:`RoutingHandler`)."""
+
     daemon_threads = True
-    health: HealthCheck
-    registry: Any
+
+    def __init__(self, address: tuple[str, int], routes: dict[str, Route],
+                 observe: Callable[[str, int, float], None] | None = None) -> None:
+        self.routes = routes
+        self.observe = observe or (lambda _path, _code, _seconds: None)
+        super().__init__(address, RoutingHandler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
 
 
-def start_http(port: int, health: HealthCheck, registry: Any = None, host: str = "0.0.0.0") -> _Server:
+def start_http(port: int, health: HealthCheck, registry: Any = None, host: str = "0.0.0.0") -> RoutingServer:
     """Serve /healthz and /metrics on ``port`` in a daemon thread; returns the server (``.shutdown()``)."""
     from prometheus_client import REGISTRY
 
-    server = _Server((host, port), _Handler)
-    server.health = health
-    server.registry = registry or REGISTRY
+    server = RoutingServer((host, port), {"/healthz": health_route(health),
+                                          "/metrics": metrics_route(registry or REGISTRY)})
     threading.Thread(target=server.serve_forever, name="zerocf-http", daemon=True).start()
-    log.info("health and metrics on http://%s:%d/healthz and /metrics", host, server.server_port)
+    log.info("health and metrics on http://%s:%d/healthz and /metrics", host, server.port)
     return server
 
 

@@ -26,9 +26,9 @@ from typing import Literal
 
 from stream.config import ConsumerSettings, ProcessSettings, check_ranges, setting
 from stream.errors import ConfigError
+from workers.kernels.als import Scaling
 
 InitMode = Literal["random", "foldin"]
-Confidence = Literal["linear", "log"]
 Solver = Literal["cg", "exact"]
 Backend = Literal["numpy", "spark"]
 
@@ -109,7 +109,7 @@ class ALSConfig(ModelSettings):
     als_reg: float = setting(0.05, "ALS_REG", "L2 regularisation lambda", flag="--reg")
     als_alpha: float = setting(1.0, "ALS_ALPHA", "confidence c = 1 + alpha * f (or the log variant)",
                                flag="--alpha")
-    als_confidence: Confidence = setting("linear", "ALS_CONFIDENCE", "confidence of a count: linear or log",
+    als_confidence: Scaling = setting("linear", "ALS_CONFIDENCE", "confidence of a count: linear or log",
                                          flag="--confidence")
     als_eps: float = setting(1.0, "ALS_EPS", "epsilon of the log confidence 1 + alpha*log(1 + f/eps)",
                              flag="--eps")

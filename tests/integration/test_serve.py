@@ -107,7 +107,7 @@ def test_paths_methods_and_health(server: RecommendServer, store: FactorStore) -
     code, _, body = get(server, "/nope")
     assert code == 404 and "use /recommend" in json.loads(body)["error"]
     code, headers, body = get(server, "/recommend?user=u1", method="POST")
-    assert code == 405 and headers["Allow"] == "GET" and "use GET" in json.loads(body)["error"]
+    assert code == 405 and headers["Allow"] == "GET, HEAD" and "use GET" in json.loads(body)["error"]
     assert get(server, "/recommend?user=ghost")[0] == 200
     code, headers, body = get(server, "/metrics")
     text = body.decode()

@@ -40,7 +40,7 @@ def test_confidence_linear_and_log_values() -> None:
     lin = confidence(F, alpha=3.0)
     assert lin.dtype == np.float32 and lin.indices.dtype == np.int32
     np.testing.assert_allclose(lin.toarray(), 3.0 * F.toarray())
-    lg = confidence(F, alpha=2.0, kind="log", eps=0.5)
+    lg = confidence(F, alpha=2.0, scaling="log", eps=0.5)
     np.testing.assert_allclose(lg.toarray()[F.toarray() > 0], 2.0 * np.log1p(np.array([1, 4, 2]) / 0.5),
                                rtol=1e-6)
     assert (lg.indptr == lin.indptr).all() and (lg.indices == lin.indices).all()
@@ -65,8 +65,8 @@ def test_bad_parameters_rejected() -> None:
     F = _counts()
     with pytest.raises(ValueError, match="alpha"):
         confidence(F, 0.0)
-    with pytest.raises(ValueError, match="kind"):
-        confidence(F, 1.0, kind="sqrt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scaling"):
+        confidence(F, 1.0, scaling="sqrt")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="overflows"):
         confidence(F, 1e38)
     with pytest.raises(ValueError, match="solver"):

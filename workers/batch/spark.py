@@ -28,18 +28,18 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 
 
-def _ratings(counts: sp.csr_matrix, kind: str, eps: float) -> sp.coo_matrix:
+def _ratings(counts: sp.csr_matrix, scaling: str, eps: float) -> sp.coo_matrix:
     coo = sp.coo_matrix(counts)
-    if kind == "log":
+    if scaling == "log":
         coo.data = np.log1p(coo.data.astype(np.float64) / eps)
-    elif kind != "linear":
-        raise ValueError(f"kind must be 'linear' or 'log', got {kind!r}")
+    elif scaling != "linear":
+        raise ValueError(f"scaling must be 'linear' or 'log', got {scaling!r}")
     return coo
 
 
 def spark_als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float = 0.05,
                   alpha: float = 1.0, iterations: int = 15, threads: int = 2, seed: int = 0,
-                  kind: str = "linear", eps: float = 1.0) -> tuple[F32, F32]:
+                  scaling: str = "linear", eps: float = 1.0) -> tuple[F32, F32]:
     """Implicit ALS of ``counts_csr`` (users x items) with Spark MLlib; returns float32 ``(U, V)``.
 
     Rows or columns without any click get zero vectors (MLlib only returns factors for ids it saw).
@@ -56,7 +56,7 @@ def spark_als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: 
                            "ZEROCF_ALS_BACKEND=numpy") from exc
     counts = sp.csr_matrix(counts_csr)
     m, n = counts.shape
-    coo = _ratings(counts, kind, eps)
+    coo = _ratings(counts, scaling, eps)
     t0 = time.perf_counter()
     spark = (SparkSession.builder.master(f"local[{max(1, int(threads))}]").appName("zerocf-als")
              .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", str(2 * threads))

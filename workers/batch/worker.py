@@ -40,12 +40,12 @@ import numpy.typing as npt
 
 from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.runtime import StopFlag, start_http
-from workers.kernels.als import ALSDiverged, als_fit
+from workers.kernels.als import ALSDiverged, Scaling, als_fit
 from workers.kernels.calibration import calibrate, fold_scale
 from workers.config import ALSConfig, parse_duration
 from workers.errors import ModelDiverged
 from workers.batch.snapshot import Snapshot
-from workers.store import FactorStore
+from workers.store import FactorStore, Table
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class ALSWorker:
                          scale=cal.scale, bias=cal.bias)
 
     # ------------------------------------------------------------------ solve
-    def _warm(self, kind: str, ids: list[str], rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    def _warm(self, table: Table, ids: list[str], rng: np.random.Generator) -> npt.NDArray[np.float32]:
         """Live vectors for known ids, ``U[0, 0.01)`` (als_fit's new-row init) for the rest."""
         k = self.cfg.factors
         out = (rng.random((len(ids), k)) * 0.01).astype(np.float32)
@@ -237,11 +237,11 @@ class ALSWorker:
         g = self.store.live_generation()
         found_total = 0
         for c in range(0, len(ids), READ_CHUNK):
-            vecs, found = self.store.get_vectors(g, kind, ids[c:c + READ_CHUNK])  # type: ignore[arg-type]
+            vecs, found = self.store.get_vectors(g, table, ids[c:c + READ_CHUNK])
             found &= np.isfinite(vecs).all(axis=1)
             out[c:c + READ_CHUNK][found] = vecs[found]
             found_total += int(found.sum())
-        log.info("warm start: %d of %d %s rows from generation %d, %d seeded", found_total, len(ids), kind,
+        log.info("warm start: %d of %d %s rows from generation %d, %d seeded", found_total, len(ids), table,
                  g, len(ids) - found_total)
         return out
 
@@ -255,7 +255,7 @@ class ALSWorker:
         rng = np.random.default_rng(cfg.als_seed)
         init = (self._warm("user", users, rng), self._warm("item", items, rng))
         if not self.cold:
-            init = _unfold(csr, *init, alpha=cfg.als_alpha, kind=cfg.als_confidence, eps=cfg.als_eps)
+            init = _unfold(csr, *init, alpha=cfg.als_alpha, scaling=cfg.als_confidence, eps=cfg.als_eps)
         log.info("ALS solve: %d users x %d items, %d pairs, k=%d, %d iterations (%s, alpha=%g, reg=%g)",
                  len(users), len(items), csr.nnz, cfg.factors, cfg.als_iterations, cfg.als_solver,
                  cfg.als_alpha, cfg.als_reg)
@@ -272,9 +272,9 @@ class ALSWorker:
 
         try:
             U, V, _hist = als_fit(csr, factors=cfg.factors, reg=cfg.als_reg, alpha=cfg.als_alpha,
-                                  iterations=cfg.als_iterations, solver=cfg.als_solver,  # type: ignore[arg-type]
+                                  iterations=cfg.als_iterations, solver=cfg.als_solver,
                                   cg_steps=cfg.als_cg_steps, init=init, rng=rng, callback=callback,
-                                  num_threads=cfg.als_threads, kind=cfg.als_confidence,  # type: ignore[arg-type]
+                                  num_threads=cfg.als_threads, scaling=cfg.als_confidence,
                                   eps=cfg.als_eps)
         except ALSDiverged as exc:
             raise ModelDiverged(str(exc)) from exc
@@ -293,7 +293,7 @@ class ALSWorker:
         cfg = self.cfg
         U, V = spark_als_fit(csr, cfg.factors, cfg.als_reg, cfg.als_alpha, cfg.als_iterations, cfg.als_threads,
                              cfg.als_seed, cfg.als_confidence, cfg.als_eps)
-        loss = wmf_loss(confidence(csr, cfg.als_alpha, cfg.als_confidence, cfg.als_eps), U, V, cfg.als_reg)  # type: ignore[arg-type]
+        loss = wmf_loss(confidence(csr, cfg.als_alpha, cfg.als_confidence, cfg.als_eps), U, V, cfg.als_reg)
         if self.stop.is_set():
             raise _Stopped()
         if not (np.isfinite(U).all() and np.isfinite(V).all() and math.isfinite(loss)):
@@ -303,11 +303,11 @@ class ALSWorker:
         return U, V, loss
 
     # ------------------------------------------------------------------ publish
-    def _write(self, g: int, kind: str, ids: list[str], mat: npt.NDArray[np.float32]) -> None:
+    def _write(self, g: int, table: Table, ids: list[str], mat: npt.NDArray[np.float32]) -> None:
         for c in range(0, len(ids), WRITE_CHUNK):
             if self.stop.is_set():
                 raise _Stopped()
-            self.store.write_vectors(g, kind, ids[c:c + WRITE_CHUNK], mat[c:c + WRITE_CHUNK])  # type: ignore[arg-type]
+            self.store.write_vectors(g, table, ids[c:c + WRITE_CHUNK], mat[c:c + WRITE_CHUNK])
 
     def _publish(self, users: list[str], items: list[str], U: npt.NDArray[np.float32],
                  V: npt.NDArray[np.float32], counts: dict[str, float], offsets: dict[int, int],
@@ -344,7 +344,7 @@ class ALSWorker:
         log.info("als worker stopping (%s)", self.stop.reason)
 
 
-def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], alpha: float, kind: str,
+def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], alpha: float, scaling: Scaling,
             eps: float) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Rescale warm-start factors by the ``t`` minimising the WMF data term of ``t·U0·V0^T``.
 
@@ -356,7 +356,7 @@ def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], 
     """
     from workers.kernels.als import confidence
 
-    d = confidence(csr, alpha, kind, eps)  # type: ignore[arg-type]
+    d = confidence(csr, alpha, scaling, eps)
     rows = np.repeat(np.arange(csr.shape[0]), np.diff(d.indptr))
     s = np.einsum("ij,ij->i", U0[rows].astype(np.float64), V0[d.indices].astype(np.float64))
     U64, V64 = U0.astype(np.float64), V0.astype(np.float64)

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from stream.replay.datasets import BadLine, Interaction, read_interactions
 from stream.errors import ConfigError
 from workers.evaluation.metrics import holdout_mask, ranking_metrics
+from workers.kernels.als import Scaling
 from workers.evaluation.offline import (ALSParams, Stream, fit_als, lmf_config, popularity, recommend, recommend_popular,
                              replay_lmf, replay_pipeline)
 from workers.evaluation.prequential import stack_env, plot_windows, prequential
@@ -104,19 +105,19 @@ class Holdout:
 
 
 def tune_als(h: Holdout, factors: int, tune: bool) -> ALSParams:
-    """Best (confidence kind, alpha) by validation NDCG@k; reg 0.05 and 15 iterations fixed."""
+    """Best (confidence scaling, alpha) by validation NDCG@k; reg 0.05 and 15 iterations fixed."""
     if not tune:
         return ALSParams()
     _, train, _, _ = h.split(True)
-    kinds = ("linear",) if np.all(h.data.count == 1) else ("linear", "log")
+    scalings: tuple[Scaling, ...] = ("linear",) if np.all(h.data.count == 1) else ("linear", "log")
     best, best_ndcg = ALSParams(), -1.0
-    for kind in kinds:
+    for scaling in scalings:
         for alpha in ALPHAS:
-            U, V = fit_als(train, factors, 0.05, alpha, 15, kind, h.seed)
+            U, V = fit_als(train, factors, 0.05, alpha, 15, scaling, h.seed)
             ndcg = h.score(U, V, True)["ndcg"]
-            log.info("tune als kind=%s alpha=%g: validation ndcg@%d %.4f", kind, alpha, h.k, ndcg)
+            log.info("tune als scaling=%s alpha=%g: validation ndcg@%d %.4f", scaling, alpha, h.k, ndcg)
             if ndcg > best_ndcg:
-                best, best_ndcg = ALSParams(alpha=alpha, kind=kind), ndcg
+                best, best_ndcg = ALSParams(alpha=alpha, scaling=scaling), ndcg
     return best
 
 
@@ -166,7 +167,7 @@ def implicit_models(h: Holdout, factors: int, als: ALSParams) -> dict[str, dict[
     from workers.kernels.als import confidence
 
     tr, train, _, _ = h.split(False)
-    conf = confidence(train, als.alpha, als.kind)  # type: ignore[arg-type]
+    conf = confidence(train, als.alpha, als.scaling)
     conf.data += np.float32(1.0)  # implicit reads the stored value as the confidence c itself
     binary = train.copy()
     binary.data[:] = 1.0
@@ -201,7 +202,7 @@ def run_holdout(data: Data, models: Sequence[str], factors: int, k: int, seed: i
     als = tune_als(h, factors, tune) if {"als", "pipeline", "all"} & set(models) else ALSParams()
     lr, epochs = tune_lmf(h, factors, tune) if {"lmf", "pipeline", "all"} & set(models) else (0.2, 4)
     pipe_lr = tune_pipeline(h, factors, als, resolve_every, tune) if {"pipeline", "all"} & set(models) else lr
-    params.update(als_alpha=als.alpha, als_confidence=als.kind, als_reg=als.reg, als_iterations=als.iterations,
+    params.update(als_alpha=als.alpha, als_confidence=als.scaling, als_reg=als.reg, als_iterations=als.iterations,
                   lmf_lr=lr, lmf_epochs=epochs, pipeline_lmf_lr=pipe_lr, resolve_every=resolve_every)
     want = OURS if "all" in models else models
     for name in want:
@@ -211,7 +212,7 @@ def run_holdout(data: Data, models: Sequence[str], factors: int, k: int, seed: i
             out[name] = ranking_metrics(ids, test, users, k, data.n_items)
         else:
             if name == "als":
-                U, V = fit_als(train, factors, als.reg, als.alpha, als.iterations, als.kind, seed)
+                U, V = fit_als(train, factors, als.reg, als.alpha, als.iterations, als.scaling, seed)
             elif name == "lmf":
                 U, V = replay_lmf(data.stream(tr, seed), lmf_config(factors, seed, lr=lr), epochs, seed)
             else:

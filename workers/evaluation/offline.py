@@ -26,7 +26,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from stream.events import Event
-from workers.kernels.als import als_fit
+from workers.kernels.als import Scaling, als_fit
 from workers.kernels.topk import recommend_from_factors
 from workers.config import LMFConfig
 from workers.online.model import OnlineModel
@@ -89,10 +89,10 @@ def recommend_popular(scores: npt.ArrayLike, train: sp.csr_matrix, users: npt.Ar
 
 
 def fit_als(train: sp.csr_matrix, factors: int = 64, reg: float = 0.05, alpha: float = 1.0,
-            iterations: int = 15, kind: str = "linear", seed: int = 0,
+            iterations: int = 15, scaling: Scaling = "linear", seed: int = 0,
             init: tuple[F32 | None, F32 | None] | None = None) -> tuple[F32, F32]:
     """Our implicit ALS (CG, 3 steps) on the training counts; returns (U, V)."""
-    U, V, _ = als_fit(train, factors=factors, reg=reg, alpha=alpha, iterations=iterations, kind=kind,  # type: ignore[arg-type]
+    U, V, _ = als_fit(train, factors=factors, reg=reg, alpha=alpha, iterations=iterations, scaling=scaling,
                       rng=np.random.default_rng(seed), init=init, compute_loss=False)
     return U, V
 
@@ -171,7 +171,7 @@ class ALSParams:
     reg: float = 0.05
     alpha: float = 1.0
     iterations: int = 15
-    kind: str = "linear"
+    scaling: Scaling = "linear"
 
 
 def replay_pipeline(stream: Stream, cfg: LMFConfig, als: ALSParams, resolve_every: int, seed: int = 0,
@@ -212,7 +212,7 @@ def replay_pipeline(stream: Stream, cfg: LMFConfig, als: ALSParams, resolve_ever
         seed_u = (rng.random(table.U.shape) * 0.01).astype(np.float32)
         seed_v = (rng.random(V_live.shape) * 0.01).astype(np.float32)
         init = (np.where(table.found[:, None], table.U, seed_u), np.where(known_items[:, None], V_live, seed_v))
-        U, V = fit_als(part, cfg.factors, als.reg, als.alpha, als.iterations, als.kind, seed, init=init)
+        U, V = fit_als(part, cfg.factors, als.reg, als.alpha, als.iterations, als.scaling, seed, init=init)
         cal = calibrate(U, V, part, calib_samples, np.random.default_rng([seed, 1]), negatives=1)
         U, V = fold_scale(U, V, cal.scale)
         bias = cal.bias

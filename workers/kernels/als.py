@@ -5,8 +5,8 @@ Pure kernels: arrays, scalars and a ``np.random.Generator`` in, arrays out. No I
 Problem solved. For a user x item count matrix ``F`` (CSR, ``f_ui >= 0``) every observed pair has
 preference ``r_ui = 1`` and confidence ``c_ui = 1 + d_ui`` with
 
-- ``kind="linear"``: ``d_ui = alpha * f_ui``
-- ``kind="log"``:    ``d_ui = alpha * log(1 + f_ui / eps)``
+- ``scaling="linear"``: ``d_ui = alpha * f_ui``
+- ``scaling="log"``:    ``d_ui = alpha * log(1 + f_ui / eps)``
 
 and every unobserved pair has ``r_ui = 0``, ``c_ui = 1``. ALS minimises the WMF objective ::
 
@@ -17,7 +17,7 @@ and every unobserved pair has ``r_ui = 0``, ``c_ui = 1``. ALS minimises the WMF 
 ``implicit.cpu.als.AlternatingLeastSquares``) instead reads its stored value ``v`` as the confidence
 itself after multiplying by its own ``alpha``: ``c = alpha_implicit * v`` (and ``A += (c - 1) y y^T``,
 ``b += c y``; a negative ``v`` means preference 0). To make implicit solve exactly our problem, feed it
-``C = confidence(F, alpha, kind)`` with ``C.data + 1`` as values and ``alpha=1.0``, the same ``reg``
+``C = confidence(F, alpha, scaling)`` with ``C.data + 1`` as values and ``alpha=1.0``, the same ``reg``
 (both add ``reg * I`` unscaled to the Gram matrix). Passing raw counts with ``alpha=a`` to implicit is
 *not* the same problem: it gives ``c = a * f`` (no ``+1``).
 
@@ -45,9 +45,11 @@ import scipy.sparse as sp
 from workers.kernels.als_numba import cg_sweep, exact_sweep, observed_loss
 
 F32 = npt.NDArray[np.float32]
+Scaling = Literal["linear", "log"]  # how a count becomes confidence (see the module docstring)
 
 __all__ = [
     "ALSDiverged",
+    "Scaling",
     "FitHistory",
     "als_fit",
     "confidence",
@@ -89,7 +91,7 @@ def _check_counts(counts: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
 
 
 def confidence(counts_csr: sp.spmatrix | sp.sparray, alpha: float,
-               kind: Literal["linear", "log"] = "linear", eps: float = 1.0) -> sp.csr_matrix:
+               scaling: Scaling = "linear", eps: float = 1.0) -> sp.csr_matrix:
     """Return the extra confidence ``d = c - 1`` of every observed pair, as float32 CSR.
 
     Parameters
@@ -98,7 +100,7 @@ def confidence(counts_csr: sp.spmatrix | sp.sparray, alpha: float,
         Non-negative click counts ``f_ui``; duplicates are summed, explicit zeros dropped.
     alpha : float
         Confidence scale, ``> 0``.
-    kind : {"linear", "log"}
+    scaling : {"linear", "log"}
         ``d = alpha * f`` or ``d = alpha * log(1 + f / eps)``.
     eps : float
         Count scale of the log variant, ``> 0``.
@@ -115,25 +117,25 @@ def confidence(counts_csr: sp.spmatrix | sp.sparray, alpha: float,
     >>> f = sp.csr_matrix(np.array([[0, 1, 3]], dtype=np.float32))
     >>> confidence(f, alpha=2.0).toarray()
     array([[0., 2., 6.]], dtype=float32)
-    >>> np.round(confidence(f, alpha=2.0, kind="log").data, 3)
+    >>> np.round(confidence(f, alpha=2.0, scaling="log").data, 3)
     array([1.386, 2.773], dtype=float32)
     """
     if not alpha > 0 or not np.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
     c = _check_counts(counts_csr)
-    if kind == "linear":
+    if scaling == "linear":
         with np.errstate(over="ignore"):  # overflow is reported below
             c.data = (np.float32(alpha) * c.data).astype(np.float32)
-    elif kind == "log":
+    elif scaling == "log":
         if not eps > 0:
-            raise ValueError(f"eps must be > 0 for kind='log', got {eps}")
+            raise ValueError(f"eps must be > 0 for scaling='log', got {eps}")
         with np.errstate(over="ignore"):
             c.data = (alpha * np.log1p(c.data.astype(np.float64) / eps)).astype(np.float32)
     else:
-        raise ValueError(f"kind must be 'linear' or 'log', got {kind!r}")
+        raise ValueError(f"scaling must be 'linear' or 'log', got {scaling!r}")
     if not np.isfinite(c.data).all():
         raise ValueError(f"confidence alpha * f overflows float32 (alpha={alpha}); "
-                         "lower alpha or use kind='log'")
+                         "lower alpha or use scaling='log'")
     c.indices = c.indices.astype(np.int32, copy=False)
     c.indptr = c.indptr.astype(np.int64, copy=False)
     return c
@@ -198,14 +200,14 @@ def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float 
             cg_steps: int = 3, init: tuple[F32 | None, F32 | None] | None = None,
             rng: np.random.Generator | None = None,
             callback: Callable[[int, float, float | None], None] | None = None,
-            num_threads: int | None = None, kind: Literal["linear", "log"] = "linear",
+            num_threads: int | None = None, scaling: Scaling = "linear",
             eps: float = 1.0, compute_loss: bool = True) -> tuple[F32, F32, FitHistory]:
     """Fit implicit ALS on a user x item count matrix.
 
     Parameters
     ----------
     counts_csr : sparse matrix, shape (m, n)
-        Non-negative counts; turned into confidence by :func:`confidence` (``alpha``, ``kind``, ``eps``).
+        Non-negative counts; turned into confidence by :func:`confidence` (``alpha``, ``scaling``, ``eps``).
     factors, reg, alpha, iterations : int, float, float, int
         Rank ``k``, L2 penalty, confidence scale, number of (user, item) sweep pairs.
     solver : {"cg", "exact"}
@@ -245,7 +247,7 @@ def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float 
     if factors < 1 or iterations < 0 or cg_steps < 1 or not reg >= 0:
         raise ValueError(f"need factors >= 1, iterations >= 0, cg_steps >= 1, reg >= 0; got "
                          f"{factors}, {iterations}, {cg_steps}, {reg}")
-    cui = confidence(counts_csr, alpha, kind, eps)
+    cui = confidence(counts_csr, alpha, scaling, eps)
     ciu = cui.T.tocsr()
     ciu.indices = ciu.indices.astype(np.int32, copy=False)
     ciu.indptr = ciu.indptr.astype(np.int64, copy=False)
@@ -278,7 +280,7 @@ def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float 
 
 
 def fold_in(V: F32, item_idx: npt.ArrayLike, counts: npt.ArrayLike, reg: float, alpha: float,
-            kind: Literal["linear", "log"] = "linear", eps: float = 1.0,
+            scaling: Scaling = "linear", eps: float = 1.0,
             gram: npt.NDArray[np.floating] | None = None) -> F32:
     """Exact factor of one (cold) user against fixed item factors.
 
@@ -312,7 +314,7 @@ def fold_in(V: F32, item_idx: npt.ArrayLike, counts: npt.ArrayLike, reg: float, 
     if idx.size and (idx.min() < 0 or idx.max() >= V.shape[0]):
         raise ValueError(f"item_idx out of range [0, {V.shape[0]}); map unknown items before fold_in")
     row = sp.csr_matrix((f, idx, [0, idx.size]), shape=(1, V.shape[0]))
-    d = confidence(row, alpha, kind, eps)
+    d = confidence(row, alpha, scaling, eps)
     Vi = V[d.indices].astype(np.float64)
     V64 = V.astype(np.float64)
     A = (V64.T @ V64 if gram is None else np.asarray(gram, np.float64)) + reg * np.eye(V.shape[1])

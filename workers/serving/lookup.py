@@ -80,7 +80,7 @@ class Recommendation:
 
 
 @dataclass(frozen=True, eq=False)
-class _Snapshot:
+class _ItemCache:
     """One immutable cached item matrix (swapped as a whole, so readers need no lock)."""
 
     gen: int
@@ -118,7 +118,7 @@ class Recommender:
         Check the cache on the request path (default). ``zerocf serve`` turns it off and calls
         :meth:`refresh` from its main loop so that no request pays for a reload.
 
-    Thread-safe: readers take the current snapshot reference; one thread at a time reloads.
+    Thread-safe: readers take the current cache reference; one thread at a time reloads.
     """
 
     def __init__(self, store: FactorStore, refresh_s: float = 5.0,
@@ -126,7 +126,7 @@ class Recommender:
         if refresh_s < 0:
             raise ValueError(f"refresh_s={refresh_s} must be >= 0 seconds")
         self.store, self.refresh_s, self._clock, self.auto_refresh = store, float(refresh_s), clock, auto_refresh
-        self._snap: _Snapshot | None = None
+        self._cache: _ItemCache | None = None
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
         self.refreshes = 0  # full matrix loads so far (exported by serve as a metric)
@@ -135,21 +135,21 @@ class Recommender:
     @property
     def generation(self) -> int | None:
         """The generation of the cached matrix (None before the first load)."""
-        return None if self._snap is None else self._snap.gen
+        return None if self._cache is None else self._cache.gen
 
     @property
     def n_items(self) -> int:
         """Items in the cached matrix (0 before the first load)."""
-        return 0 if self._snap is None else len(self._snap.ids)
+        return 0 if self._cache is None else len(self._cache.ids)
 
     def refresh(self, force: bool = False) -> bool:
         """Reload the item matrix if due (see the module docstring); return True when it was reloaded.
 
         Raises :class:`NoModel` when Redis holds no model. Cheap when not due (no Redis call).
         """
-        if not force and self._snap is not None and self._clock() - self._checked_at < self.refresh_s:
+        if not force and self._cache is not None and self._clock() - self._checked_at < self.refresh_s:
             return False
-        if not self._lock.acquire(blocking=self._snap is None or force):
+        if not self._lock.acquire(blocking=self._cache is None or force):
             return False  # another thread is reloading: keep serving the current snapshot
         try:
             return self._refresh_locked(force)
@@ -157,16 +157,16 @@ class Recommender:
             self._lock.release()
 
     def _refresh_locked(self, force: bool) -> bool:
-        now, snap = self._clock(), self._snap
-        if not force and snap is not None and now - self._checked_at < self.refresh_s:
+        now, cache = self._clock(), self._cache
+        if not force and cache is not None and now - self._checked_at < self.refresh_s:
             return False  # reloaded by another thread while we waited
         live = self._live_generation()
         self._checked_at = now
-        if snap is not None and not force and live == snap.gen:
-            age_limit = max(self.refresh_s, snap.load_seconds / RELOAD_SHARE)
-            if self.store.item_count(live) == len(snap.ids) and now - snap.loaded_at < age_limit:
+        if cache is not None and not force and live == cache.gen:
+            age_limit = max(self.refresh_s, cache.load_seconds / RELOAD_SHARE)
+            if self.store.item_count(live) == len(cache.ids) and now - cache.loaded_at < age_limit:
                 return False
-        self._snap = self._load(live)
+        self._cache = self._load(live)
         self.refreshes += 1
         return True
 
@@ -177,7 +177,7 @@ class Recommender:
             raise NoModel(f"no model in Redis namespace {self.store.keys.ns!r}; run `zerocf lmf` or "
                           "`zerocf als --once` first, or check ZEROCF_TOPIC_PREFIX") from exc
 
-    def _load(self, live: int) -> _Snapshot:
+    def _load(self, live: int) -> _ItemCache:
         started = self._clock()
         for _ in range(3):
             try:
@@ -192,14 +192,14 @@ class Recommender:
         took = self._clock() - started
         log.info("item matrix loaded namespace=%s gen=%s items=%d bias=%.4f in %.3fs",
                  self.store.keys.ns, live, len(ids), bias, took)
-        return _Snapshot(live, float(bias), ids, {i: n for n, i in enumerate(ids)},
+        return _ItemCache(live, float(bias), ids, {i: n for n, i in enumerate(ids)},
                          np.ascontiguousarray(matrix, dtype=np.float32), self._clock(), took)
 
-    def _current(self) -> _Snapshot:
-        if self._snap is None or self.auto_refresh:
+    def _current(self) -> _ItemCache:
+        if self._cache is None or self.auto_refresh:
             self.refresh()
-        assert self._snap is not None
-        return self._snap
+        assert self._cache is not None
+        return self._cache
 
     # ------------------------------------------------------------------ queries
     def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True) -> Recommendation:
@@ -222,45 +222,45 @@ class Recommender:
             raise ValueError(f"k={k} must be >= 1")
         k = int(k)
         users = list(dict.fromkeys(str(u) for u in user_ids))
-        snap = self._current()
+        cache = self._current()
         if not users:
             return {}
-        vecs, found = self.store.get_vectors(snap.gen, "user", users)
+        vecs, found = self.store.get_vectors(cache.gen, "user", users)
         seen = self.store.seen_items_many(users, SEEN_LIMIT) if exclude_seen else {}
         out: dict[str, Recommendation] = {}
         known = np.flatnonzero(found)
-        chunk = max(1, _BATCH_CELLS // max(1, len(snap.ids)))
+        chunk = max(1, _BATCH_CELLS // max(1, len(cache.ids)))
         for c in range(0, len(known), chunk):
             rows = known[c:c + chunk]
-            logits = vecs[rows] @ snap.matrix.T  # (m, n_items) float32
-            logits += np.float32(snap.bias)
+            logits = vecs[rows] @ cache.matrix.T  # (m, n_items) float32
+            logits += np.float32(cache.bias)
             for r, i in enumerate(rows):
-                out[users[i]] = self._rank(snap, users[i], logits[r], k, seen.get(users[i], ()))
+                out[users[i]] = self._rank(cache, users[i], logits[r], k, seen.get(users[i], ()))
         missing = [u for u, f in zip(users, found) if not f]
         if missing:
-            out.update(self._popular(snap, missing, k, seen))
+            out.update(self._popular(cache, missing, k, seen))
         return {u: out[u] for u in users}
 
-    def _rank(self, snap: _Snapshot, user: str, logits: npt.NDArray[np.float32], k: int,
+    def _rank(self, cache: _ItemCache, user: str, logits: npt.NDArray[np.float32], k: int,
               seen: Sequence[str]) -> Recommendation:
-        excl = [j for j in (snap.index.get(i) for i in seen) if j is not None]
+        excl = [j for j in (cache.index.get(i) for i in seen) if j is not None]
         if excl:
             logits[excl] = -np.inf
         ids, top = top_k(logits[None, :], k)
         best = ids[0][ids[0] >= 0]
-        return Recommendation(user, [snap.ids[j] for j in best], sigmoid(top[0][: best.size]).tolist(), False,
-                              snap.gen)
+        return Recommendation(user, [cache.ids[j] for j in best], sigmoid(top[0][: best.size]).tolist(), False,
+                              cache.gen)
 
-    def _popular(self, snap: _Snapshot, users: list[str], k: int,
+    def _popular(self, cache: _ItemCache, users: list[str], k: int,
                  seen: dict[str, list[str]]) -> dict[str, Recommendation]:
         extra = max((len(seen.get(u, ())) for u in users), default=0)
-        top = [item for item, _ in self.store.top_items(snap.gen, k + extra)]
-        prior = float(sigmoid(np.array([snap.bias], dtype=np.float32))[0])
+        top = [item for item, _ in self.store.top_items(cache.gen, k + extra)]
+        prior = float(sigmoid(np.array([cache.bias], dtype=np.float32))[0])
         out = {}
         for u in users:
             skip = set(seen.get(u, ()))
             items = [i for i in top if i not in skip][:k]
-            out[u] = Recommendation(u, items, [prior] * len(items), True, snap.gen)
+            out[u] = Recommendation(u, items, [prior] * len(items), True, cache.gen)
         return out
 
     def score(self, user_id: str, item_ids: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -269,14 +269,14 @@ class Recommender:
         NaN where the model has no opinion: for an item without a vector, and for every item when the user
         has no vector. The generation is the cached one, so bias, p and q come from the same generation.
         """
-        snap = self._current()
+        cache = self._current()
         ids = [str(i) for i in item_ids]
         out = np.full(len(ids), np.nan, dtype=np.float32)
         if not ids:
             return out
-        p, pf = self.store.get_vectors(snap.gen, "user", [str(user_id)])
+        p, pf = self.store.get_vectors(cache.gen, "user", [str(user_id)])
         if not pf[0]:
             return out
-        q, qf = self.store.get_vectors(snap.gen, "item", ids)
-        out[qf] = sigmoid(q[qf] @ p[0] + np.float32(snap.bias))
+        q, qf = self.store.get_vectors(cache.gen, "item", ids)
+        out[qf] = sigmoid(q[qf] @ p[0] + np.float32(cache.bias))
         return out

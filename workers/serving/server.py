@@ -1,6 +1,7 @@
 """``zerocf serve``: recommendations over HTTP (``/recommend``, ``/healthz``, ``/metrics``).
 
-Built on the standard library's :class:`http.server.ThreadingHTTPServer`: it adds no dependency, the
+Built on :class:`stream.runtime.RoutingServer` (the standard library's ``ThreadingHTTPServer``, the same
+routing every worker's health endpoint uses): it adds no dependency, the
 handler is a few lines of routing and validation, and the work per request is one numpy matrix-vector
 product over the cached item matrix (numpy releases the GIL), so an async framework would buy nothing.
 Put a reverse proxy in front for TLS and connection limits.
@@ -13,7 +14,7 @@ Put a reverse proxy in front for TLS and connection limits.
 - ``GET /metrics`` -> Prometheus text: requests by path and status, latency histogram, cache refreshes,
   fallbacks.
 
-Unknown paths are 404, other methods 405, Redis or model unavailability 503, and any other failure 500
+HEAD is answered like GET without a body. Unknown paths are 404, other methods 405, Redis or model unavailability 503, and any other failure 500
 with a JSON body (the stack trace goes to the log, never to the client). SIGTERM/SIGINT stop the server
 gracefully (in-flight requests finish). :func:`make_server` builds a server in-process (port 0 picks a
 free port) for tests and embedding; the caller runs ``serve_forever`` and later ``shutdown``.
@@ -22,21 +23,18 @@ free port) for tests and embedding; the caller runs ``serve_forever`` and later 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import threading
-import time
 import unicodedata
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl
 
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stream.config import KAFKA_FIELDS, TOP_LEVEL, add_flags, flag_overrides, load
 from stream.errors import ServiceUnavailable
+from stream.runtime import Response, RoutingServer, health_route, json_response, metrics_route
 from workers.config import ServeConfig
 from workers.errors import StoreSchemaError
 from workers.serving.lookup import NoModel, Recommender
@@ -48,7 +46,6 @@ __all__ = ["BadRequest", "RecommendServer", "make_server", "parse_recommend_quer
 
 MAX_USER_BYTES = 256
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_PATHS = ("/recommend", "/healthz", "/metrics")
 
 
 class BadRequest(ValueError):
@@ -111,8 +108,8 @@ class _Metrics:
               registry=self.registry).set_function(lambda: rec.generation or 0)
 
 
-class RecommendServer(ThreadingHTTPServer):
-    """The HTTP server; ``recommender``, ``max_k`` and ``metrics`` are read by the handler."""
+class RecommendServer(RoutingServer):
+    """The HTTP server: ``/recommend``, ``/healthz`` and ``/metrics`` over one :class:`Recommender`."""
 
     daemon_threads = False  # server_close() joins in-flight requests: a graceful stop finishes them
     block_on_close = True
@@ -120,80 +117,31 @@ class RecommendServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], recommender: Recommender, max_k: int) -> None:
         self.recommender, self.max_k = recommender, int(max_k)
         self.metrics = _Metrics(recommender)
-        super().__init__(address, _Handler)
+        routes = {"/recommend": self._recommend, "/healthz": health_route(lambda: health(recommender)),
+                  "/metrics": metrics_route(self.metrics.registry)}
+        super().__init__(address, routes, self._observe)
 
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
+    def _observe(self, path: str, code: int, seconds: float) -> None:
+        self.metrics.requests.labels(path, str(code)).inc()
+        self.metrics.latency.labels(path).observe(seconds)
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: RecommendServer
-    server_version = "zerocf"
-    timeout = 30  # seconds a client may take to send its request (a stalled client cannot block shutdown)
-
-    def _dispatch(self) -> None:
-        started = time.perf_counter()
-        path, _, query = self.path.partition("?")
-        routes: dict[str, Callable[[str], tuple[int, str, bytes]]] = {
-            "/recommend": self._recommend, "/healthz": self._healthz, "/metrics": self._metrics}
-        headers: dict[str, str] = {}
+    def _recommend(self, query: str) -> Response:
         try:
-            if path not in routes:
-                code, ctype, body = _json(404, {"error": f"no such path {path[:100]!r}; use {', '.join(_PATHS)}"})
-            elif self.command != "GET":
-                headers["Allow"] = "GET"
-                code, ctype, body = _json(405, {"error": f"method {self.command} not allowed; use GET"})
-            else:
-                code, ctype, body = routes[path](query)
-        except Exception:  # the request boundary: log it, never send a trace
-            log.exception("internal error serving %s", self.path[:300])
-            code, ctype, body = _json(500, {"error": "internal error; see the server log"})
-        label = path if path in routes else "other"
-        self.server.metrics.requests.labels(label, str(code)).inc()
-        self.server.metrics.latency.labels(label).observe(time.perf_counter() - started)
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch  # noqa: N815
-
-    def _recommend(self, query: str) -> tuple[int, str, bytes]:
-        try:
-            user, k, exclude = parse_recommend_query(query, self.server.max_k)
+            user, k, exclude = parse_recommend_query(query, self.max_k)
         except BadRequest as exc:
-            return _json(400, {"error": str(exc)})
+            return json_response(400, {"error": str(exc)})
         try:
-            rec = self.server.recommender.recommend(user, k, exclude)
+            rec = self.recommender.recommend(user, k, exclude)
         except NoModel as exc:
-            return _json(503, {"error": str(exc)})
+            return json_response(503, {"error": str(exc)})
         except redis.RedisError as exc:
             log.warning("redis error serving user=%r: %s", user, exc)
-            return _json(503, {"error": f"Redis unavailable ({type(exc).__name__}); retry later"})
+            return json_response(503, {"error": f"Redis unavailable ({type(exc).__name__}); retry later"})
         if rec.fallback:
-            self.server.metrics.fallbacks.inc()
-        return _json(200, {"user": rec.user, "items": [{"item": i, "score": s} for i, s in
-                                                       zip(rec.items, rec.scores)],
-                           "fallback": rec.fallback, "generation": rec.generation})
-
-    def _healthz(self, _query: str) -> tuple[int, str, bytes]:
-        ok, detail = health(self.server.recommender)
-        return _json(200 if ok else 503, {"ok": ok, **detail})
-
-    def _metrics(self, _query: str) -> tuple[int, str, bytes]:
-        return 200, CONTENT_TYPE_LATEST, generate_latest(self.server.metrics.registry)
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http %s: " + fmt, self.client_address[0], *args)
-
-
-def _json(code: int, obj: dict[str, Any]) -> tuple[int, str, bytes]:
-    return code, "application/json", json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            self.metrics.fallbacks.inc()
+        return json_response(200, {"user": rec.user, "items": [{"item": i, "score": s} for i, s in
+                                                               zip(rec.items, rec.scores)],
+                                   "fallback": rec.fallback, "generation": rec.generation})
 
 
 def health(rec: Recommender) -> tuple[bool, dict[str, Any]]:
