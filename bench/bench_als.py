@@ -35,8 +35,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from bench.data import (Interactions, holdout_mask, load_ml100k, ranking_metrics, subset,  # noqa: E402
-                        synthetic)
+from bench.data import Interactions, holdout_mask, load_ml100k, ranking_metrics, subset, synthetic  # noqa: E402
 from workers.kernels.als import als_fit, confidence, wmf_loss  # noqa: E402
 from workers.kernels.topk import recommend_from_factors  # noqa: E402
 
@@ -60,23 +59,40 @@ def implicit_input(counts: sp.csr_matrix, alpha: float) -> sp.csr_matrix:
     return c
 
 
-def fit(lib: str, counts: sp.csr_matrix, alpha: float, a: argparse.Namespace,
-        solver: str = "cg", seed: int = 0) -> dict[str, Any]:
+def fit(
+    lib: str, counts: sp.csr_matrix, alpha: float, a: argparse.Namespace, solver: str = "cg", seed: int = 0
+) -> dict[str, Any]:
     """One fit; returns factors, per-iteration seconds and whole-fit wall time."""
     t0 = time.perf_counter()
     if lib == "ours":
-        U, V, h = als_fit(counts, a.factors, a.reg_now, alpha, a.iterations, solver=solver,
-                          cg_steps=a.cg_steps, rng=np.random.default_rng(seed),
-                          num_threads=a.threads, compute_loss=False)
+        U, V, h = als_fit(
+            counts,
+            a.factors,
+            a.reg_now,
+            alpha,
+            a.iterations,
+            solver=solver,
+            cg_steps=a.cg_steps,
+            rng=np.random.default_rng(seed),
+            num_threads=a.threads,
+            compute_loss=False,
+        )
         secs = h.seconds
     else:
         secs = []
-        m = AlternatingLeastSquares(factors=a.factors, regularization=a.reg_now, alpha=1.0,
-                                    iterations=a.iterations, use_cg=True, num_threads=a.threads,
-                                    random_state=seed)
+        m = AlternatingLeastSquares(
+            factors=a.factors,
+            regularization=a.reg_now,
+            alpha=1.0,
+            iterations=a.iterations,
+            use_cg=True,
+            num_threads=a.threads,
+            random_state=seed,
+        )
         m.cg_steps = a.cg_steps
-        m.fit(implicit_input(counts, alpha), show_progress=False,
-              callback=lambda it, elapsed, loss: secs.append(elapsed))
+        m.fit(
+            implicit_input(counts, alpha), show_progress=False, callback=lambda it, elapsed, loss: secs.append(elapsed)
+        )
         U, V = m.user_factors, m.item_factors
     return {"U": U, "V": V, "secs": secs, "wall": time.perf_counter() - t0}
 
@@ -109,8 +125,12 @@ def bench_dataset(d: Interactions, a: argparse.Namespace) -> dict[str, Any]:
     test_mask = holdout_mask(d, seed=a.seed)
     train = subset(d, ~test_mask).to_csr(binary=a.binary)
     test = subset(d, test_mask).to_csr()
-    out: dict[str, Any] = {"n_users": d.n_users, "n_items": d.n_items, "train_nnz": int(train.nnz),
-                           "test_nnz": int(test.nnz)}
+    out: dict[str, Any] = {
+        "n_users": d.n_users,
+        "n_items": d.n_items,
+        "train_nnz": int(train.nnz),
+        "test_nnz": int(test.nnz),
+    }
     best = {lib: a.alpha for lib in a.libs}
     if a.tune:
         grid = tune(d, ~test_mask, a)
@@ -128,26 +148,33 @@ def bench_dataset(d: Interactions, a: argparse.Namespace) -> dict[str, Any]:
         for name, lib, solver in plan:
             if rep < reps[name]:
                 results[name].append(fit(lib, train, best[lib], a, solver=solver, seed=a.seed + rep))
-    for name, lib, solver in plan:
+    for name, lib, _solver in plan:
         first = results[name][0]
         secs = [s for r in results[name] for s in r["secs"]]
         ms = [evaluate(r["U"], r["V"], train, test) for r in results[name]]  # one per seed
         m = {key: float(np.mean([x[key] for x in ms])) for key in ("recall", "ndcg", "users")}
-        runs[name] = {"alpha": best[lib], "reg": a.reg,
-                      "sec_per_iter_median": round(float(np.median(secs)), 5),
-                      "sec_per_iter_min": round(float(np.min(secs)), 5),
-                      "fit_wall_seconds_median": round(float(np.median([r["wall"] for r in results[name]])), 4),
-                      "fits_timed": len(results[name]),
-                      "wmf_loss": round(wmf_loss(confidence(train, best[lib]), first["U"], first["V"], a.reg), 2),
-                      "recall10": round(m["recall"], 4), "ndcg10": round(m["ndcg"], 4),
-                      "ndcg10_per_seed": [round(x["ndcg"], 4) for x in ms], "eval_users": int(m["users"])}
+        runs[name] = {
+            "alpha": best[lib],
+            "reg": a.reg,
+            "sec_per_iter_median": round(float(np.median(secs)), 5),
+            "sec_per_iter_min": round(float(np.min(secs)), 5),
+            "fit_wall_seconds_median": round(float(np.median([r["wall"] for r in results[name]])), 4),
+            "fits_timed": len(results[name]),
+            "wmf_loss": round(wmf_loss(confidence(train, best[lib]), first["U"], first["V"], a.reg), 2),
+            "recall10": round(m["recall"], 4),
+            "ndcg10": round(m["ndcg"], 4),
+            "ndcg10_per_seed": [round(x["ndcg"], 4) for x in ms],
+            "eval_users": int(m["users"]),
+        }
     out["runs"] = runs
     if "ours_cg" in runs and "implicit_cg" in runs:
         o, i = runs["ours_cg"], runs["implicit_cg"]
         out["ratios_ours_cg_over_implicit"] = {
             "sec_per_iter": round(o["sec_per_iter_median"] / i["sec_per_iter_median"], 3),
             "fit_wall": round(o["fit_wall_seconds_median"] / i["fit_wall_seconds_median"], 3),
-            "ndcg10": round(o["ndcg10"] / i["ndcg10"], 3), "recall10": round(o["recall10"] / i["recall10"], 3)}
+            "ndcg10": round(o["ndcg10"] / i["ndcg10"], 3),
+            "recall10": round(o["recall10"] / i["recall10"], 3),
+        }
     return out
 
 
@@ -178,12 +205,24 @@ def main(argv: list[str] | None = None) -> None:
     for solver in ("cg", "exact"):
         als_fit(warm, factors=a.factors, iterations=1, solver=solver, num_threads=a.threads)
     doc: dict[str, Any] = {
-        "config": {"threads": a.threads, "factors": a.factors, "reg": a.reg, "iterations": a.iterations,
-                   "cg_steps": a.cg_steps, "repeats": a.repeats, "ml_weights": a.ml_weights,
-                   "tuned": a.tune, "grid_alpha": a.grid_alpha, "grid_reg": a.grid_reg,
-                   "confidence": "c = 1 + alpha*f; implicit fed 1 + alpha*f with alpha=1.0",
-                   "blas_threads": 1, "implicit_available": AlternatingLeastSquares is not None},
-        "jit_warmup_seconds": round(time.perf_counter() - t, 2), "datasets": {}}
+        "config": {
+            "threads": a.threads,
+            "factors": a.factors,
+            "reg": a.reg,
+            "iterations": a.iterations,
+            "cg_steps": a.cg_steps,
+            "repeats": a.repeats,
+            "ml_weights": a.ml_weights,
+            "tuned": a.tune,
+            "grid_alpha": a.grid_alpha,
+            "grid_reg": a.grid_reg,
+            "confidence": "c = 1 + alpha*f; implicit fed 1 + alpha*f with alpha=1.0",
+            "blas_threads": 1,
+            "implicit_available": AlternatingLeastSquares is not None,
+        },
+        "jit_warmup_seconds": round(time.perf_counter() - t, 2),
+        "datasets": {},
+    }
     for name in a.datasets.split(","):
         a.binary = name == "ml-100k" and a.ml_weights == "binary"
         d = load_ml100k() if name == "ml-100k" else synthetic(seed=a.seed)

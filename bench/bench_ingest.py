@@ -29,10 +29,10 @@ from typing import Any
 
 from stream import kafka_util
 from stream.config import StreamConfig, load
+from stream.devstack import LocalStack
 from stream.events import encode_click
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from stream.devstack import LocalStack
 
 log = logging.getLogger("bench.ingest")
 
@@ -45,8 +45,11 @@ def produce_clicks(cfg: StreamConfig, n: int) -> float:
     try:
         for i in range(n):
             user = f"user-{(i * 7919) % 50_021:06d}"
-            producer.send(cfg.topics.clicks, key=user.encode(),
-                          value=encode_click(user, f"item-{i % 20_011:06d}", ts + i, impression_id=f"imp-{i:09d}"))
+            producer.send(
+                cfg.topics.clicks,
+                key=user.encode(),
+                value=encode_click(user, f"item-{i % 20_011:06d}", ts + i, impression_id=f"imp-{i:09d}"),
+            )
         producer.flush()
     finally:
         producer.close()
@@ -57,8 +60,7 @@ def raw_consume(cfg: StreamConfig, n: int, batch: int) -> float:
     """kafka-python consume-only pass over the clicks topic; returns records/s."""
     from kafka.structs import TopicPartition
 
-    consumer = kafka_util.consumer(cfg.kafka, group_id=None, client_id="bench-raw-consume",
-                                   max_poll_records=batch)
+    consumer = kafka_util.consumer(cfg.kafka, group_id=None, client_id="bench-raw-consume", max_poll_records=batch)
     try:
         tps = [TopicPartition(cfg.topics.clicks, p) for p in sorted(consumer.partitions_for_topic(cfg.topics.clicks))]
         consumer.assign(tps)
@@ -88,19 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
-    out: dict[str, Any] = {"records": args.records, "batch": args.batch, "partitions": args.partitions,
-                           "repeat": args.repeat}
+    out: dict[str, Any] = {
+        "records": args.records,
+        "batch": args.batch,
+        "partitions": args.partitions,
+        "repeat": args.repeat,
+    }
     with tempfile.TemporaryDirectory(prefix="zerocf-bench-") as tmp:
         stack = LocalStack(tmp)
         stack.up()
         try:
-            env = {**stack.env(), "ZEROCF_TOPIC_PREFIX": "bench" + uuid.uuid4().hex[:8],
-                   "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_EVENTS_PARTITIONS": str(args.partitions),
-                   "ZEROCF_INGEST_BATCH": str(args.batch)}
+            env = {
+                **stack.env(),
+                "ZEROCF_TOPIC_PREFIX": "bench" + uuid.uuid4().hex[:8],
+                "ZEROCF_IDLE_SECONDS": "1",
+                "ZEROCF_EVENTS_PARTITIONS": str(args.partitions),
+                "ZEROCF_INGEST_BATCH": str(args.batch),
+            }
             cfg = load(StreamConfig, env)
             topics = cfg.topics
-            kafka_util.ensure_topics(cfg.kafka, {t: args.partitions for t in
-                                                 (topics.clicks, topics.impressions, topics.events, topics.dlq)})
+            kafka_util.ensure_topics(
+                cfg.kafka, {t: args.partitions for t in (topics.clicks, topics.impressions, topics.events, topics.dlq)}
+            )
             out["produce_rps"] = round(produce_clicks(cfg, args.records))
             raws, ingests = [], []
             for rep in range(args.repeat):  # alternate, so load from other processes hits both alike
@@ -111,9 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"ingest read {stats.records_in} of {args.records} records")
                 ingests.append(stats.records_in / stats.seconds)
             raw, ingest = statistics.median(raws), statistics.median(ingests)
-            out.update(raw_consume_rps=round(raw), ingest_rps=round(ingest), ratio=round(ingest / raw, 3),
-                       raw_runs=[round(r) for r in raws], ingest_runs=[round(r) for r in ingests],
-                       last_ingest=stats.summary())
+            out.update(
+                raw_consume_rps=round(raw),
+                ingest_rps=round(ingest),
+                ratio=round(ingest / raw, 3),
+                raw_runs=[round(r) for r in raws],
+                ingest_runs=[round(r) for r in ingests],
+                last_ingest=stats.summary(),
+            )
             if not args.no_verify:  # also: how fast a consumer reads the (gzip) events back
                 t0 = time.perf_counter()
                 out["events_on_topic"] = n_events = len(read_topic(cfg.kafka, topics.events, 300))

@@ -42,8 +42,8 @@ import numpy as np
 
 from stream import kafka_util
 from stream.config import load
-from stream.events import Event
 from stream.devstack import LocalStack
+from stream.events import Event
 from workers.config import LMFConfig
 from workers.online.worker import LMFWorker
 from workers.store import ApplyStatus, FactorStore
@@ -54,8 +54,9 @@ PARTITIONS = 6
 
 # ------------------------------------------------------------------- producing
 def _event(prefix: str, src: int, off: int, user: str, item: str, ts: int) -> bytes:
-    return Event(f"{prefix}.clicks:{src}:{off}:0", "click", user, item, ts, 1.0, None, None,
-                 f"{prefix}.clicks/{src}/{off}").to_json()
+    return Event(
+        f"{prefix}.clicks:{src}:{off}:0", "click", user, item, ts, 1.0, None, None, f"{prefix}.clicks/{src}/{off}"
+    ).to_json()
 
 
 BATCH = 2000
@@ -78,9 +79,11 @@ def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int
         for n_, (u, i) in enumerate(zip(users.tolist(), items.tolist())):
             src = u % PARTITIONS
             user = f"u{u}"
-            producer.send(cfg.topics.events, key=user.encode(),
-                          value=_event(cfg.topic_prefix, src, offsets[src], user, f"i{i}", ts0 + n_)
-                          ).add_callback(done)
+            producer.send(
+                cfg.topics.events,
+                key=user.encode(),
+                value=_event(cfg.topic_prefix, src, offsets[src], user, f"i{i}", ts0 + n_),
+            ).add_callback(done)
             offsets[src] += 1
         producer.flush()
     finally:
@@ -88,11 +91,20 @@ def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int
     return last
 
 
-def _paced_producer(bootstrap: str, prefix: str, rate: float, seconds: float, n_users: int, n_items: int,
-                    start_offsets: list[int], out: Any) -> None:
+def _paced_producer(
+    bootstrap: str,
+    prefix: str,
+    rate: float,
+    seconds: float,
+    n_users: int,
+    n_items: int,
+    start_offsets: list[int],
+    out: Any,
+) -> None:
     """Child process: clicks at ``rate``/s with ts = send time (ms); puts the number sent on ``out``."""
-    cfg = load(LMFConfig, {"ZEROCF_KAFKA_BOOTSTRAP": bootstrap, "ZEROCF_TOPIC_PREFIX": prefix,
-                           "ZEROCF_LMF_BATCH": str(BATCH)})
+    cfg = load(
+        LMFConfig, {"ZEROCF_KAFKA_BOOTSTRAP": bootstrap, "ZEROCF_TOPIC_PREFIX": prefix, "ZEROCF_LMF_BATCH": str(BATCH)}
+    )
     rng = np.random.default_rng(1)
     producer = kafka_util.producer(cfg.kafka, client_id="bench-lmf-paced", linger_ms=5)
     offsets = list(start_offsets)
@@ -104,8 +116,11 @@ def _paced_producer(bootstrap: str, prefix: str, rate: float, seconds: float, n_
                 u = int(rng.integers(0, n_users))
                 src, user = u % PARTITIONS, f"u{u}"
                 item = f"i{min(int(rng.zipf(1.3)) - 1, n_items - 1)}"
-                producer.send(cfg.topics.events, key=user.encode(),
-                              value=_event(prefix, src, offsets[src], user, item, int(time.time() * 1000)))
+                producer.send(
+                    cfg.topics.events,
+                    key=user.encode(),
+                    value=_event(prefix, src, offsets[src], user, item, int(time.time() * 1000)),
+                )
                 offsets[src] += 1
                 sent += 1
             time.sleep(0.002)
@@ -118,8 +133,9 @@ def _paced_producer(bootstrap: str, prefix: str, rate: float, seconds: float, n_
 # ------------------------------------------------------------------- raw consume
 def raw_consume(cfg: LMFConfig, n: int) -> float:
     """Group consumer with the worker's settings, json.loads per value; events/s first record -> last."""
-    consumer = kafka_util.consumer(cfg.kafka, group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
-                                   client_id="bench-raw", max_poll_records=cfg.batch)
+    consumer = kafka_util.consumer(
+        cfg.kafka, group_id=f"bench-raw-{uuid.uuid4().hex[:8]}", client_id="bench-raw", max_poll_records=cfg.batch
+    )
     consumer.subscribe([cfg.topics.events])
     got, t_first = 0, None
     try:
@@ -152,8 +168,13 @@ class Probe:
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
         m, s = worker.model, worker.store
-        for name, obj, attr in (("plan", m, "plan"), ("train", m, "train"), ("commit", m, "commit"),
-                                ("fetch", s, "read_batch_state"), ("seen_load", s, "seen_items_many")):
+        for name, obj, attr in (
+            ("plan", m, "plan"),
+            ("train", m, "train"),
+            ("commit", m, "commit"),
+            ("fetch", s, "read_batch_state"),
+            ("seen_load", s, "seen_items_many"),
+        ):
             self._time(name, obj, attr)
         self._orig_apply = s.apply_batch
         s.apply_batch = self._apply  # type: ignore[method-assign]
@@ -203,15 +224,20 @@ class Probe:
                 self.batch_sizes.append(len(seen))
                 self.latencies.extend(now_ms - ts for _u, _i, ts in seen)
                 self.applied[partition] = new_offset
-                if self.target is not None and self.t_done is None and all(
-                        self.applied.get(p, -1) >= o for p, o in self.target.items()):
+                if (
+                    self.target is not None
+                    and self.t_done is None
+                    and all(self.applied.get(p, -1) >= o for p, o in self.target.items())
+                ):
                     self.t_done = now
                     self.worker.stop.set("bench: caught up")
         return status
 
     def split_ms(self) -> dict[str, dict[str, float]]:
-        return {k: {"mean_ms": round(1000 * float(np.mean(v)), 2), "total_s": round(float(np.sum(v)), 3),
-                    "calls": len(v)} for k, v in sorted(self.split.items())}
+        return {
+            k: {"mean_ms": round(1000 * float(np.mean(v)), 2), "total_s": round(float(np.sum(v)), 3), "calls": len(v)}
+            for k, v in sorted(self.split.items())
+        }
 
 
 def run_lmf(cfg: LMFConfig, store: FactorStore, target: dict[int, int], profile: bool) -> tuple[Probe, str | None]:
@@ -248,9 +274,19 @@ def latency_phase(cfg: LMFConfig, store: FactorStore, args: argparse.Namespace) 
         time.sleep(1.0)  # let the assignment callback resume every partition
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        proc = ctx.Process(target=_paced_producer, args=(cfg.kafka.bootstrap, cfg.topic_prefix, args.rate,
-                                                         args.latency_seconds, args.users, args.items,
-                                                         [args.events] * PARTITIONS, q))
+        proc = ctx.Process(
+            target=_paced_producer,
+            args=(
+                cfg.kafka.bootstrap,
+                cfg.topic_prefix,
+                args.rate,
+                args.latency_seconds,
+                args.users,
+                args.items,
+                [args.events] * PARTITIONS,
+                q,
+            ),
+        )
         proc.start()
         sent = q.get(timeout=args.latency_seconds + 60)
         proc.join(10)
@@ -262,11 +298,19 @@ def latency_phase(cfg: LMFConfig, store: FactorStore, args: argparse.Namespace) 
         thread.join(30)
         probe.restore()
     lat = probe.latencies
-    return {"rate": args.rate, "seconds": args.latency_seconds, "sent": sent, "measured": len(lat),
-            "p50_ms": _pct(lat, 50), "p90_ms": _pct(lat, 90), "p99_ms": _pct(lat, 99), "max_ms": _pct(lat, 100),
-            "batches": len(probe.batch_sizes),
-            "mean_batch_events": round(float(np.mean(probe.batch_sizes)), 1) if probe.batch_sizes else 0,
-            "split_per_batch": probe.split_ms()}
+    return {
+        "rate": args.rate,
+        "seconds": args.latency_seconds,
+        "sent": sent,
+        "measured": len(lat),
+        "p50_ms": _pct(lat, 50),
+        "p90_ms": _pct(lat, 90),
+        "p99_ms": _pct(lat, 99),
+        "max_ms": _pct(lat, 100),
+        "batches": len(probe.batch_sizes),
+        "mean_batch_events": round(float(np.mean(probe.batch_sizes)), 1) if probe.batch_sizes else 0,
+        "split_per_batch": probe.split_ms(),
+    }
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -286,11 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     global BATCH
     BATCH = args.batch
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out: dict[str, Any] = {"events": args.events, "partitions": PARTITIONS,
-                           "config": {"factors": 64, "negatives": 5, "hard_share": 0.2, "batch": 2000},
-                           "raw_includes_json_loads": True}
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    out: dict[str, Any] = {
+        "events": args.events,
+        "partitions": PARTITIONS,
+        "config": {"factors": 64, "negatives": 5, "hard_share": 0.2, "batch": 2000},
+        "raw_includes_json_loads": True,
+    }
     with tempfile.TemporaryDirectory(prefix="zerocf-bench-lmf-") as tmp:
         stack = LocalStack(tmp)
         stack.up()

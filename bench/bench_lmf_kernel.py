@@ -45,10 +45,15 @@ def bench_compile() -> dict:
     r.add(np.array([0, 1, 2], np.int32), rng)
     t_vose = _timed(PopularitySampler, r)
     s = PopularitySampler(r)
-    t_hard = _timed(sample_negatives, s, *positives_csr([[0]]), n_neg=1, rng=rng, hard_share=1.0,
-                    user_vecs=U[:1], item_vecs=V)
-    return {"cache_present_before": cached, "lmf_sgd_first_call_s": round(t_lmf, 3),
-            "vose_first_call_s": round(t_vose, 3), "pick_hard_first_call_s": round(t_hard, 3)}
+    t_hard = _timed(
+        sample_negatives, s, *positives_csr([[0]]), n_neg=1, rng=rng, hard_share=1.0, user_vecs=U[:1], item_vecs=V
+    )
+    return {
+        "cache_present_before": cached,
+        "lmf_sgd_first_call_s": round(t_lmf, 3),
+        "vose_first_call_s": round(t_vose, 3),
+        "pick_hard_first_call_s": round(t_hard, 3),
+    }
 
 
 def _popularity_setup(rng: np.random.Generator) -> tuple[Reservoir, PopularitySampler]:
@@ -61,8 +66,10 @@ def bench_kernel(rng: np.random.Generator, n_batches: int) -> dict:
     _, s = _popularity_setup(rng)
     U, V = init_rows(N_USERS, K, rng, 0.1), init_rows(N_ITEMS, K, rng, 0.1)
     gu, gv = np.zeros(N_USERS, np.float32), np.zeros(N_ITEMS, np.float32)
-    batches = [(rng.integers(0, N_USERS, BATCH), s.sample(BATCH, rng), s.sample(BATCH * N_NEG, rng)
-                .reshape(BATCH, N_NEG)) for _ in range(n_batches)]
+    batches = [
+        (rng.integers(0, N_USERS, BATCH), s.sample(BATCH, rng), s.sample(BATCH * N_NEG, rng).reshape(BATCH, N_NEG))
+        for _ in range(n_batches)
+    ]
     out: dict = {}
     for name, acc in (("sgd", None), ("adagrad", (gu, gv))):
         times = [_timed(lmf_sgd, U, V, *b, lr=0.05, reg=0.01, adagrad=acc) for b in batches]
@@ -70,8 +77,15 @@ def bench_kernel(rng: np.random.Generator, n_batches: int) -> dict:
     t_ref = _timed(lmf_sgd_reference, U, V, *batches[0], lr=0.05, reg=0.01)
     out["reference_events_per_s"] = round(BATCH / t_ref)
     out["speedup_vs_reference"] = round(out["numba_sgd_events_per_s"] / out["reference_events_per_s"], 1)
-    out["setup"] = {"k": K, "n_neg": N_NEG, "batch": BATCH, "users": N_USERS, "items": N_ITEMS,
-                    "batches_timed": n_batches, "stat": "median per batch"}
+    out["setup"] = {
+        "k": K,
+        "n_neg": N_NEG,
+        "batch": BATCH,
+        "users": N_USERS,
+        "items": N_ITEMS,
+        "batches_timed": n_batches,
+        "stat": "median per batch",
+    }
     return out
 
 
@@ -82,8 +96,20 @@ def bench_sampling(rng: np.random.Generator, n_batches: int) -> dict:
     csr = positives_csr([s.sample(20, rng) for _ in range(BATCH)])  # 20 recent clicks per user
     out: dict = {"refresh_5k_items_s": round(_timed(s.refresh), 5)}
     for share in (0.0, 0.4):
-        times = [_timed(sample_negatives, s, *csr, n_neg=N_NEG, rng=rng, hard_share=share,
-                        m_candidates=8, user_vecs=users, item_vecs=V) for _ in range(n_batches)]
+        times = [
+            _timed(
+                sample_negatives,
+                s,
+                *csr,
+                n_neg=N_NEG,
+                rng=rng,
+                hard_share=share,
+                m_candidates=8,
+                user_vecs=users,
+                item_vecs=V,
+            )
+            for _ in range(n_batches)
+        ]
         out[f"hard_share_{share}_negatives_per_s"] = round(BATCH * N_NEG / float(np.median(times)))
     big = Reservoir(1_000_000)
     big.add(rng.integers(0, 1_000_000, 1_000_000).astype(np.int32), rng)
@@ -131,17 +157,20 @@ def bench_new_user_init(rng: np.random.Generator) -> dict:
     U, V = init_rows(n_old, k, rng), init_rows(n_items, k, rng)
     t0 = time.perf_counter()
     _train(U, V, users, items, s, rng, 10, old[:, :39])
-    out: dict = {"train_s": round(time.perf_counter() - t0, 2),
-                 "old_users_hr10_heldout": round(_hr10(U, V, old[:, :39], old[:, 39:]), 4)}
+    out: dict = {
+        "train_s": round(time.perf_counter() - t0, 2),
+        "old_users_hr10_heldout": round(_hr10(U, V, old[:, :39], old[:, 39:]), 4),
+    }
     seen, nxt = new[:, :3], new[:, 3:13]
     counts = np.zeros((n_items, 1))
-    counts[:r.n_items, 0] = r.counts
+    counts[: r.n_items, 0] = r.counts
     out["popularity_hr10"] = round(_hr10(np.ones((n_new, 1)), counts, seen, nxt), 4)
     gram = V.astype(np.float64).T @ V
-    inits = {"random": lambda: init_rows(n_new, k, rng),
-             "fold_in_clicked_only": lambda: np.stack([fold_in_user(V, x, reg=0.1) for x in seen]),
-             "fold_in_implicit_als": lambda: np.stack([fold_in_user(V, x, reg=0.1, gram=gram)
-                                                       for x in seen])}
+    inits = {
+        "random": lambda: init_rows(n_new, k, rng),
+        "fold_in_clicked_only": lambda: np.stack([fold_in_user(V, x, reg=0.1) for x in seen]),
+        "fold_in_implicit_als": lambda: np.stack([fold_in_user(V, x, reg=0.1, gram=gram) for x in seen]),
+    }
     nu = np.repeat(np.arange(n_new, dtype=np.int32), 3)
     for name, make in inits.items():
         Un, Vn = np.ascontiguousarray(make(), dtype=np.float32), V.copy()
@@ -150,9 +179,17 @@ def bench_new_user_init(rng: np.random.Generator) -> dict:
             _train(Un, Vn, nu, seen.ravel(), s, rng, 1, seen)
             res[f"after_{sweep}_sgd_pass"] = round(_hr10(Un, Vn, seen, nxt), 4)
         out[name] = res
-    out["setup"] = {"items": n_items, "train_users": n_old, "new_users": n_new, "k": k, "planted_rank": 16,
-                    "new_user_seen_clicks": 3, "next_clicks_scored": 10, "train_epochs": 10,
-                    "metric": "share of next clicks in top-10 excluding seen"}
+    out["setup"] = {
+        "items": n_items,
+        "train_users": n_old,
+        "new_users": n_new,
+        "k": k,
+        "planted_rank": 16,
+        "new_user_seen_clicks": 3,
+        "next_clicks_scored": 10,
+        "train_epochs": 10,
+        "metric": "share of next clicks in top-10 excluding seen",
+    }
     return out
 
 
@@ -163,8 +200,11 @@ def main() -> None:
     ap.add_argument("--skip-experiment", action="store_true", help="only the throughput numbers")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    res = {"compile": bench_compile(), "kernel": bench_kernel(rng, args.batches),
-           "sampling": bench_sampling(rng, args.batches)}
+    res = {
+        "compile": bench_compile(),
+        "kernel": bench_kernel(rng, args.batches),
+        "sampling": bench_sampling(rng, args.batches),
+    }
     if not args.skip_experiment:
         res["new_user_init"] = bench_new_user_init(rng)
     print(json.dumps(res, indent=2))

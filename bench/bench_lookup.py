@@ -78,7 +78,7 @@ def bare_single(items: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 def bare_batch(items: np.ndarray, users: np.ndarray, chunk: int) -> None:
     for c in range(0, len(users), chunk):
-        s = users[c:c + chunk] @ items.T
+        s = users[c : c + chunk] @ items.T
         np.argpartition(-s, TOPK - 1, axis=1)[:, :TOPK]
 
 
@@ -115,13 +115,22 @@ def run_size(client: redis.Redis, n_items: int, calls: int, batch_users: int) ->
         bare_batch(items, users[:batch_users], max(1, (1 << 22) // n_items))
         bare_batch_s = min(bare_batch_s, time.perf_counter() - t)
     s, b = _pct(single), _pct(bare)
-    return {"items": n_items, "factors": FACTORS, "k": TOPK, "calls": calls, "write_s": round(write_s, 2),
-            "load_s": round(load_s, 3), "single": s, "bare_single": b,
-            "single_ratio_p50": round(s["p50_ms"] / b["p50_ms"], 2),
-            "single_ratio_p99": round(s["p99_ms"] / b["p99_ms"], 2), "fallback": _pct(fallback),
-            "batch_users_per_s": round(batch_users / batch_s),
-            "bare_batch_users_per_s": round(batch_users / bare_batch_s),
-            "batch_ratio": round((batch_users / bare_batch_s) / (batch_users / batch_s), 2)}
+    return {
+        "items": n_items,
+        "factors": FACTORS,
+        "k": TOPK,
+        "calls": calls,
+        "write_s": round(write_s, 2),
+        "load_s": round(load_s, 3),
+        "single": s,
+        "bare_single": b,
+        "single_ratio_p50": round(s["p50_ms"] / b["p50_ms"], 2),
+        "single_ratio_p99": round(s["p99_ms"] / b["p99_ms"], 2),
+        "fallback": _pct(fallback),
+        "batch_users_per_s": round(batch_users / batch_s),
+        "bare_batch_users_per_s": round(batch_users / bare_batch_s),
+        "batch_ratio": round((batch_users / bare_batch_s) / (batch_users / batch_s), 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             except redis.RedisError:
                 os.killpg(svc.pid, signal.SIGTERM)  # our own redis-server (its own session)
             client.close()
-    print(json.dumps({"bench": "lookup", "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-                      "results": results}, indent=1))
+    print(
+        json.dumps(
+            {"bench": "lookup", "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "results": results}, indent=1
+        )
+    )
     return 0
 
 

@@ -57,8 +57,22 @@ def run(k: int, rows: int, repeats: int) -> dict[str, object]:
     """Start redis-server, measure, stop it; return the numbers."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="zcf-bench-store-")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         client = redis.Redis(port=port)
         for _ in range(200):
@@ -88,15 +102,32 @@ def _measure(store: FactorStore, k: int, rows: int, repeats: int) -> dict[str, o
     for _ in range(repeats):
         ub = [users[j] for j in rng.choice(rows, n_users, replace=False)]
         ib = [items[j] for j in rng.choice(rows, n_items, replace=False)]
-        batches.append((ub, ib, rng.standard_normal((n_users, k)).astype(np.float32),
-                        (rng.standard_normal((n_items, k)) * 1e-3).astype(np.float32)))
+        batches.append(
+            (
+                ub,
+                ib,
+                rng.standard_normal((n_users, k)).astype(np.float32),
+                (rng.standard_normal((n_items, k)) * 1e-3).astype(np.float32),
+            )
+        )
 
     def apply(i: int) -> None:
         ub, ib, uv, idl = batches[i]
         prev = None if i == 0 else i - 1
-        ok = store.apply_batch(1, 0, prev, i, {"bench.clicks/0": [i, 0]}, ub, uv, ib, idl,
-                               counts={it: 1.0 for it in ib[:n_events]}, user_increments={u: 1 for u in ub},
-                               seen=[(u, ib[j], 1_700_000_000_000 + i) for j, u in enumerate(ub)])
+        ok = store.apply_batch(
+            1,
+            0,
+            prev,
+            i,
+            {"bench.clicks/0": [i, 0]},
+            ub,
+            uv,
+            ib,
+            idl,
+            counts={it: 1.0 for it in ib[:n_events]},
+            user_increments={u: 1 for u in ub},
+            seen=[(u, ib[j], 1_700_000_000_000 + i) for j, u in enumerate(ub)],
+        )
         assert ok, ok
 
     apply_s = _median_seconds(apply, repeats)
@@ -114,12 +145,23 @@ def _measure(store: FactorStore, k: int, rows: int, repeats: int) -> dict[str, o
     store.add_seen([("seen-user", f"item-{j:07d}", 1_700_000_000_000 + j) for j in range(store.seen_cap)])
     per_seen_user = store.r.memory_usage(store.keys.seen("seen-user"), samples=0)
     return {
-        "k": k, "rows_preloaded": rows, "repeats": repeats,
-        "apply_batch": {"events": n_events, "users": n_users, "items": n_items, "median_s": round(apply_s, 4),
-                        "events_per_s": round(n_events / apply_s),
-                        "item_vector_adds_per_s": round(n_items / apply_s)},
-        "read_batch_state": {"users": n_users, "items": n_items, "median_s": round(read_s, 4),
-                             "rows_per_s": round((n_users + n_items) / read_s)},
+        "k": k,
+        "rows_preloaded": rows,
+        "repeats": repeats,
+        "apply_batch": {
+            "events": n_events,
+            "users": n_users,
+            "items": n_items,
+            "median_s": round(apply_s, 4),
+            "events_per_s": round(n_events / apply_s),
+            "item_vector_adds_per_s": round(n_items / apply_s),
+        },
+        "read_batch_state": {
+            "users": n_users,
+            "items": n_items,
+            "median_s": round(read_s, 4),
+            "rows_per_s": round((n_users + n_items) / read_s),
+        },
         "lua_vector_adds_per_s": round(1000 / add_s),
         "hmget_rows_per_s": round(1000 / get_s),
         "write_vectors_rows_per_s": round(write_rows_s),

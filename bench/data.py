@@ -28,8 +28,9 @@ import scipy.sparse as sp
 
 from workers.evaluation import metrics as evaluation
 
-ML100K = Path("/work/shared/datasets/ml-100k/u.data")
-LASTFM = Path("/work/shared/datasets/lastfm-2k/user_artists.dat")
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # ../shared beside the checkout
+ML100K = DATASETS / "ml-100k" / "u.data"
+LASTFM = DATASETS / "lastfm-2k" / "user_artists.dat"
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,16 @@ def load_lastfm(path: Path = LASTFM) -> Interactions:
     return Interactions("lastfm-2k", u, i, a[:, 2].astype(np.float32), None, nu, ni)
 
 
-def synthetic(n_users: int = 25_000, n_items: int = 10_000, mean_per_user: float = 40.0, rank: int = 16,
-              pop_exponent: float = 0.8, affinity: float = 2.0, seed: int = 0,
-              batch: int = 1024) -> Interactions:
+def synthetic(
+    n_users: int = 25_000,
+    n_items: int = 10_000,
+    mean_per_user: float = 40.0,
+    rank: int = 16,
+    pop_exponent: float = 0.8,
+    affinity: float = 2.0,
+    seed: int = 0,
+    batch: int = 1024,
+) -> Interactions:
     """Synthetic implicit feedback, ~``n_users * mean_per_user`` distinct pairs (1M by default).
 
     Item ``i`` has popularity ``(i + 1)^-pop_exponent`` (a random permutation of ids); user activity is
@@ -107,8 +115,11 @@ def synthetic(n_users: int = 25_000, n_items: int = 10_000, mean_per_user: float
         g = -np.log(-np.log(rng.random((hi - lo, n_items), dtype=np.float32) + np.float32(1e-12)))
         logits = np.float32(affinity) * (a[lo:hi] @ b.T) + log_pop + g
         top = int(n_u[lo:hi].max())
-        cand = np.argpartition(-logits, top - 1, axis=1)[:, :top] if top < n_items else \
-            np.tile(np.arange(n_items), (hi - lo, 1))
+        cand = (
+            np.argpartition(-logits, top - 1, axis=1)[:, :top]
+            if top < n_items
+            else np.tile(np.arange(n_items), (hi - lo, 1))
+        )
         order = np.take_along_axis(cand, np.argsort(-np.take_along_axis(logits, cand, 1), 1), 1)
         for r in range(hi - lo):
             items.append(order[r, : n_u[lo + r]])
@@ -119,8 +130,9 @@ def synthetic(n_users: int = 25_000, n_items: int = 10_000, mean_per_user: float
     return Interactions("synthetic", user, item, weight, None, n_users, n_items)
 
 
-def holdout_split(d: Interactions, test_frac: float = 0.2, min_interactions: int = 5,
-                  seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+def holdout_split(
+    d: Interactions, test_frac: float = 0.2, min_interactions: int = 5, seed: int = 0
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """Per-user holdout: the last ``round(test_frac * n_u)`` (>= 1) interactions by time go to test.
 
     Users with fewer than ``min_interactions`` keep everything in train. Ties in time, and data
@@ -138,18 +150,22 @@ def holdout_split(d: Interactions, test_frac: float = 0.2, min_interactions: int
 
 def subset(d: Interactions, mask: npt.NDArray[np.bool_]) -> Interactions:
     """The interactions selected by ``mask``, same index space."""
-    return Interactions(d.name, d.user[mask], d.item[mask], d.weight[mask],
-                        None if d.ts is None else d.ts[mask], d.n_users, d.n_items)
+    return Interactions(
+        d.name, d.user[mask], d.item[mask], d.weight[mask], None if d.ts is None else d.ts[mask], d.n_users, d.n_items
+    )
 
 
-def holdout_mask(d: Interactions, test_frac: float = 0.2, min_interactions: int = 5,
-                 seed: int = 0) -> npt.NDArray[np.bool_]:
-    """Boolean mask of the test interactions of :func:`holdout_split` (:func:`workers.evaluation.metrics.holdout_mask`)."""
+def holdout_mask(
+    d: Interactions, test_frac: float = 0.2, min_interactions: int = 5, seed: int = 0
+) -> npt.NDArray[np.bool_]:
+    """Boolean mask of the test interactions of :func:`holdout_split`
+    (:func:`workers.evaluation.metrics.holdout_mask`)."""
     return evaluation.holdout_mask(d.user, d.ts, d.n_users, test_frac, min_interactions, seed)
 
 
-def ranking_metrics(top_ids: npt.NDArray[np.integer], test: sp.csr_matrix,
-                    users: npt.NDArray[np.integer], k: int = 10) -> dict[str, float]:
+def ranking_metrics(
+    top_ids: npt.NDArray[np.integer], test: sp.csr_matrix, users: npt.NDArray[np.integer], k: int = 10
+) -> dict[str, float]:
     """Mean recall@k and NDCG@k over ``users`` (rows of ``top_ids``) that have test items.
 
     ``top_ids[j]`` is the ranked list for user ``users[j]``, training items already excluded.

@@ -2,7 +2,8 @@
 
     python -m bench.lmf_init_pipeline [--dataset ../shared/datasets/ml-100k/u.data]
 
-Replays the training part of the ml-100k holdout's validation split through :func:`workers.evaluation.offline.replay_pipeline`
+Replays the training part of the ml-100k holdout's validation split through
+:func:`workers.evaluation.offline.replay_pipeline`
 (ALS alpha 1 every 25,000 clicks, calibrated handoff, LMF lr 0.02 in between) once with ``init=random`` and once
 with ``init=foldin``, and reports validation NDCG@10, next to ALS alone on the same data. This is the measurement
 behind the default ``ZEROCF_LMF_INIT=random`` (bench/bench_lmf_kernel.py measures the pure-online case, where
@@ -30,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     fit_mask, train, _, _ = h.split(True)
     out: dict[str, object] = {"metric": "validation NDCG@10", "resolve_every": args.resolve_every}
     for init in ("random", "foldin"):
-        U, V, _ = replay_pipeline(h.data.stream(fit_mask, 0), lmf_config(64, 0, lr=0.02, init=init),
-                                  ALSParams(alpha=1.0), args.resolve_every, 0)
+        U, V, _ = replay_pipeline(
+            h.data.stream(fit_mask, 0),
+            lmf_config(64, 0, lr=0.02, init=init),
+            ALSParams(alpha=1.0),
+            args.resolve_every,
+            0,
+        )
         out[f"pipeline_{init}"] = round(h.score(U, V, True)["ndcg"], 4)
     U, V = fit_als(train, 64, 0.05, 1.0, 15, "linear", 0)
     out["als_alone"] = round(h.score(U, V, True)["ndcg"], 4)

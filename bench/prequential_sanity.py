@@ -28,8 +28,9 @@ from workers.kernels.als import als_fit
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "u.data"
 
 
-def hit_rates(user: np.ndarray, item: np.ndarray, U: np.ndarray, V: np.ndarray, split: int,
-              k: int = 10) -> tuple[float, float]:
+def hit_rates(
+    user: np.ndarray, item: np.ndarray, U: np.ndarray, V: np.ndarray, split: int, k: int = 10
+) -> tuple[float, float]:
     """(model HR@k, popularity HR@k) over the clicks from ``split`` on."""
     counts = np.zeros(V.shape[0])
     seen: dict[int, set[int]] = {}

@@ -21,7 +21,7 @@ by :func:`check_ranges`.
 >>> check_unknown_env({"ZEROCF_TOPIK_PREFIX": "x"}, known_env_vars(StreamConfig))
 Traceback (most recent call last):
 ...
-stream.errors.ConfigError: unknown environment variable ZEROCF_TOPIK_PREFIX (did you mean ZEROCF_TOPIC_PREFIX?); unset it or fix the name
+stream.errors.ConfigError: unknown environment variable ZEROCF_TOPIK_PREFIX (did you mean ZEROCF_TOPIC_PREFIX?)...
 >>> load(StreamConfig, {"ZEROCF_INGEST_BATCH": "0"})
 Traceback (most recent call last):
 ...
@@ -47,15 +47,29 @@ T = TypeVar("T")
 ENV_PREFIX = "ZEROCF_"
 
 
-def setting(default: Any, env: str, help: str, *, unit: str = "", flag: str | None = None,
-            cli: bool = True, secret: bool = False) -> Any:
+def setting(
+    default: Any,
+    env: str,
+    help: str,
+    *,
+    unit: str = "",
+    flag: str | None = None,
+    cli: bool = True,
+    secret: bool = False,
+) -> Any:
     """Declare a config field bound to ``ZEROCF_<env>``.
 
     ``flag`` names its CLI flag (default ``--<field-name>``); ``cli=False`` (implied by ``secret``) gives
     it none: secrets belong in the environment, not in ``ps`` output. ``unit`` is shown after the default.
     """
-    meta = {"env": ENV_PREFIX + env, "help": help, "unit": unit, "flag": flag,
-            "cli": cli and not secret, "secret": secret}
+    meta = {
+        "env": ENV_PREFIX + env,
+        "help": help,
+        "unit": unit,
+        "flag": flag,
+        "cli": cli and not secret,
+        "secret": secret,
+    }
     return field(default=default, metadata=meta, repr=not secret)
 
 
@@ -98,11 +112,10 @@ def _fields(cls: type) -> Iterator[tuple[_Field | None, type | None, dataclasses
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
-            yield None, typ, f  # type: ignore[misc]
+        if isinstance(typ, type) and dataclasses.is_dataclass(typ):
+            yield None, typ, f
         elif "env" in f.metadata:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            yield _Field(f.name, typ, default, f.metadata), None, f
+            yield _Field(f.name, typ, f.default, f.metadata), None, f  # settings always have a plain default
 
 
 def settings_of(*classes: type) -> list[_Field]:
@@ -110,7 +123,7 @@ def settings_of(*classes: type) -> list[_Field]:
     out: dict[str, _Field] = {}
     for cls in classes:
         for fld, nested, _ in _fields(cls):
-            for s in (settings_of(nested) if nested is not None else [fld]):
+            for s in settings_of(nested) if nested is not None else [fld]:
                 assert s is not None
                 out.setdefault(s.env, s)
     return list(out.values())
@@ -231,8 +244,9 @@ def check_unknown_env(env: Mapping[str, str], known: Iterable[str]) -> None:
         for name in bad:
             close = difflib.get_close_matches(name, known, n=1)
             parts.append(name + (f" (did you mean {close[0]}?)" if close else ""))
-        raise ConfigError(f"unknown environment variable{'s' if len(bad) > 1 else ''} "
-                          f"{', '.join(parts)}; unset it or fix the name")
+        raise ConfigError(
+            f"unknown environment variable{'s' if len(bad) > 1 else ''} {', '.join(parts)}; unset it or fix the name"
+        )
 
 
 def redact_url(url: str) -> str:
@@ -249,8 +263,13 @@ def redact_url(url: str) -> str:
         cred, host = netloc.rsplit("@", 1)
         user = cred.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in cred else netloc
-    query = "&".join(f"{q.split('=', 1)[0]}=***" if q.lower().startswith("password=") else q
-                     for q in parts.query.split("&")) if parts.query else ""
+    query = (
+        "&".join(
+            f"{q.split('=', 1)[0]}=***" if q.lower().startswith("password=") else q for q in parts.query.split("&")
+        )
+        if parts.query
+        else ""
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -264,10 +283,12 @@ LogLevel = typing.Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 class KafkaSettings:
     """Connection settings passed through to every kafka-python client."""
 
-    bootstrap: str = setting("127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, comma-separated",
-                             flag="--kafka-bootstrap")
-    security_protocol: SecurityProtocol = setting("PLAINTEXT", "KAFKA_SECURITY_PROTOCOL",
-                                                  "Kafka security protocol", flag="--kafka-security-protocol")
+    bootstrap: str = setting(
+        "127.0.0.1:9092", "KAFKA_BOOTSTRAP", "Kafka bootstrap servers, comma-separated", flag="--kafka-bootstrap"
+    )
+    security_protocol: SecurityProtocol = setting(
+        "PLAINTEXT", "KAFKA_SECURITY_PROTOCOL", "Kafka security protocol", flag="--kafka-security-protocol"
+    )
     sasl_mechanism: SaslMechanism | None = setting(None, "KAFKA_SASL_MECHANISM", "SASL mechanism", cli=False)
     sasl_username: str | None = setting(None, "KAFKA_SASL_USERNAME", "SASL user name", cli=False)
     sasl_password: str | None = setting(None, "KAFKA_SASL_PASSWORD", "SASL password (never logged)", secret=True)
@@ -275,9 +296,12 @@ class KafkaSettings:
     ssl_certfile: str | None = setting(None, "KAFKA_SSL_CERTFILE", "client certificate for SSL", cli=False)
     ssl_keyfile: str | None = setting(None, "KAFKA_SSL_KEYFILE", "client key for SSL", cli=False)
     ssl_password: str | None = setting(None, "KAFKA_SSL_PASSWORD", "password of the SSL key", secret=True)
-    idempotence: bool = setting(False, "KAFKA_IDEMPOTENCE",
-                                "idempotent producer (off by default: the dev broker breaks it after a restart)",
-                                cli=False)
+    idempotence: bool = setting(
+        False,
+        "KAFKA_IDEMPOTENCE",
+        "idempotent producer (off by default: the dev broker breaks it after a restart)",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
@@ -287,12 +311,19 @@ class KafkaSettings:
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments common to KafkaConsumer, KafkaProducer and KafkaAdminClient."""
-        kw: dict[str, Any] = {"bootstrap_servers": self.bootstrap.split(","),
-                              "security_protocol": self.security_protocol}
-        optional = {"sasl_mechanism": self.sasl_mechanism, "sasl_plain_username": self.sasl_username,
-                    "sasl_plain_password": self.sasl_password, "ssl_cafile": self.ssl_cafile,
-                    "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile,
-                    "ssl_password": self.ssl_password}
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap.split(","),
+            "security_protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_username,
+            "sasl_plain_password": self.sasl_password,
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+            "ssl_password": self.ssl_password,
+        }
         kw.update({k: v for k, v in optional.items() if v is not None})
         return kw
 
@@ -381,10 +412,12 @@ class ConsumerSettings(ProcessSettings):
 class StreamConfig(ConsumerSettings):
     """Configuration of ``zerocf ingest`` (and the topic layout every process shares)."""
 
-    events_partitions: int = setting(6, "EVENTS_PARTITIONS", "partitions of <p>.events (and the raw topics) "
-                                                             "when created here")
-    ingest_group: str = setting("", "INGEST_GROUP", "consumer group of ingest (default <prefix>-ingest)",
-                                flag="--group")
+    events_partitions: int = setting(
+        6, "EVENTS_PARTITIONS", "partitions of <p>.events (and the raw topics) when created here"
+    )
+    ingest_group: str = setting(
+        "", "INGEST_GROUP", "consumer group of ingest (default <prefix>-ingest)", flag="--group"
+    )
     ingest_batch: int = setting(5000, "INGEST_BATCH", "max records per ingest batch", flag="--batch")
 
     def __post_init__(self) -> None:

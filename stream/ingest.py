@@ -31,7 +31,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from stream import kafka_util
 from stream.config import TOP_LEVEL, StreamConfig, add_flags, flag_overrides, load
@@ -63,11 +63,18 @@ def dlq_value(reason: str, record: Any, now_ms: int) -> bytes:
     'eA=='
     """
     b64 = base64.b64encode
-    return json.dumps({"reason": reason, "topic": record.topic, "partition": record.partition,
-                       "offset": record.offset,
-                       "key_b64": None if record.key is None else b64(record.key).decode("ascii"),
-                       "value_b64": None if record.value is None else b64(record.value).decode("ascii"),
-                       "ts": now_ms}, separators=(",", ":")).encode("utf-8")
+    return json.dumps(
+        {
+            "reason": reason,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "key_b64": None if record.key is None else b64(record.key).decode("ascii"),
+            "value_b64": None if record.value is None else b64(record.value).decode("ascii"),
+            "ts": now_ms,
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
 
 
 @dataclass
@@ -111,14 +118,20 @@ class IngestMetrics:
         self.records_in = Counter("zerocf_ingest_records_in", "raw records read", ["kind"], registry=r)
         self.events_out = Counter("zerocf_ingest_events_out", "events produced to <p>.events", registry=r)
         self.dlq = Counter("zerocf_ingest_dlq", "records sent to <p>.dlq", ["reason_class"], registry=r)
-        self.batch_seconds = Histogram("zerocf_ingest_batch_seconds", "parse+produce+ack+commit per batch",
-                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.batch_seconds = Histogram(
+            "zerocf_ingest_batch_seconds",
+            "parse+produce+ack+commit per batch",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
         self.commit_failures = Counter("zerocf_ingest_commit_failures", "failed offset commits", registry=r)
-        self.produce_failures = Counter("zerocf_ingest_produce_failures",
-                                        "batches not acknowledged (re-processed)", registry=r)
+        self.produce_failures = Counter(
+            "zerocf_ingest_produce_failures", "batches not acknowledged (re-processed)", registry=r
+        )
         self.assigned = Gauge("zerocf_ingest_assigned_partitions", "raw partitions assigned", registry=r)
-        self.lag = Gauge("zerocf_ingest_lag", "raw records behind the high watermark", ["topic", "partition"],
-                         registry=r)
+        self.lag = Gauge(
+            "zerocf_ingest_lag", "raw records behind the high watermark", ["topic", "partition"], registry=r
+        )
 
 
 def _reachable(bootstrap: str, timeout: float = 0.5) -> bool:
@@ -148,7 +161,10 @@ class Ingest:
         self.stop = stop or StopFlag()
         self.stats = IngestStats()
         self.metrics = IngestMetrics()
-        self._kinds = {cfg.topics.clicks: "clicks", cfg.topics.impressions: "impressions"}
+        self._kinds: dict[str, Literal["clicks", "impressions"]] = {
+            cfg.topics.clicks: "clicks",
+            cfg.topics.impressions: "impressions",
+        }
         self._assigned = 0
         self._failing = False
         self._part_cache: dict[bytes, int] = {}
@@ -158,36 +174,53 @@ class Ingest:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Ready when partitions are assigned, the broker answers and the last batch was acknowledged."""
         reachable = _reachable(self.cfg.kafka.bootstrap)
-        detail = {"assigned_partitions": self._assigned, "broker_reachable": reachable,
-                  "producing": not self._failing, **self.stats.summary()}
+        detail = {
+            "assigned_partitions": self._assigned,
+            "broker_reachable": reachable,
+            "producing": not self._failing,
+            **self.stats.summary(),
+        }
         return self._assigned > 0 and reachable and not self._failing, detail
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self, until_idle: bool = False) -> IngestStats:
         """Ingest until stopped (or, with ``until_idle``, until caught up and idle)."""
         cfg, topics = self.cfg, self.cfg.topics
-        kafka_util.ensure_topics(cfg.kafka, {t: cfg.events_partitions for t in
-                                             (topics.impressions, topics.clicks, topics.events, topics.dlq)})
+        kafka_util.ensure_topics(
+            cfg.kafka,
+            {t: cfg.events_partitions for t in (topics.impressions, topics.clicks, topics.events, topics.dlq)},
+        )
         server = None
         if cfg.runtime.metrics_port:
             try:
                 server = start_http(cfg.runtime.metrics_port, self.health, self.metrics.registry)
             except OSError as exc:
-                raise ConfigError(f"--metrics-port {cfg.runtime.metrics_port}: {exc}; pick a free port "
-                                  "(ZEROCF_METRICS_PORT) or 0 to turn the endpoint off") from None
+                raise ConfigError(
+                    f"--metrics-port {cfg.runtime.metrics_port}: {exc}; pick a free port "
+                    "(ZEROCF_METRICS_PORT) or 0 to turn the endpoint off"
+                ) from None
         consumer = producer = None
         try:
-            consumer = kafka_util.consumer(cfg.kafka, group_id=cfg.group, client_id="zerocf-ingest",
-                                           max_poll_records=cfg.ingest_batch)
+            consumer = kafka_util.consumer(
+                cfg.kafka, group_id=cfg.group, client_id="zerocf-ingest", max_poll_records=cfg.ingest_batch
+            )
             # Unbounded retries (until delivery_timeout_ms): with a small retry count one batch of a partition
             # could fail while a later one succeeds, leaving a gap below the Deduper's mark that the replay
             # cannot fill. No compression: with the crc32c wheel, gzip cost ~12 us/record more CPU.
-            producer = kafka_util.producer(cfg.kafka, client_id="zerocf-ingest", retries=float("inf"),
-                                           compression_type=None)
+            producer = kafka_util.producer(
+                cfg.kafka, client_id="zerocf-ingest", retries=float("inf"), compression_type=None
+            )
             consumer.subscribe([topics.impressions, topics.clicks])
             self._partitions = sorted(producer.partitions_for(topics.events))
-            log.info("ingest: group %s reading %s, %s -> %s (%d partitions), batch %d", cfg.group,
-                     topics.impressions, topics.clicks, topics.events, len(self._partitions), cfg.ingest_batch)
+            log.info(
+                "ingest: group %s reading %s, %s -> %s (%d partitions), batch %d",
+                cfg.group,
+                topics.impressions,
+                topics.clicks,
+                topics.events,
+                len(self._partitions),
+                cfg.ingest_batch,
+            )
             self._loop(consumer, producer, until_idle)
         finally:
             if consumer is not None:
@@ -228,8 +261,12 @@ class Ingest:
                 last_data = stats.last_batch_at = time.monotonic()
                 for tp, behind in kafka_util.lag(consumer).items():
                     self.metrics.lag.labels(tp.topic, str(tp.partition)).set(behind)
-            elif until_idle and assignment and now - last_data >= cfg.idle_seconds \
-                    and kafka_util.caught_up(consumer, unknown_is_done=True):
+            elif (
+                until_idle
+                and assignment
+                and now - last_data >= cfg.idle_seconds
+                and kafka_util.caught_up(consumer, unknown_is_done=True)
+            ):
                 log.info("ingest: caught up and idle for %.1fs; exiting (--until-idle)", now - last_data)
                 break
             if now >= next_summary + SUMMARY_EVERY_S:
@@ -261,8 +298,11 @@ class Ingest:
             for tp, records in polled.items():
                 if tp in assigned:  # a revoked partition is re-read by its new owner from the committed offset
                     consumer.seek(tp, records[0].offset)
-            log.warning("ingest: %d records (%s) will be re-processed after a back-off; offsets not committed",
-                        n_in, ", ".join(f"{tp.topic}/{tp.partition}@{r[0].offset}" for tp, r in polled.items()))
+            log.warning(
+                "ingest: %d records (%s) will be re-processed after a back-off; offsets not committed",
+                n_in,
+                ", ".join(f"{tp.topic}/{tp.partition}@{r[0].offset}" for tp, r in polled.items()),
+            )
             return False
         self._failing = False
         acked = time.monotonic()
@@ -278,12 +318,18 @@ class Ingest:
         m.events_out.inc(n_out)
         done = time.monotonic()
         m.batch_seconds.observe(done - started)
-        log.debug("ingest batch: %d in, %d events, %d dlq; produce %.3fs, acks %.3fs, commit %.3fs", n_in, n_out,
-                  n_dlq, produced - started, acked - produced, done - acked)
+        log.debug(
+            "ingest batch: %d in, %d events, %d dlq; produce %.3fs, acks %.3fs, commit %.3fs",
+            n_in,
+            n_out,
+            n_dlq,
+            produced - started,
+            acked - produced,
+            done - acked,
+        )
         return True
 
-    def _produce(self, producer: Any, polled: Mapping[Any, list[Any]],
-                 now_ms: int) -> tuple[list[Any], int, int, int]:
+    def _produce(self, producer: Any, polled: Mapping[Any, list[Any]], now_ms: int) -> tuple[list[Any], int, int, int]:
         send, events_topic = producer.send, self.cfg.topics.events
         cache, parts = self._part_cache, self._partitions
         if len(cache) > _CACHE_LIMIT:
@@ -305,8 +351,7 @@ class Ingest:
                     continue
                 except Exception as exc:  # a bug must not kill the worker: dead-letter the record
                     log.exception("ingest: internal error on %s/%d@%d", topic, partition, rec.offset)
-                    append(self._dead_letter(producer, f"internal error: {type(exc).__name__}: {exc}",
-                                             rec, now_ms))
+                    append(self._dead_letter(producer, f"internal error: {type(exc).__name__}: {exc}", rec, now_ms))
                     n_dlq += 1
                     continue
                 for key, value in out:
@@ -321,8 +366,10 @@ class Ingest:
         """Re-create missing topics and re-read the events topic's partitions (after a failed batch)."""
         topics = self.cfg.topics
         try:
-            kafka_util.ensure_topics(self.cfg.kafka, {t: self.cfg.events_partitions for t in
-                                                      (topics.impressions, topics.clicks, topics.events, topics.dlq)})
+            kafka_util.ensure_topics(
+                self.cfg.kafka,
+                {t: self.cfg.events_partitions for t in (topics.impressions, topics.clicks, topics.events, topics.dlq)},
+            )
             producer._metadata.request_update()  # noqa: SLF001 - force fresh metadata, not the cached layout
             parts = producer.partitions_for(topics.events)
             if parts:
@@ -359,8 +406,11 @@ class Ingest:
         except KafkaError as exc:  # e.g. a rebalance took the partitions: their new owner replays them
             self.stats.commit_failures += 1
             self.metrics.commit_failures.inc()
-            log.warning("ingest: commit of %s failed (%s); the records will be replayed and de-duplicated "
-                        "downstream", {f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()}, exc)
+            log.warning(
+                "ingest: commit of %s failed (%s); the records will be replayed and de-duplicated downstream",
+                {f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()},
+                exc,
+            )
 
 
 def _murmur2(key: bytes) -> int:
@@ -372,10 +422,14 @@ def _murmur2(key: bytes) -> int:
 # -- CLI ---------------------------------------------------------------------------------------------
 def register(subparsers: Any) -> None:
     """Add ``zerocf ingest`` to the ``zerocf`` command."""
-    p = subparsers.add_parser("ingest", help="raw impressions/clicks -> <p>.events (rejects -> <p>.dlq)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--until-idle", action="store_true",
-                   help="exit 0 once caught up and idle for ZEROCF_IDLE_SECONDS (batch runs, tests)")
+    p = subparsers.add_parser(
+        "ingest", help="raw impressions/clicks -> <p>.events (rejects -> <p>.dlq)", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="exit 0 once caught up and idle for ZEROCF_IDLE_SECONDS (batch runs, tests)",
+    )
     add_flags(p, StreamConfig, skip=TOP_LEVEL)
     p.set_defaults(func=run)
 

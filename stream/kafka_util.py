@@ -23,10 +23,14 @@ def _unreachable() -> tuple[type[BaseException], ...]:
 
     return tuple(getattr(errors, n) for n in ("NoBrokersAvailable", "KafkaTimeoutError") if hasattr(errors, n))
 
+
 # Group timings that make joins and rebalances take seconds instead of ~20 s (see INFRA notes); all are
 # ordinary Kafka consumer settings. max_poll_interval bounds the time between polls: batches stay far below.
-GROUP_TIMINGS: dict[str, int] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-                                 "max_poll_interval_ms": 30000}
+GROUP_TIMINGS: dict[str, int] = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000,
+    "max_poll_interval_ms": 30000,
+}
 
 
 def producer_defaults() -> dict[str, Any]:
@@ -43,26 +47,41 @@ def producer_defaults() -> dict[str, Any]:
     """
     from kafka.codec import has_lz4
 
-    return {"acks": 1, "enable_idempotence": False, "retries": 5, "max_in_flight_requests_per_connection": 1,
-            "linger_ms": 20, "batch_size": 512 * 1024, "max_request_size": 4 << 20,
-            "compression_type": "lz4" if has_lz4() else None}
+    return {
+        "acks": 1,
+        "enable_idempotence": False,
+        "retries": 5,
+        "max_in_flight_requests_per_connection": 1,
+        "linger_ms": 20,
+        "batch_size": 512 * 1024,
+        "max_request_size": 4 << 20,
+        "compression_type": "lz4" if has_lz4() else None,
+    }
 
 
 def _connect(factory: Any, settings: KafkaSettings, kw: dict[str, Any]) -> Any:
     try:
         return factory(**kw)
     except _unreachable():
-        raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}; start one "
-                                 "(`zerocf stack up`) or fix ZEROCF_KAFKA_BOOTSTRAP") from None
+        raise ServiceUnavailable(
+            f"no Kafka broker answers at {settings.bootstrap}; start one "
+            "(`zerocf stack up`) or fix ZEROCF_KAFKA_BOOTSTRAP"
+        ) from None
 
 
 def consumer(settings: KafkaSettings, *, group_id: str | None, client_id: str, **extra: Any) -> Any:
     """A KafkaConsumer with manual commits, reading from the earliest offset when a group has none."""
     from kafka import KafkaConsumer
 
-    kw: dict[str, Any] = {**settings.client_kwargs(), "group_id": group_id, "client_id": client_id,
-                          "enable_auto_commit": False, "auto_offset_reset": "earliest",
-                          "max_partition_fetch_bytes": 4 << 20, "fetch_max_bytes": 32 << 20}
+    kw: dict[str, Any] = {
+        **settings.client_kwargs(),
+        "group_id": group_id,
+        "client_id": client_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 4 << 20,
+        "fetch_max_bytes": 32 << 20,
+    }
     if group_id is not None:
         kw.update(GROUP_TIMINGS)
     return _connect(KafkaConsumer, settings, {**kw, **extra})
@@ -72,8 +91,12 @@ def producer(settings: KafkaSettings, *, client_id: str, **extra: Any) -> Any:
     """A KafkaProducer with :func:`producer_defaults` (``extra`` overrides them)."""
     from kafka import KafkaProducer
 
-    kw = {**producer_defaults(), **settings.client_kwargs(), "client_id": client_id,
-          "enable_idempotence": settings.idempotence}
+    kw = {
+        **producer_defaults(),
+        **settings.client_kwargs(),
+        "client_id": client_id,
+        "enable_idempotence": settings.idempotence,
+    }
     return _connect(KafkaProducer, settings, {**kw, **extra})
 
 
@@ -151,8 +174,9 @@ def read_topic(settings: KafkaSettings, topic: str, timeout: float = 30.0) -> li
             time.sleep(0.2)
             parts = consumer_.partitions_for_topic(topic)
         if not parts:
-            raise ServiceUnavailable(f"topic {topic} does not exist at {settings.bootstrap}; "
-                                     "check the topic prefix (ZEROCF_TOPIC_PREFIX)")
+            raise ServiceUnavailable(
+                f"topic {topic} does not exist at {settings.bootstrap}; check the topic prefix (ZEROCF_TOPIC_PREFIX)"
+            )
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer_.assign(tps)
         consumer_.seek_to_beginning()
@@ -164,8 +188,10 @@ def read_topic(settings: KafkaSettings, topic: str, timeout: float = 30.0) -> li
             if not polled and caught_up(consumer_, tps):
                 break
             if time.monotonic() > deadline:
-                raise ServiceUnavailable(f"read_topic({topic!r}) not caught up after {timeout:.0f}s "
-                                         f"({sum(map(len, by_tp.values()))} records read); raise the timeout")
+                raise ServiceUnavailable(
+                    f"read_topic({topic!r}) not caught up after {timeout:.0f}s "
+                    f"({sum(map(len, by_tp.values()))} records read); raise the timeout"
+                )
         return [r for tp in tps for r in by_tp[tp]]
     finally:
         consumer_.close()

@@ -29,8 +29,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg (+ exc)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
-                               "logger": record.name, "msg": record.getMessage()}
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
@@ -39,8 +43,9 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     """Configure the root logger to stderr (entry points only)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -136,8 +141,9 @@ class RoutingHandler(BaseHTTPRequestHandler):
         headers: dict[str, str] = {}
         try:
             if path not in routes:
-                code, ctype, body = json_response(404, {"error": f"no such path {path[:100]!r}; use "
-                                                                f"{', '.join(routes)}"})
+                code, ctype, body = json_response(
+                    404, {"error": f"no such path {path[:100]!r}; use {', '.join(routes)}"}
+                )
             elif self.command not in ("GET", "HEAD"):
                 headers["Allow"] = "GET, HEAD"
                 code, ctype, body = json_response(405, {"error": f"method {self.command} not allowed; use GET"})
@@ -167,8 +173,12 @@ class RoutingServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], routes: dict[str, Route],
-                 observe: Callable[[str, int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        routes: dict[str, Route],
+        observe: Callable[[str, int, float], None] | None = None,
+    ) -> None:
         self.routes = routes
         self.observe = observe or (lambda _path, _code, _seconds: None)
         super().__init__(address, RoutingHandler)
@@ -182,8 +192,9 @@ def start_http(port: int, health: HealthCheck, registry: Any = None, host: str =
     """Serve /healthz and /metrics on ``port`` in a daemon thread; returns the server (``.shutdown()``)."""
     from prometheus_client import REGISTRY
 
-    server = RoutingServer((host, port), {"/healthz": health_route(health),
-                                          "/metrics": metrics_route(registry or REGISTRY)})
+    server = RoutingServer(
+        (host, port), {"/healthz": health_route(health), "/metrics": metrics_route(registry or REGISTRY)}
+    )
     threading.Thread(target=server.serve_forever, name="zerocf-http", daemon=True).start()
     log.info("health and metrics on http://%s:%d/healthz and /metrics", host, server.port)
     return server

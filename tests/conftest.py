@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DATASETS
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
@@ -77,9 +79,6 @@ def zerocf_env(stack_env: dict[str, str], topic_prefix: str, redis_url: str) -> 
     env["ZEROCF_REDIS_URL"] = redis_url
     env["ZEROCF_TOPIC_PREFIX"] = topic_prefix
     return env
-
-
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 @pytest.fixture(scope="session")

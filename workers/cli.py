@@ -23,11 +23,24 @@ from stream.errors import ZerocfError
 log = logging.getLogger(__name__)
 
 # Modules that register subcommands, in help order.
-COMMAND_MODULES = ("stream.devstack", "stream.ingest", "stream.replay.produce", "workers.online.worker",
-                   "workers.batch.worker", "workers.serving.cli", "workers.serving.server",
-                   "workers.evaluation.cli", "workers.evaluation.demo")
-CONFIG_CLASSES = ("stream.config:StreamConfig", "stream.devstack:StackConfig", "workers.config:LMFConfig",
-                  "workers.config:ALSConfig", "workers.config:ServeConfig")
+COMMAND_MODULES = (
+    "stream.devstack",
+    "stream.ingest",
+    "stream.replay.produce",
+    "workers.online.worker",
+    "workers.batch.worker",
+    "workers.serving.cli",
+    "workers.serving.server",
+    "workers.evaluation.cli",
+    "workers.evaluation.demo",
+)
+CONFIG_CLASSES = (
+    "stream.config:StreamConfig",
+    "stream.devstack:StackConfig",
+    "workers.config:LMFConfig",
+    "workers.config:ALSConfig",
+    "workers.config:ServeConfig",
+)
 
 
 def all_config_classes() -> list[type]:
@@ -45,9 +58,11 @@ def all_config_classes() -> list[type]:
 def build_parser() -> argparse.ArgumentParser:
     """The ``zerocf`` parser with every installed subcommand."""
     parser = argparse.ArgumentParser(
-        prog="zerocf", description="zerocf: a streaming, online-learning recommender for implicit feedback "
-                                   "(Kafka in, factors in Redis). `zerocf COMMAND --help` lists a command's "
-                                   "flags; every flag also has a ZEROCF_* environment variable.")
+        prog="zerocf",
+        description="zerocf: a streaming, online-learning recommender for implicit feedback "
+        "(Kafka in, factors in Redis). `zerocf COMMAND --help` lists a command's "
+        "flags; every flag also has a ZEROCF_* environment variable.",
+    )
     add_flags(parser, RuntimeSettings, skip=("metrics_port",))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in COMMAND_MODULES:

@@ -49,9 +49,12 @@ def parse_duration(text: str) -> float:
 class ModelSettings(ProcessSettings):
     """What every process that touches the factor store agrees on."""
 
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "REDIS_URL",
-                             "Redis URL (redis:// or rediss:// for TLS; password in the URL, never logged)",
-                             secret=True)
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "REDIS_URL",
+        "Redis URL (redis:// or rediss:// for TLS; password in the URL, never logged)",
+        secret=True,
+    )
     factors: int = setting(64, "FACTORS", "latent dimension k of the model")
 
     def __post_init__(self) -> None:
@@ -72,29 +75,48 @@ class LMFConfig(ModelSettings, ConsumerSettings):
     hard_share: float = setting(0.2, "LMF_HARD_SHARE", "share of negatives chosen as hard (DNS) negatives")
     hard_candidates: int = setting(8, "LMF_HARD_CANDIDATES", "candidates scored per hard negative")
     reservoir: int = setting(100_000, "LMF_RESERVOIR", "size of the reservoir of recent clicks", unit="clicks")
-    batch: int = setting(2000, "LMF_BATCH", "events per mini-batch (one Redis round trip each way)",
-                         unit="events")
+    batch: int = setting(2000, "LMF_BATCH", "events per mini-batch (one Redis round trip each way)", unit="events")
     adagrad: bool = setting(False, "LMF_ADAGRAD", "AdaGrad learning-rate scaling")
     clip: float = setting(5.0, "LMF_CLIP", "gradient norm clip")
     init_scale: float = setting(0.01, "LMF_INIT_SCALE", "std of the random init of new rows")
-    init: InitMode = setting("random", "LMF_INIT",
-                             "new users: random (small) or foldin (least squares on their first clicks)")
-    exposure_window_s: float = setting(0.0, "LMF_EXPOSURE_WINDOW_S",
-                                       "shown-not-clicked after this long is a negative (0 = off)", unit="s")
+    init: InitMode = setting(
+        "random", "LMF_INIT", "new users: random (small) or foldin (least squares on their first clicks)"
+    )
+    exposure_window_s: float = setting(
+        0.0, "LMF_EXPOSURE_WINDOW_S", "shown-not-clicked after this long is a negative (0 = off)", unit="s"
+    )
     exposure_weight: float = setting(0.2, "LMF_EXPOSURE_WEIGHT", "gradient weight of exposure negatives")
-    seen_cap: int = setting(128, "LMF_SEEN_CAP", "recent clicked items kept per user (<= 128 keeps Redis' "
-                                                 "compact zset encoding)", unit="items")
+    seen_cap: int = setting(
+        128,
+        "LMF_SEEN_CAP",
+        "recent clicked items kept per user (<= 128 keeps Redis' compact zset encoding)",
+        unit="items",
+    )
     seen_ttl_days: float = setting(30.0, "LMF_SEEN_TTL_DAYS", "expiry of a user's recent-click set", unit="days")
     lmf_group: str = setting("", "LMF_GROUP", "consumer group (default <prefix>-lmf)", flag="--group")
     seed: int = setting(0, "LMF_SEED", "seed of the sampler and init")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ranges(self, {"lr": (1e-6, 10), "reg": (0, 10), "negatives": (0, 100), "sample_alpha": (0, 1),
-                            "hard_share": (0, 1), "hard_candidates": (1, 1000), "reservoir": (100, 10**8),
-                            "batch": (1, 100_000), "clip": (1e-3, 1e6), "init_scale": (0, 1),
-                            "exposure_window_s": (0, 86400 * 30), "exposure_weight": (0, 10),
-                            "seen_cap": (1, 100_000), "seen_ttl_days": (0.001, 3650)})
+        check_ranges(
+            self,
+            {
+                "lr": (1e-6, 10),
+                "reg": (0, 10),
+                "negatives": (0, 100),
+                "sample_alpha": (0, 1),
+                "hard_share": (0, 1),
+                "hard_candidates": (1, 1000),
+                "reservoir": (100, 10**8),
+                "batch": (1, 100_000),
+                "clip": (1e-3, 1e6),
+                "init_scale": (0, 1),
+                "exposure_window_s": (0, 86400 * 30),
+                "exposure_weight": (0, 10),
+                "seen_cap": (1, 100_000),
+                "seen_ttl_days": (0.001, 3650),
+            },
+        )
 
     @property
     def group(self) -> str:
@@ -107,18 +129,18 @@ class ALSConfig(ModelSettings):
 
     als_iterations: int = setting(15, "ALS_ITERATIONS", "ALS sweeps per re-solve", flag="--iterations")
     als_reg: float = setting(0.05, "ALS_REG", "L2 regularisation lambda", flag="--reg")
-    als_alpha: float = setting(1.0, "ALS_ALPHA", "confidence c = 1 + alpha * f (or the log variant)",
-                               flag="--alpha")
-    als_confidence: Scaling = setting("linear", "ALS_CONFIDENCE", "confidence of a count: linear or log",
-                                         flag="--confidence")
-    als_eps: float = setting(1.0, "ALS_EPS", "epsilon of the log confidence 1 + alpha*log(1 + f/eps)",
-                             flag="--eps")
-    als_solver: Solver = setting("cg", "ALS_SOLVER", "row solver: conjugate gradient or exact Cholesky",
-                                 flag="--solver")
-    als_backend: Backend = setting("numpy", "ALS_BACKEND", "numpy (ours, numba) or spark (Spark MLlib, "
-                                                           "extra `spark`)", flag="--backend")
-    als_cg_steps: int = setting(3, "ALS_CG_STEPS", "conjugate-gradient steps per row and sweep",
-                                flag="--cg-steps")
+    als_alpha: float = setting(1.0, "ALS_ALPHA", "confidence c = 1 + alpha * f (or the log variant)", flag="--alpha")
+    als_confidence: Scaling = setting(
+        "linear", "ALS_CONFIDENCE", "confidence of a count: linear or log", flag="--confidence"
+    )
+    als_eps: float = setting(1.0, "ALS_EPS", "epsilon of the log confidence 1 + alpha*log(1 + f/eps)", flag="--eps")
+    als_solver: Solver = setting(
+        "cg", "ALS_SOLVER", "row solver: conjugate gradient or exact Cholesky", flag="--solver"
+    )
+    als_backend: Backend = setting(
+        "numpy", "ALS_BACKEND", "numpy (ours, numba) or spark (Spark MLlib, extra `spark`)", flag="--backend"
+    )
+    als_cg_steps: int = setting(3, "ALS_CG_STEPS", "conjugate-gradient steps per row and sweep", flag="--cg-steps")
     als_threads: int = setting(2, "ALS_THREADS", "solver threads", flag="--threads")
     checkpoint_dir: str = setting("./zerocf-als", "ALS_CHECKPOINT_DIR", "snapshot checkpoint directory")
     gc_grace_s: float = setting(600.0, "ALS_GC_GRACE_S", "retired generations are deleted after this", unit="s")
@@ -127,9 +149,19 @@ class ALSConfig(ModelSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ranges(self, {"als_iterations": (1, 1000), "als_reg": (0, 1e6), "als_alpha": (0, 1e6),
-                            "als_eps": (1e-9, 1e9), "als_cg_steps": (1, 100), "als_threads": (1, 256),
-                            "gc_grace_s": (0, 1e7), "calib_samples": (0, 10**8)})
+        check_ranges(
+            self,
+            {
+                "als_iterations": (1, 1000),
+                "als_reg": (0, 1e6),
+                "als_alpha": (0, 1e6),
+                "als_eps": (1e-9, 1e9),
+                "als_cg_steps": (1, 100),
+                "als_threads": (1, 256),
+                "gc_grace_s": (0, 1e7),
+                "calib_samples": (0, 10**8),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -139,8 +171,9 @@ class ServeConfig(ModelSettings):
     host: str = setting("0.0.0.0", "SERVE_HOST", "HTTP bind address")
     port: int = setting(8080, "SERVE_PORT", "HTTP port of /recommend, /healthz, /metrics")
     max_k: int = setting(1000, "SERVE_MAX_K", "largest k a request may ask for")
-    item_refresh_s: float = setting(5.0, "SERVE_ITEM_REFRESH_S",
-                                    "how often the cached item matrix checks for new items", unit="s")
+    item_refresh_s: float = setting(
+        5.0, "SERVE_ITEM_REFRESH_S", "how often the cached item matrix checks for new items", unit="s"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

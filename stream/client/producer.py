@@ -34,8 +34,10 @@ class DeliveryFailed(ServiceUnavailable):
 
     def __init__(self, failed: int, errors: list[BaseException]) -> None:
         first = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "unknown"
-        super().__init__(f"{failed} record(s) failed delivery since the last flush (first error: {first}); "
-                         "check that the broker is reachable and resend those records")
+        super().__init__(
+            f"{failed} record(s) failed delivery since the last flush (first error: {first}); "
+            "check that the broker is reachable and resend those records"
+        )
         self.failed = failed
         self.errors = errors
 
@@ -71,9 +73,10 @@ def producer_config(acks: int | str = 1, enable_idempotence: bool = False, **cli
 
     unknown = sorted(k for k in client_kwargs if k not in KafkaProducer.DEFAULT_CONFIG or k in _NOT_ALLOWED)
     if unknown:
-        raise ConfigError(f"unknown KafkaProducer setting(s) {unknown}; see kafka.KafkaProducer for valid names"
-                          + ("; keys and values are bytes already, drop the serializers"
-                             if _NOT_ALLOWED & set(unknown) else ""))
+        raise ConfigError(
+            f"unknown KafkaProducer setting(s) {unknown}; see kafka.KafkaProducer for valid names"
+            + ("; keys and values are bytes already, drop the serializers" if _NOT_ALLOWED & set(unknown) else "")
+        )
     if acks not in (0, 1, -1, "all"):
         raise ConfigError(f"acks {acks!r} is invalid; use 1 (default), 'all' or -1")
     return {**producer_defaults(), "acks": acks, "enable_idempotence": enable_idempotence, **client_kwargs}
@@ -117,9 +120,17 @@ class EventProducer:
     ([('demo.impressions', b'7'), ('demo.clicks', b'7')], 2, 0)
     """
 
-    def __init__(self, producer: ProducerLike | None = None, *, bootstrap_servers: str | Sequence[str] | None = None,
-                 topic_prefix: str = "zerocf", acks: int | str | None = None, enable_idempotence: bool | None = None,
-                 now_ms: Callable[[], int] | None = None, **client_kwargs: Any) -> None:
+    def __init__(
+        self,
+        producer: ProducerLike | None = None,
+        *,
+        bootstrap_servers: str | Sequence[str] | None = None,
+        topic_prefix: str = "zerocf",
+        acks: int | str | None = None,
+        enable_idempotence: bool | None = None,
+        now_ms: Callable[[], int] | None = None,
+        **client_kwargs: Any,
+    ) -> None:
         if (producer is None) == (bootstrap_servers is None):
             raise ConfigError("pass exactly one of producer= (a KafkaProducer-like object) or bootstrap_servers=")
         if producer is None:
@@ -128,8 +139,10 @@ class EventProducer:
             config = producer_config(1 if acks is None else acks, bool(enable_idempotence), **client_kwargs)
             producer = KafkaProducer(bootstrap_servers=bootstrap_servers, **config)
         elif acks is not None or enable_idempotence is not None or client_kwargs:
-            raise ConfigError("client settings (acks, enable_idempotence, ...) apply only with bootstrap_servers=; "
-                              "configure the producer object you passed instead")
+            raise ConfigError(
+                "client settings (acks, enable_idempotence, ...) apply only with bootstrap_servers=; "
+                "configure the producer object you passed instead"
+            )
         if not topic_prefix:
             raise ConfigError("topic_prefix is empty; use e.g. 'zerocf'")
         self._producer = producer
@@ -144,8 +157,14 @@ class EventProducer:
         self.failed = 0  # failed delivery
         self.rejected = 0  # failed validation, never sent
 
-    def send_click(self, user_id: str | int, item_id: str | int, ts: int | str | None = None,
-                   impression_id: str | int | None = None, count: int | None = None) -> Any:
+    def send_click(
+        self,
+        user_id: str | int,
+        item_id: str | int,
+        ts: int | str | None = None,
+        impression_id: str | int | None = None,
+        count: int | None = None,
+    ) -> Any:
         """Validate and send one click (``ts`` defaults to now); returns the producer's future."""
         now = self._now_ms()
         try:
@@ -156,8 +175,9 @@ class EventProducer:
             raise
         return self._send(self.clicks_topic, raw.user_id, value)
 
-    def send_impression(self, impression_id: str | int, user_id: str | int, item_ids: Sequence[str | int],
-                        ts: int | str | None = None) -> Any:
+    def send_impression(
+        self, impression_id: str | int, user_id: str | int, item_ids: Sequence[str | int], ts: int | str | None = None
+    ) -> Any:
         """Validate and send one impression (*item_ids* in display order); returns the producer's future."""
         now = self._now_ms()
         try:
@@ -175,8 +195,9 @@ class EventProducer:
             future = self._producer.send(topic, value=value, key=user_id.encode("utf-8"))
         except Exception as e:  # buffer full / metadata timeout: nothing was queued
             self._on_error(e)
-            raise ServiceUnavailable(f"could not queue a record for {topic} ({type(e).__name__}: {e}); "
-                                     "check the broker and retry") from e
+            raise ServiceUnavailable(
+                f"could not queue a record for {topic} ({type(e).__name__}: {e}); check the broker and retry"
+            ) from e
         future.add_callback(self._on_success)
         future.add_errback(self._on_error)
         return future
@@ -216,8 +237,9 @@ class EventProducer:
     def __enter__(self) -> EventProducer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc is None:
             self.close()
             return

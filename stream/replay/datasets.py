@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 _SECONDS_BELOW = 100_000_000_000  # integer timestamps below this are epoch seconds, else ms
 _LASTFM_HEADER = ["userID", "artistID", "weight"]
+Format = Literal["csv", "movielens", "lastfm"]
+FORMATS: tuple[str, ...] = ("csv", "movielens", "lastfm")
 _CSV_HEADER = ["user_id", "item_id", "timestamp", "count"]
 
 
@@ -46,7 +48,7 @@ class Interaction(NamedTuple):
     user_id: str
     item_id: str
     ts_ms: int | None
-    count: int
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count, on purpose: it is the click count
     line_no: int
 
 
@@ -62,8 +64,10 @@ class BadDataLine(ZerocfError, ValueError):
     """A corrupted line was met and no ``on_bad_line`` callback was given."""
 
     def __init__(self, bad: BadLine) -> None:
-        super().__init__(f"line {bad.line_no}: {bad.reason}: {bad.text[:200]!r}; fix the line or pass "
-                         "on_bad_line= to collect bad lines")
+        super().__init__(
+            f"line {bad.line_no}: {bad.reason}: {bad.text[:200]!r}; fix the line or pass "
+            "on_bad_line= to collect bad lines"
+        )
         self.bad = bad
 
 
@@ -127,14 +131,19 @@ def _is_header(text: str, fmt: str, path: str | Path) -> bool:
     elif fmt == "csv":
         if [h.strip() for h in next(csv.reader([text]))] in (_CSV_HEADER[:3], _CSV_HEADER):
             return True
-        raise ValueError(f"{path}: first line {text[:100]!r} is not the header "
-                         "'user_id,item_id,timestamp[,count]'; add it")
+        raise ValueError(
+            f"{path}: first line {text[:100]!r} is not the header 'user_id,item_id,timestamp[,count]'; add it"
+        )
     return False
 
 
-def read_interactions(path: str | Path, fmt: Literal["csv", "movielens", "lastfm"], *,
-                      on_bad_line: Callable[[BadLine], None] | None = None,
-                      min_rating: float | None = None) -> Iterator[Interaction]:
+def read_interactions(
+    path: str | Path,
+    fmt: Format,
+    *,
+    on_bad_line: Callable[[BadLine], None] | None = None,
+    min_rating: float | None = None,
+) -> Iterator[Interaction]:
     """Read a dataset file as interactions, in file order.
 
     >>> import tempfile, os
@@ -202,11 +211,11 @@ def time_ordered(interactions: Iterable[Interaction], base_ts_ms: int | None = N
 
             base_ts_ms = time.time_ns() // 1_000_000 - len(rows) * 1000
         return [r._replace(ts_ms=base_ts_ms + i * 1000) for i, r in enumerate(rows)]
-    rows.sort(key=lambda r: r.ts_ms)  # type: ignore[arg-type, return-value]
-    if base_ts_ms is not None and rows:
-        shift = base_ts_ms - rows[0].ts_ms  # type: ignore[operator]
-        rows = [r._replace(ts_ms=r.ts_ms + shift) for r in rows]  # type: ignore[operator]
-    return rows
+    stamped = sorted(((int(r.ts_ms or 0), r) for r in rows), key=lambda tr: tr[0])  # every ts is set here
+    if base_ts_ms is not None and stamped:
+        shift = base_ts_ms - stamped[0][0]
+        return [r._replace(ts_ms=ts + shift) for ts, r in stamped]
+    return [r for _, r in stamped]
 
 
 def _sample_others(cdf: npt.NDArray[np.float64], k: int, exclude: int, rng: np.random.Generator) -> list[int]:
@@ -222,9 +231,13 @@ def _sample_others(cdf: npt.NDArray[np.float64], k: int, exclude: int, rng: np.r
     raise ValueError(f"could not draw {k} distinct items; too few items have positive popularity")
 
 
-def synthesize_impressions(clicks: Iterable[Interaction], n_shown: int, rng: np.random.Generator,
-                           popularity: Mapping[str, float] | None = None,
-                           id_prefix: str = "imp-") -> list[tuple[RawImpression, RawClick]]:
+def synthesize_impressions(
+    clicks: Iterable[Interaction],
+    n_shown: int,
+    rng: np.random.Generator,
+    popularity: Mapping[str, float] | None = None,
+    id_prefix: str = "imp-",
+) -> list[tuple[RawImpression, RawClick]]:
     """Wrap every click in an impression of *n_shown* items and link the click to it.
 
     The impression shows the clicked item plus ``n_shown - 1`` distinct other items drawn by
@@ -259,8 +272,12 @@ def synthesize_impressions(clicks: Iterable[Interaction], n_shown: int, rng: np.
         shown = [c.item_id] + [items[j] for j in others if items[j] != c.item_id]
         order = rng.permutation(len(shown))
         imp_id = f"{id_prefix}{i}"
-        out.append((RawImpression(imp_id, c.user_id, tuple(shown[o] for o in order), c.ts_ms),
-                    RawClick(c.user_id, c.item_id, c.ts_ms, imp_id, c.count)))
+        out.append(
+            (
+                RawImpression(imp_id, c.user_id, tuple(shown[o] for o in order), c.ts_ms),
+                RawClick(c.user_id, c.item_id, c.ts_ms, imp_id, c.count),
+            )
+        )
     return out
 
 
@@ -285,9 +302,17 @@ def planted_structure(n_users: int, n_items: int, k_latent: int = 8, zipf_a: flo
     return Planted(rng.integers(0, k_latent, n_users), rng.integers(0, k_latent, n_items), pop / pop.sum())
 
 
-def synthetic_dataset(n_users: int, n_items: int, n_clicks: int, k_latent: int = 8, zipf_a: float = 1.1,
-                      seed: int = 0, start_ts_ms: int = 1_700_000_000_000, affinity: float = 3.0,
-                      beta: float = 1.0) -> list[Interaction]:
+def synthetic_dataset(
+    n_users: int,
+    n_items: int,
+    n_clicks: int,
+    k_latent: int = 8,
+    zipf_a: float = 1.1,
+    seed: int = 0,
+    start_ts_ms: int = 1_700_000_000_000,
+    affinity: float = 3.0,
+    beta: float = 1.0,
+) -> list[Interaction]:
     """Clicks with planted structure: P(item | user) ∝ popularity^beta × exp(affinity · [same group]).
 
     Users (``"u<n>"``) are drawn with mildly skewed activity (∝ rank^-0.5), items (``"i<n>"``) from the
@@ -304,7 +329,7 @@ def synthetic_dataset(n_users: int, n_items: int, n_clicks: int, k_latent: int =
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
     activity = np.arange(1, n_users + 1, dtype=np.float64) ** -0.5
     users = rng.choice(n_users, size=n_clicks, p=activity[rng.permutation(n_users)] / activity.sum())
-    base = truth.item_popularity ** beta
+    base = truth.item_popularity**beta
     groups = truth.user_group[users]
     items = np.empty(n_clicks, dtype=np.int64)
     for g in range(k_latent):
@@ -313,8 +338,10 @@ def synthetic_dataset(n_users: int, n_items: int, n_clicks: int, k_latent: int =
         picks = np.searchsorted(cdf, rng.random(int(mask.sum())) * cdf[-1], side="right")
         items[mask] = np.minimum(picks, n_items - 1)
     ts = start_ts_ms + np.cumsum(rng.integers(1, 2001, n_clicks))
-    return [Interaction(f"u{u}", f"i{i}", t, 1, n + 1)
-            for n, (u, i, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist()))]
+    return [
+        Interaction(f"u{u}", f"i{i}", t, 1, n + 1)
+        for n, (u, i, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist()))
+    ]
 
 
 def write_csv(interactions: Iterable[Interaction], path: str | Path) -> int:

@@ -24,10 +24,17 @@ from typing import Any
 import numpy as np
 
 from stream.config import TOP_LEVEL, StreamConfig, add_flags, flag_overrides, load
-from stream.replay.datasets import (BadLine, Interaction, read_interactions, synthesize_impressions, synthetic_dataset,
-                             time_ordered, write_csv)
 from stream.errors import ConfigError, InvalidEvent
 from stream.events import MIN_TS_MS
+from stream.replay.datasets import (
+    BadLine,
+    Interaction,
+    read_interactions,
+    synthesize_impressions,
+    synthetic_dataset,
+    time_ordered,
+    write_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +69,22 @@ def prepare(rows: Sequence[Interaction], keep_ts: bool, now_ms: int) -> list[Int
     assert first is not None and last is not None
     if first < MIN_TS_MS:
         base = max(MIN_TS_MS, now_ms - (last - first) - 60_000)
-        log.info("timestamps start before 2000-01-01: shifting by %+.1f days (gaps kept); --keep-ts disables",
-                 (base - first) / 86_400_000)
+        log.info(
+            "timestamps start before 2000-01-01: shifting by %+.1f days (gaps kept); --keep-ts disables",
+            (base - first) / 86_400_000,
+        )
         ordered = time_ordered(ordered, base_ts_ms=base)
     return ordered
 
 
-def replay(producer: Any, rows: Sequence[Interaction], impressions: int, rate: float | None,
-           seed: int = 0, report: Callable[[str], None] = log.warning) -> dict[str, int]:
+def replay(
+    producer: Any,
+    rows: Sequence[Interaction],
+    impressions: int,
+    rate: float | None,
+    seed: int = 0,
+    report: Callable[[str], None] = log.warning,
+) -> dict[str, int]:
     """Send ``rows`` through an :class:`stream.client.producer.EventProducer`; return counts."""
     counts = {"clicks_sent": 0, "impressions_sent": 0, "rejected": 0}
     pacer = Pacer(rate)
@@ -99,15 +114,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("file", help="dataset file")
     p.add_argument("--format", required=True, choices=["csv", "movielens", "lastfm"])
     p.add_argument("--rate", type=float, default=None, metavar="EV_PER_S", help="limit the send rate")
-    p.add_argument("--impressions", type=int, default=0, metavar="N",
-                   help="wrap each click in a synthetic impression of N items (popularity-weighted)")
+    p.add_argument(
+        "--impressions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="wrap each click in a synthetic impression of N items (popularity-weighted)",
+    )
     p.add_argument("--limit", type=int, default=None, help="send only the first N interactions (time order)")
     p.add_argument("--keep-ts", action="store_true", help="do not shift pre-2000 timestamps")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic impressions (default 0)")
     add_flags(p, StreamConfig, skip=TOP_LEVEL + PRODUCE_SKIPS)
     p.set_defaults(func=run)
-    s = subparsers.add_parser("synth", help="write a synthetic dataset (power-law popularity, planted "
-                                            "structure, timestamps) as csv")
+    s = subparsers.add_parser(
+        "synth", help="write a synthetic dataset (power-law popularity, planted structure, timestamps) as csv"
+    )
     s.add_argument("out", help="output csv path")
     s.add_argument("--users", type=int, default=2000)
     s.add_argument("--items", type=int, default=1000)
@@ -134,16 +155,34 @@ def run(args: argparse.Namespace) -> int:
     rows = list(read_interactions(path, args.format, on_bad_line=on_bad))
     rows = prepare(rows, args.keep_ts, time.time_ns() // 1_000_000)[: args.limit]
     t = cfg.topics
-    kafka_util.ensure_topics(cfg.kafka, {t.clicks: cfg.events_partitions, t.impressions: cfg.events_partitions,
-                                         t.events: cfg.events_partitions, t.dlq: cfg.events_partitions})
+    kafka_util.ensure_topics(
+        cfg.kafka,
+        {
+            t.clicks: cfg.events_partitions,
+            t.impressions: cfg.events_partitions,
+            t.events: cfg.events_partitions,
+            t.dlq: cfg.events_partitions,
+        },
+    )
     raw = kafka_util.producer(cfg.kafka, client_id="zerocf-produce")
     with EventProducer(raw, topic_prefix=cfg.topic_prefix) as producer:
-        counts = replay(producer, rows, args.impressions, args.rate, args.seed,
-                        report=lambda msg: log.warning("%s %s", path.name, msg))
+        counts = replay(
+            producer,
+            rows,
+            args.impressions,
+            args.rate,
+            args.seed,
+            report=lambda msg: log.warning("%s %s", path.name, msg),
+        )
     secs = time.monotonic() - t0
-    summary = {"lines_read": len(rows) + len(bad), "clicks_sent": counts["clicks_sent"],
-               "impressions_sent": counts["impressions_sent"], "rejected": counts["rejected"] + len(bad),
-               "seconds": round(secs, 2), "rate": round(counts["clicks_sent"] / max(secs, 1e-9), 1)}
+    summary = {
+        "lines_read": len(rows) + len(bad),
+        "clicks_sent": counts["clicks_sent"],
+        "impressions_sent": counts["impressions_sent"],
+        "rejected": counts["rejected"] + len(bad),
+        "seconds": round(secs, 2),
+        "rate": round(counts["clicks_sent"] / max(secs, 1e-9), 1),
+    }
     print(json.dumps(summary))
     sys.stdout.flush()
     return 0

@@ -19,10 +19,18 @@ pytest.importorskip("pyspark", reason="the spark backend is an optional extra: p
 if shutil.which("java") is None:
     pytest.skip("the spark backend needs Java (17)", allow_module_level=True)
 
+from stream.ingest import Ingest  # noqa: E402
 from stream.replay.datasets import synthetic_dataset  # noqa: E402
-from tests.integration.test_als_worker import (K, Ingest, _assert_published, _last_offsets,  # noqa: E402
-                                               _produce, _stream_cfg, _wait, ingest_thread)  # noqa: F401 (fixture)
+from tests.helpers import (  # noqa: E402
+    als_stream_cfg,
+    assert_published,
+    last_offsets,
+    produce_clicks,
+    wait_until,
+)
 from workers.batch.spark import spark_als_fit  # noqa: E402
+
+K = 16
 
 
 def test_spark_recovers_planted_blocks_and_zero_rows_for_unseen_ids() -> None:
@@ -47,13 +55,32 @@ def test_spark_recovers_planted_blocks_and_zero_rows_for_unseen_ids() -> None:
 
 
 def test_als_once_with_spark_backend_publishes_the_same_generation_format(
-        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path
+) -> None:
     rows = synthetic_dataset(80, 40, 1000, seed=3)
-    _produce(zerocf_env, rows)
-    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
-    last = _last_offsets(_stream_cfg(zerocf_env))
-    proc = subprocess.run([sys.executable, "-m", "workers.cli", "als", "--once", "--backend", "spark",
-                           "--factors", str(K), "--iterations", "5", "--checkpoint-dir", str(tmp_path / "ckpt")],
-                          env=zerocf_env, capture_output=True, text=True, timeout=240)
+    produce_clicks(zerocf_env, rows)
+    wait_until("ingest", lambda: ingest_thread.stats.events_out >= len(rows), 30)
+    last = last_offsets(als_stream_cfg(zerocf_env))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "als",
+            "--once",
+            "--backend",
+            "spark",
+            "--factors",
+            str(K),
+            "--iterations",
+            "5",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+        ],
+        env=zerocf_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_published(zerocf_env, rows, last)
+    assert_published(zerocf_env, rows, last)

@@ -11,9 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,80 +19,32 @@ import numpy as np
 import pytest
 
 from stream import kafka_util
-from stream.config import StreamConfig, load
-from stream.replay.datasets import Interaction, synthetic_dataset
+from stream.config import load
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from stream.client.producer import EventProducer
+from stream.replay.datasets import synthetic_dataset
 from stream.runtime import StopFlag
+from tests.helpers import (
+    als_stream_cfg,
+    assert_published,
+    last_offsets,
+    produce_clicks,
+    wait_until,
+)
 from workers.batch.worker import ALSWorker
 from workers.config import ALSConfig
 from workers.store import FactorStore
 
 K = 16
-PARTS = 3
 
 
 # ------------------------------------------------------------------- helpers
-def _stream_cfg(env: dict[str, str]) -> StreamConfig:
-    return load(StreamConfig, {**env, "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_EVENTS_PARTITIONS": str(PARTS)})
-
-
 def _als_cfg(env: dict[str, str], ckpt: Path) -> ALSConfig:
-    return load(ALSConfig, env, {"factors": K, "checkpoint_dir": str(ckpt), "als_iterations": 6,
-                                 "calib_samples": 2000})
+    return load(ALSConfig, env, {"factors": K, "checkpoint_dir": str(ckpt), "als_iterations": 6, "calib_samples": 2000})
 
 
 def _store(env: dict[str, str]) -> FactorStore:
     return FactorStore.from_url(env["ZEROCF_REDIS_URL"], env["ZEROCF_TOPIC_PREFIX"])
-
-
-def _topics(env: dict[str, str]) -> StreamConfig:
-    cfg = _stream_cfg(env)
-    t = cfg.topics
-    kafka_util.ensure_topics(cfg.kafka, {name: PARTS for name in (t.impressions, t.clicks, t.events, t.dlq)})
-    return cfg
-
-
-def _produce(env: dict[str, str], rows: list[Interaction]) -> None:
-    with EventProducer(bootstrap_servers=env["ZEROCF_KAFKA_BOOTSTRAP"],
-                       topic_prefix=env["ZEROCF_TOPIC_PREFIX"]) as p:
-        for r in rows:
-            p.send_click(r.user_id, r.item_id, ts=r.ts_ms)
-
-
-def _last_offsets(cfg: StreamConfig) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for rec in read_topic(cfg.kafka, cfg.topics.events):
-        out[rec.partition] = max(out.get(rec.partition, -1), rec.offset)
-    return out
-
-
-def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-
-
-def _assert_published(env: dict[str, str], rows: list[Interaction], last: dict[int, int]) -> tuple[Any, ...]:
-    """Generation 2 is live, from ALS, complete, covers ``last``, and holds every user/item and the counts.
-
-    Returns ``(store, meta, users, items, U, V)`` for further checks."""
-    store = _store(env)
-    g = store.live_generation()
-    meta = store.generation_meta(g)
-    assert (g, meta.source, meta.state) == (2, "als", "complete")
-    assert meta.offsets == last and set(last) == set(range(PARTS))
-    users = sorted({r.user_id for r in rows})
-    items = sorted({r.item_id for r in rows})
-    assert (meta.n_users, meta.n_items) == (len(users), len(items))
-    U, fu = store.get_vectors(g, "user", users)
-    V, fi = store.get_vectors(g, "item", items)
-    assert fu.all() and fi.all() and U.dtype == np.float32 and np.isfinite(U).all() and np.isfinite(V).all()
-    assert store.item_counts(g) == {i: float(n) for i, n in Counter(r.item_id for r in rows).items()}
-    return store, meta, users, items, U, V
 
 
 def _ckpt_meta(ckpt: Path) -> dict[str, Any]:
@@ -102,27 +52,14 @@ def _ckpt_meta(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / name / "meta.json").read_text())["metadata"]
 
 
-@pytest.fixture()
-def ingest_thread(zerocf_env: dict[str, str]) -> Iterator[Ingest]:
-    """A running in-process ingest (one group join for the whole test); stopped at teardown."""
-    cfg = _topics(zerocf_env)
-    ing = Ingest(cfg, StopFlag())
-    t = threading.Thread(target=ing.run, name="test-ingest", daemon=True)
-    t.start()
-    try:
-        yield ing
-    finally:
-        ing.stop.set("test done")
-        t.join(timeout=15)
-
-
 # ------------------------------------------------------------------- (a) publish via the CLI
 def test_als_once_publishes_every_user_and_item_with_snapshot_offsets(
-        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path
+) -> None:
     rows = synthetic_dataset(120, 60, 1500, seed=1)
-    _produce(zerocf_env, rows)
-    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
-    cfg = _stream_cfg(zerocf_env)
+    produce_clicks(zerocf_env, rows)
+    wait_until("ingest", lambda: ingest_thread.stats.events_out >= len(rows), 30)
+    cfg = als_stream_cfg(zerocf_env)
     # a duplicate run on the events topic (as a replaying ingest leaves it): must be counted once
     dup = [r for r in read_topic(cfg.kafka, cfg.topics.events) if r.partition == 0][:40]
     producer = kafka_util.producer(cfg.kafka, client_id="test-dup")
@@ -130,13 +67,29 @@ def test_als_once_publishes_every_user_and_item_with_snapshot_offsets(
         producer.send(cfg.topics.events, key=r.key, value=r.value, partition=0)
     producer.flush()
     producer.close()
-    last = _last_offsets(cfg)
+    last = last_offsets(cfg)
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, "-m", "workers.cli", "als", "--once", "--factors", str(K),
-                           "--iterations", "6", "--checkpoint-dir", str(ckpt)],
-                          env=zerocf_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "als",
+            "--once",
+            "--factors",
+            str(K),
+            "--iterations",
+            "6",
+            "--checkpoint-dir",
+            str(ckpt),
+        ],
+        env=zerocf_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    store, meta, users, items, U, V = _assert_published(zerocf_env, rows, last)
+    store, meta, users, items, U, V = assert_published(zerocf_env, rows, last)
     assert store.generation_meta(1).state == "retired"
     ck = _ckpt_meta(ckpt)
     assert ck["n_events"] == len(rows) and ck["n_duplicates"] == len(dup)
@@ -147,19 +100,20 @@ def test_als_once_publishes_every_user_and_item_with_snapshot_offsets(
     ii = {i: n for n, i in enumerate(items)}
     clicked = np.array([U[iu[r.user_id]] @ V[ii[r.item_id]] for r in rows]) + meta.bias
     rnd = np.random.default_rng(0)
-    random_pairs = np.einsum("ij,ij->i", U[rnd.integers(0, len(users), 2000)],
-                             V[rnd.integers(0, len(items), 2000)]) + meta.bias
+    random_pairs = (
+        np.einsum("ij,ij->i", U[rnd.integers(0, len(users), 2000)], V[rnd.integers(0, len(items), 2000)]) + meta.bias
+    )
     assert clicked.mean() > random_pairs.mean() + 1.0
     assert "als iteration 6/6: loss" in proc.stderr
 
 
 # ------------------------------------------------------------------- (b) stop / crash before the flip
 def test_stop_or_crash_before_publish_keeps_the_old_generation(
-        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rows = synthetic_dataset(80, 40, 600, seed=2)
-    _produce(zerocf_env, rows)
-    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
+    produce_clicks(zerocf_env, rows)
+    wait_until("ingest", lambda: ingest_thread.stats.events_out >= len(rows), 30)
     cfg = _als_cfg(zerocf_env, tmp_path / "ckpt")
     store = _store(zerocf_env)
     first = ALSWorker(cfg, store).run_once()
@@ -205,11 +159,12 @@ def test_stop_or_crash_before_publish_keeps_the_old_generation(
 
 # ------------------------------------------------------------------- (c) the handoff
 def test_handoff_lmf_replays_after_swap_and_checkpoint_resumes(
-        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path
+) -> None:
     rows = synthetic_dataset(100, 50, 1450, seed=3)
     p1, p2, p3, p4 = rows[:800], rows[800:1200], rows[1200:1400], rows[1400:]
     rows = rows[:1400]
-    cfg_s = _stream_cfg(zerocf_env)
+    cfg_s = als_stream_cfg(zerocf_env)
     store = _store(zerocf_env)
     ckpt = tmp_path / "ckpt"
     cfg = _als_cfg(zerocf_env, ckpt)
@@ -218,23 +173,24 @@ def test_handoff_lmf_replays_after_swap_and_checkpoint_resumes(
         return sum(store.user_update_counts(g).values())
 
     # part 1 -> events; the ALS snapshot covers exactly part 1
-    _produce(zerocf_env, p1)
-    _wait(lambda: ingest_thread.stats.events_out >= len(p1), 30, "ingest of part 1")
+    produce_clicks(zerocf_env, p1)
+    wait_until("ingest of part 1", lambda: ingest_thread.stats.events_out >= len(p1), 30)
     als = ALSWorker(cfg, store)
     als.start()
     assert als.snapshot.catch_up() == len(p1)
     als.snapshot.save()
-    p1_offsets = _last_offsets(cfg_s)
+    p1_offsets = last_offsets(cfg_s)
 
     # the LMF worker learns parts 1 and 2 online in generation 1
     env = {**zerocf_env, "ZEROCF_FACTORS": str(K), "ZEROCF_LMF_GROUP": f"{zerocf_env['ZEROCF_TOPIC_PREFIX']}-lmf"}
     with open(tmp_path / "lmf.log", "w") as log_fh:
-        lmf = subprocess.Popen([sys.executable, "-m", "workers.cli", "lmf"], env=env,
-                               stdout=log_fh, stderr=subprocess.STDOUT)
+        lmf = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "lmf"], env=env, stdout=log_fh, stderr=subprocess.STDOUT
+        )
     try:
-        _wait(lambda: store.r.exists(store.keys.meta) and applied(1) == len(p1), 30, "LMF on part 1")
-        _produce(zerocf_env, p2)
-        _wait(lambda: applied(1) == len(p1) + len(p2), 30, "LMF on part 2")
+        wait_until("LMF on part 1", lambda: store.r.exists(store.keys.meta) and applied(1) == len(p1), 30)
+        produce_clicks(zerocf_env, p2)
+        wait_until("LMF on part 2", lambda: applied(1) == len(p1) + len(p2), 30)
 
         # the swap: generation 2 from the part-1 snapshot, warm-started from the LMF's vectors
         res = als.solve_and_publish()
@@ -242,21 +198,20 @@ def test_handoff_lmf_replays_after_swap_and_checkpoint_resumes(
         assert store.generation_meta(2).offsets == p1_offsets
 
         # the next events make the LMF notice the swap, rewind to the snapshot offsets + 1 and replay
-        _produce(zerocf_env, p3)
-        _wait(lambda: applied(2) == len(p2) + len(p3), 30, "LMF replay of parts 2 and 3 into generation 2")
-        time.sleep(1.0)  # anything extra (a double replay) would show up now
-        assert store.user_update_counts(2) == dict(Counter(r.user_id for r in p2 + p3))
-        assert applied(1) == len(p1) + len(p2)  # nothing more went to the retired generation
-        expected_counts = Counter(r.item_id for r in rows)
-        assert store.item_counts(2) == {i: float(n) for i, n in expected_counts.items()}
+        produce_clicks(zerocf_env, p3)
+        wait_until("LMF replay of parts 2 and 3 into generation 2", lambda: applied(2) == len(p2) + len(p3), 30)
     finally:
-        lmf.send_signal(signal.SIGTERM)
+        lmf.send_signal(signal.SIGTERM)  # a warm stop lands the last write: after the exit nothing can change
         try:
             lmf.wait(timeout=15)
         except subprocess.TimeoutExpired:
             lmf.kill()
             lmf.wait()
     assert lmf.returncode == 0, (tmp_path / "lmf.log").read_text()[-3000:]
+    assert store.user_update_counts(2) == dict(Counter(r.user_id for r in p2 + p3))  # no double replay
+    assert applied(1) == len(p1) + len(p2)  # nothing more went to the retired generation
+    expected_counts = Counter(r.item_id for r in rows)
+    assert store.item_counts(2) == {i: float(n) for i, n in expected_counts.items()}
     assert "switching and replaying from the snapshot offsets" in (tmp_path / "lmf.log").read_text()
 
     # checkpoint restart: a fresh worker reads only parts 2 and 3
@@ -264,28 +219,34 @@ def test_handoff_lmf_replays_after_swap_and_checkpoint_resumes(
     res = again.run_once(min_new_events=1)
     assert res.outcome == "published" and res.new_events == len(p2) + len(p3)
     assert again.snapshot.n_events == len(rows) and _ckpt_meta(ckpt)["n_events"] == len(rows)
-    assert store.generation_meta(res.generation).offsets == _last_offsets(cfg_s)
+    assert store.generation_meta(res.generation).offsets == last_offsets(cfg_s)
 
     # an LMF started after that swap (the restart path) resumes at generation 3's offsets + 1
-    _produce(zerocf_env, p4)
-    _wait(lambda: ingest_thread.stats.events_out >= len(rows) + len(p4), 30, "ingest of part 4")
-    proc = subprocess.run([sys.executable, "-m", "workers.cli", "lmf", "--until-idle", "--idle-seconds", "1"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    produce_clicks(zerocf_env, p4)
+    wait_until("ingest of part 4", lambda: ingest_thread.stats.events_out >= len(rows) + len(p4), 30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "lmf", "--until-idle", "--idle-seconds", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert store.user_update_counts(res.generation) == dict(Counter(r.user_id for r in p4))
 
 
 def test_every_skips_when_nothing_is_new_and_stops_on_the_flag(
-        zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path) -> None:
+    zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path
+) -> None:
     rows = synthetic_dataset(30, 20, 200, seed=4)
-    _produce(zerocf_env, rows)
-    _wait(lambda: ingest_thread.stats.events_out >= len(rows), 30, "ingest")
+    produce_clicks(zerocf_env, rows)
+    wait_until("ingest", lambda: ingest_thread.stats.events_out >= len(rows), 30)
     cfg = _als_cfg(zerocf_env, tmp_path / "ckpt")
     store = _store(zerocf_env)
     worker = ALSWorker(cfg, store)
     t = threading.Thread(target=worker.run_every, args=(3600.0, 1), daemon=True)
     t.start()
-    _wait(lambda: worker.last is not None, 30, "the first scheduled run")
+    wait_until("the first scheduled run", lambda: worker.last is not None, 30)
     assert worker.last is not None and worker.last.outcome == "published" and worker.last.pending == len(rows)
     worker.last = None
     worker.stop.set("test")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,9 +23,8 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +33,20 @@ import redis
 
 from stream import kafka_util
 from stream.config import StreamConfig, load
+from stream.devstack import LocalStack, free_port, redis_binary
 from stream.events import Event
 from stream.kafka_util import read_topic
-from stream.client.producer import EventProducer
-from stream.devstack import LocalStack, free_port, redis_binary
-from tests.integration.test_lmf_worker import Truth, assert_store_matches, fresh_group, truth_of
+from tests.helpers import (
+    Truth,
+    Workload,
+    assert_store_matches,
+    background,
+    fresh_group,
+    health_status,
+    tail,
+    truth_of,
+    wait_until,
+)
 from workers.config import LMFConfig
 from workers.store import FactorStore
 
@@ -47,7 +54,7 @@ log = logging.getLogger(__name__)
 pytestmark = pytest.mark.slow
 
 TS = 1_700_000_000_000
-OUTAGE_S = 30.0          # how long Redis is down in drill 1 (crash variant)
+OUTAGE_S = 30.0  # how long Redis is down in drill 1 (crash variant)
 # The pause variant stops Redis for 25 s, not 30: the worker's Redis socket timeout is 15 s (hard-coded in
 # workers/online/worker.py), so its first call times out at ~15 s and the reload after the back-off blocks until
 # ~30 s. A 30 s pause ends within a second of that reload's own timeout; when the reload loses that race the
@@ -82,138 +89,34 @@ def _prefix(tag: str) -> str:
 
 
 @contextmanager
-def _zerocf(env: dict[str, str], log_path: Path, *argv: str) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``zerocf ARGV`` in the background; on exit SIGTERM it (SIGKILL after 15 s) if still running."""
-    with open(log_path, "ab") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *argv], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _health(port: int) -> int | None:
-    """HTTP status of ``/healthz`` (None if nothing answers)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-    except OSError:
-        return None
-
-
-@contextmanager
-def _pipeline(env: dict[str, str], tmp_path: Path, lmf_log: Path | None = None
-              ) -> Iterator[tuple[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]], int, int]]:
+def _pipeline(
+    env: dict[str, str], tmp_path: Path, lmf_log: Path | None = None
+) -> Iterator[tuple[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]], int, int]]:
     """``zerocf ingest`` + ``zerocf lmf`` (fresh groups, metrics ports) until both /healthz are 200.
 
     Yields ``((ingest, lmf), ingest_port, lmf_port)``; both are stopped on exit.
     """
     ip, lp = free_port(), free_port()
-    with _zerocf(env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group",
-                 fresh_group("ing")) as ingest, \
-            _zerocf(env, lmf_log or tmp_path / "lmf.log", "lmf", *LMF_FLAGS, "--metrics-port", str(lp),
-                    "--group", fresh_group("lmf")) as lmf:
-        _wait("both /healthz 200", lambda: _health(ip) == 200 and _health(lp) == 200, 40, ingest, lmf)
+    with (
+        background(
+            env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group", fresh_group("ing")
+        ) as ingest,
+        background(
+            env,
+            lmf_log or tmp_path / "lmf.log",
+            "lmf",
+            *LMF_FLAGS,
+            "--metrics-port",
+            str(lp),
+            "--group",
+            fresh_group("lmf"),
+        ) as lmf,
+    ):
+        wait_until("both /healthz 200", lambda: health_status(ip) == 200 and health_status(lp) == 200, 40, ingest, lmf)
         yield (ingest, lmf), ip, lp
 
 
-def _wait(what: str, pred: Callable[[], bool], timeout: float, *procs: subprocess.Popen[bytes],
-          every: float = 0.3) -> float:
-    """Poll ``pred`` until true; fail if it is not within ``timeout`` or a watched process exits.
-
-    Returns the seconds it took (reported in docs/drills.md, never asserted on).
-    """
-    t0 = time.monotonic()
-    while not pred():
-        for p in procs:
-            assert p.poll() is None, f"{p.args[3]} exited with {p.returncode} while waiting for {what}"
-        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout:.0f} s"
-        time.sleep(every)
-    return time.monotonic() - t0
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:]
-
-
 # ------------------------------------------------------------------- workload with known outcome
-@dataclass
-class Workload:
-    """Seeded raw records and the model state they must produce (independent of the system under test)."""
-
-    clicks: list[tuple[str, str, int, int]] = field(default_factory=list)           # user, item, ts, count
-    impressions: list[tuple[str, str, list[str], int]] = field(default_factory=list)  # imp id, user, items, ts
-    invalid: list[bytes] = field(default_factory=list)
-
-    @classmethod
-    def make(cls, seed: int, n: int, users: int = 120, items: int = 80, impressions: bool = True) -> Workload:
-        rng = random.Random(seed)
-        w = cls()
-        for k in range(n):
-            user, ts = f"u{rng.randrange(users)}", TS + seed * 10_000_000 + k
-            if impressions and rng.random() < 0.15:
-                shown = rng.sample([f"i{j}" for j in range(items)], 3)
-                w.impressions.append((f"imp-{seed}-{k}", user, shown, ts))
-            else:
-                w.clicks.append((user, f"i{rng.randrange(items)}", ts, 2 if rng.random() < 0.1 else 1))
-        if impressions:
-            w.invalid = [b"{not json", b'{"user_id": "", "item_id": "i1", "ts": 1700000000000}']
-        return w
-
-    def chunks(self, size: int) -> list[Workload]:
-        rows: list[tuple[str, Any]] = [("c", c) for c in self.clicks] + [("i", i) for i in self.impressions]
-        rows.sort(key=lambda r: r[1][2] if r[0] == "c" else r[1][3])
-        out = []
-        for k in range(0, len(rows), size):
-            part = rows[k:k + size]
-            out.append(Workload([r for t, r in part if t == "c"], [r for t, r in part if t == "i"],
-                                self.invalid if k == 0 else []))
-        return out
-
-    def send(self, bootstrap: str, prefix: str) -> None:
-        """Produce every record (invalid ones raw) and wait for all acknowledgements."""
-        with EventProducer(bootstrap_servers=bootstrap, topic_prefix=prefix) as p:
-            for user, item, ts, count in self.clicks:
-                p.send_click(user, item, ts, count=count)
-            for imp, user, shown, ts in self.impressions:
-                p.send_impression(imp, user, shown, ts)
-        if self.invalid:
-            cfg = load(StreamConfig, {"ZEROCF_KAFKA_BOOTSTRAP": bootstrap, "ZEROCF_TOPIC_PREFIX": prefix})
-            raw = kafka_util.producer(cfg.kafka, client_id="drill-invalid")
-            try:
-                futures = [raw.send(cfg.topics.clicks, key=b"bad", value=v) for v in self.invalid]
-                raw.flush()
-                for f in futures:
-                    f.get(timeout=10)
-            finally:
-                raw.close()
-
-    def user_events(self) -> Counter[str]:
-        out: Counter[str] = Counter(u for u, _i, _t, _c in self.clicks)
-        for _imp, user, shown, _ts in self.impressions:
-            out[user] += len(shown)
-        return out
-
-    def item_clicks(self) -> dict[str, float]:
-        out: Counter[str] = Counter()
-        for _u, item, _t, count in self.clicks:
-            out[item] += count
-        return {i: float(n) for i, n in out.items()}
-
-    @property
-    def n_events(self) -> int:
-        return sum(self.user_events().values())
-
-
 def _counters(store: FactorStore) -> dict[str, int]:
     return store.user_update_counts(store.live_generation()) if store.r.exists(store.keys.meta) else {}
 
@@ -230,7 +133,7 @@ def _stream_done(cfg: LMFConfig, n_events: int) -> Truth:
         holder[:] = [truth_of(cfg.kafka, cfg.topics.events)]
         return holder[0].distinct >= n_events
 
-    _wait(f"{n_events} distinct events on {cfg.topics.events}", done, 60, every=1.0)
+    wait_until(f"{n_events} distinct events on {cfg.topics.events}", done, 60, every=1.0)
     return holder[0]
 
 
@@ -245,8 +148,9 @@ def _assert_reconciled(store: FactorStore, cfg: LMFConfig, work: Workload, truth
     assert_store_matches(store, truth, cfg.seen_cap)  # + vectors, seen sets, applied offsets
 
 
-def _wait_applied_to_end(store: FactorStore, truth: Truth, *procs: subprocess.Popen[bytes],
-                         timeout: float = 40) -> float:
+def _wait_applied_to_end(
+    store: FactorStore, truth: Truth, *procs: subprocess.Popen[bytes], timeout: float = 40
+) -> float:
     parts = sorted(truth.last_offsets)
 
     def at_end() -> bool:
@@ -254,12 +158,20 @@ def _wait_applied_to_end(store: FactorStore, truth: Truth, *procs: subprocess.Po
             return False
         return store.read_batch_state(store.live_generation(), parts, [], []).offsets == truth.last_offsets
 
-    return _wait("lmf applied every events partition to its end", at_end, timeout, *procs)
+    return wait_until("lmf applied every events partition to its end", at_end, timeout, *procs)
 
 
 # ------------------------------------------------------------------- drill 1: Redis outage
-def _outage(work: Workload, bootstrap: str, prefix: str, lmf_port: int, ingest_port: int,
-            procs: tuple[subprocess.Popen[bytes], ...], seconds: float, send_from: float = 0.0) -> dict[str, Any]:
+def _outage(
+    work: Workload,
+    bootstrap: str,
+    prefix: str,
+    lmf_port: int,
+    ingest_port: int,
+    procs: tuple[subprocess.Popen[bytes], ...],
+    seconds: float,
+    send_from: float = 0.0,
+) -> dict[str, Any]:
     """During the outage: produce from ``send_from`` s to mid-outage (the worker must touch Redis), poll
     both /healthz."""
     chunks = work.chunks(max(1, len(work.clicks + work.impressions) // 10))
@@ -270,11 +182,11 @@ def _outage(work: Workload, bootstrap: str, prefix: str, lmf_port: int, ingest_p
     while time.monotonic() - t0 < seconds:
         if chunks and send_from <= time.monotonic() - t0 < seconds / 2:
             chunks.pop(0).send(bootstrap, prefix)
-        code = _health(lmf_port)
+        code = health_status(lmf_port)
         lmf_codes[code] += 1
         if code == 503 and first_503 is None:
             first_503 = round(time.monotonic() - t0, 1)
-        ingest_codes[_health(ingest_port)] += 1
+        ingest_codes[health_status(ingest_port)] += 1
         for p in procs:
             assert p.poll() is None, f"{p.args[3]} exited with {p.returncode} during the Redis outage"
         time.sleep(0.5)
@@ -283,7 +195,8 @@ def _outage(work: Workload, bootstrap: str, prefix: str, lmf_port: int, ingest_p
 
 
 def test_redis_paused_worker_unhealthy_then_resumes_and_reconciles(
-        drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+) -> None:
     """SIGSTOP redis-server for 25 s (a hang, not a refusal): socket timeouts must turn it into 503."""
     prefix = _prefix("pause")
     env = _env(drill_stack, prefix)
@@ -294,32 +207,46 @@ def test_redis_paused_worker_unhealthy_then_resumes_and_reconciles(
     redis_pid = drill_stack.services()["redis"].pid
     with _pipeline(env, tmp_path) as (procs, ip, lp):
         before.send(bootstrap, prefix)
-        _wait("the first workload applied", lambda: _applied_total(store) == before.n_events, 40, *procs)
-        time.sleep(2.0)  # let the worker go idle: its next Redis call is the one the pause catches
+        wait_until("the first workload applied", lambda: _applied_total(store) == before.n_events, 40, *procs)
+        # the worker accounts a batch once its write landed, which an idle step does: then it is idle, and
+        # its next Redis call is the one the pause catches
+        wait_until(
+            "lmf idle with every event accounted",
+            lambda: _metric(lp, "zerocf_lmf_events_total") >= before.n_events,
+            30,
+            *procs,
+        )
         os.kill(redis_pid, signal.SIGSTOP)
         try:
             seen = _outage(during, bootstrap, prefix, lp, ip, procs, PAUSE_S, send_from=2.0)
         finally:
             os.kill(redis_pid, signal.SIGCONT)
-        back = _wait("lmf /healthz 200 after SIGCONT", lambda: _health(lp) == 200, 30, *procs)
+        back = wait_until("lmf /healthz 200 after SIGCONT", lambda: health_status(lp) == 200, 30, *procs)
         after.send(bootstrap, prefix)
-        total = Workload(before.clicks + during.clicks + after.clicks,
-                         before.impressions + during.impressions + after.impressions,
-                         before.invalid + during.invalid + after.invalid)
+        total = Workload(
+            before.clicks + during.clicks + after.clicks,
+            before.impressions + during.impressions + after.impressions,
+            before.invalid + during.invalid + after.invalid,
+        )
         truth = _stream_done(cfg, total.n_events)
         drained = _wait_applied_to_end(store, truth, *procs)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{lp}/metrics", timeout=5).read().decode()
-        assert _health(lp) == 200 and _health(ip) == 200
-    seen.update(healthy_again_s=round(back, 1), drained_s=round(drained, 1), events=total.n_events,
-                records=truth.records, replayed_by_ingest=truth.repeated,
-                redis_errors=[ln for ln in metrics.splitlines() if ln.startswith("zerocf_lmf_errors_total")])
+        assert health_status(lp) == 200 and health_status(ip) == 200
+    seen.update(
+        healthy_again_s=round(back, 1),
+        drained_s=round(drained, 1),
+        events=total.n_events,
+        records=truth.records,
+        replayed_by_ingest=truth.repeated,
+        redis_errors=[ln for ln in metrics.splitlines() if ln.startswith("zerocf_lmf_errors_total")],
+    )
     record_property("drill", seen)
     log.warning("redis pause drill: %s", json.dumps(seen))
-    assert procs[0].returncode == 0 and procs[1].returncode == 0, _tail(tmp_path / "lmf.log")
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, tail(tmp_path / "lmf.log")
     # a hang became "unhealthy" (socket timeouts work), the ingest (no Redis) stayed ready throughout
     assert seen["lmf_healthz"].get(503, 0) > 0, seen
     assert set(seen["ingest_healthz"]) == {200}, seen
-    assert "Timeout" in _tail(tmp_path / "lmf.log", 200_000)
+    assert "Timeout" in tail(tmp_path / "lmf.log", 200_000)
     _assert_reconciled(store, cfg, total, truth)
 
 
@@ -327,10 +254,27 @@ def _start_aof_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
     """redis-server with an fsync-always append-only file: what it acknowledged survives SIGKILL."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "redis.log", "ab") as out:
-        proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-                                 "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                redis_binary(),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(directory),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def up() -> bool:
         try:
@@ -338,7 +282,7 @@ def _start_aof_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
         except redis.RedisError:
             return False
 
-    _wait(f"redis-server (AOF) on {port}", up, 15, proc, every=0.1)
+    wait_until(f"redis-server (AOF) on {port}", up, 15, proc, every=0.1)
     return proc
 
 
@@ -349,7 +293,8 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def test_redis_killed_30s_with_aof_worker_recovers_and_reconciles(
-        drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+) -> None:
     """SIGKILL a persistent Redis, keep it down 30 s, restart it on the same port from its AOF."""
     prefix = _prefix("kill")
     port = free_port()
@@ -363,7 +308,7 @@ def test_redis_killed_30s_with_aof_worker_recovers_and_reconciles(
         store = FactorStore.from_url(cfg.redis_url, prefix, socket_timeout=5)
         with _pipeline(env, tmp_path) as (procs, ip, lp):
             before.send(bootstrap, prefix)
-            _wait("the first workload applied", lambda: _applied_total(store) == before.n_events, 40, *procs)
+            wait_until("the first workload applied", lambda: _applied_total(store) == before.n_events, 40, *procs)
             applied_before = _counters(store)
             # the backlog outlasts the outage (one failed poll of <= 200 records per back-off step), so
             # Redis returns while the worker backs off and the reload that follows succeeds
@@ -371,19 +316,26 @@ def test_redis_killed_30s_with_aof_worker_recovers_and_reconciles(
             seen = _outage(during, bootstrap, prefix, lp, ip, procs, OUTAGE_S)
             server = _start_aof_redis(rdir, port)
             # no new data from here on: the worker must notice Redis is back by itself
-            back = _wait("lmf /healthz 200 after the Redis restart", lambda: _health(lp) == 200, 30, *procs)
+            back = wait_until("lmf /healthz 200 after the Redis restart", lambda: health_status(lp) == 200, 30, *procs)
             after.send(bootstrap, prefix)
-            total = Workload(before.clicks + during.clicks + after.clicks,
-                             before.impressions + during.impressions + after.impressions,
-                             before.invalid + during.invalid + after.invalid)
+            total = Workload(
+                before.clicks + during.clicks + after.clicks,
+                before.impressions + during.impressions + after.impressions,
+                before.invalid + during.invalid + after.invalid,
+            )
             truth = _stream_done(cfg, total.n_events)
             drained = _wait_applied_to_end(store, truth, *procs)
-            assert _health(lp) == 200 and _health(ip) == 200
-        seen.update(healthy_again_s=round(back, 1), drained_s=round(drained, 1), events=total.n_events,
-                    applied_before_kill=sum(applied_before.values()), records=truth.records)
+            assert health_status(lp) == 200 and health_status(ip) == 200
+        seen.update(
+            healthy_again_s=round(back, 1),
+            drained_s=round(drained, 1),
+            events=total.n_events,
+            applied_before_kill=sum(applied_before.values()),
+            records=truth.records,
+        )
         record_property("drill", seen)
         log.warning("redis kill drill: %s", json.dumps(seen))
-        assert procs[0].returncode == 0 and procs[1].returncode == 0, _tail(tmp_path / "lmf.log")
+        assert procs[0].returncode == 0 and procs[1].returncode == 0, tail(tmp_path / "lmf.log")
         assert seen["lmf_healthz"].get(503, 0) > 0, seen
         assert set(seen["ingest_healthz"]) == {200}, seen
         _assert_reconciled(store, cfg, total, truth)
@@ -392,7 +344,8 @@ def test_redis_killed_30s_with_aof_worker_recovers_and_reconciles(
 
 
 def test_lmf_redis_back_before_next_batch_loses_no_events(
-        drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+) -> None:
     """Short Redis crash while a small batch arrives; Redis returns; only then new data comes."""
     prefix = _prefix("gap")
     port = free_port()
@@ -406,30 +359,45 @@ def test_lmf_redis_back_before_next_batch_loses_no_events(
         store = FactorStore.from_url(cfg.redis_url, prefix, socket_timeout=5)
         ip, lp = free_port(), free_port()
         lmf_log = tmp_path / "lmf.log"
-        with _zerocf(env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group",
-                     fresh_group("ing")) as ingest, \
-                _zerocf(env, lmf_log, "lmf", *LMF_FLAGS, "--metrics-port", str(lp), "--group",
-                        fresh_group("lmf")) as lmf:
+        with (
+            background(
+                env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group", fresh_group("ing")
+            ) as ingest,
+            background(
+                env, lmf_log, "lmf", *LMF_FLAGS, "--metrics-port", str(lp), "--group", fresh_group("lmf")
+            ) as lmf,
+        ):
             procs = (ingest, lmf)
             try:  # preconditions: failures here are errors of the drill, not the expected failure
                 assert {u for u, *_ in lost.clicks} <= {u for u, *_ in later.clicks}  # same partitions again
-                _wait("both /healthz 200", lambda: _health(ip) == 200 and _health(lp) == 200, 40, *procs)
+                wait_until(
+                    "both /healthz 200", lambda: health_status(ip) == 200 and health_status(lp) == 200, 40, *procs
+                )
                 first.send(bootstrap, prefix)
-                _wait("the first workload applied", lambda: _applied_total(store) == first.n_events, 40, *procs)
+                wait_until("the first workload applied", lambda: _applied_total(store) == first.n_events, 40, *procs)
                 _kill(server)
                 lost.send(bootstrap, prefix)
-                _wait("lmf hit the outage", lambda: _health(lp) == 503, 30, *procs)
-                time.sleep(1.0)  # the back-off (0.2 s) and the failed reload happen while Redis is down
+                wait_until("lmf hit the outage", lambda: health_status(lp) == 503, 30, *procs)
+                wait_until(
+                    "lmf's reload failed while Redis is down",
+                    lambda: "redis still unavailable" in tail(lmf_log, 10**6),
+                    30,
+                    *procs,
+                )
                 server = _start_aof_redis(rdir, port)
             except AssertionError as exc:
                 pytest.fail(f"drill precondition: {exc}")
-            idle = Counter(_health(lp) for _ in range(20) if time.sleep(0.5) is None)  # no new data: 10 s
+            idle = Counter(health_status(lp) for _ in range(20) if time.sleep(0.5) is None)  # no new data: 10 s
             later.send(bootstrap, prefix)
             total = Workload(first.clicks + lost.clicks + later.clicks)
             truth = _stream_done(cfg, total.n_events)
             _wait_applied_to_end(store, truth, *procs)
-        found = {"healthz_10s_after_redis_back_without_data": dict(idle),
-                 "applied": _applied_total(store), "produced": total.n_events, "in_gap": lost.n_events}
+        found = {
+            "healthz_10s_after_redis_back_without_data": dict(idle),
+            "applied": _applied_total(store),
+            "produced": total.n_events,
+            "in_gap": lost.n_events,
+        }
         record_property("drill", found)
         log.warning("redis gap drill: %s", json.dumps(found))
         _assert_reconciled(store, cfg, total, truth)
@@ -438,8 +406,9 @@ def test_lmf_redis_back_before_next_batch_loses_no_events(
 
 
 # ------------------------------------------------------------------- drill 2: broker restart
-def _applied_by_stale_offsets(records: list[Any], offsets: dict[int, int | None],
-                              marks: dict[int, dict[str, list[int]]]) -> list[Event]:
+def _applied_by_stale_offsets(
+    records: list[Any], offsets: dict[int, int | None], marks: dict[int, dict[str, list[int]]]
+) -> list[Event]:
     """Which new events a worker resuming from pre-restart Redis state applies (independent model).
 
     Per events partition: records at offsets <= the stored applied offset are skipped, and an event whose
@@ -467,7 +436,8 @@ def _applied_by_stale_offsets(records: list[Any], offsets: dict[int, int | None]
 
 
 def test_broker_restart_memory_storage_workers_reconnect_stale_offsets_skip_new_data(
-        drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+) -> None:
     """Restart the memory-storage broker under running ingest + lmf; produce new data afterwards.
 
     The topics come back empty, auto-created by the clients' metadata requests with the broker's default
@@ -497,31 +467,45 @@ def test_broker_restart_memory_storage_workers_reconnect_stale_offsets_skip_new_
         codes: Counter[tuple[Any, Any]] = Counter()
 
         def rejoined() -> bool:  # both groups are gone with the broker: wait for the second assignment
-            codes.update([(_health(ip), _health(lp))])
-            return (_tail(tmp_path / "ingest.log", 10**6).count("ingest: assigned 8 partitions") >= 2
-                    and _tail(tmp_path / "lmf.log", 10**6).count("partition 0 resumes at offset") >= 2
-                    and _health(ip) == 200 and _health(lp) == 200)
+            codes.update([(health_status(ip), health_status(lp))])
+            return (
+                tail(tmp_path / "ingest.log", 10**6).count("ingest: assigned 8 partitions") >= 2
+                and tail(tmp_path / "lmf.log", 10**6).count("partition 0 resumes at offset") >= 2
+                and health_status(ip) == 200
+                and health_status(lp) == 200
+            )
 
-        rejoin_s = _wait("ingest and lmf rejoined after the broker restart", rejoined, 40, *procs)
+        rejoin_s = wait_until("ingest and lmf rejoined after the broker restart", rejoined, 40, *procs)
         second.send(bootstrap, prefix)
         truth2 = _stream_done(cfg, second.n_events)
         new_records = read_topic(cfg.kafka, cfg.topics.events, 30)
         expect = _applied_by_stale_offsets(new_records, stale.offsets, stale.watermarks)
-        want_offsets = {p: max(stale.offsets[p] if stale.offsets[p] is not None else -1,
-                               truth2.last_offsets.get(p, -1)) for p in parts}
-        _wait("lmf caught up on the new topic", lambda: store.read_batch_state(g, parts, [], []).offsets
-              == want_offsets, 40, *procs)
+        want_offsets = {
+            p: max(stale.offsets[p] if stale.offsets[p] is not None else -1, truth2.last_offsets.get(p, -1))
+            for p in parts
+        }
+        wait_until(
+            "lmf caught up on the new topic",
+            lambda: store.read_batch_state(g, parts, [], []).offsets == want_offsets,
+            40,
+            *procs,
+        )
         counts_after = store.user_update_counts(g)
         items_after = store.item_counts(g)
-        assert _health(ip) == 200 and _health(lp) == 200
+        assert health_status(ip) == 200 and health_status(lp) == 200
     applied_new = sum(counts_after.values()) - sum(counts_before.values())
-    found = {"stale_offsets": stale.offsets, "new_last_offsets": truth2.last_offsets,
-             "new_events": truth2.distinct, "applied_new": applied_new, "skipped_new": truth2.distinct - applied_new,
-             "healthz_while_rejoining": {f"{a}/{b}": n for (a, b), n in codes.items()},
-             "rejoined_s": round(rejoin_s, 1)}
+    found = {
+        "stale_offsets": stale.offsets,
+        "new_last_offsets": truth2.last_offsets,
+        "new_events": truth2.distinct,
+        "applied_new": applied_new,
+        "skipped_new": truth2.distinct - applied_new,
+        "healthz_while_rejoining": {f"{a}/{b}": n for (a, b), n in codes.items()},
+        "rejoined_s": round(rejoin_s, 1),
+    }
     record_property("drill", found)
     log.warning("broker restart drill: %s", json.dumps(found))
-    assert procs[0].returncode == 0 and procs[1].returncode == 0, _tail(tmp_path / "lmf.log")
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, tail(tmp_path / "lmf.log")
     # ingest reconnected and processed everything produced after the restart (topic holds exactly that)
     assert truth2.distinct == second.n_events and truth2.records == len(new_records)
     # the worker applied exactly what the stale-offset model predicts: new data at offsets above the
@@ -537,66 +521,81 @@ def test_broker_restart_memory_storage_workers_reconnect_stale_offsets_skip_new_
 
 
 def test_ingest_survives_broker_restart_that_brings_back_fewer_partitions(
-        drill_stack: LocalStack, tmp_path: Path) -> None:
+    drill_stack: LocalStack, tmp_path: Path
+) -> None:
     """The 6-partition default layout through a memory-broker restart (topics return with 4 partitions)."""
     prefix = _prefix("parts")
     env = _env(drill_stack, prefix)  # ZEROCF_EVENTS_PARTITIONS defaults to 6
     cfg = load(LMFConfig, env)
     ip = free_port()
     log_path = tmp_path / "ingest.log"
-    with _zerocf(env, log_path, "ingest", "--metrics-port", str(ip), "--group", fresh_group("ing")) as ingest:
+    with background(env, log_path, "ingest", "--metrics-port", str(ip), "--group", fresh_group("ing")) as ingest:
         try:  # preconditions: failures here are errors of the drill, not the expected failure
-            _wait("ingest /healthz 200", lambda: _health(ip) == 200, 40, ingest)
+            wait_until("ingest /healthz 200", lambda: health_status(ip) == 200, 40, ingest)
             drill_stack.restart_service("broker")
             # what a running lmf's subscription does within a second (broker default: 4 partitions)
             kafka_util.ensure_topics(load(StreamConfig, env).kafka, {cfg.topics.events: 4})
             work = Workload.make(31, 300, impressions=False)
             work.send(env["ZEROCF_KAFKA_BOOTSTRAP"], prefix)  # auto-creates the raw topics (4 partitions)
-            _wait("ingest rejoined", lambda: "assigned 8 partitions" in _tail(log_path, 10**6), 30, ingest)
+            wait_until("ingest rejoined", lambda: "assigned 8 partitions" in tail(log_path, 10**6), 30, ingest)
         except AssertionError as exc:
             pytest.fail(f"drill precondition: {exc}")
 
         got: list[int] = [0]
 
         def delivered() -> bool:
-            assert ingest.poll() is None, f"ingest exited {ingest.returncode}: {_tail(log_path, 400)}"
+            assert ingest.poll() is None, f"ingest exited {ingest.returncode}: {tail(log_path, 400)}"
             got[0] = len({Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 10)})
             return got[0] >= work.n_events
 
         try:
-            _wait("every event delivered to <p>.events", delivered, 12, every=1.0)
+            wait_until("every event delivered to <p>.events", delivered, 12, every=1.0)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; {got[0]} of {work.n_events} events on <p>.events, ingest log: "
-                                 f"{_tail(log_path, 300)}") from None
+            raise AssertionError(
+                f"{exc}; {got[0]} of {work.n_events} events on <p>.events, ingest log: {tail(log_path, 300)}"
+            ) from None
 
 
 # ------------------------------------------------------------------- drill 3: SIGTERM mid-batch
 def test_lmf_sigterm_mid_batch_exits_0_with_no_partial_batch(
-        drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+) -> None:
     prefix = _prefix("term")
     env = _env(drill_stack, prefix)
     cfg = load(LMFConfig, env)
     work = Workload.make(41, 12_000, users=400, items=200)
     ip = free_port()
-    with _zerocf(env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group",
-                 fresh_group("ing")) as ingest:
-        _wait("ingest /healthz 200", lambda: _health(ip) == 200, 40, ingest)
+    with background(
+        env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group", fresh_group("ing")
+    ) as ingest:
+        wait_until("ingest /healthz 200", lambda: health_status(ip) == 200, 40, ingest)
         work.send(env["ZEROCF_KAFKA_BOOTSTRAP"], prefix)
         truth = _stream_done(cfg, work.n_events)
     records = read_topic(cfg.kafka, cfg.topics.events, 30)
     store = FactorStore.from_url(cfg.redis_url, prefix, socket_timeout=5)
     total = work.n_events
     lp = free_port()
-    with _zerocf(env, tmp_path / "lmf.log", "lmf", "--factors", "16", "--batch", "100", "--metrics-port",
-                 str(lp), "--group", fresh_group("lmf")) as lmf:
-        _wait("lmf applying batches", lambda: _applied_total(store) > 1000, 40, lmf, every=0.05)
+    with background(
+        env,
+        tmp_path / "lmf.log",
+        "lmf",
+        "--factors",
+        "16",
+        "--batch",
+        "100",
+        "--metrics-port",
+        str(lp),
+        "--group",
+        fresh_group("lmf"),
+    ) as lmf:
+        wait_until("lmf applying batches", lambda: _applied_total(store) > 1000, 40, lmf, every=0.05)
         at_signal = _applied_total(store)
         lmf.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         rc = lmf.wait(15)
         exit_s = time.monotonic() - t0
-    assert rc == 0, _tail(tmp_path / "lmf.log")
-    assert "SIGTERM received" in _tail(tmp_path / "lmf.log")
+    assert rc == 0, tail(tmp_path / "lmf.log")
+    assert "SIGTERM received" in tail(tmp_path / "lmf.log")
     g = store.live_generation()
     parts = sorted(truth.last_offsets)
     stored = store.read_batch_state(g, parts, [], []).offsets
@@ -613,17 +612,23 @@ def test_lmf_sigterm_mid_batch_exits_0_with_no_partial_batch(
         want_users[ev.user] += 1
         if ev.type == "click":
             want_items[ev.item] += ev.weight
-    found = {"events": total, "applied_at_sigterm": at_signal, "applied_after_exit": sum(counts.values()),
-             "exit_s": round(exit_s, 2), "stored_offsets": stored}
+    found = {
+        "events": total,
+        "applied_at_sigterm": at_signal,
+        "applied_after_exit": sum(counts.values()),
+        "exit_s": round(exit_s, 2),
+        "stored_offsets": stored,
+    }
     record_property("drill", found)
     log.warning("lmf sigterm drill: %s", json.dumps(found))
     assert 0 < sum(counts.values()) < total, found  # the stop landed mid-stream
     assert sum(counts.values()) == len(ids) and counts == dict(want_users)
     assert store.item_counts(g) == {i: float(n) for i, n in want_items.items()}
 
-    with _zerocf(env, tmp_path / "lmf2.log", "lmf", *LMF_FLAGS, "--until-idle", "--group",
-                 fresh_group("lmf2")) as again:
-        assert again.wait(60) == 0, _tail(tmp_path / "lmf2.log")
+    with background(
+        env, tmp_path / "lmf2.log", "lmf", *LMF_FLAGS, "--until-idle", "--group", fresh_group("lmf2")
+    ) as again:
+        assert again.wait(60) == 0, tail(tmp_path / "lmf2.log")
     _assert_reconciled(store, cfg, work, truth)
 
 
@@ -651,46 +656,71 @@ def _metric(port: int, name: str) -> float:
 
 
 def test_ingest_sigterm_mid_stream_commits_and_restart_loses_nothing(
-        drill_stack: LocalStack, tmp_path: Path, record_property: Any) -> None:
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+) -> None:
     prefix = _prefix("iterm")
     env = _env(drill_stack, prefix)
     scfg = load(StreamConfig, env)
     cfg = load(LMFConfig, env)
-    kafka_util.ensure_topics(scfg.kafka, {t: scfg.events_partitions for t in
-                                          (scfg.topics.clicks, scfg.topics.impressions)})
+    kafka_util.ensure_topics(
+        scfg.kafka, {t: scfg.events_partitions for t in (scfg.topics.clicks, scfg.topics.impressions)}
+    )
     work = Workload.make(51, 20_000, users=500, items=300)
     work.send(env["ZEROCF_KAFKA_BOOTSTRAP"], prefix)
-    raw = {(r.topic, r.partition, r.offset) for t in (scfg.topics.clicks, scfg.topics.impressions)
-           for r in read_topic(scfg.kafka, t, 30)}
+    raw = {
+        (r.topic, r.partition, r.offset)
+        for t in (scfg.topics.clicks, scfg.topics.impressions)
+        for r in read_topic(scfg.kafka, t, 30)
+    }
     group = fresh_group("ing")
     ip = free_port()
-    with _zerocf(env, tmp_path / "ingest.log", "ingest", "--batch", "100", "--metrics-port", str(ip),
-                 "--group", group) as ingest:
-        _wait("ingest producing events", lambda: _metric(ip, "zerocf_ingest_events_out_total") >= 2000, 40,
-              ingest, every=0.05)
+    with background(
+        env, tmp_path / "ingest.log", "ingest", "--batch", "100", "--metrics-port", str(ip), "--group", group
+    ) as ingest:
+        wait_until(
+            "ingest producing events",
+            lambda: _metric(ip, "zerocf_ingest_events_out_total") >= 2000,
+            40,
+            ingest,
+            every=0.05,
+        )
         ingest.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         rc = ingest.wait(15)
         exit_s = time.monotonic() - t0
-    assert rc == 0, _tail(tmp_path / "ingest.log")
+    assert rc == 0, tail(tmp_path / "ingest.log")
     committed = _committed(scfg, group, [scfg.topics.clicks, scfg.topics.impressions])
-    produced_from = {(t, int(p), int(o)) for t, p, o in
-                     (Event.from_json(r.value).id.rsplit(":", 3)[:3]
-                      for r in read_topic(scfg.kafka, scfg.topics.events, 30))}
-    dlq_from = {(d["topic"], d["partition"], d["offset"]) for d in
-                (json.loads(r.value) for r in read_topic(scfg.kafka, scfg.topics.dlq, 30))}
+    produced_from = {
+        (t, int(p), int(o))
+        for t, p, o in (
+            Event.from_json(r.value).id.rsplit(":", 3)[:3] for r in read_topic(scfg.kafka, scfg.topics.events, 30)
+        )
+    }
+    dlq_from = {
+        (d["topic"], d["partition"], d["offset"])
+        for d in (json.loads(r.value) for r in read_topic(scfg.kafka, scfg.topics.dlq, 30))
+    }
     handled = produced_from | dlq_from
     below = {k for k in raw if committed.get(k[:2]) is not None and k[2] < committed[k[:2]]}
-    found = {"raw_records": len(raw), "handled_before_stop": len(handled), "committed_below": len(below),
-             "dead_lettered": len(dlq_from), "exit_s": round(exit_s, 2)}
+    found = {
+        "raw_records": len(raw),
+        "handled_before_stop": len(handled),
+        "committed_below": len(below),
+        "dead_lettered": len(dlq_from),
+        "exit_s": round(exit_s, 2),
+    }
     record_property("drill", found)
     log.warning("ingest sigterm drill: %s", json.dumps(found))
     assert 0 < len(below) < len(raw), found  # the stop landed mid-stream
     # warm stop: every raw record below the committed offsets was handled, none at or above them
     assert handled == below, (len(handled - below), len(below - handled))
 
-    done = subprocess.run([sys.executable, "-m", "workers.cli", "ingest", "--until-idle", "--group", group],
-                          env=env, capture_output=True, timeout=80)
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "ingest", "--until-idle", "--group", group],
+        env=env,
+        capture_output=True,
+        timeout=80,
+    )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     truth = truth_of(cfg.kafka, cfg.topics.events)
     assert truth.distinct == work.n_events and truth.repeated == 0, (truth.distinct, truth.repeated)

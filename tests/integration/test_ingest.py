@@ -19,10 +19,10 @@ import pytest
 from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.dedupe import Deduper
+from stream.devstack import free_port
 from stream.events import Event, encode_click, encode_impression
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from stream.devstack import free_port
 
 log = logging.getLogger(__name__)
 TS = 1_700_000_000_000
@@ -34,8 +34,9 @@ def _cfg(env: dict[str, str]) -> StreamConfig:
 
 def _produce(cfg: StreamConfig, records: list[tuple[str, bytes | None, bytes | None]]) -> list[Any]:
     """Send (kind, key, value) records; returns their RecordMetadata (topic, partition, offset)."""
-    kafka_util.ensure_topics(cfg.kafka, {cfg.topics.clicks: cfg.events_partitions,
-                                         cfg.topics.impressions: cfg.events_partitions})
+    kafka_util.ensure_topics(
+        cfg.kafka, {cfg.topics.clicks: cfg.events_partitions, cfg.topics.impressions: cfg.events_partitions}
+    )
     producer = kafka_util.producer(cfg.kafka, client_id="test-raw")
     try:
         futures = [producer.send(getattr(cfg.topics, kind), key=key, value=value) for kind, key, value in records]
@@ -49,8 +50,9 @@ def _ingest_cmd(*flags: str) -> list[str]:
     return [sys.executable, "-m", "workers.cli", "ingest", *flags]
 
 
-def _expected_ids(records: list[tuple[str, bytes | None, bytes | None]], metas: list[Any],
-                  items_per_imp: int) -> set[str]:
+def _expected_ids(
+    records: list[tuple[str, bytes | None, bytes | None]], metas: list[Any], items_per_imp: int
+) -> set[str]:
     out = set()
     for (kind, _k, _v), m in zip(records, metas):
         n = 1 if kind == "clicks" else items_per_imp
@@ -104,16 +106,21 @@ def _dedupe(events: list[Any]) -> tuple[list[str], list[str]]:
 
 
 def test_mixed_stream_routes_valid_events_and_dead_letters_the_rest(
-        zerocf_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    zerocf_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = _cfg(zerocf_env)
-    valid = [("clicks", b"u1", encode_click("u1", "i1", TS, impression_id="m1", count=3)),
-             ("impressions", b"u1", encode_impression("m1", "u1", ["i1", "i2", "i3"], TS)),
-             ("clicks", b"u2", encode_click("u2", 42, "2023-11-14T22:13:20Z"))]
-    invalid = [("clicks", b"u3", b"{not json", "message"),
-               ("clicks", b"u3", encode_click("u3", "i1", 1_000), "ts"),
-               ("impressions", b"u4", encode_impression("m2", "u4", [], TS), "item_ids"),
-               ("clicks", None, json.dumps({"item_id": "i", "ts": TS}).encode(), "user_id"),
-               ("clicks", b"u5", b'{"boom": 1}', "internal error")]
+    valid = [
+        ("clicks", b"u1", encode_click("u1", "i1", TS, impression_id="m1", count=3)),
+        ("impressions", b"u1", encode_impression("m1", "u1", ["i1", "i2", "i3"], TS)),
+        ("clicks", b"u2", encode_click("u2", 42, "2023-11-14T22:13:20Z")),
+    ]
+    invalid = [
+        ("clicks", b"u3", b"{not json", "message"),
+        ("clicks", b"u3", encode_click("u3", "i1", 1_000), "ts"),
+        ("impressions", b"u4", encode_impression("m2", "u4", [], TS), "item_ids"),
+        ("clicks", None, json.dumps({"item_id": "i", "ts": TS}).encode(), "user_id"),
+        ("clicks", b"u5", b'{"boom": 1}', "internal error"),
+    ]
     records = valid + [(k, key, v) for k, key, v, _ in invalid]
     metas = _produce(cfg, records)
 
@@ -133,19 +140,27 @@ def test_mixed_stream_routes_valid_events_and_dead_letters_the_rest(
     by_id = {e.id: e for e in events}
     assert len(by_id) == len(events) == 1 + 3 + 1
     click = by_id[f"{metas[0].topic}:{metas[0].partition}:{metas[0].offset}:0"]
-    assert (click.type, click.user, click.item, click.ts, click.weight, click.pos, click.imp) == \
-        ("click", "u1", "i1", TS, 3.0, None, "m1")
+    assert (click.type, click.user, click.item, click.ts, click.weight, click.pos, click.imp) == (
+        "click",
+        "u1",
+        "i1",
+        TS,
+        3.0,
+        None,
+        "m1",
+    )
     m = metas[1]
     shown = [by_id[f"{m.topic}:{m.partition}:{m.offset}:{i}"] for i in range(3)]
-    assert [(e.item, e.pos, e.weight, e.imp, e.src) for e in shown] == \
-        [(f"i{i + 1}", i, 0.0, "m1", f"{m.topic}/{m.partition}/{m.offset}") for i in range(3)]
+    assert [(e.item, e.pos, e.weight, e.imp, e.src) for e in shown] == [
+        (f"i{i + 1}", i, 0.0, "m1", f"{m.topic}/{m.partition}/{m.offset}") for i in range(3)
+    ]
     iso = by_id[f"{metas[2].topic}:{metas[2].partition}:{metas[2].offset}:0"]
     assert (iso.user, iso.item, iso.ts) == ("u2", "42", TS)
 
     dlq = [(r.key, json.loads(r.value)) for r in read_topic(cfg.kafka, cfg.topics.dlq, 20)]
     assert len(dlq) == len(invalid)
     by_offset = {(d["topic"], d["partition"], d["offset"]): (key, d) for key, d in dlq}
-    for (kind, key, value, reason), meta in zip(invalid, metas[len(valid):]):
+    for (_kind, key, value, reason), meta in zip(invalid, metas[len(valid) :]):
         dkey, d = by_offset[(meta.topic, meta.partition, meta.offset)]
         assert dkey == key and d["reason"].startswith(reason), d["reason"]
         assert base64.b64decode(d["value_b64"]) == value
@@ -174,7 +189,8 @@ def _mixed_stream(n: int) -> list[tuple[str, bytes | None, bytes | None]]:
 
 @pytest.mark.slow
 def test_kill_9_mid_stream_then_restart_loses_nothing_and_dedupe_removes_replays(
-        zerocf_env: dict[str, str], record_property: Any, tmp_path: Any) -> None:
+    zerocf_env: dict[str, str], record_property: Any, tmp_path: Any
+) -> None:
     cfg = _cfg(zerocf_env)
     env = {**zerocf_env, "ZEROCF_IDLE_SECONDS": "1"}
     records = _mixed_stream(30_000)
@@ -206,8 +222,12 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_dedupe_removes_replays
     assert set(dropped) <= set(accepted) and len(raw) == len(expected) + len(dropped)
     record_property("events_before_kill", before)
     record_property("raw_duplicates", len(dropped))
-    log.warning("kill -9 replay: %d events before the kill, %d expected, %d raw duplicates removed by Deduper",
-                before, len(expected), len(dropped))
+    log.warning(
+        "kill -9 replay: %d events before the kill, %d expected, %d raw duplicates removed by Deduper",
+        before,
+        len(expected),
+        len(dropped),
+    )
     dlq = [json.loads(r.value) for r in read_topic(cfg.kafka, cfg.topics.dlq, 20)]
     garbage = {(m.partition, m.offset) for r, m in zip(records, metas) if r[2].startswith(b"garbage")}  # type: ignore
     assert {(d["partition"], d["offset"]) for d in dlq} == garbage  # replayed DLQ records are allowed too

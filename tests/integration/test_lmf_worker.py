@@ -9,27 +9,25 @@ also used by test_lmf_kill.py and test_two_workers.py.
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
-import re
-import subprocess
-import sys
-import uuid
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import redis
 
 from stream import kafka_util
 from stream.config import load
-from stream.errors import InvalidEvent
 from stream.events import Event
 from stream.kafka_util import read_topic
+from tests.helpers import (
+    assert_store_matches,
+    fresh_group,
+    ingest_synthetic,
+    model_dump,
+    run_lmf,
+    truth_of,
+)
 from workers.config import LMFConfig
 from workers.online.worker import LMFWorker
 from workers.store import FactorStore
@@ -39,113 +37,6 @@ TS = 1_700_000_000_000
 
 
 # ------------------------------------------------------------------- shared helpers
-def fresh_group(tag: str) -> str:
-    """A consumer group no earlier run used (Tansu keeps a group broken after a member died mid-join)."""
-    return f"{tag}-{uuid.uuid4().hex[:8]}"
-
-
-def lmf_cmd(*flags: str) -> list[str]:
-    """argv of ``zerocf lmf`` run with this interpreter."""
-    return [sys.executable, "-m", "workers.cli", "lmf", *flags]
-
-
-def _zerocf(env: dict[str, str], *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "workers.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, f"zerocf {' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}"
-    return done
-
-
-def ingest_synthetic(env: dict[str, str], tmp_path: Path, users: int, items: int, clicks: int,
-                     seed: int = 0) -> None:
-    """``zerocf synth`` -> ``zerocf produce --format csv`` -> ``zerocf ingest --until-idle``."""
-    csv = tmp_path / "synth.csv"
-    _zerocf(env, "synth", str(csv), "--users", str(users), "--items", str(items), "--clicks", str(clicks),
-            "--seed", str(seed))
-    summary = json.loads(_zerocf(env, "produce", str(csv), "--format", "csv").stdout.strip().splitlines()[-1])
-    assert summary["clicks_sent"] == clicks and summary["rejected"] == 0, summary
-    _zerocf(env, "ingest", "--until-idle")
-
-
-def lmf_summary(stderr: str) -> dict[str, Any]:
-    """The stats dict of the ``lmf done: {...}`` log line of a ``zerocf lmf`` run."""
-    line = [ln for ln in stderr.splitlines() if "lmf done: " in ln][-1]
-    text = re.sub(r"\bnan\b", "None", line.split("lmf done: ", 1)[1])  # loss_ewma of a run with no batch
-    return dict(ast.literal_eval(text))
-
-
-def run_lmf(env: dict[str, str], group: str, *flags: str, timeout: float = 120) -> dict[str, Any]:
-    """``zerocf lmf --until-idle --group GROUP``; returns its final stats."""
-    return lmf_summary(_zerocf(env, "lmf", "--until-idle", "--group", group, *flags, timeout=timeout).stderr)
-
-
-@dataclass
-class Truth:
-    """What ``<p>.events`` holds, from distinct event ids (independent of the worker's Deduper)."""
-
-    user_events: Counter[str] = field(default_factory=Counter)
-    item_clicks: Counter[str] = field(default_factory=Counter)
-    last_click_ts: dict[str, dict[str, int]] = field(default_factory=dict)  # user -> item -> newest ts
-    last_offsets: dict[int, int] = field(default_factory=dict)
-    records: int = 0
-    distinct: int = 0
-    repeated: int = 0
-    invalid: int = 0
-
-
-def truth_of(settings: Any, topic: str) -> Truth:
-    """Read the whole events topic (no group) and aggregate its distinct events."""
-    t = Truth()
-    ids: set[str] = set()
-    for rec in read_topic(settings, topic, timeout=60):
-        t.records += 1
-        t.last_offsets[rec.partition] = max(rec.offset, t.last_offsets.get(rec.partition, -1))
-        try:
-            ev = Event.from_json(rec.value)
-        except InvalidEvent:
-            t.invalid += 1
-            continue
-        if ev.id in ids:
-            t.repeated += 1
-            continue
-        ids.add(ev.id)
-        t.distinct += 1
-        t.user_events[ev.user] += 1
-        if ev.type == "click":
-            t.item_clicks[ev.item] += int(ev.weight)
-            seen = t.last_click_ts.setdefault(ev.user, {})
-            seen[ev.item] = max(ev.ts, seen.get(ev.item, 0))
-    return t
-
-
-def assert_store_matches(store: FactorStore, truth: Truth, seen_cap: int) -> None:
-    """Counters, item counts, vectors, seen sets and applied offsets equal what the topic holds."""
-    g = store.live_generation()
-    counts = store.user_update_counts(g)
-    assert sum(counts.values()) == truth.distinct, (sum(counts.values()), truth.distinct)
-    assert counts == dict(truth.user_events)
-    assert store.item_counts(g) == {i: float(n) for i, n in truth.item_clicks.items()}
-    users = sorted(truth.user_events)
-    uvecs, ufound = store.get_vectors(g, "user", users)
-    assert ufound.all(), [u for u, f in zip(users, ufound) if not f][:5]
-    items = sorted(truth.item_clicks)
-    ivecs, ifound = store.get_vectors(g, "item", items)
-    assert ifound.all(), [i for i, f in zip(items, ifound) if not f][:5]
-    assert np.isfinite(uvecs).all() and np.isfinite(ivecs).all()
-    assert np.abs(ivecs).max() > 0 and np.abs(uvecs).max() > 0
-    seen = store.seen_items_many(sorted(truth.last_click_ts))
-    for user, by_item in truth.last_click_ts.items():
-        newest_first = sorted(by_item, key=lambda i: (-by_item[i], i))[:seen_cap]
-        assert sorted(seen[user]) == sorted(newest_first), user
-    parts = sorted(truth.last_offsets)
-    assert store.read_batch_state(g, parts, [], []).offsets == truth.last_offsets
-
-
-def model_dump(r: redis.Redis, ns: str) -> dict[bytes, bytes]:
-    """Serialized value of every key of model ``ns``: equal dumps = nothing was written."""
-    return {k: r.dump(k) for k in sorted(r.keys(f"*{{{ns}}}*"))}
-
-
 def _send_raw(env: dict[str, str], topic: str, records: list[tuple[int, bytes | None, bytes | None]]) -> None:
     """Send (partition, key, value) records and wait for every acknowledgement."""
     cfg = load(LMFConfig, env)
@@ -194,19 +85,22 @@ def test_replayed_stream_is_applied_exactly_once(zerocf_env: dict[str, str], tmp
 
 def _event(prefix: str, offset: int, user: str, item: str) -> bytes:
     src = f"{prefix}.clicks:0:{offset}:0"
-    return Event(src, "click", user, item, TS + offset, 1.0, None, None,
-                 f"{prefix}.clicks/0/{offset}").to_json()
+    return Event(src, "click", user, item, TS + offset, 1.0, None, None, f"{prefix}.clicks/0/{offset}").to_json()
 
 
-def test_undecodable_records_are_skipped_logged_and_counted(zerocf_env: dict[str, str],
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_undecodable_records_are_skipped_logged_and_counted(
+    zerocf_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     env = {**zerocf_env, "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_FACTORS": "16"}
     cfg = load(LMFConfig, env, {"lmf_group": fresh_group("lmf-bad")})
     p = cfg.topic_prefix
     kafka_util.ensure_topics(cfg.kafka, {cfg.topics.events: 2})
     valid = [_event(p, n, f"u{n % 3}", f"i{n % 4}") for n in range(12)]
     bad: list[bytes | None] = [
-        b"\xff\xfe not utf-8", b"{not json", b"[1, 2]", None,  # tombstone
+        b"\xff\xfe not utf-8",
+        b"{not json",
+        b"[1, 2]",
+        None,  # tombstone
         json.dumps({"id": "x", "type": "click"}).encode(),  # missing keys
         valid[0].replace(b'"type":"click"', b'"type":"like"'),  # valid JSON, invalid event
     ]

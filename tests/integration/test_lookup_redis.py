@@ -66,16 +66,16 @@ def test_published_generation_is_picked_up(store: FactorStore) -> None:
     clock.now += 2.0
     r = rec.recommend("u1", k=2)
     assert (r.items, r.generation) == (["n0", "n1"], g)
-    np.testing.assert_allclose(r.scores, [1 / (1 + np.exp(-(2.0 - 1.0))), 1 / (1 + np.exp(-(0.4 - 1.0)))],
-                               rtol=1e-6)
+    np.testing.assert_allclose(r.scores, [1 / (1 + np.exp(-(2.0 - 1.0))), 1 / (1 + np.exp(-(0.4 - 1.0)))], rtol=1e-6)
     assert rec.recommend("u0", k=2).fallback  # u0 has no vector in generation g
     assert rec.recommend("u0", k=2).items == ["n1"]  # the new generation's counts
     np.testing.assert_allclose(rec.score("u9", ["n0", "i0"]), [1 / (1 + np.exp(-1.0)), np.nan], rtol=1e-6)
 
 
 def _cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workers.cli", "recommend", *argv], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", "recommend", *argv], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_json_contract(store: FactorStore, zerocf_env: dict[str, str], tmp_path) -> None:

@@ -13,8 +13,9 @@ N_ITEMS = 300
 
 def test_pipeline_ranks_every_click_once_and_beats_random(zerocf_env: dict[str, str]) -> None:
     rows = synthetic_dataset(200, N_ITEMS, 3000, seed=0)
-    ranks, info = prequential(rows, "pipeline", zerocf_env, chunk=500, resolve_every=1000, factors=16,
-                              seed=0, timeout=45)
+    ranks, info = prequential(
+        rows, "pipeline", zerocf_env, chunk=500, resolve_every=1000, factors=16, seed=0, timeout=45
+    )
     # every click ranked exactly once, across two generation switches
     assert len(ranks) == 3000 == info["sent"]
     assert Counter((r[0], r[1]) for r in ranks.rows) == Counter((r.user_id, r.item_id) for r in rows)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from stream.errors import ConfigError
 from stream.devstack import free_port, redis_binary
+from stream.errors import ConfigError
 from workers.store import FactorStore
 
 SECRET = "s3cret-Pa55"
@@ -22,9 +22,25 @@ SECRET = "s3cret-Pa55"
 @pytest.fixture()
 def auth_redis(tmp_path: Path) -> Iterator[int]:
     port = free_port()
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", SECRET],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--requirepass",
+            SECRET,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -52,7 +68,12 @@ def test_password_url_works_and_wrong_or_missing_password_is_a_clear_error(auth_
 
 def test_worker_exits_2_with_the_fix_in_the_message(auth_redis: int, zerocf_env: dict[str, str]) -> None:
     env = {**zerocf_env, "ZEROCF_REDIS_URL": f"redis://:wrong@127.0.0.1:{auth_redis}/0"}
-    proc = subprocess.run([sys.executable, "-m", "workers.cli", "lmf", "--until-idle"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "lmf", "--until-idle"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "rejected the credentials" in proc.stderr and ":***@" in proc.stderr and "wrong" not in proc.stderr

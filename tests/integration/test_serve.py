@@ -65,8 +65,9 @@ def test_recommend_contract(server: RecommendServer, store: FactorStore) -> None
     assert set(doc) == {"user", "items", "fallback", "generation"}
     assert (doc["user"], doc["fallback"], doc["generation"]) == ("u1", False, 1)
     assert [e["item"] for e in doc["items"]] == ["a", "b"]
-    np.testing.assert_allclose([e["score"] for e in doc["items"]], [1 / (1 + np.exp(-2)), 1 / (1 + np.exp(-1))],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [e["score"] for e in doc["items"]], [1 / (1 + np.exp(-2)), 1 / (1 + np.exp(-1))], rtol=1e-6
+    )
     store.add_seen([("u1", "a", 1)])
     assert [e["item"] for e in json.loads(get(server, "/recommend?user=u1&k=2")[2])["items"]] == ["b", "c"]
     assert [e["item"] for e in json.loads(get(server, "/recommend?user=u1&k=1&exclude_seen=0")[2])["items"]] == ["a"]
@@ -74,21 +75,24 @@ def test_recommend_contract(server: RecommendServer, store: FactorStore) -> None
     assert (doc["user"], doc["fallback"], [e["item"] for e in doc["items"]]) == ("élève", True, ["c", "b"])
 
 
-@pytest.mark.parametrize("query, fragment", [
-    ("user=u1&k=0", "k='0' must be an integer in 1..50"),
-    (f"user=u1&k={MAX_K + 1}", "k='51' must be an integer in 1..50"),
-    ("user=u1&k=abc", "k='abc' must be an integer"),
-    ("user=u1&k=-3", "must be an integer"),
-    ("k=5", "missing parameter user"),
-    ("user=", "user must be 1..256 bytes"),
-    ("user=" + "x" * 257, "got 257"),
-    ("user=u%0A1", "control characters"),
-    ("user=u%7F", "control characters"),
-    ("user=%FF", "not valid percent-encoded UTF-8"),
-    ("user=u1&exclude_seen=yes", "exclude_seen='yes' must be 0 or 1"),
-    ("user=u1&user=u2", "given twice"),
-    ("user=u1&kk=2", "unknown parameter 'kk'"),
-])
+@pytest.mark.parametrize(
+    "query, fragment",
+    [
+        ("user=u1&k=0", "k='0' must be an integer in 1..50"),
+        (f"user=u1&k={MAX_K + 1}", "k='51' must be an integer in 1..50"),
+        ("user=u1&k=abc", "k='abc' must be an integer"),
+        ("user=u1&k=-3", "must be an integer"),
+        ("k=5", "missing parameter user"),
+        ("user=", "user must be 1..256 bytes"),
+        ("user=" + "x" * 257, "got 257"),
+        ("user=u%0A1", "control characters"),
+        ("user=u%7F", "control characters"),
+        ("user=%FF", "not valid percent-encoded UTF-8"),
+        ("user=u1&exclude_seen=yes", "exclude_seen='yes' must be 0 or 1"),
+        ("user=u1&user=u2", "given twice"),
+        ("user=u1&kk=2", "unknown parameter 'kk'"),
+    ],
+)
 def test_recommend_validation(server: RecommendServer, store: FactorStore, query: str, fragment: str) -> None:
     build(store)
     code, headers, body = get(server, "/recommend?" + query)
@@ -120,8 +124,9 @@ def test_paths_methods_and_health(server: RecommendServer, store: FactorStore) -
     assert "zerocf_serve_cache_refreshes " in text
 
 
-def test_internal_error_is_500_json_without_trace(server: RecommendServer, store: FactorStore,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_error_is_500_json_without_trace(
+    server: RecommendServer, store: FactorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     build(store)
 
     def boom(*_a: object, **_k: object) -> None:
@@ -136,8 +141,13 @@ def test_serve_command_stops_on_sigterm(zerocf_env: dict[str, str], store: Facto
     build(store)
     port = free_port()
     env = {**zerocf_env, "ZEROCF_SERVE_HOST": "127.0.0.1", "ZEROCF_SERVE_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         doc = None
         for _ in range(100):  # wait until it answers (bounded), not a timing assertion

@@ -19,8 +19,13 @@ from stream.devstack import LocalStack
 
 def _cli(stack_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROCF_")}
-    return subprocess.run([sys.executable, "-m", "workers.cli", "stack", *args, "--dir", str(stack_dir)],
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", "stack", *args, "--dir", str(stack_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _kill_9(pid: int) -> None:
@@ -77,8 +82,9 @@ def test_cli_env_prints_exports_and_status_exit_codes(own_stack: LocalStack) -> 
     assert up.returncode == 0, up.stderr
     out = _cli(own_stack.dir, "env")
     assert out.returncode == 0, out.stderr
-    assert re.fullmatch(r"export ZEROCF_KAFKA_BOOTSTRAP=127\.0\.0\.1:\d+ ZEROCF_REDIS_URL=redis://127\.0\.0\.1:\d+/0\n",
-                        out.stdout), out.stdout
+    assert re.fullmatch(
+        r"export ZEROCF_KAFKA_BOOTSTRAP=127\.0\.0\.1:\d+ ZEROCF_REDIS_URL=redis://127\.0\.0\.1:\d+/0\n", out.stdout
+    ), out.stdout
     assert out.stdout.split(" ", 1)[1].split() == [f"{k}={v}" for k, v in own_stack.env().items()]
     status = _cli(own_stack.dir, "status")
     assert status.returncode == 0 and json.loads(status.stdout)["running"] is True

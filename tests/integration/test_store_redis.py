@@ -43,10 +43,22 @@ def _dump(r: redis.Redis) -> dict[bytes, tuple[bytes, bool]]:
 def test_apply_batch_writes_everything_atomically(store: FactorStore) -> None:
     U, D, A = _mat(2, seed=1), _mat(3, seed=2), np.abs(_mat(2, seed=3))
     store.write_vectors(1, "item", ["i1"], _mat(1, seed=4))
-    st = store.apply_batch(1, 3, None, 100, {"it.clicks/3": [7, 0]}, ["u1", "u2"], U, ["i1", "i2", "i3"], D,
-                           counts={"i1": 2.0, "i2": 1.0}, user_increments={"u1": 5, "u2": 1},
-                           seen=[("u1", f"i{t}", 10 + t) for t in range(5)], user_acc=A,
-                           item_acc_deltas=np.ones((3, K), np.float32))
+    st = store.apply_batch(
+        1,
+        3,
+        None,
+        100,
+        {"it.clicks/3": [7, 0]},
+        ["u1", "u2"],
+        U,
+        ["i1", "i2", "i3"],
+        D,
+        counts={"i1": 2.0, "i2": 1.0},
+        user_increments={"u1": 5, "u2": 1},
+        seen=[("u1", f"i{t}", 10 + t) for t in range(5)],
+        user_acc=A,
+        item_acc_deltas=np.ones((3, K), np.float32),
+    )
     assert st is ApplyStatus.APPLIED
     u, _ = store.get_vectors(1, "user", ["u1", "u2"])
     np.testing.assert_array_equal(u, U)
@@ -115,9 +127,20 @@ def test_large_batch_and_noscript_reload(store: FactorStore) -> None:
     store.r.script_flush()
     n_u, n_i = 700, 900  # > the Lua 256-field chunk and many EVALSHA args
     users, items = [f"u{j}" for j in range(n_u)], [f"i{j}" for j in range(n_i)]
-    st = store.apply_batch(1, 0, None, 1, {}, users, _mat(n_u), items, _mat(n_i, seed=9),
-                           counts={i: 1.0 for i in items}, user_increments={u: 1 for u in users},
-                           seen=[(u, "i0", 1) for u in users])
+    st = store.apply_batch(
+        1,
+        0,
+        None,
+        1,
+        {},
+        users,
+        _mat(n_u),
+        items,
+        _mat(n_i, seed=9),
+        counts={i: 1.0 for i in items},
+        user_increments={u: 1 for u in users},
+        seen=[(u, "i0", 1) for u in users],
+    )
     assert st and store.item_count(1) == n_i and len(store.user_update_counts(1)) == n_u
 
 
@@ -136,8 +159,19 @@ def test_two_workers_add_deltas_concurrently_without_losing_any(redis_url: str, 
             s = FactorStore(redis.Redis.from_url(redis_url), NS)
             prev = None
             for b in range(n_batches):
-                st = s.apply_batch(1, part, prev, b, {}, [f"w{part}"], _mat(1), items, deltas[part, b],
-                                   counts={i: 1.0 for i in items}, user_increments={f"w{part}": 1})
+                st = s.apply_batch(
+                    1,
+                    part,
+                    prev,
+                    b,
+                    {},
+                    [f"w{part}"],
+                    _mat(1),
+                    items,
+                    deltas[part, b],
+                    counts={i: 1.0 for i in items},
+                    user_increments={f"w{part}": 1},
+                )
                 assert st is ApplyStatus.APPLIED
                 prev = b
             s.r.close()
@@ -202,14 +236,14 @@ def test_gc_drops_old_retired_and_abandoned_only(redis_client: redis.Redis) -> N
     s = FactorStore(redis_client, NS, clock=lambda: now[0])
     s.ensure_model(K)
     s.write_vectors(1, "item", ["i"], _mat(1))
-    g2 = s.begin_generation()                      # t=1000, will be published at 1100 (retires 1)
+    g2 = s.begin_generation()  # t=1000, will be published at 1100 (retires 1)
     now[0] = 1050.0
-    abandoned = s.begin_generation()               # building since 1050, never published
+    abandoned = s.begin_generation()  # building since 1050, never published
     s.write_vectors(abandoned, "user", ["u"], _mat(1))
     now[0] = 1100.0
     s.publish_generation(g2, {}, {}, 0.0, 0, 0)
     now[0] = 1200.0
-    fresh = s.begin_generation()                   # building since 1200
+    fresh = s.begin_generation()  # building since 1200
     assert s.gc_generations(grace_seconds=120, now=1210.0) == [abandoned]  # 1 retired only 110 s ago
     assert s.gc_generations(grace_seconds=120, now=1230.0) == [1]
     assert s.generations() == [g2, fresh]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from stream import kafka_util
 from stream.config import load
 from stream.events import Event
+from tests.helpers import wait_until
 from workers.config import LMFConfig
 from workers.online.worker import LMFWorker
 from workers.store import ApplyStatus, FactorStore
@@ -63,22 +63,25 @@ def _stream(prefix: str) -> list[tuple[str, bytes]]:
         src = u % PARTITIONS
         off = next_offset[src]
         next_offset[src] += 1
-        ev = Event(f"{prefix}.clicks:{src}:{off}:0", "click", f"u{u}", ITEMS[i], TS + n, 1.0, None, None,
-                   f"{prefix}.clicks/{src}/{off}")
+        ev = Event(
+            f"{prefix}.clicks:{src}:{off}:0",
+            "click",
+            f"u{u}",
+            ITEMS[i],
+            TS + n,
+            1.0,
+            None,
+            None,
+            f"{prefix}.clicks/{src}/{off}",
+        )
         out.append((ev.user, ev.to_json()))
     return out
 
 
-def _wait(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str]) -> None:
-    cfg = load(LMFConfig, {**zerocf_env, "ZEROCF_FACTORS": str(K)},
-               {"lmf_group": f"two-{uuid.uuid4().hex[:8]}", "batch": 500})
+    cfg = load(
+        LMFConfig, {**zerocf_env, "ZEROCF_FACTORS": str(K)}, {"lmf_group": f"two-{uuid.uuid4().hex[:8]}", "batch": 500}
+    )
     kafka_util.ensure_topics(cfg.kafka, {cfg.topics.events: PARTITIONS})
     seed_store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix)
     seed_store.ensure_model(K)
@@ -105,10 +108,13 @@ def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str
 
         def split() -> bool:
             assigned = [set(w.health()[1]["assigned"]) for w in workers]
-            return all(assigned) and not (assigned[0] & assigned[1]) and \
-                assigned[0] | assigned[1] == set(range(PARTITIONS))
+            return (
+                all(assigned)
+                and not (assigned[0] & assigned[1])
+                and assigned[0] | assigned[1] == set(range(PARTITIONS))
+            )
 
-        _wait(split, 45, "both workers to own a share of the partitions")
+        wait_until("both workers to own a share of the partitions", split, 45)
         owned = [sorted(w.health()[1]["assigned"]) for w in workers]
 
         producer = kafka_util.producer(cfg.kafka, client_id="test-two-workers")
@@ -121,8 +127,11 @@ def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str
         last = {}
         for m in metas:
             last[m.partition] = max(m.offset, last.get(m.partition, -1))
-        _wait(lambda: seed_store.read_batch_state(1, sorted(last), [], []).offsets == last or bool(errors), 60,
-              "the workers to apply every partition up to its last offset")
+        wait_until(
+            "the workers to apply every partition up to its last offset",
+            lambda: seed_store.read_batch_state(1, sorted(last), [], []).offsets == last or bool(errors),
+            60,
+        )
     finally:
         for w in workers:
             w.stop.set("test done")

@@ -30,8 +30,10 @@ def _dense_solve(F: np.ndarray, Y: np.ndarray, reg: float, alpha: float) -> np.n
 
 def _init(m: int, n: int, k: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return ((rng.standard_normal((m, k)) * 0.1).astype(np.float32),
-            (rng.standard_normal((n, k)) * 0.1).astype(np.float32))
+    return (
+        (rng.standard_normal((m, k)) * 0.1).astype(np.float32),
+        (rng.standard_normal((n, k)) * 0.1).astype(np.float32),
+    )
 
 
 # ---- confidence ---------------------------------------------------------------------------------
@@ -41,8 +43,7 @@ def test_confidence_linear_and_log_values() -> None:
     assert lin.dtype == np.float32 and lin.indices.dtype == np.int32
     np.testing.assert_allclose(lin.toarray(), 3.0 * F.toarray())
     lg = confidence(F, alpha=2.0, scaling="log", eps=0.5)
-    np.testing.assert_allclose(lg.toarray()[F.toarray() > 0], 2.0 * np.log1p(np.array([1, 4, 2]) / 0.5),
-                               rtol=1e-6)
+    np.testing.assert_allclose(lg.toarray()[F.toarray() > 0], 2.0 * np.log1p(np.array([1, 4, 2]) / 0.5), rtol=1e-6)
     assert (lg.indptr == lin.indptr).all() and (lg.indices == lin.indices).all()
 
 
@@ -101,8 +102,15 @@ def test_cg_three_steps_reaches_exact_loss_after_iterations() -> None:
 
 
 def test_exact_loss_never_increases() -> None:
-    _, _, h = als_fit(_counts(60, 50, seed=5), factors=8, reg=0.05, alpha=10.0, iterations=12,
-                      solver="exact", rng=np.random.default_rng(3))
+    _, _, h = als_fit(
+        _counts(60, 50, seed=5),
+        factors=8,
+        reg=0.05,
+        alpha=10.0,
+        iterations=12,
+        solver="exact",
+        rng=np.random.default_rng(3),
+    )
     assert len(h.loss) == 12 and len(h.seconds) == 12
     assert all(b <= a * (1 + 1e-6) for a, b in zip(h.loss, h.loss[1:]))
     assert h.loss[-1] < 0.5 * h.loss[0]
@@ -128,8 +136,7 @@ def test_planted_block_structure_recovered(solver: str) -> None:
     train = full.copy()
     train[np.arange(m), held] = 0
     train = sp.csr_matrix(train)
-    U, V, _ = als_fit(train, factors=g, reg=0.05, alpha=2.0, iterations=15, solver=solver,
-                      rng=np.random.default_rng(0))
+    U, V, _ = als_fit(train, factors=g, reg=0.05, alpha=2.0, iterations=15, solver=solver, rng=np.random.default_rng(0))
     ids, _ = recommend_from_factors(U, V, exclude_csr=train, k=1)
     assert (ids[:, 0] == held).mean() == 1.0
 
@@ -138,8 +145,10 @@ def test_results_are_deterministic_per_thread_count_and_agree_across_counts() ->
     # The sweeps are compiled with fastmath: a row's dot products may be summed in another order when its
     # scratch buffers sit at another alignment (another thread), so 1 and 2 threads agree to round-off only.
     F = _counts(100, 70, seed=8)
-    fits = {t: [als_fit(F, factors=8, iterations=3, num_threads=t, rng=np.random.default_rng(0))
-                for _ in range(2)] for t in (1, 2)}
+    fits = {
+        t: [als_fit(F, factors=8, iterations=3, num_threads=t, rng=np.random.default_rng(0)) for _ in range(2)]
+        for t in (1, 2)
+    }
     for t in (1, 2):
         np.testing.assert_array_equal(fits[t][0][0], fits[t][1][0])
         assert fits[t][0][2].loss == fits[t][1][2].loss
@@ -160,8 +169,9 @@ def test_divergence_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_callback_and_no_loss_mode() -> None:
     seen: list[tuple[int, float, float | None]] = []
-    _, _, h = als_fit(_counts(), factors=4, iterations=3, compute_loss=False,
-                      callback=lambda i, s, loss: seen.append((i, s, loss)))
+    _, _, h = als_fit(
+        _counts(), factors=4, iterations=3, compute_loss=False, callback=lambda i, s, loss: seen.append((i, s, loss))
+    )
     assert [s[0] for s in seen] == [0, 1, 2] and all(s[2] is None for s in seen)
     assert h.loss == [] and len(h.seconds) == 3
 
@@ -189,7 +199,7 @@ def test_fold_in_matches_dense_solve() -> None:
     u = int(np.argmax(np.diff(F.indptr)))
     row = F[u]
     p = fold_in(V, row.indices, row.data, reg=0.2, alpha=4.0)
-    ref = _dense_solve(F.toarray()[u:u + 1], V, 0.2, 4.0)[0]
+    ref = _dense_solve(F.toarray()[u : u + 1], V, 0.2, 4.0)[0]
     np.testing.assert_allclose(p, ref, rtol=1e-4, atol=1e-6)
     p2 = fold_in(V, row.indices, row.data, reg=0.2, alpha=4.0, gram=V.T @ V)
     np.testing.assert_allclose(p2, p, rtol=1e-4, atol=1e-6)
@@ -226,13 +236,13 @@ def test_matches_implicit_with_matched_conventions() -> None:
     """Same init, same problem (implicit fed 1 + d with alpha=1): the CG iterates agree."""
     ials = pytest.importorskip("implicit.cpu.als")
     F, (U0, V0) = _counts(120, 80, seed=12), _init(120, 80, 8)
-    U, V, h = als_fit(F, factors=8, reg=0.05, alpha=4.0, iterations=5, cg_steps=3, init=(U0, V0),
-                      num_threads=1)
+    U, V, h = als_fit(F, factors=8, reg=0.05, alpha=4.0, iterations=5, cg_steps=3, init=(U0, V0), num_threads=1)
     c = confidence(F, 4.0)
     c.data += 1
     c.indptr = c.indptr.astype(np.int32)
-    model = ials.AlternatingLeastSquares(factors=8, regularization=0.05, alpha=1.0, iterations=5,
-                                         use_cg=True, num_threads=1, random_state=0)
+    model = ials.AlternatingLeastSquares(
+        factors=8, regularization=0.05, alpha=1.0, iterations=5, use_cg=True, num_threads=1, random_state=0
+    )
     model.user_factors, model.item_factors = U0.copy(), V0.copy()
     model.fit(c, show_progress=False)
     loss_imp = wmf_loss(confidence(F, 4.0), model.user_factors, model.item_factors, 0.05)

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from workers.kernels.calibration import MIN_SCALE, calibrate, fit_scale_bias, fold_scale, sample_pairs
+from workers.kernels.calibration import (
+    MIN_SCALE,
+    calibrate,
+    fit_scale_bias,
+    fold_scale,
+    sample_pairs,
+)
 
 
 def _logits(a: float, b: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

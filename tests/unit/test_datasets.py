@@ -9,6 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stream.events import (
+    MIN_TS_MS,
+    encode_click,
+    encode_impression,
+    parse_click,
+    parse_impression,
+)
 from stream.replay.datasets import (
     BadDataLine,
     BadLine,
@@ -20,10 +27,10 @@ from stream.replay.datasets import (
     time_ordered,
     write_csv,
 )
-from stream.events import MIN_TS_MS, encode_click, encode_impression, parse_click, parse_impression
+from tests.helpers import DATASETS
 
-ML100K = Path("/work/shared/datasets/ml-100k/u.data")
-LASTFM = Path("/work/shared/datasets/lastfm-2k/user_artists.dat")
+ML100K = DATASETS / "ml-100k" / "u.data"
+LASTFM = DATASETS / "lastfm-2k" / "user_artists.dat"
 
 
 def read(tmp_path: Path, data: bytes, fmt: str, **kw: object) -> tuple[list[Interaction], list[BadLine]]:
@@ -35,22 +42,31 @@ def read(tmp_path: Path, data: bytes, fmt: str, **kw: object) -> tuple[list[Inte
 
 
 def test_csv_reader_timestamps_counts_and_bad_lines(tmp_path: Path) -> None:
-    data = (b"user_id,item_id,timestamp,count\n"
-            b"u1,i1,1700000000,2\n"          # seconds
-            b"u1,i2,1700000000123,\n"        # ms, empty count
-            b"\"u,2\",i3,2023-11-14T22:13:20Z,1\n"
-            b"u3,i4\n"                       # wrong field count
-            b"u3,i4,yesterday,1\n"           # bad ts
-            b",i4,1700000000,1\n"            # empty id
-            b"\n"
-            b"u4,i5,1700000000,0\n"          # count out of range
-            b"u5,\xff,1700000000,1\n")       # not UTF-8
+    data = (
+        b"user_id,item_id,timestamp,count\n"
+        b"u1,i1,1700000000,2\n"  # seconds
+        b"u1,i2,1700000000123,\n"  # ms, empty count
+        b'"u,2",i3,2023-11-14T22:13:20Z,1\n'
+        b"u3,i4\n"  # wrong field count
+        b"u3,i4,yesterday,1\n"  # bad ts
+        b",i4,1700000000,1\n"  # empty id
+        b"\n"
+        b"u4,i5,1700000000,0\n"  # count out of range
+        b"u5,\xff,1700000000,1\n"
+    )  # not UTF-8
     rows, bad = read(tmp_path, data, "csv")
-    assert rows == [Interaction("u1", "i1", 1_700_000_000_000, 2, 2),
-                    Interaction("u1", "i2", 1_700_000_000_123, 1, 3),
-                    Interaction("u,2", "i3", 1_700_000_000_000, 1, 4)]
-    assert [(b.line_no, b.text) for b in bad] == [(5, "u3,i4"), (6, "u3,i4,yesterday,1"), (7, ",i4,1700000000,1"),
-                                                 (9, "u4,i5,1700000000,0"), (10, "u5,\ufffd,1700000000,1")]
+    assert rows == [
+        Interaction("u1", "i1", 1_700_000_000_000, 2, 2),
+        Interaction("u1", "i2", 1_700_000_000_123, 1, 3),
+        Interaction("u,2", "i3", 1_700_000_000_000, 1, 4),
+    ]
+    assert [(b.line_no, b.text) for b in bad] == [
+        (5, "u3,i4"),
+        (6, "u3,i4,yesterday,1"),
+        (7, ",i4,1700000000,1"),
+        (9, "u4,i5,1700000000,0"),
+        (10, "u5,\ufffd,1700000000,1"),
+    ]
     reasons = [b.reason for b in bad]
     assert "has 2 fields" in reasons[0] and "'yesterday'" in reasons[1] and "user_id '' is empty" in reasons[2]
     assert "count 0 is out of range" in reasons[3] and "UTF-8" in reasons[4]
@@ -74,10 +90,13 @@ def test_bad_line_without_callback_raises_with_line_number(tmp_path: Path) -> No
 def test_movielens_both_layouts_and_min_rating(tmp_path: Path) -> None:
     rows, bad = read(tmp_path, b"196\t242\t3\t881250949\n186\t302\t5\t891717742\n22\t377\t1\tnope\n", "movielens")
     assert [(r.user_id, r.item_id, r.ts_ms, r.count) for r in rows] == [
-        ("196", "242", 881_250_949_000, 1), ("186", "302", 891_717_742_000, 1)]
+        ("196", "242", 881_250_949_000, 1),
+        ("186", "302", 891_717_742_000, 1),
+    ]
     assert bad == [BadLine(3, "22\t377\t1\tnope", "timestamp 'nope' is not an integer")]
-    rows, bad = read(tmp_path, b"1::1193::5::978300760\r\n1::661::3::978302109\r\n1::914\r\n", "movielens",
-                     min_rating=4)
+    rows, bad = read(
+        tmp_path, b"1::1193::5::978300760\r\n1::661::3::978302109\r\n1::914\r\n", "movielens", min_rating=4
+    )
     assert [(r.item_id, r.line_no) for r in rows] == [("1193", 1)]
     assert [b.line_no for b in bad] == [3]
     rows, bad = read(tmp_path, b"\n1::2::5::978300760\n", "movielens")  # separator from first non-blank line
@@ -122,8 +141,10 @@ def test_synthesize_impressions_links_and_validates() -> None:
         assert click.impression_id == imp.impression_id and imp.user_id == src.user_id
         now = click.ts
         assert parse_impression(encode_impression(imp.impression_id, imp.user_id, imp.item_ids, imp.ts), now) == imp
-        assert parse_click(encode_click(click.user_id, click.item_id, click.ts, click.impression_id, click.count),
-                           now) == click
+        assert (
+            parse_click(encode_click(click.user_id, click.item_id, click.ts, click.impression_id, click.count), now)
+            == click
+        )
     assert len({imp.impression_id for imp, _ in pairs}) == 300
     positions = Counter(imp.item_ids.index(c.item_id) for imp, c in pairs)
     assert len(positions) == 10  # clicked item appears at every display position
@@ -132,8 +153,12 @@ def test_synthesize_impressions_links_and_validates() -> None:
 def test_synthesize_impressions_is_popularity_weighted() -> None:
     clicks = [Interaction("u", "c", 1_700_000_000_000, 1, 1)] * 2000
     pop = {"c": 1.0, "hot": 100.0, "warm": 10.0, "cold": 1.0, "zero": 0.0}
-    shown = Counter(x for imp, _ in synthesize_impressions(clicks, 2, np.random.default_rng(0), pop)
-                    for x in imp.item_ids if x != "c")
+    shown = Counter(
+        x
+        for imp, _ in synthesize_impressions(clicks, 2, np.random.default_rng(0), pop)
+        for x in imp.item_ids
+        if x != "c"
+    )
     assert shown["zero"] == 0 and shown["hot"] > 5 * shown["warm"] > 0
     with pytest.raises(ValueError, match="n_shown 6"):
         synthesize_impressions(clicks, 6, np.random.default_rng(0), pop)

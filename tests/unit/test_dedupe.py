@@ -15,8 +15,7 @@ from stream.events import RawClick, RawImpression, to_events
 
 
 def test_parse_event_id_topic_with_dots() -> None:
-    assert parse_event_id("my.shop.v2.clicks:11:9007199254740993:0") == ("my.shop.v2.clicks/11",
-                                                                          9007199254740993, 0)
+    assert parse_event_id("my.shop.v2.clicks:11:9007199254740993:0") == ("my.shop.v2.clicks/11", 9007199254740993, 0)
 
 
 @pytest.mark.parametrize("bad", ["", "a:b:c", ":1:2:3", "t:x:2:3", "t:1:2:", "t:1:2.5:0"])
@@ -27,10 +26,18 @@ def test_parse_event_id_rejects_malformed(bad: str) -> None:
 
 def test_step_back_is_dropped_and_new_positions_pass() -> None:
     d = Deduper()
-    ids = ["z.clicks:0:1:0", "z.impressions:0:1:0", "z.impressions:0:1:1", "z.clicks:0:2:0",
-           "z.impressions:0:1:1",  # replay of an impression item
-           "z.clicks:0:1:0", "z.clicks:0:2:0",  # replayed click run
-           "z.clicks:0:3:0", "z.clicks:1:0:0", "z.impressions:0:2:0"]
+    ids = [
+        "z.clicks:0:1:0",
+        "z.impressions:0:1:0",
+        "z.impressions:0:1:1",
+        "z.clicks:0:2:0",
+        "z.impressions:0:1:1",  # replay of an impression item
+        "z.clicks:0:1:0",
+        "z.clicks:0:2:0",  # replayed click run
+        "z.clicks:0:3:0",
+        "z.clicks:1:0:0",
+        "z.impressions:0:2:0",
+    ]
     assert [d.accept_id(i) for i in ids] == [True, True, True, True, False, False, False, True, True, True]
     assert d.state() == {"z.clicks/0": [3, 0], "z.clicks/1": [0, 0], "z.impressions/0": [2, 0]}
 
@@ -60,6 +67,7 @@ def test_from_state_rejects_garbage_with_instructions() -> None:
 
 # --- property: crash/replay of ingest, split by user hash, de-duplicated per events partition -------------
 
+
 @st.composite
 def ingest_history(draw: st.DrawFn) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     """(original event ids per events partition, sorted; raw event ids per events partition, topic order).
@@ -70,9 +78,12 @@ def ingest_history(draw: st.DrawFn) -> tuple[dict[int, list[str]], dict[int, lis
     there, and commits an offset whose events were all acknowledged; the last run completes.
     """
     n_events = draw(st.integers(1, 4))
-    sources = {f"s.clicks/{sp}" if sp % 2 else f"s.impressions/{sp}": draw(st.lists(
-        st.lists(st.sampled_from(["u1", "u2", "u3", "u4", "u5"]), min_size=1, max_size=3),
-        max_size=12)) for sp in range(draw(st.integers(1, 3)))}
+    sources = {
+        f"s.clicks/{sp}" if sp % 2 else f"s.impressions/{sp}": draw(
+            st.lists(st.lists(st.sampled_from(["u1", "u2", "u3", "u4", "u5"]), min_size=1, max_size=3), max_size=12)
+        )
+        for sp in range(draw(st.integers(1, 3)))
+    }
 
     def part(user: str) -> int:
         return zlib.crc32(user.encode()) % n_events
@@ -115,8 +126,9 @@ def ingest_history(draw: st.DrawFn) -> tuple[dict[int, list[str]], dict[int, lis
 
 @settings(max_examples=300, deadline=None)
 @given(history=ingest_history(), checkpoint_at=st.integers(0, 200))
-def test_replays_are_removed_and_nothing_is_lost(history: tuple[dict[int, list[str]], dict[int, list[str]]],
-                                                 checkpoint_at: int) -> None:
+def test_replays_are_removed_and_nothing_is_lost(
+    history: tuple[dict[int, list[str]], dict[int, list[str]]], checkpoint_at: int
+) -> None:
     expected, topic_parts = history
     for p, raw in topic_parts.items():
         d = Deduper()

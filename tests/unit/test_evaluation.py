@@ -8,8 +8,21 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from workers.evaluation.metrics import PrequentialLog, holdout_mask, prequential_summary, rank_metrics, ranking_metrics
-from workers.evaluation.offline import Stream, lmf_config, popularity, recommend, recommend_popular, replay_lmf
+from workers.evaluation.metrics import (
+    PrequentialLog,
+    holdout_mask,
+    prequential_summary,
+    rank_metrics,
+    ranking_metrics,
+)
+from workers.evaluation.offline import (
+    Stream,
+    lmf_config,
+    popularity,
+    recommend,
+    recommend_popular,
+    replay_lmf,
+)
 
 
 def _test_matrix(rows: list[list[int]], n_items: int) -> sp.csr_matrix:
@@ -27,10 +40,10 @@ def test_metrics_by_hand() -> None:
     m = ranking_metrics(top, test, np.array([0, 1]), k=4)
     d = [1 / math.log2(r + 2) for r in range(4)]
     p0, p1 = 2 / 4, 1 / 4
-    r0, r1 = 2 / 3, 1 / 1          # hits / min(k, |test|)
+    r0, r1 = 2 / 3, 1 / 1  # hits / min(k, |test|)
     n0 = (d[0] + d[2]) / (d[0] + d[1] + d[2])
-    n1 = d[2] / d[0]               # ideal DCG over min(4, 1) = 1 position
-    ap0 = (1 / 1 + 2 / 3) / 3      # precision at each hit, over min(k, |test|)
+    n1 = d[2] / d[0]  # ideal DCG over min(4, 1) = 1 position
+    ap0 = (1 / 1 + 2 / 3) / 3  # precision at each hit, over min(k, |test|)
     ap1 = (1 / 3) / 1
     assert m["precision"] == pytest.approx((p0 + p1) / 2)
     assert m["recall"] == pytest.approx((r0 + r1) / 2)
@@ -56,7 +69,8 @@ def test_empty_slots_never_hit() -> None:
 
 def test_rank_metrics_and_windows() -> None:
     assert rank_metrics([0, 9, 10, -1], k=10) == pytest.approx(
-        {"hr": 0.5, "mrr": (1 + 1 / 10 + 1 / 11) / 4, "clicks": 4, "cold": 0.25})
+        {"hr": 0.5, "mrr": (1 + 1 / 10 + 1 / 11) / 4, "clicks": 4, "cold": 0.25}
+    )
     s = prequential_summary([0, -1, 4, 30], [1, 1, 50, 50], k=5, window=2)
     # the cold click (-1) is served the popularity fallback, whose rank 1 is a hit at k=5
     assert [w["model_hr"] for w in s["windows"]] == [1.0, 0.5]
@@ -93,8 +107,9 @@ def test_popularity_excludes_training_items() -> None:
     assert recommend_popular(pop, train, [0, 2], k=2).tolist() == [[1, 2], [3, -1]]
 
 
-def _planted(n_users: int = 120, n_items: int = 120, groups: int = 4, per_user: int = 12,
-             seed: int = 0) -> tuple[Stream, np.ndarray, np.ndarray]:
+def _planted(
+    n_users: int = 120, n_items: int = 120, groups: int = 4, per_user: int = 12, seed: int = 0
+) -> tuple[Stream, np.ndarray, np.ndarray]:
     """Each user clicks items of its own group (popular items across groups are not favoured)."""
     rng = np.random.default_rng(seed)
     ug = np.arange(n_users) % groups
@@ -105,8 +120,13 @@ def _planted(n_users: int = 120, n_items: int = 120, groups: int = 4, per_user: 
         users += [u] * per_user
         items += rng.choice(mine, per_user, replace=False).tolist()
     order = rng.permutation(len(users))
-    s = Stream(np.array(users, np.int32)[order], np.array(items, np.int32)[order],
-               np.ones(len(users), np.float32), n_users, n_items)
+    s = Stream(
+        np.array(users, np.int32)[order],
+        np.array(items, np.int32)[order],
+        np.ones(len(users), np.float32),
+        n_users,
+        n_items,
+    )
     return s, ug, ig
 
 
@@ -115,8 +135,9 @@ def test_offline_lmf_learns_planted_groups_better_than_popularity() -> None:
     n = s.user.size
     is_test = holdout_mask(s.user, np.arange(n), s.n_users, seed=0)
     train = Stream(s.user[~is_test], s.item[~is_test], s.count[~is_test], s.n_users, s.n_items)
-    test = sp.csr_matrix((np.ones(is_test.sum(), np.float32), (s.user[is_test], s.item[is_test])),
-                         shape=(s.n_users, s.n_items))
+    test = sp.csr_matrix(
+        (np.ones(is_test.sum(), np.float32), (s.user[is_test], s.item[is_test])), shape=(s.n_users, s.n_items)
+    )
     users = np.flatnonzero(np.diff(test.indptr))
     U, V = replay_lmf(train, lmf_config(16, seed=0, lr=0.2, batch=200), epochs=6, seed=0)
     tr = train.csr()

@@ -56,11 +56,14 @@ def test_click_defaults_and_normalisation() -> None:
     assert parse_click(click(impression_id=None, count=None), NOW).count == 1
 
 
-@pytest.mark.parametrize("text,ms", [
-    ("2023-11-14T22:13:20Z", NOW),
-    ("2023-11-14T22:13:20", NOW),  # naive = UTC
-    ("2023-11-15T00:13:20.0009+02:00", NOW),  # sub-ms truncated
-])
+@pytest.mark.parametrize(
+    "text,ms",
+    [
+        ("2023-11-14T22:13:20Z", NOW),
+        ("2023-11-14T22:13:20", NOW),  # naive = UTC
+        ("2023-11-15T00:13:20.0009+02:00", NOW),  # sub-ms truncated
+    ],
+)
 def test_iso_timestamps(text: str, ms: int) -> None:
     assert parse_click(click(ts=text), NOW).ts == ms
 
@@ -73,39 +76,45 @@ def test_impression_keeps_display_order() -> None:
 # --- rejections, with reasons ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value,needle", [
-    (b"\xff{}", "UTF-8"),
-    (b"{nope", "not valid JSON"),
-    (b"[1,2]", "expected an object"),
-    (b'{"user_id":"u","item_id":"i","ts":NaN}', "NaN"),
-    (click(user_id=...), "user_id is missing"),
-    (click(user_id=True), "user_id True is a bool"),
-    (click(item_id=1.5), "item_id 1.5 is a float"),
-    (click(item_id=""), "is empty"),
-    (click(item_id="a\x00b"), "control character"),
-    (click(item_id="a\u0085b"), "control character"),
-    (click(ts="yesterday"), "ISO-8601"),
-    (click(ts=True), "ts True is not epoch milliseconds"),
-    (click(ts=1.5e12 + 0.5), "not epoch milliseconds"),
-    (click(ts=1_700_000_000), "before 2000-01-01"),
-    (click(count=0), "count 0 is out of range"),
-    (click(count="2"), "count '2' is not an integer"),
-    (b'{"user_id":"u","item_id":"i","ts":1e400}', "not epoch milliseconds"),
-    (b'{"user_id":"\\ud800","item_id":"i","ts":1700000000000}', "surrogate"),
-    (b"[" * 100_000, "not valid JSON"),
-    (b'{"user_id":' + b"9" * 5000 + b',"item_id":"i","ts":1}', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        (b"\xff{}", "UTF-8"),
+        (b"{nope", "not valid JSON"),
+        (b"[1,2]", "expected an object"),
+        (b'{"user_id":"u","item_id":"i","ts":NaN}', "NaN"),
+        (click(user_id=...), "user_id is missing"),
+        (click(user_id=True), "user_id True is a bool"),
+        (click(item_id=1.5), "item_id 1.5 is a float"),
+        (click(item_id=""), "is empty"),
+        (click(item_id="a\x00b"), "control character"),
+        (click(item_id="a\u0085b"), "control character"),
+        (click(ts="yesterday"), "ISO-8601"),
+        (click(ts=True), "ts True is not epoch milliseconds"),
+        (click(ts=1.5e12 + 0.5), "not epoch milliseconds"),
+        (click(ts=1_700_000_000), "before 2000-01-01"),
+        (click(count=0), "count 0 is out of range"),
+        (click(count="2"), "count '2' is not an integer"),
+        (b'{"user_id":"u","item_id":"i","ts":1e400}', "not epoch milliseconds"),
+        (b'{"user_id":"\\ud800","item_id":"i","ts":1700000000000}', "surrogate"),
+        (b"[" * 100_000, "not valid JSON"),
+        (b'{"user_id":' + b"9" * 5000 + b',"item_id":"i","ts":1}', "not valid JSON"),
+    ],
+)
 def test_click_rejections_name_field_and_rule(value: bytes, needle: str) -> None:
     assert needle in reason(value)
 
 
-@pytest.mark.parametrize("value,needle", [
-    (impression(item_ids=[]), "item_ids is empty"),
-    (impression(item_ids="a"), "not a list"),
-    (impression(item_ids=["a", "b", "a"]), "positions 0 and 2"),
-    (impression(item_ids=["a", None]), "item_ids[1] None"),
-    (impression(impression_id=...), "impression_id is missing"),
-])
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        (impression(item_ids=[]), "item_ids is empty"),
+        (impression(item_ids="a"), "not a list"),
+        (impression(item_ids=["a", "b", "a"]), "positions 0 and 2"),
+        (impression(item_ids=["a", None]), "item_ids[1] None"),
+        (impression(impression_id=...), "impression_id is missing"),
+    ],
+)
 def test_impression_rejections(value: bytes, needle: str) -> None:
     assert needle in reason(value, "impressions")
 
@@ -124,7 +133,8 @@ def test_items_per_impression_limit() -> None:
     ok = [f"i{i}" for i in range(500)]
     assert len(parse_impression(impression(item_ids=ok), NOW).item_ids) == 500
     assert reason(impression(item_ids=ok + ["x"]), "impressions") == (
-        "item_ids has 501 items; the limit is 500 per impression")
+        "item_ids has 501 items; the limit is 500 per impression"
+    )
 
 
 def test_count_limit() -> None:
@@ -182,11 +192,23 @@ def test_event_json_has_exact_keys_and_round_trips() -> None:
     assert b" " not in data and Event.from_json(data) == e
 
 
-@pytest.mark.parametrize("change", [
-    {"extra": 1}, {"ts": True}, {"ts": 1.7e12}, {"weight": "1"}, {"weight": float("inf")},
-    {"type": "view"}, {"pos": 0}, {"id": "p.clicks:2:1041:1"}, {"src": "other/2/1041"}, {"user": 5},
-    {"imp": ""}, {"id": "p.clicks:²:1041:0"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"extra": 1},
+        {"ts": True},
+        {"ts": 1.7e12},
+        {"weight": "1"},
+        {"weight": float("inf")},
+        {"type": "view"},
+        {"pos": 0},
+        {"id": "p.clicks:2:1041:1"},
+        {"src": "other/2/1041"},
+        {"user": 5},
+        {"imp": ""},
+        {"id": "p.clicks:²:1041:0"},
+    ],
+)
 def test_event_from_json_is_strict(change: dict[str, object]) -> None:
     obj = json.loads(to_events(RawClick("u", "i", NOW), "p.clicks", 2, 1041)[0].to_json())
     obj.update(change)
@@ -210,21 +232,44 @@ def test_encoders_produce_parseable_json() -> None:
 
 # --- property-based fuzzing -----------------------------------------------------------------------
 
-ids = st.one_of(st.text(max_size=40), st.integers(), st.booleans(), st.none(), st.floats(),
-                st.text(alphabet=st.characters(codec="utf-8"), min_size=250, max_size=260))
+ids = st.one_of(
+    st.text(max_size=40),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.floats(),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=250, max_size=260),
+)
 junk = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(10**30), max_value=10**30),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=30),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=12,
 )
-ts_values = st.one_of(st.integers(min_value=-(10**20), max_value=10**20), st.floats(), st.text(max_size=40),
-                      st.datetimes().map(lambda d: d.isoformat()), junk)
-fields = st.fixed_dictionaries({}, optional={
-    "user_id": ids, "item_id": ids, "impression_id": ids, "ts": ts_values,
-    "count": st.one_of(st.integers(min_value=-5, max_value=2 * 10**6), junk),
-    "item_ids": st.one_of(st.lists(ids, max_size=8), junk), "junk": junk,
-})
+ts_values = st.one_of(
+    st.integers(min_value=-(10**20), max_value=10**20),
+    st.floats(),
+    st.text(max_size=40),
+    st.datetimes().map(lambda d: d.isoformat()),
+    junk,
+)
+fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "user_id": ids,
+        "item_id": ids,
+        "impression_id": ids,
+        "ts": ts_values,
+        "count": st.one_of(st.integers(min_value=-5, max_value=2 * 10**6), junk),
+        "item_ids": st.one_of(st.lists(ids, max_size=8), junk),
+        "junk": junk,
+    },
+)
 
 
 def _check(kind: str, value: bytes) -> None:
@@ -252,10 +297,17 @@ def test_jsonish_inputs_parse_or_raise_invalid_event(kind: str, obj: dict[str, o
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64),
-       st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20),
-                min_size=1, max_size=20, unique=True),
-       st.integers(min_value=MIN_TS_MS, max_value=NOW + DAY), st.integers(min_value=0, max_value=2**31))
+@given(
+    st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=64),
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20),
+        min_size=1,
+        max_size=20,
+        unique=True,
+    ),
+    st.integers(min_value=MIN_TS_MS, max_value=NOW + DAY),
+    st.integers(min_value=0, max_value=2**31),
+)
 def test_valid_impressions_round_trip(user: str, items: list[str], ts: int, offset: int) -> None:
     raw = parse_impression(encode_impression("m", user, items, ts), NOW)
     events = to_events(raw, "zerocf.impressions", 1, offset)

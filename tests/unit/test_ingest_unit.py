@@ -25,8 +25,9 @@ CLICKS, IMPS, EVENTS, DLQ = (f"{PREFIX}.{k}" for k in ("clicks", "impressions", 
 
 
 def _rec(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> Any:
-    return ConsumerRecord(topic, partition, -1, offset, TS, 0, key, value, [], None,
-                          len(key or b""), len(value or b""), -1)
+    return ConsumerRecord(
+        topic, partition, -1, offset, TS, 0, key, value, [], None, len(key or b""), len(value or b""), -1
+    )
 
 
 class FakeFuture:
@@ -87,7 +88,7 @@ class FakeConsumer:
             self.stop_after_polls[0].set("test")  # a signal arriving while the batch is fetched
         out: dict[TopicPartition, list[Any]] = {}
         for tp in sorted(self.log):
-            take = self.log[tp][self.pos[tp]:self.pos[tp] + max_records - sum(map(len, out.values()))]
+            take = self.log[tp][self.pos[tp] : self.pos[tp] + max_records - sum(map(len, out.values()))]
             if take:
                 out[tp] = take
                 self.pos[tp] += len(take)
@@ -113,9 +114,16 @@ class FakeConsumer:
 
 @pytest.fixture()
 def cfg() -> StreamConfig:
-    return load(StreamConfig, {"ZEROCF_TOPIC_PREFIX": PREFIX, "ZEROCF_KAFKA_BOOTSTRAP": "127.0.0.1:1",
-                               "ZEROCF_IDLE_SECONDS": "0.05", "ZEROCF_POLL_TIMEOUT_MS": "1",
-                               "ZEROCF_INGEST_BATCH": "4"})
+    return load(
+        StreamConfig,
+        {
+            "ZEROCF_TOPIC_PREFIX": PREFIX,
+            "ZEROCF_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+            "ZEROCF_IDLE_SECONDS": "0.05",
+            "ZEROCF_POLL_TIMEOUT_MS": "1",
+            "ZEROCF_INGEST_BATCH": "4",
+        },
+    )
 
 
 @pytest.fixture()
@@ -132,14 +140,18 @@ def _log() -> dict[TopicPartition, list[Any]]:
     c0, c1, i0 = TopicPartition(CLICKS, 0), TopicPartition(CLICKS, 1), TopicPartition(IMPS, 0)
     return {
         c0: [_rec(CLICKS, 0, o, f"u{o}".encode(), encode_click(f"u{o}", f"i{o}", TS)) for o in range(5)],
-        c1: [_rec(CLICKS, 1, 0, b"u9", b"{oops"), _rec(CLICKS, 1, 1, None, None),
-             _rec(CLICKS, 1, 2, b"u9", encode_click("u9", "i9", TS, count=2))],
+        c1: [
+            _rec(CLICKS, 1, 0, b"u9", b"{oops"),
+            _rec(CLICKS, 1, 1, None, None),
+            _rec(CLICKS, 1, 2, b"u9", encode_click("u9", "i9", TS, count=2)),
+        ],
         i0: [_rec(IMPS, 0, 0, b"u1", encode_impression("m1", "u1", ["a", "b", "c"], TS))],
     }
 
 
 def test_routes_events_by_user_hash_dead_letters_and_commits_last_plus_one(
-        cfg: StreamConfig, fakes: dict[str, Any]) -> None:
+    cfg: StreamConfig, fakes: dict[str, Any]
+) -> None:
     log = _log()
     fakes["consumer"], fakes["producer"] = FakeConsumer(log), FakeProducer()
     stats = ingest.Ingest(cfg).run(until_idle=True)
@@ -148,17 +160,26 @@ def test_routes_events_by_user_hash_dead_letters_and_commits_last_plus_one(
     sent = fakes["producer"].sent
     events = [(key, Event.from_json(value), part) for topic, key, value, part in sent if topic == EVENTS]
     assert sorted(e.id for _, e, _ in events) == sorted(
-        [f"{CLICKS}:0:{o}:0" for o in range(5)] + [f"{CLICKS}:1:2:0"] + [f"{IMPS}:0:0:{i}" for i in range(3)])
+        [f"{CLICKS}:0:{o}:0" for o in range(5)] + [f"{CLICKS}:1:2:0"] + [f"{IMPS}:0:0:{i}" for i in range(3)]
+    )
     partitioner = DefaultPartitioner()
-    cluster = type("C", (), {"topics": lambda self: {EVENTS},
-                             "partitions_for_topic": lambda self, t: {0, 1, 2, 3},
-                             "available_partitions_for_topic": lambda self, t: {0, 1, 2, 3}})()
+    cluster = type(
+        "C",
+        (),
+        {
+            "topics": lambda self: {EVENTS},
+            "partitions_for_topic": lambda self, t: {0, 1, 2, 3},
+            "available_partitions_for_topic": lambda self, t: {0, 1, 2, 3},
+        },
+    )()
     for key, ev, part in events:
         assert key == ev.key and part == partitioner.partition(EVENTS, key, key, None, None, cluster)
 
     dlq = [(key, json.loads(value)) for topic, key, value, _ in sent if topic == DLQ]
-    assert [(k, d["offset"], d["reason"].split(" ")[0]) for k, d in dlq] == \
-        [(b"u9", 0, "message"), (None, 1, "message")]
+    assert [(k, d["offset"], d["reason"].split(" ")[0]) for k, d in dlq] == [
+        (b"u9", 0, "message"),
+        (None, 1, "message"),
+    ]
     assert dlq[1][1]["key_b64"] is None and dlq[1][1]["value_b64"] is None
 
     final: dict[TopicPartition, int] = {}
@@ -191,8 +212,9 @@ def test_failed_send_commits_nothing_seeks_back_and_reprocesses(cfg: StreamConfi
     assert stats.produce_failures == 1 and stats.records_in == 5 and stats.clean_exit
 
 
-def test_internal_error_on_one_record_goes_to_dlq(cfg: StreamConfig, fakes: dict[str, Any],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_error_on_one_record_goes_to_dlq(
+    cfg: StreamConfig, fakes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = ingest.to_events
 
     def buggy(raw: Any, topic: str, partition: int, offset: int) -> Any:
@@ -248,10 +270,15 @@ def test_health_needs_assignment_and_a_reachable_broker(cfg: StreamConfig) -> No
     assert not ok and detail["assigned_partitions"] == 0 and detail["broker_reachable"] is False
 
 
-@pytest.mark.parametrize("reason, cls", [("item_ids[3] 'x' contains a control character", "item_ids"),
-                                         ("message is not valid JSON", "message"),
-                                         ("internal error: KeyError: 'x'", "internal"),
-                                         ("Something new", "other")])
+@pytest.mark.parametrize(
+    "reason, cls",
+    [
+        ("item_ids[3] 'x' contains a control character", "item_ids"),
+        ("message is not valid JSON", "message"),
+        ("internal error: KeyError: 'x'", "internal"),
+        ("Something new", "other"),
+    ],
+)
 def test_reason_class_is_bounded(reason: str, cls: str) -> None:
     assert ingest.reason_class(reason) == cls
 
@@ -270,8 +297,20 @@ def test_cli_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
             return ingest.IngestStats()
 
     monkeypatch.setattr(ingest, "Ingest", FakeIngest)
-    args = build_parser().parse_args(["ingest", "--until-idle", "--group", "g2", "--batch", "7",
-                                      "--events-partitions", "3", "--metrics-port", "9123"])
+    args = build_parser().parse_args(
+        [
+            "ingest",
+            "--until-idle",
+            "--group",
+            "g2",
+            "--batch",
+            "7",
+            "--events-partitions",
+            "3",
+            "--metrics-port",
+            "9123",
+        ]
+    )
     args.env = {"ZEROCF_INGEST_BATCH": "99", "ZEROCF_TOPIC_PREFIX": "shop"}
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
@@ -280,8 +319,13 @@ def test_cli_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         signal.signal(signal.SIGTERM, handlers[0])
         signal.signal(signal.SIGINT, handlers[1])
     c = seen["cfg"]
-    assert (c.group, c.ingest_batch, c.events_partitions, c.runtime.metrics_port, c.topic_prefix) == \
-        ("g2", 7, 3, 9123, "shop") and seen["until_idle"] is True
+    assert (c.group, c.ingest_batch, c.events_partitions, c.runtime.metrics_port, c.topic_prefix) == (
+        "g2",
+        7,
+        3,
+        9123,
+        "shop",
+    ) and seen["until_idle"] is True
 
 
 def test_busy_metrics_port_is_a_config_error(cfg: StreamConfig, fakes: dict[str, Any]) -> None:

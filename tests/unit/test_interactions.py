@@ -15,8 +15,11 @@ from workers.batch.interactions import InteractionMatrix
 def _filled(seed: int = 0, n: int = 500) -> InteractionMatrix:
     rng = np.random.default_rng(seed)
     m = InteractionMatrix()
-    m.add_batch([f"u{x}" for x in rng.integers(0, 30, n)], [f"i{x}" for x in rng.integers(0, 40, n)],
-                rng.integers(1, 4, n).astype(np.float32))
+    m.add_batch(
+        [f"u{x}" for x in rng.integers(0, 30, n)],
+        [f"i{x}" for x in rng.integers(0, 40, n)],
+        rng.integers(1, 4, n).astype(np.float32),
+    )
     return m
 
 

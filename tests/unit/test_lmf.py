@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.kernels.lmf import (check_finite, event_weights, fold_in_user, init_rows, lmf_sgd,
-                         lmf_sgd_reference)
+from workers.kernels.lmf import (
+    check_finite,
+    event_weights,
+    fold_in_user,
+    init_rows,
+    lmf_sgd,
+    lmf_sgd_reference,
+)
 
 
 def _random_batch(seed: int, n_users: int = 30, n_items: int = 40, k: int = 8, e: int = 200):
@@ -78,8 +84,9 @@ def test_learns_checkerboard(adagrad: bool) -> None:
         # uniform negatives, with the user's training positives removed
         bad = np.array([[(u, j) in train for j in row] for u, row in zip(users[order], neg, strict=True)])
         neg[bad] = -1
-        losses.append(lmf_sgd(U, V, users[order], items[order], neg, lr=0.3 if adagrad else 0.1,
-                              reg=0.01, adagrad=acc).mean())
+        losses.append(
+            lmf_sgd(U, V, users[order], items[order], neg, lr=0.3 if adagrad else 0.1, reg=0.01, adagrad=acc).mean()
+        )
     assert losses[-1] < 0.5 * losses[0]
     assert np.mean(losses[-5:]) < np.mean(losses[5:10])
     scores = U @ V.T
@@ -150,7 +157,7 @@ def test_rejects_bad_inputs_with_instructions() -> None:
 
 def test_event_weights() -> None:
     np.testing.assert_allclose(event_weights([1, 3, 50], "linear", cap=10), [1, 3, 10])
-    np.testing.assert_allclose(event_weights([1, np.e ** 2], "log", cap=10), [1, 3], rtol=1e-6)
+    np.testing.assert_allclose(event_weights([1, np.e**2], "log", cap=10), [1, 3], rtol=1e-6)
     with pytest.raises(ValueError, match="linear"):
         event_weights([1], "sqrt")
 

@@ -8,8 +8,8 @@ import fakeredis
 import numpy as np
 import pytest
 
-from workers.serving import lookup
 from workers.kernels.topk import top_k
+from workers.serving import lookup
 from workers.serving.lookup import NoModel, Recommender, sigmoid
 from workers.store import FactorStore, GenerationMeta
 
@@ -56,8 +56,9 @@ def model() -> tuple[FlippableStore, np.ndarray, np.ndarray]:
     return store, users, items
 
 
-def brute_force(p: np.ndarray, items: np.ndarray, k: int, bias: float = 0.0,
-                exclude: tuple[int, ...] = ()) -> tuple[list[str], np.ndarray]:
+def brute_force(
+    p: np.ndarray, items: np.ndarray, k: int, bias: float = 0.0, exclude: tuple[int, ...] = ()
+) -> tuple[list[str], np.ndarray]:
     logits = items.astype(np.float64) @ p.astype(np.float64) + bias
     logits[list(exclude)] = -np.inf
     order = np.argsort(-logits, kind="stable")[:k]

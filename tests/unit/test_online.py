@@ -24,8 +24,10 @@ def _click(user: str, item: str, ts: int = TS, weight: float = 1.0) -> Event:
 
 def _shown(user: str, items: Sequence[str], ts: int, imp: str) -> list[Event]:
     off = next(_offset)
-    return [Event(f"t.impressions:0:{off}:{n}", "impression", user, item, ts, 0.0, n, imp,
-                  f"t.impressions/0/{off}") for n, item in enumerate(items)]
+    return [
+        Event(f"t.impressions:0:{off}:{n}", "impression", user, item, ts, 0.0, n, imp, f"t.impressions/0/{off}")
+        for n, item in enumerate(items)
+    ]
 
 
 def _cfg(**kw: object) -> LMFConfig:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from stream.client.producer import DeliveryFailed, EventProducer, producer_config
 from stream.errors import ConfigError, InvalidEvent, ServiceUnavailable, ZerocfError
 from stream.events import parse_click, parse_impression
-from stream.client.producer import DeliveryFailed, EventProducer, producer_config
 
 NOW = 1_700_000_000_000
 
@@ -86,16 +87,19 @@ def test_default_ts_is_now() -> None:
     assert json.loads(fake.sent[0][2])["ts"] == NOW
 
 
-@pytest.mark.parametrize("call", [
-    lambda p: p.send_click("", "i"),
-    lambda p: p.send_click("u", "i", count=0),
-    lambda p: p.send_click("u", "i", ts=NOW + 2 * 86_400_000),
-    lambda p: p.send_click(True, "i"),
-    lambda p: p.send_click("\ud800", "i"),
-    lambda p: p.send_impression("m", "u", []),
-    lambda p: p.send_impression("m", "u", [f"i{i}" for i in range(501)]),
-    lambda p: p.send_impression("m", "u", ["a", "a"]),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: p.send_click("", "i"),
+        lambda p: p.send_click("u", "i", count=0),
+        lambda p: p.send_click("u", "i", ts=NOW + 2 * 86_400_000),
+        lambda p: p.send_click(True, "i"),
+        lambda p: p.send_click("\ud800", "i"),
+        lambda p: p.send_impression("m", "u", []),
+        lambda p: p.send_impression("m", "u", [f"i{i}" for i in range(501)]),
+        lambda p: p.send_impression("m", "u", ["a", "a"]),
+    ],
+)
 def test_invalid_records_are_rejected_before_sending(call: Callable[[EventProducer], Any]) -> None:
     fake = FakeProducer()
     p = make(fake)
@@ -171,8 +175,9 @@ def test_producer_config_defaults_and_validation() -> None:
     assert cfg["acks"] == 1 and cfg["enable_idempotence"] is False
     from stream.kafka_util import producer_defaults
 
-    assert {k: v for k, v in cfg.items() if k not in ("acks", "enable_idempotence")} == \
-        {k: v for k, v in producer_defaults().items() if k not in ("acks", "enable_idempotence")}
+    assert {k: v for k, v in cfg.items() if k not in ("acks", "enable_idempotence")} == {
+        k: v for k, v in producer_defaults().items() if k not in ("acks", "enable_idempotence")
+    }
     from kafka.codec import has_lz4
 
     assert cfg["compression_type"] == ("lz4" if has_lz4() else None)

@@ -11,8 +11,12 @@ import pytest
 from scipy.stats import chisquare
 
 from workers.kernels.exposure import ExposureTracker
-from workers.kernels.sampling import (PopularitySampler, Reservoir, positives_csr,
-                              sample_negatives)
+from workers.kernels.sampling import (
+    PopularitySampler,
+    Reservoir,
+    positives_csr,
+    sample_negatives,
+)
 
 P_MIN = 1e-3
 
@@ -34,7 +38,7 @@ def test_popularity_frequencies_match_f_alpha(alpha: float) -> None:
     r = _reservoir(COUNTS)
     s = PopularitySampler(r, alpha=alpha)
     f = np.array(COUNTS, float)
-    want = np.where(f > 0, f ** alpha, 0.0)
+    want = np.where(f > 0, f**alpha, 0.0)
     want /= want.sum()
     np.testing.assert_allclose(s.probabilities(), want, rtol=1e-12)
     n = 200_000
@@ -94,7 +98,7 @@ def test_reservoir_is_uniform_over_stream(batch: int) -> None:
     for _ in range(trials):
         r = Reservoir(cap)
         for start in range(0, n, batch):
-            r.add(stream[start:start + batch], rng)
+            r.add(stream[start : start + batch], rng)
         assert r.size == cap and len(set(r.items.tolist())) == cap
         kept[r.items] += 1
     assert chisquare(kept, np.full(n, trials * cap / n)).pvalue > P_MIN
@@ -106,7 +110,7 @@ def test_reservoir_state_round_trip() -> None:
     r.add(rng.integers(0, 9, size=55).astype(np.int32), rng)
     r2 = Reservoir.from_state(r.state())
     assert (r2.capacity, r2.size, r2.seen) == (r.capacity, r.size, r.seen)
-    np.testing.assert_array_equal(r2.items[:r2.size], r.items[:r.size])
+    np.testing.assert_array_equal(r2.items[: r2.size], r.items[: r.size])
     np.testing.assert_array_equal(r2.counts, r.counts)
     with pytest.raises(ValueError, match="lacks"):
         Reservoir.from_state({"items": r.items})
@@ -144,8 +148,7 @@ def test_uniform_fallback_and_exhausted_user() -> None:
     r = _reservoir([5, 5, 5])
     s = PopularitySampler(r)
     # every popular item is a positive: only the uniform fallback over [0, n_items) can answer
-    neg = sample_negatives(s, *positives_csr([[0, 1, 2], [0, 1, 2, 3, 4]]), n_neg=2000, rng=rng,
-                           n_items=5)
+    neg = sample_negatives(s, *positives_csr([[0, 1, 2], [0, 1, 2, 3, 4]]), n_neg=2000, rng=rng, n_items=5)
     assert set(neg[0].tolist()) == {3, 4} and abs((neg[0] == 3).mean() - 0.5) < 0.05
     assert (neg[1] == -1).all()  # clicked everything: -1, the kernel skips it
 
@@ -159,8 +162,9 @@ def test_hard_negatives_take_argmax_of_candidates() -> None:
     users = rng.standard_normal((5, k)).astype(np.float32)
     pos = [[0], [1, 2], [], [9], [3]]
     # 400 candidates over 10 items: every item is a candidate, so the pick is the best non-positive
-    neg = sample_negatives(s, *positives_csr(pos), n_neg=2, rng=rng, hard_share=1.0,
-                           m_candidates=400, user_vecs=users, item_vecs=items)
+    neg = sample_negatives(
+        s, *positives_csr(pos), n_neg=2, rng=rng, hard_share=1.0, m_candidates=400, user_vecs=users, item_vecs=items
+    )
     scores = users @ items.T
     for b, p in enumerate(pos):
         sc = scores[b].copy()
@@ -186,7 +190,7 @@ def test_hard_negatives_score_higher_than_popularity_negatives() -> None:
 
     assert score(hard[:, :2]).mean() > score(easy).mean() + 1.0
     for i, row in enumerate(hard):  # still never a positive
-        assert not np.isin(row, csr[1][csr[0][i]:csr[0][i + 1]]).any()
+        assert not np.isin(row, csr[1][csr[0][i] : csr[0][i + 1]]).any()
 
 
 def test_hard_negatives_need_vectors() -> None:

@@ -82,9 +82,17 @@ class FakeConsumer:
 
 def _ev(src_off: int, user: str, item: str, kind: str = "click", weight: float = 1.0, idx: int = 0) -> bytes:
     src = "t.clicks" if kind == "click" else "t.impressions"
-    return Event(id=f"{src}:0:{src_off}:{idx}", type=kind, user=user, item=item, ts=1_700_000_000_000,  # type: ignore[arg-type]
-                 weight=weight if kind == "click" else 0.0, pos=None if kind == "click" else idx,
-                 imp=None if kind == "click" else "m1", src=f"{src}/0/{src_off}").to_json()
+    return Event(
+        id=f"{src}:0:{src_off}:{idx}",
+        type=kind,
+        user=user,
+        item=item,
+        ts=1_700_000_000_000,  # type: ignore[arg-type]
+        weight=weight if kind == "click" else 0.0,
+        pos=None if kind == "click" else idx,
+        imp=None if kind == "click" else "m1",
+        src=f"{src}/0/{src_off}",
+    ).to_json()
 
 
 def _snap(log: FakeLog, path: Path) -> Snapshot:

@@ -1,4 +1,4 @@
-"""Unit tests of workers/store/factor_store.py on fakeredis (no Lua there: scripts are covered by the integration tier)."""
+"""Unit tests of workers/store/ on fakeredis (scripts that pack floats are covered by the integration tier)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from stream.config import redact_url
 from stream.errors import ConfigError
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
 from workers.store import (
-    KEY_PREFIX, ApplyStatus, FactorStore, Keys, decode, encode,
+    KEY_PREFIX,
+    ApplyStatus,
+    FactorStore,
+    Keys,
+    decode,
+    encode,
 )
 
 K = 8
@@ -96,8 +101,10 @@ def test_ensure_model_creates_once_and_checks_k(store: FactorStore) -> None:
     assert (gm.state, gm.source, gm.n_users, gm.bias, gm.offsets) == ("complete", "online", 0, 0.0, {})
     with pytest.raises(StoreSchemaError) as e:
         store.ensure_model(64)
-    assert str(e.value).startswith("redis model zt has k=8, worker configured k=64; rerun with --factors 8 "
-                                   "(ZEROCF_FACTORS=8), or start a new model under another ZEROCF_TOPIC_PREFIX")
+    assert str(e.value).startswith(
+        "redis model zt has k=8, worker configured k=64; rerun with --factors 8 "
+        "(ZEROCF_FACTORS=8), or start a new model under another ZEROCF_TOPIC_PREFIX"
+    )
 
 
 def test_ensure_model_refuses_other_schema_version(store: FactorStore) -> None:
@@ -120,8 +127,13 @@ def test_begin_generation_is_building_and_indexed(store: FactorStore) -> None:
     g = store.begin_generation()
     assert g == 2 and store.begin_generation(source="online") == 3
     gm = store.generation_meta(g)
-    assert (gm.state, gm.source, gm.created_at, gm.published_at, gm.retired_at) == \
-        ("building", "als", 1000.0, None, None)
+    assert (gm.state, gm.source, gm.created_at, gm.published_at, gm.retired_at) == (
+        "building",
+        "als",
+        1000.0,
+        None,
+        None,
+    )
     assert store.generations() == [1, 2, 3] and store.live_generation() == 1 and store.meta().next_gen == 3
 
 
@@ -183,8 +195,18 @@ def test_apply_batch_validates_before_touching_redis(store: FactorStore) -> None
     with pytest.raises(StoreSchemaError, match="item_ids has 1 ids but item_deltas has 2 rows"):
         store.apply_batch(1, 0, None, 5, {}, [], np.zeros((0, K), np.float32), ["i1"], _mat(2))
     with pytest.raises(ModelDiverged, match="count"):
-        store.apply_batch(1, 0, None, 5, {}, [], np.zeros((0, K), np.float32), [],
-                          np.zeros((0, K), np.float32), counts={"i": float("nan")})
+        store.apply_batch(
+            1,
+            0,
+            None,
+            5,
+            {},
+            [],
+            np.zeros((0, K), np.float32),
+            [],
+            np.zeros((0, K), np.float32),
+            counts={"i": float("nan")},
+        )
 
 
 def test_apply_status_truthiness() -> None:

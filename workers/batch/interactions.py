@@ -118,23 +118,24 @@ class InteractionMatrix:
         """Add one event; see :meth:`add_batch`."""
         self.add_batch([user], [item], [weight])
 
-    def add_batch(self, users: Iterable[str], items: Iterable[str],
-                  weights: npt.ArrayLike | None = None) -> None:
+    def add_batch(self, users: Iterable[str], items: Iterable[str], weights: npt.ArrayLike | None = None) -> None:
         """Add events; ``weights`` default to 1.0. Zero weights only register the ids.
 
         Raises ValueError (nothing added) on mismatched lengths or a negative/NaN/inf weight.
         """
         users, items = list(users), list(items)
-        w = (np.ones(len(users), np.float32) if weights is None
-             else np.asarray(weights, dtype=np.float32).ravel())
+        w = np.ones(len(users), np.float32) if weights is None else np.asarray(weights, dtype=np.float32).ravel()
         if not len(users) == len(items) == w.size:
-            raise ValueError(f"got {len(users)} users, {len(items)} items, {w.size} weights; "
-                             "pass one of each per event")
+            raise ValueError(
+                f"got {len(users)} users, {len(items)} items, {w.size} weights; pass one of each per event"
+            )
         bad = ~np.isfinite(w) | (w < 0)
         if bad.any():
             j = int(np.argmax(bad))
-            raise ValueError(f"event {j} ({users[j]!r}, {items[j]!r}) has weight {w[j]}; weights must be "
-                             "finite and >= 0: send the dedupe/DLQ path bad events, not the matrix")
+            raise ValueError(
+                f"event {j} ({users[j]!r}, {items[j]!r}) has weight {w[j]}; weights must be "
+                "finite and >= 0: send the dedupe/DLQ path bad events, not the matrix"
+            )
         rows = np.asarray(self._intern(users, self._user_index, self._user_ids, "user"), np.int32)
         cols = np.asarray(self._intern(items, self._item_index, self._item_ids, "item"), np.int32)
         keep = w > 0
@@ -172,8 +173,9 @@ class InteractionMatrix:
 
     def to_csr(self) -> sp.csr_matrix:
         """User x item counts: float32 data, int32 indices and indptr, duplicates summed, sorted."""
-        m = sp.csr_matrix((self._vals[: self._n], (self._rows[: self._n], self._cols[: self._n])),
-                          shape=self.shape, dtype=np.float32)
+        m = sp.csr_matrix(
+            (self._vals[: self._n], (self._rows[: self._n], self._cols[: self._n])), shape=self.shape, dtype=np.float32
+        )
         m.sum_duplicates()
         m.indices = m.indices.astype(np.int32, copy=False)
         m.indptr = m.indptr.astype(np.int32, copy=False)
@@ -210,8 +212,10 @@ class InteractionMatrix:
         try:
             meta_json = json.dumps({"format": FORMAT_VERSION, "shape": list(self.shape), "metadata": meta})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint metadata is not JSON-serialisable ({e}); store offsets and "
-                             "watermarks as str/int/float/list/dict") from e
+            raise ValueError(
+                f"checkpoint metadata is not JSON-serialisable ({e}); store offsets and "
+                "watermarks as str/int/float/list/dict"
+            ) from e
         root.mkdir(parents=True, exist_ok=True)
         current = _read_current(root)
         seq = 1 + max([_seq(p.name) for p in root.glob("ckpt-*")] + [0])
@@ -221,8 +225,7 @@ class InteractionMatrix:
         tmp.mkdir()
         csr = self.to_csr()
         with open(tmp / "matrix.npz", "wb") as fh:
-            np.savez(fh, indptr=csr.indptr, indices=csr.indices, data=csr.data,
-                     shape=np.asarray(csr.shape, np.int64))
+            np.savez(fh, indptr=csr.indptr, indices=csr.indices, data=csr.data, shape=np.asarray(csr.shape, np.int64))
         _write_text(tmp / "ids.json", json.dumps({"users": self._user_ids, "items": self._item_ids}))
         _write_text(tmp / "meta.json", meta_json)
         _fsync_path(tmp / "matrix.npz")
@@ -235,8 +238,13 @@ class InteractionMatrix:
         for p in root.glob("ckpt-*"):  # drop older checkpoints and crash leftovers
             if p.name != name:
                 shutil.rmtree(p, ignore_errors=True)
-        log.info("saved interaction checkpoint %s (%d users, %d items, %d nnz, replaced %s)",
-                 root / name, *self.shape, csr.nnz, current)
+        log.info(
+            "saved interaction checkpoint %s (%d users, %d items, %d nnz, replaced %s)",
+            root / name,
+            *self.shape,
+            csr.nnz,
+            current,
+        )
         return root / name
 
     @classmethod
@@ -245,13 +253,17 @@ class InteractionMatrix:
         root = Path(path)
         name = _read_current(root)
         if name is None:
-            raise FileNotFoundError(f"no checkpoint in {root} (missing CURRENT); start empty with "
-                                    "InteractionMatrix() or point to the right directory")
+            raise FileNotFoundError(
+                f"no checkpoint in {root} (missing CURRENT); start empty with "
+                "InteractionMatrix() or point to the right directory"
+            )
         d = root / name
         meta = json.loads((d / "meta.json").read_text())
         if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint {d} has format {meta.get('format')}, this code reads "
-                             f"{FORMAT_VERSION}; rebuild it from the events topic")
+            raise ValueError(
+                f"checkpoint {d} has format {meta.get('format')}, this code reads "
+                f"{FORMAT_VERSION}; rebuild it from the events topic"
+            )
         ids = json.loads((d / "ids.json").read_text())
         with np.load(d / "matrix.npz") as z:
             csr = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))

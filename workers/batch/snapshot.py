@@ -72,8 +72,7 @@ class Snapshot:
     (0, {}, (0, 0))
     """
 
-    def __init__(self, topic: str, checkpoint_dir: str | Path,
-                 consumer_factory: Callable[[], Any]) -> None:
+    def __init__(self, topic: str, checkpoint_dir: str | Path, consumer_factory: Callable[[], Any]) -> None:
         self.topic = topic
         self.path = Path(checkpoint_dir)
         self._factory = consumer_factory
@@ -91,8 +90,9 @@ class Snapshot:
         from stream import kafka_util
 
         def factory() -> Any:
-            return kafka_util.consumer(cfg.kafka, group_id=None, client_id="zerocf-als",
-                                       max_poll_records=MAX_POLL_RECORDS)
+            return kafka_util.consumer(
+                cfg.kafka, group_id=None, client_id="zerocf-als", max_poll_records=MAX_POLL_RECORDS
+            )
 
         return cls(cfg.topics.events, checkpoint_dir or cfg.checkpoint_dir, factory)
 
@@ -107,11 +107,15 @@ class Snapshot:
         return InteractionMatrix.estimate_bytes(self.matrix.nnz, m, n)
 
     def metadata(self) -> dict[str, Any]:
-        return {"topic": self.topic,
-                "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
-                "watermarks": {str(p): w for p, w in self.watermarks().items()},
-                "n_events": self.n_events, "n_clicks": self.n_clicks,
-                "n_duplicates": self.n_duplicates, "n_invalid": self.n_invalid}
+        return {
+            "topic": self.topic,
+            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+            "watermarks": {str(p): w for p, w in self.watermarks().items()},
+            "n_events": self.n_events,
+            "n_clicks": self.n_clicks,
+            "n_duplicates": self.n_duplicates,
+            "n_invalid": self.n_invalid,
+        }
 
     def save(self) -> Path:
         """Atomically checkpoint the matrix with offsets, watermarks and counters; returns its directory."""
@@ -128,15 +132,22 @@ class Snapshot:
             return False
         meta = m.metadata
         if meta.get("topic") != self.topic:
-            raise ValueError(f"checkpoint {self.path} holds a snapshot of {meta.get('topic')!r}, not "
-                             f"{self.topic!r}; point --checkpoint-dir elsewhere or pass --rebuild")
+            raise ValueError(
+                f"checkpoint {self.path} holds a snapshot of {meta.get('topic')!r}, not "
+                f"{self.topic!r}; point --checkpoint-dir elsewhere or pass --rebuild"
+            )
         self.matrix = m
         self.offsets = {int(p): int(o) for p, o in meta.get("offsets", {}).items()}
         self.dedupers = {int(p): Deduper.from_state(w) for p, w in meta.get("watermarks", {}).items()}
         for name in ("n_events", "n_clicks", "n_duplicates", "n_invalid"):
             setattr(self, name, int(meta.get(name, 0)))
-        log.info("snapshot restored from %s: %d events, %d users x %d items, offsets %s", self.path,
-                 self.n_events, *self.matrix.shape, self.offsets)
+        log.info(
+            "snapshot restored from %s: %d events, %d users x %d items, offsets %s",
+            self.path,
+            self.n_events,
+            *self.matrix.shape,
+            self.offsets,
+        )
         return True
 
     # ------------------------------------------------------------------ reading
@@ -147,8 +158,10 @@ class Snapshot:
             time.sleep(0.2)
             parts = consumer.partitions_for_topic(self.topic)
         if not parts:
-            raise ServiceUnavailable(f"topic {self.topic} not found; run `zerocf ingest` first or check "
-                                     "ZEROCF_TOPIC_PREFIX and ZEROCF_KAFKA_BOOTSTRAP")
+            raise ServiceUnavailable(
+                f"topic {self.topic} not found; run `zerocf ingest` first or check "
+                "ZEROCF_TOPIC_PREFIX and ZEROCF_KAFKA_BOOTSTRAP"
+            )
         return sorted(int(p) for p in parts)
 
     def catch_up(self, stop: StopFlag | None = None, max_seconds: float | None = None) -> int:
@@ -189,9 +202,17 @@ class Snapshot:
         finally:
             consumer.close()
         new = self.n_events - before
-        log.info("snapshot: +%d events in %.1fs (total %d events, %d clicks, %d users x %d items, "
-                 "%d duplicates dropped, ~%.1f MiB)", new, time.monotonic() - t0, self.n_events,
-                 self.n_clicks, *self.matrix.shape, self.n_duplicates, self.estimate_bytes() / 2**20)
+        log.info(
+            "snapshot: +%d events in %.1fs (total %d events, %d clicks, %d users x %d items, "
+            "%d duplicates dropped, ~%.1f MiB)",
+            new,
+            time.monotonic() - t0,
+            self.n_events,
+            self.n_clicks,
+            *self.matrix.shape,
+            self.n_duplicates,
+            self.estimate_bytes() / 2**20,
+        )
         return new
 
     def _fold(self, partition: int, records: list[Any]) -> None:

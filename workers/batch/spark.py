@@ -37,9 +37,17 @@ def _ratings(counts: sp.csr_matrix, scaling: str, eps: float) -> sp.coo_matrix:
     return coo
 
 
-def spark_als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float = 0.05,
-                  alpha: float = 1.0, iterations: int = 15, threads: int = 2, seed: int = 0,
-                  scaling: str = "linear", eps: float = 1.0) -> tuple[F32, F32]:
+def spark_als_fit(
+    counts_csr: sp.spmatrix | sp.sparray,
+    factors: int = 64,
+    reg: float = 0.05,
+    alpha: float = 1.0,
+    iterations: int = 15,
+    threads: int = 2,
+    seed: int = 0,
+    scaling: str = "linear",
+    eps: float = 1.0,
+) -> tuple[F32, F32]:
     """Implicit ALS of ``counts_csr`` (users x items) with Spark MLlib; returns float32 ``(U, V)``.
 
     Rows or columns without any click get zero vectors (MLlib only returns factors for ids it saw).
@@ -52,24 +60,41 @@ def spark_als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: 
         from pyspark.ml.recommendation import ALS
         from pyspark.sql import SparkSession
     except ImportError as exc:
-        raise RuntimeError("the spark backend needs pyspark and Java 17: pip install 'zerocf[spark]', or set "
-                           "ZEROCF_ALS_BACKEND=numpy") from exc
+        raise RuntimeError(
+            "the spark backend needs pyspark and Java 17: pip install 'zerocf[spark]', or set ZEROCF_ALS_BACKEND=numpy"
+        ) from exc
     counts = sp.csr_matrix(counts_csr)
     m, n = counts.shape
     coo = _ratings(counts, scaling, eps)
     t0 = time.perf_counter()
-    spark = (SparkSession.builder.master(f"local[{max(1, int(threads))}]").appName("zerocf-als")
-             .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", str(2 * threads))
-             .config("spark.driver.memory", "2g").config("spark.ui.showConsoleProgress", "false")
-             .getOrCreate())
+    spark = (
+        SparkSession.builder.master(f"local[{max(1, int(threads))}]")
+        .appName("zerocf-als")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", str(2 * threads))
+        .config("spark.driver.memory", "2g")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
     spark.sparkContext.setLogLevel("ERROR")
     # The session is kept for the next re-solve (`--every`): starting a JVM costs seconds, and a stopped
     # session cannot be restarted cleanly in the same process. It ends with the process.
     rows = list(zip(coo.row.tolist(), coo.col.tolist(), coo.data.astype(float).tolist()))
     df = spark.createDataFrame(rows, schema="u INT, i INT, r DOUBLE")
-    als = ALS(rank=factors, maxIter=iterations, regParam=reg, alpha=alpha, implicitPrefs=True,
-              userCol="u", itemCol="i", ratingCol="r", seed=seed, nonnegative=False,
-              intermediateStorageLevel="MEMORY_ONLY", finalStorageLevel="MEMORY_ONLY")
+    als = ALS(
+        rank=factors,
+        maxIter=iterations,
+        regParam=reg,
+        alpha=alpha,
+        implicitPrefs=True,
+        userCol="u",
+        itemCol="i",
+        ratingCol="r",
+        seed=seed,
+        nonnegative=False,
+        intermediateStorageLevel="MEMORY_ONLY",
+        finalStorageLevel="MEMORY_ONLY",
+    )
     model = als.fit(df)
     U = np.zeros((m, factors), np.float32)
     V = np.zeros((n, factors), np.float32)
@@ -77,6 +102,13 @@ def spark_als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: 
         U[row.id] = row.features
     for row in model.itemFactors.collect():
         V[row.id] = row.features
-    log.info("spark ALS: %d x %d, %d pairs, k=%d, %d iterations in %.1fs (session included)",
-             m, n, coo.nnz, factors, iterations, time.perf_counter() - t0)
+    log.info(
+        "spark ALS: %d x %d, %d pairs, k=%d, %d iterations in %.1fs (session included)",
+        m,
+        n,
+        coo.nnz,
+        factors,
+        iterations,
+        time.perf_counter() - t0,
+    )
     return U, V

@@ -40,11 +40,11 @@ import numpy.typing as npt
 
 from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.runtime import StopFlag, start_http
-from workers.kernels.als import ALSDiverged, Scaling, als_fit
-from workers.kernels.calibration import calibrate, fold_scale
+from workers.batch.snapshot import Snapshot
 from workers.config import ALSConfig, parse_duration
 from workers.errors import ModelDiverged
-from workers.batch.snapshot import Snapshot
+from workers.kernels.als import ALSDiverged, Scaling, als_fit
+from workers.kernels.calibration import calibrate, fold_scale
 from workers.store import FactorStore, Table
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ class ALSMetrics:
 
         self.registry = r = CollectorRegistry()
         self.last_run = Gauge("zerocf_als_last_run_timestamp_seconds", "end of the last run (epoch s)", registry=r)
-        self.last_success = Gauge("zerocf_als_last_success_timestamp_seconds", "end of the last published run",
-                                  registry=r)
+        self.last_success = Gauge(
+            "zerocf_als_last_success_timestamp_seconds", "end of the last published run", registry=r
+        )
         self.duration = Gauge("zerocf_als_run_seconds", "duration of the last run", registry=r)
         self.loss = Gauge("zerocf_als_loss", "WMF loss after the last iteration of the last solve", registry=r)
         self.generation = Gauge("zerocf_als_generation", "last generation published", registry=r)
@@ -110,8 +111,14 @@ class ALSWorker:
         Start from an empty snapshot and cold factors (the first run only).
     """
 
-    def __init__(self, cfg: ALSConfig, store: FactorStore, stop: StopFlag | None = None,
-                 snapshot: Snapshot | None = None, rebuild: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: ALSConfig,
+        store: FactorStore,
+        stop: StopFlag | None = None,
+        snapshot: Snapshot | None = None,
+        rebuild: bool = False,
+    ) -> None:
         self.cfg, self.store = cfg, store
         self.stop = stop or StopFlag()
         self.snapshot = snapshot or Snapshot.from_config(cfg)
@@ -129,8 +136,11 @@ class ALSWorker:
             return
         self.store.ensure_model(self.cfg.factors)
         if self.cold:
-            log.info("--rebuild: ignoring the checkpoint in %s, reading %s from the beginning",
-                     self.snapshot.path, self.snapshot.topic)
+            log.info(
+                "--rebuild: ignoring the checkpoint in %s, reading %s from the beginning",
+                self.snapshot.path,
+                self.snapshot.topic,
+            )
         elif self.snapshot.load():
             self._saved = dict(self.snapshot.offsets)
         self._started = True
@@ -138,9 +148,11 @@ class ALSWorker:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy unless the last run failed (before the first run: healthy, ``last_run`` null)."""
         last = self.last
-        return self.last_ok is not False, {"last_run": None if last is None else last.outcome,
-                                           "generation": None if last is None else last.generation,
-                                           "snapshot_events": self.snapshot.n_events}
+        return self.last_ok is not False, {
+            "last_run": None if last is None else last.outcome,
+            "generation": None if last is None else last.generation,
+            "snapshot_events": self.snapshot.n_events,
+        }
 
     def pending(self) -> int:
         """Events-topic records the snapshot holds beyond the live generation's snapshot offsets."""
@@ -197,8 +209,9 @@ class ALSWorker:
             log.info("no clicks in %s yet: nothing to solve", snap.topic)
             return RunResult("skipped", new_events=new, pending=pending)
         if min_new_events > 0 and pending < min_new_events:
-            log.info("%d new records since the live generation (< --min-new-events %d): not solving",
-                     pending, min_new_events)
+            log.info(
+                "%d new records since the live generation (< --min-new-events %d): not solving", pending, min_new_events
+            )
             return RunResult("skipped", new_events=new, pending=pending)
         return self.solve_and_publish(new_events=new, pending=pending)
 
@@ -210,13 +223,23 @@ class ALSWorker:
         users, items = snap.matrix.user_ids, snap.matrix.item_ids
         offsets, watermarks = dict(snap.offsets), snap.watermarks()
         U, V, loss = self._solve(csr, users, items)
-        cal = calibrate(U, V, csr, cfg.calib_samples, np.random.default_rng([cfg.als_seed, 1]),
-                        negatives=CALIB_NEGATIVES)
+        cal = calibrate(
+            U, V, csr, cfg.calib_samples, np.random.default_rng([cfg.als_seed, 1]), negatives=CALIB_NEGATIVES
+        )
         if cal.clamped:
-            log.warning("calibration slope was <= 0 (ALS scores do not rank clicks above negatives); "
-                        "clamped to %g: check ZEROCF_ALS_ALPHA/ZEROCF_ALS_REG", cal.scale)
-        log.info("calibration: scale %.4g bias %.4g (logloss %.4f on %d clicks + %d negatives)",
-                 cal.scale, cal.bias, cal.logloss, cal.n_pos, cal.n_neg)
+            log.warning(
+                "calibration slope was <= 0 (ALS scores do not rank clicks above negatives); "
+                "clamped to %g: check ZEROCF_ALS_ALPHA/ZEROCF_ALS_REG",
+                cal.scale,
+            )
+        log.info(
+            "calibration: scale %.4g bias %.4g (logloss %.4f on %d clicks + %d negatives)",
+            cal.scale,
+            cal.bias,
+            cal.logloss,
+            cal.n_pos,
+            cal.n_neg,
+        )
         U, V = fold_scale(U, V, cal.scale)
         counts = np.asarray(csr.sum(axis=0), dtype=np.float64).ravel()
         g = self._publish(users, items, U, V, dict(zip(items, counts.tolist())), offsets, watermarks, cal.bias)
@@ -224,8 +247,9 @@ class ALSWorker:
         dropped = self.store.gc_generations(cfg.gc_grace_s)
         if dropped:
             log.info("garbage-collected generations %s", dropped)
-        return RunResult("published", generation=g, new_events=new_events, pending=pending, loss=loss,
-                         scale=cal.scale, bias=cal.bias)
+        return RunResult(
+            "published", generation=g, new_events=new_events, pending=pending, loss=loss, scale=cal.scale, bias=cal.bias
+        )
 
     # ------------------------------------------------------------------ solve
     def _warm(self, table: Table, ids: list[str], rng: np.random.Generator) -> npt.NDArray[np.float32]:
@@ -237,16 +261,23 @@ class ALSWorker:
         g = self.store.live_generation()
         found_total = 0
         for c in range(0, len(ids), READ_CHUNK):
-            vecs, found = self.store.get_vectors(g, table, ids[c:c + READ_CHUNK])
+            vecs, found = self.store.get_vectors(g, table, ids[c : c + READ_CHUNK])
             found &= np.isfinite(vecs).all(axis=1)
-            out[c:c + READ_CHUNK][found] = vecs[found]
+            out[c : c + READ_CHUNK][found] = vecs[found]
             found_total += int(found.sum())
-        log.info("warm start: %d of %d %s rows from generation %d, %d seeded", found_total, len(ids), table,
-                 g, len(ids) - found_total)
+        log.info(
+            "warm start: %d of %d %s rows from generation %d, %d seeded",
+            found_total,
+            len(ids),
+            table,
+            g,
+            len(ids) - found_total,
+        )
         return out
 
-    def _solve(self, csr: Any, users: list[str], items: list[str]
-               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
+    def _solve(
+        self, csr: Any, users: list[str], items: list[str]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -256,9 +287,17 @@ class ALSWorker:
         init = (self._warm("user", users, rng), self._warm("item", items, rng))
         if not self.cold:
             init = _unfold(csr, *init, alpha=cfg.als_alpha, scaling=cfg.als_confidence, eps=cfg.als_eps)
-        log.info("ALS solve: %d users x %d items, %d pairs, k=%d, %d iterations (%s, alpha=%g, reg=%g)",
-                 len(users), len(items), csr.nnz, cfg.factors, cfg.als_iterations, cfg.als_solver,
-                 cfg.als_alpha, cfg.als_reg)
+        log.info(
+            "ALS solve: %d users x %d items, %d pairs, k=%d, %d iterations (%s, alpha=%g, reg=%g)",
+            len(users),
+            len(items),
+            csr.nnz,
+            cfg.factors,
+            cfg.als_iterations,
+            cfg.als_solver,
+            cfg.als_alpha,
+            cfg.als_reg,
+        )
         bar = tqdm(total=cfg.als_iterations, desc="als", unit="it", disable=not sys.stderr.isatty())
         last = [float("nan")]
 
@@ -271,34 +310,55 @@ class ALSWorker:
                 raise _Stopped()
 
         try:
-            U, V, _hist = als_fit(csr, factors=cfg.factors, reg=cfg.als_reg, alpha=cfg.als_alpha,
-                                  iterations=cfg.als_iterations, solver=cfg.als_solver,
-                                  cg_steps=cfg.als_cg_steps, init=init, rng=rng, callback=callback,
-                                  num_threads=cfg.als_threads, scaling=cfg.als_confidence,
-                                  eps=cfg.als_eps)
+            U, V, _hist = als_fit(
+                csr,
+                factors=cfg.factors,
+                reg=cfg.als_reg,
+                alpha=cfg.als_alpha,
+                iterations=cfg.als_iterations,
+                solver=cfg.als_solver,
+                cg_steps=cfg.als_cg_steps,
+                init=init,
+                rng=rng,
+                callback=callback,
+                num_threads=cfg.als_threads,
+                scaling=cfg.als_confidence,
+                eps=cfg.als_eps,
+            )
         except ALSDiverged as exc:
             raise ModelDiverged(str(exc)) from exc
         finally:
             bar.close()
         if not (np.isfinite(U).all() and np.isfinite(V).all() and math.isfinite(last[0])):
-            raise ModelDiverged(f"ALS factors or loss are NaN/inf (loss {last[0]}); lower ZEROCF_ALS_ALPHA "
-                                "or raise ZEROCF_ALS_REG")
+            raise ModelDiverged(
+                f"ALS factors or loss are NaN/inf (loss {last[0]}); lower ZEROCF_ALS_ALPHA or raise ZEROCF_ALS_REG"
+            )
         return U, V, last[0]
 
     def _solve_spark(self, csr: Any) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
         """The optional Spark MLlib backend (:mod:`workers.batch.spark`): same snapshot, same outputs."""
-        from workers.kernels.als import confidence, wmf_loss
         from workers.batch.spark import spark_als_fit
+        from workers.kernels.als import confidence, wmf_loss
 
         cfg = self.cfg
-        U, V = spark_als_fit(csr, cfg.factors, cfg.als_reg, cfg.als_alpha, cfg.als_iterations, cfg.als_threads,
-                             cfg.als_seed, cfg.als_confidence, cfg.als_eps)
+        U, V = spark_als_fit(
+            csr,
+            cfg.factors,
+            cfg.als_reg,
+            cfg.als_alpha,
+            cfg.als_iterations,
+            cfg.als_threads,
+            cfg.als_seed,
+            cfg.als_confidence,
+            cfg.als_eps,
+        )
         loss = wmf_loss(confidence(csr, cfg.als_alpha, cfg.als_confidence, cfg.als_eps), U, V, cfg.als_reg)
         if self.stop.is_set():
             raise _Stopped()
         if not (np.isfinite(U).all() and np.isfinite(V).all() and math.isfinite(loss)):
-            raise ModelDiverged(f"Spark ALS factors or loss are NaN/inf (loss {loss}); lower ZEROCF_ALS_ALPHA "
-                                "or raise ZEROCF_ALS_REG")
+            raise ModelDiverged(
+                f"Spark ALS factors or loss are NaN/inf (loss {loss}); lower ZEROCF_ALS_ALPHA or raise ZEROCF_ALS_REG"
+            )
         log.info("spark ALS done: WMF loss %.6g (our objective, for comparison with the numpy backend)", loss)
         return U, V, loss
 
@@ -307,11 +367,19 @@ class ALSWorker:
         for c in range(0, len(ids), WRITE_CHUNK):
             if self.stop.is_set():
                 raise _Stopped()
-            self.store.write_vectors(g, table, ids[c:c + WRITE_CHUNK], mat[c:c + WRITE_CHUNK])
+            self.store.write_vectors(g, table, ids[c : c + WRITE_CHUNK], mat[c : c + WRITE_CHUNK])
 
-    def _publish(self, users: list[str], items: list[str], U: npt.NDArray[np.float32],
-                 V: npt.NDArray[np.float32], counts: dict[str, float], offsets: dict[int, int],
-                 watermarks: dict[int, dict[str, list[int]]], bias: float) -> int:
+    def _publish(
+        self,
+        users: list[str],
+        items: list[str],
+        U: npt.NDArray[np.float32],
+        V: npt.NDArray[np.float32],
+        counts: dict[str, float],
+        offsets: dict[int, int],
+        watermarks: dict[int, dict[str, list[int]]],
+        bias: float,
+    ) -> int:
         if self.stop.is_set():
             raise _Stopped()
         store = self.store
@@ -327,8 +395,12 @@ class ALSWorker:
             try:
                 store.drop_generation(g)
             except Exception as exc:  # Redis gone: gc removes the building generation later
-                log.warning("generation %d left in state building (%s); gc_generations removes it after "
-                            "%.0fs", g, exc, self.cfg.gc_grace_s)
+                log.warning(
+                    "generation %d left in state building (%s); gc_generations removes it after %.0fs",
+                    g,
+                    exc,
+                    self.cfg.gc_grace_s,
+                )
             raise
         return g
 
@@ -344,8 +416,9 @@ class ALSWorker:
         log.info("als worker stopping (%s)", self.stop.reason)
 
 
-def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], alpha: float, scaling: Scaling,
-            eps: float) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+def _unfold(
+    csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], alpha: float, scaling: Scaling, eps: float
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Rescale warm-start factors by the ``t`` minimising the WMF data term of ``t·U0·V0^T``.
 
     Live vectors carry the previous calibration's ``sqrt(scale)`` (and the LMF's logit scale), so they are
@@ -373,15 +446,23 @@ def _unfold(csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], 
 # ---------------------------------------------------------------------- CLI
 def register(subparsers: Any) -> None:
     """Add ``zerocf als`` to the ``zerocf`` command."""
-    p = subparsers.add_parser("als", help="periodic implicit-ALS re-solve: snapshot -> new generation",
-                              description=__doc__.split("\n")[0])
+    p = subparsers.add_parser(
+        "als", help="periodic implicit-ALS re-solve: snapshot -> new generation", description=__doc__.split("\n")[0]
+    )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--once", action="store_true", help="one run, then exit")
     mode.add_argument("--every", metavar="DURATION", help="run every DURATION (90s, 15m, 2h, 1d)")
-    p.add_argument("--min-new-events", type=int, default=None,
-                   help="solve only when this many new records arrived (default 0 with --once, 1 with --every)")
-    p.add_argument("--rebuild", action="store_true",
-                   help="ignore the checkpoint and the live vectors: re-read the topic, cold start")
+    p.add_argument(
+        "--min-new-events",
+        type=int,
+        default=None,
+        help="solve only when this many new records arrived (default 0 with --once, 1 with --every)",
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="ignore the checkpoint and the live vectors: re-read the topic, cold start",
+    )
     add_flags(p, ALSConfig, skip=TOP_LEVEL)
     p.set_defaults(func=run)
 
@@ -393,8 +474,11 @@ def run(args: argparse.Namespace) -> int:
     min_new = args.min_new_events if args.min_new_events is not None else (0 if args.once else 1)
     store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)  # clear errors: unreachable, bad password
     worker = ALSWorker(cfg, store, StopFlag().install(), rebuild=args.rebuild)
-    http = start_http(cfg.runtime.metrics_port, worker.health, worker.metrics.registry) \
-        if cfg.runtime.metrics_port else None
+    http = (
+        start_http(cfg.runtime.metrics_port, worker.health, worker.metrics.registry)
+        if cfg.runtime.metrics_port
+        else None
+    )
     try:
         if interval is None:
             res = worker.run_once(min_new)

@@ -21,13 +21,22 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from stream.replay.datasets import BadLine, Interaction, read_interactions
 from stream.errors import ConfigError
+from stream.replay.datasets import BadLine, Format, Interaction, read_interactions
 from workers.evaluation.metrics import holdout_mask, ranking_metrics
+from workers.evaluation.offline import (
+    ALSParams,
+    Stream,
+    fit_als,
+    lmf_config,
+    popularity,
+    recommend,
+    recommend_popular,
+    replay_lmf,
+    replay_pipeline,
+)
+from workers.evaluation.prequential import plot_windows, prequential, stack_env
 from workers.kernels.als import Scaling
-from workers.evaluation.offline import (ALSParams, Stream, fit_als, lmf_config, popularity, recommend, recommend_popular,
-                             replay_lmf, replay_pipeline)
-from workers.evaluation.prequential import stack_env, plot_windows, prequential
 
 log = logging.getLogger(__name__)
 OURS = ("als", "lmf", "pipeline", "popularity")
@@ -50,24 +59,33 @@ class Data:
     rows: list[Interaction] = field(default_factory=list)
 
     def csr(self, mask: np.ndarray) -> sp.csr_matrix:
-        m = sp.csr_matrix((self.count[mask], (self.user[mask], self.item[mask])),
-                          shape=(self.n_users, self.n_items), dtype=np.float32)
+        m = sp.csr_matrix(
+            (self.count[mask], (self.user[mask], self.item[mask])), shape=(self.n_users, self.n_items), dtype=np.float32
+        )
         m.sum_duplicates()
         return m
 
     def stream(self, mask: np.ndarray, seed: int) -> Stream:
         """The rows of ``mask`` in stream order: by time (stable), else a seeded random permutation."""
         idx = np.flatnonzero(mask)
-        idx = idx[np.argsort(self.ts[idx], kind="stable")] if self.ts is not None else \
-            idx[np.random.default_rng(seed).permutation(idx.size)]
-        return Stream(self.user[idx].astype(np.int32), self.item[idx].astype(np.int32),
-                      self.count[idx].astype(np.float32), self.n_users, self.n_items)
+        idx = (
+            idx[np.argsort(self.ts[idx], kind="stable")]
+            if self.ts is not None
+            else idx[np.random.default_rng(seed).permutation(idx.size)]
+        )
+        return Stream(
+            self.user[idx].astype(np.int32),
+            self.item[idx].astype(np.int32),
+            self.count[idx].astype(np.float32),
+            self.n_users,
+            self.n_items,
+        )
 
 
-def load_data(path: str, fmt: str) -> Data:
+def load_data(path: str, fmt: Format) -> Data:
     """Read a dataset file; bad lines are logged and skipped (counted)."""
     bad: list[BadLine] = []
-    rows = list(read_interactions(path, fmt, on_bad_line=bad.append))  # type: ignore[arg-type]
+    rows = list(read_interactions(path, fmt, on_bad_line=bad.append))
     if bad:
         log.warning("%s: %d bad lines skipped (first: line %d, %s)", path, len(bad), bad[0].line_no, bad[0].reason)
     if not rows:
@@ -130,8 +148,11 @@ def tune_lmf(h: Holdout, factors: int, tune: bool) -> tuple[float, int]:
     best, best_ndcg = (0.2, 4), -1.0
     for lr in LMF_LRS:
         scores: list[float] = []
-        replay_lmf(stream, lmf_config(factors, h.seed, lr=lr), LMF_MAX_EPOCHS, h.seed,
-                   callback=lambda e, U, V: scores.append(h.score(U, V, True)["ndcg"]))
+
+        def record(_epoch: int, U: np.ndarray, V: np.ndarray, scores: list[float] = scores) -> None:
+            scores.append(h.score(U, V, True)["ndcg"])
+
+        replay_lmf(stream, lmf_config(factors, h.seed, lr=lr), LMF_MAX_EPOCHS, h.seed, callback=record)
         e = int(np.argmax(scores))
         log.info("tune lmf lr=%g: validation ndcg@%d by epoch %s", lr, h.k, [round(s, 4) for s in scores])
         if scores[e] > best_ndcg:
@@ -146,8 +167,9 @@ def tune_pipeline(h: Holdout, factors: int, als: ALSParams, resolve_every: int, 
     tr, _, _, _ = h.split(True)
     best, best_ndcg = 0.02, -1.0
     for lr in PIPELINE_LRS:
-        U, V, _ = replay_pipeline(h.data.stream(tr, h.seed), lmf_config(factors, h.seed, lr=lr), als,
-                                  resolve_every, h.seed)
+        U, V, _ = replay_pipeline(
+            h.data.stream(tr, h.seed), lmf_config(factors, h.seed, lr=lr), als, resolve_every, h.seed
+        )
         ndcg = h.score(U, V, True)["ndcg"]
         log.info("tune pipeline lmf lr=%g: validation ndcg@%d %.4f", lr, h.k, ndcg)
         if ndcg > best_ndcg:
@@ -172,12 +194,24 @@ def implicit_models(h: Holdout, factors: int, als: ALSParams) -> dict[str, dict[
     binary = train.copy()
     binary.data[:] = 1.0
     specs = {
-        "implicit_als": (AlternatingLeastSquares(factors=factors, regularization=0.05, alpha=1.0, iterations=15,
-                                                 random_state=h.seed, num_threads=2), conf),
-        "implicit_bpr": (BayesianPersonalizedRanking(factors=factors, regularization=0.05, iterations=15,
-                                                     random_state=h.seed, num_threads=2), binary),
-        "implicit_lmf": (LogisticMatrixFactorization(factors=factors, regularization=0.05, iterations=15,
-                                                     random_state=h.seed, num_threads=2), binary),
+        "implicit_als": (
+            AlternatingLeastSquares(
+                factors=factors, regularization=0.05, alpha=1.0, iterations=15, random_state=h.seed, num_threads=2
+            ),
+            conf,
+        ),
+        "implicit_bpr": (
+            BayesianPersonalizedRanking(
+                factors=factors, regularization=0.05, iterations=15, random_state=h.seed, num_threads=2
+            ),
+            binary,
+        ),
+        "implicit_lmf": (
+            LogisticMatrixFactorization(
+                factors=factors, regularization=0.05, iterations=15, random_state=h.seed, num_threads=2
+            ),
+            binary,
+        ),
     }
     out = {}
     for name, (model, matrix) in specs.items():
@@ -191,19 +225,34 @@ def implicit_models(h: Holdout, factors: int, als: ALSParams) -> dict[str, dict[
     return out
 
 
-def run_holdout(data: Data, models: Sequence[str], factors: int, k: int, seed: int, tune: bool,
-                resolve_every: int) -> dict[str, Any]:
+def run_holdout(
+    data: Data, models: Sequence[str], factors: int, k: int, seed: int, tune: bool, resolve_every: int
+) -> dict[str, Any]:
     """Every requested model on the holdout split; returns ``{"models": {...}, "params": {...}}``."""
     h = Holdout(data, seed, k)
     tr, train, test, users = h.split(False)
     out: dict[str, Any] = {}
-    params: dict[str, Any] = {"factors": factors, "k": k, "seed": seed, "train": int(tr.sum()),
-                              "test": int(h.test.sum()), "users": int(users.size)}
+    params: dict[str, Any] = {
+        "factors": factors,
+        "k": k,
+        "seed": seed,
+        "train": int(tr.sum()),
+        "test": int(h.test.sum()),
+        "users": int(users.size),
+    }
     als = tune_als(h, factors, tune) if {"als", "pipeline", "all"} & set(models) else ALSParams()
     lr, epochs = tune_lmf(h, factors, tune) if {"lmf", "pipeline", "all"} & set(models) else (0.2, 4)
     pipe_lr = tune_pipeline(h, factors, als, resolve_every, tune) if {"pipeline", "all"} & set(models) else lr
-    params.update(als_alpha=als.alpha, als_confidence=als.scaling, als_reg=als.reg, als_iterations=als.iterations,
-                  lmf_lr=lr, lmf_epochs=epochs, pipeline_lmf_lr=pipe_lr, resolve_every=resolve_every)
+    params.update(
+        als_alpha=als.alpha,
+        als_confidence=als.scaling,
+        als_reg=als.reg,
+        als_iterations=als.iterations,
+        lmf_lr=lr,
+        lmf_epochs=epochs,
+        pipeline_lmf_lr=pipe_lr,
+        resolve_every=resolve_every,
+    )
     want = OURS if "all" in models else models
     for name in want:
         t0 = time.perf_counter()
@@ -216,8 +265,9 @@ def run_holdout(data: Data, models: Sequence[str], factors: int, k: int, seed: i
             elif name == "lmf":
                 U, V = replay_lmf(data.stream(tr, seed), lmf_config(factors, seed, lr=lr), epochs, seed)
             else:
-                U, V, info = replay_pipeline(data.stream(tr, seed), lmf_config(factors, seed, lr=pipe_lr), als,
-                                             resolve_every, seed)
+                U, V, info = replay_pipeline(
+                    data.stream(tr, seed), lmf_config(factors, seed, lr=pipe_lr), als, resolve_every, seed
+                )
                 params["pipeline_resolves"] = info["resolves"]
             out[name] = h.score(U, V, False)
         out[name]["seconds"] = round(time.perf_counter() - t0, 2)
@@ -244,22 +294,45 @@ def run_prequential_models(rows: Sequence[Interaction], args: argparse.Namespace
         env, stack = stack_env(env, stack_dir)
         try:
             for name in models:
-                ranks, info = prequential(rows, name, env, chunk=args.chunk, resolve_every=args.resolve_every,
-                                          factors=args.factors, seed=args.seed, lmf_lr=args.lmf_lr,
-                                          als_alpha=args.als_alpha)
+                ranks, info = prequential(
+                    rows,
+                    name,
+                    env,
+                    chunk=args.chunk,
+                    resolve_every=args.resolve_every,
+                    factors=args.factors,
+                    seed=args.seed,
+                    lmf_lr=args.lmf_lr,
+                    als_alpha=args.als_alpha,
+                )
                 s = prequential_summary(ranks.model_ranks(), ranks.pop_ranks(), args.k, args.window)
                 summaries[name] = s
-                out[name] = {**s["model"], "pop_hr": s["popularity"]["hr"], "pop_mrr": s["popularity"]["mrr"],
-                             "seconds": info["seconds"], "warm": s["warm"], "windows": s["windows"],
-                             "resolves": info["resolves"]}
+                out[name] = {
+                    **s["model"],
+                    "pop_hr": s["popularity"]["hr"],
+                    "pop_mrr": s["popularity"]["mrr"],
+                    "seconds": info["seconds"],
+                    "warm": s["warm"],
+                    "windows": s["windows"],
+                    "resolves": info["resolves"],
+                }
         finally:
             if stack is not None:
                 stack.down()
     if args.plot:
         plot_windows(summaries, args.plot, f"prequential, {len(rows)} clicks")
-    return {"protocol": "prequential", "models": out,
-            "params": {"k": args.k, "factors": args.factors, "seed": args.seed, "chunk": args.chunk,
-                       "window": args.window, "resolve_every": args.resolve_every}}
+    return {
+        "protocol": "prequential",
+        "models": out,
+        "params": {
+            "k": args.k,
+            "factors": args.factors,
+            "seed": args.seed,
+            "chunk": args.chunk,
+            "window": args.window,
+            "resolve_every": args.resolve_every,
+        },
+    }
 
 
 # ---------------------------------------------------------------------- output
@@ -267,16 +340,28 @@ def table(result: dict[str, Any]) -> str:
     """The result as a fixed-width text table, one row per model."""
     k = result["params"]["k"]
     if result["protocol"] == "holdout":
-        cols = [("precision", f"P@{k}"), ("recall", f"R@{k}"), ("ndcg", f"NDCG@{k}"), ("map", f"MAP@{k}"),
-                ("coverage", "coverage"), ("seconds", "s")]
+        cols = [
+            ("precision", f"P@{k}"),
+            ("recall", f"R@{k}"),
+            ("ndcg", f"NDCG@{k}"),
+            ("map", f"MAP@{k}"),
+            ("coverage", "coverage"),
+            ("seconds", "s"),
+        ]
     else:
-        cols = [("hr", f"HR@{k}"), ("mrr", "MRR"), ("pop_hr", f"pop HR@{k}"), ("pop_mrr", "pop MRR"),
-                ("clicks", "clicks"), ("cold", "cold"), ("seconds", "s")]
+        cols = [
+            ("hr", f"HR@{k}"),
+            ("mrr", "MRR"),
+            ("pop_hr", f"pop HR@{k}"),
+            ("pop_mrr", "pop MRR"),
+            ("clicks", "clicks"),
+            ("cold", "cold"),
+            ("seconds", "s"),
+        ]
     lines = ["model".ljust(14) + "".join(h.rjust(11) for _, h in cols)]
     for name, m in result["models"].items():
         cells = [m.get(c, float("nan")) for c, _ in cols]
-        lines.append(name.ljust(14) + "".join((f"{v:11.4f}" if isinstance(v, float) else f"{v:11d}")
-                                              for v in cells))
+        lines.append(name.ljust(14) + "".join((f"{v:11.4f}" if isinstance(v, float) else f"{v:11d}") for v in cells))
     return "\n".join(lines)
 
 
@@ -292,8 +377,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--factors", type=int, default=64, help="latent dimension of every model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tune", action="store_true", help="holdout: skip validation tuning (defaults)")
-    p.add_argument("--resolve-every", type=int, default=25_000, metavar="N",
-                   help="pipeline: ALS re-solve after every N clicks")
+    p.add_argument(
+        "--resolve-every", type=int, default=25_000, metavar="N", help="pipeline: ALS re-solve after every N clicks"
+    )
     p.add_argument("--chunk", type=int, default=5000, help="prequential: clicks produced per step")
     p.add_argument("--window", type=int, default=5000, help="prequential: clicks per reported window")
     p.add_argument("--lmf-lr", type=float, default=None, help="prequential: LMF learning rate (env ZEROCF_LMF_LR)")
@@ -305,13 +391,18 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.factors < 1:
         raise ConfigError(f"--k {args.k} and --factors {args.factors} must be >= 1")
     data = load_data(args.dataset, args.format)
-    log.info("%s: %d interactions, %d users, %d items%s", args.dataset, data.user.size, data.n_users,
-             data.n_items, "" if data.ts is not None else " (no timestamps)")
+    log.info(
+        "%s: %d interactions, %d users, %d items%s",
+        args.dataset,
+        data.user.size,
+        data.n_users,
+        data.n_items,
+        "" if data.ts is not None else " (no timestamps)",
+    )
     if args.protocol == "holdout":
         if args.plot:
             raise ConfigError("--plot applies to --protocol prequential only")
-        result = run_holdout(data, [args.model], args.factors, args.k, args.seed, not args.no_tune,
-                             args.resolve_every)
+        result = run_holdout(data, [args.model], args.factors, args.k, args.seed, not args.no_tune, args.resolve_every)
     else:
         result = run_prequential_models(data.rows, args)
     result["dataset"] = args.dataset

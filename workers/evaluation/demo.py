@@ -26,9 +26,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_BAD_RECORDS = (b'{"user_id": "u1", "item_id": "i1", "ts": "yesterday"}',
-                b'{"user_id": "", "item_id": "i1", "ts": 1700000000000}',
-                b"\xff\xfe not json at all")
+_BAD_RECORDS = (
+    b'{"user_id": "u1", "item_id": "i1", "ts": "yesterday"}',
+    b'{"user_id": "", "item_id": "i1", "ts": 1700000000000}',
+    b"\xff\xfe not json at all",
+)
 
 
 def _send_malformed(env: dict[str, str], prefix: str) -> None:
@@ -60,13 +62,14 @@ def _recommendations(env: dict[str, str], prefix: str, users: list[str]) -> dict
 
     rec = Recommender(FactorStore.connect(env["ZEROCF_REDIS_URL"], prefix))
     out = rec.recommend_many(users + ["a-new-user"], k=5)
-    return {u: {"items": r.items, "scores": [round(s, 3) for s in r.scores], "fallback": r.fallback}
-            for u, r in out.items()}
+    return {
+        u: {"items": r.items, "scores": [round(s, 3) for s in r.scores], "fallback": r.fallback} for u, r in out.items()
+    }
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.replay.datasets import read_interactions, synthetic_dataset
     from stream.devstack import LocalStack
+    from stream.replay.datasets import read_interactions, synthetic_dataset
     from workers.evaluation.metrics import prequential_summary
     from workers.evaluation.prequential import plot_windows, prequential
 
@@ -88,11 +91,22 @@ def run(args: argparse.Namespace) -> int:
             stack.up()
             env = {**args.env, **stack.env(), "ZEROCF_TOPIC_PREFIX": "demo"}
             log.info("embedded stack up: %s", " ".join(f"{k}={v}" for k, v in stack.env().items()))
-            log.info("streaming %d clicks from %s through ingest -> lmf, ALS re-solve every %d clicks",
-                     len(rows), source, args.resolve_every)
+            log.info(
+                "streaming %d clicks from %s through ingest -> lmf, ALS re-solve every %d clicks",
+                len(rows),
+                source,
+                args.resolve_every,
+            )
             _send_malformed(env, "demo")
-            ranks, info = prequential(rows, "pipeline", env, chunk=args.chunk, resolve_every=args.resolve_every,
-                                      factors=args.factors, seed=args.seed)
+            ranks, info = prequential(
+                rows,
+                "pipeline",
+                env,
+                chunk=args.chunk,
+                resolve_every=args.resolve_every,
+                factors=args.factors,
+                seed=args.seed,
+            )
             dlq = _dead_letters(env, "demo")
             users = sorted({r.user_id for r in rows[-200:]})[:3]
             recs = _recommendations(env, "demo", users)
@@ -102,16 +116,24 @@ def run(args: argparse.Namespace) -> int:
     plot = out_dir / "prequential.png"
     plot_windows({"zerocf (lmf + periodic als)": s}, str(plot), f"zerocf demo: {source}")
     summary = {
-        "data": source, "clicks": info["sent"], "seconds": info["seconds"],
+        "data": source,
+        "clicks": info["sent"],
+        "seconds": info["seconds"],
         "events_per_s": round(info["sent"] / max(info["seconds"], 1e-9), 1),
-        "prequential_hr10": round(s["model"]["hr"], 4), "popularity_hr10": round(s["popularity"]["hr"], 4),
-        "prequential_mrr": round(s["model"]["mrr"], 4), "popularity_mrr": round(s["popularity"]["mrr"], 4),
+        "prequential_hr10": round(s["model"]["hr"], 4),
+        "popularity_hr10": round(s["popularity"]["hr"], 4),
+        "prequential_mrr": round(s["model"]["mrr"], 4),
+        "popularity_mrr": round(s["popularity"]["mrr"], 4),
         "cold_share": round(s["model"]["cold"], 3),
-        "warm_hr10": round(s["warm"]["model"]["hr"], 4), "warm_popularity_hr10": round(s["warm"]["popularity"]["hr"], 4),
+        "warm_hr10": round(s["warm"]["model"]["hr"], 4),
+        "warm_popularity_hr10": round(s["warm"]["popularity"]["hr"], 4),
         "als_swaps": info["resolves"],
-        "dead_letters": [{"reason": d["reason"], "value": base64.b64decode(d["value_b64"])[:60].decode("utf-8", "replace")}
-                         for d in dlq],
-        "recommendations": recs, "plot": str(plot),
+        "dead_letters": [
+            {"reason": d["reason"], "value": base64.b64decode(d["value_b64"])[:60].decode("utf-8", "replace")}
+            for d in dlq
+        ],
+        "recommendations": recs,
+        "plot": str(plot),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(_report(summary))
@@ -119,18 +141,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(s: dict[str, Any]) -> str:
-    lines = ["", "zerocf demo summary", "===================",
-             f"data            {s['data']}",
-             f"streamed        {s['clicks']} clicks in {s['seconds']} s ({s['events_per_s']} clicks/s, "
-             "produce -> ingest -> lmf, waiting for every chunk to be learned)",
-             f"prequential     HR@10 {s['prequential_hr10']:.4f} (popularity {s['popularity_hr10']:.4f}), "
-             f"MRR {s['prequential_mrr']:.4f} (popularity {s['popularity_mrr']:.4f}); "
-             f"{100 * s['cold_share']:.1f} % of clicks came from users with no vector yet (served popularity)",
-             f"warm users      HR@10 {s['warm_hr10']:.4f} (popularity {s['warm_popularity_hr10']:.4f})",
-             f"ALS swaps       {len(s['als_swaps'])}: " + ", ".join(
-                 f"gen {r['generation']} at {r['at']} clicks" for r in s["als_swaps"]),
-             f"dead letters    {len(s['dead_letters'])}: " + "; ".join(d["reason"] for d in s["dead_letters"]),
-             "recommendations (top 5, P(click)):"]
+    lines = [
+        "",
+        "zerocf demo summary",
+        "===================",
+        f"data            {s['data']}",
+        f"streamed        {s['clicks']} clicks in {s['seconds']} s ({s['events_per_s']} clicks/s, "
+        "produce -> ingest -> lmf, waiting for every chunk to be learned)",
+        f"prequential     HR@10 {s['prequential_hr10']:.4f} (popularity {s['popularity_hr10']:.4f}), "
+        f"MRR {s['prequential_mrr']:.4f} (popularity {s['popularity_mrr']:.4f}); "
+        f"{100 * s['cold_share']:.1f} % of clicks came from users with no vector yet (served popularity)",
+        f"warm users      HR@10 {s['warm_hr10']:.4f} (popularity {s['warm_popularity_hr10']:.4f})",
+        f"ALS swaps       {len(s['als_swaps'])}: "
+        + ", ".join(f"gen {r['generation']} at {r['at']} clicks" for r in s["als_swaps"]),
+        f"dead letters    {len(s['dead_letters'])}: " + "; ".join(d["reason"] for d in s["dead_letters"]),
+        "recommendations (top 5, P(click)):",
+    ]
     for user, r in s["recommendations"].items():
         tag = " (new user: popularity fallback)" if r["fallback"] else ""
         lines.append(f"  {user:>12}{tag}: " + ", ".join(f"{i} {p:.2f}" for i, p in zip(r["items"], r["scores"])))

@@ -23,19 +23,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-__all__ = ["PrequentialLog", "holdout_mask", "prequential_summary", "ranking_metrics", "rank_metrics",
-           "hit_matrix"]
+__all__ = ["PrequentialLog", "holdout_mask", "prequential_summary", "ranking_metrics", "rank_metrics", "hit_matrix"]
 
 IntArray = npt.NDArray[np.integer]
 
 
-def holdout_mask(user: IntArray, ts: npt.NDArray[np.int64] | None, n_users: int, test_frac: float = 0.2,
-                 min_interactions: int = 5, seed: int = 0) -> npt.NDArray[np.bool_]:
+def holdout_mask(
+    user: IntArray,
+    ts: npt.NDArray[np.int64] | None,
+    n_users: int,
+    test_frac: float = 0.2,
+    min_interactions: int = 5,
+    seed: int = 0,
+) -> npt.NDArray[np.bool_]:
     """Boolean mask of the test interactions of the per-user temporal holdout.
 
     Parameters
@@ -86,8 +92,9 @@ def hit_matrix(top_ids: IntArray, test: sp.csr_matrix, users: IntArray) -> npt.N
     return hit & (top >= 0)
 
 
-def ranking_metrics(top_ids: IntArray, test: sp.csr_matrix, users: IntArray, k: int = 10,
-                    n_items: int | None = None) -> dict[str, float]:
+def ranking_metrics(
+    top_ids: IntArray, test: sp.csr_matrix, users: IntArray, k: int = 10, n_items: int | None = None
+) -> dict[str, float]:
     """Mean precision, recall, NDCG, MAP @k over ``users`` with test items, plus catalogue coverage.
 
     ``top_ids[j]`` is the ranked list of ``users[j]`` (training items already excluded, -1 = empty slot);
@@ -118,12 +125,14 @@ def ranking_metrics(top_ids: IntArray, test: sp.csr_matrix, users: IntArray, k: 
     ideal = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))[m.astype(np.int64) - 1]
     prec_at = np.cumsum(hit, axis=1) / np.arange(1, width + 1)
     listed = np.unique(top[top >= 0])
-    return {"precision": float((hit.sum(axis=1) / k).mean()),
-            "recall": float((hit.sum(axis=1) / m).mean()),
-            "ndcg": float(((hit * disc).sum(axis=1) / ideal).mean()),
-            "map": float(((hit * prec_at).sum(axis=1) / m).mean()),
-            "coverage": float(listed.size / max(1, n_items)),
-            "users": int(users.size)}
+    return {
+        "precision": float((hit.sum(axis=1) / k).mean()),
+        "recall": float((hit.sum(axis=1) / m).mean()),
+        "ndcg": float(((hit * disc).sum(axis=1) / ideal).mean()),
+        "map": float(((hit * prec_at).sum(axis=1) / m).mean()),
+        "coverage": float(listed.size / max(1, n_items)),
+        "users": int(users.size),
+    }
 
 
 def rank_metrics(ranks: npt.ArrayLike, k: int = 10) -> dict[str, float]:
@@ -137,8 +146,12 @@ def rank_metrics(ranks: npt.ArrayLike, k: int = 10) -> dict[str, float]:
         return {"hr": 0.0, "mrr": 0.0, "clicks": 0, "cold": 0.0}
     ok = r >= 0
     rr = np.where(ok, 1.0 / (np.maximum(r, 0) + 1.0), 0.0)
-    return {"hr": float(np.mean(ok & (r < k))), "mrr": float(rr.mean()), "clicks": int(r.size),
-            "cold": float(np.mean(~ok))}
+    return {
+        "hr": float(np.mean(ok & (r < k))),
+        "mrr": float(rr.mean()),
+        "clicks": int(r.size),
+        "cold": float(np.mean(~ok)),
+    }
 
 
 @dataclass
@@ -170,8 +183,9 @@ class PrequentialLog:
         return np.fromiter((r[3] for r in self.rows), np.int64, len(self.rows))
 
 
-def prequential_summary(model_ranks: npt.ArrayLike, pop_ranks: npt.ArrayLike, k: int = 10,
-                        window: int = 5000) -> dict[str, object]:
+def prequential_summary(
+    model_ranks: npt.ArrayLike, pop_ranks: npt.ArrayLike, k: int = 10, window: int = 5000
+) -> dict[str, Any]:
     """Overall and per-window (``window`` consecutive clicks) HR@k / MRR of the model and of popularity.
 
     The model's figures are what the system serves: its own rank for users with a vector, the popularity
@@ -192,12 +206,24 @@ def prequential_summary(model_ranks: npt.ArrayLike, pop_ranks: npt.ArrayLike, k:
     cold = float(np.mean(raw < 0)) if raw.size else 0.0
     windows = []
     for lo in range(0, m.size, window):
-        a, b = rank_metrics(m[lo:lo + window], k), rank_metrics(p[lo:lo + window], k)
-        windows.append({"start": lo, "clicks": a["clicks"], "model_hr": a["hr"], "model_mrr": a["mrr"],
-                        "pop_hr": b["hr"], "pop_mrr": b["mrr"],
-                        "cold": float(np.mean(raw[lo:lo + window] < 0))})
+        a, b = rank_metrics(m[lo : lo + window], k), rank_metrics(p[lo : lo + window], k)
+        windows.append(
+            {
+                "start": lo,
+                "clicks": a["clicks"],
+                "model_hr": a["hr"],
+                "model_mrr": a["mrr"],
+                "pop_hr": b["hr"],
+                "pop_mrr": b["mrr"],
+                "cold": float(np.mean(raw[lo : lo + window] < 0)),
+            }
+        )
     warm = raw >= 0
-    return {"k": k, "window": window, "model": {**rank_metrics(m, k), "cold": cold},
-            "popularity": rank_metrics(p, k),
-            "warm": {"model": rank_metrics(raw[warm], k), "popularity": rank_metrics(p[warm], k)},
-            "windows": windows}
+    return {
+        "k": k,
+        "window": window,
+        "model": {**rank_metrics(m, k), "cold": cold},
+        "popularity": rank_metrics(p, k),
+        "warm": {"model": rank_metrics(raw[warm], k), "popularity": rank_metrics(p[warm], k)},
+        "windows": windows,
+    }

@@ -20,15 +20,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
 from stream.events import Event
+from workers.config import LMFConfig
 from workers.kernels.als import Scaling, als_fit
 from workers.kernels.topk import recommend_from_factors
-from workers.config import LMFConfig
 from workers.online.model import OnlineModel
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ class Stream:
 
     def csr(self, binary: bool = False) -> sp.csr_matrix:
         """User x item float32 CSR of the counts (1.0 per pair with ``binary``), duplicates summed."""
-        m = sp.csr_matrix((self.count, (self.user, self.item)), shape=(self.n_users, self.n_items),
-                          dtype=np.float32)
+        m = sp.csr_matrix((self.count, (self.user, self.item)), shape=(self.n_users, self.n_items), dtype=np.float32)
         m.sum_duplicates()
         if binary:
             m.data[:] = 1.0
@@ -88,12 +88,28 @@ def recommend_popular(scores: npt.ArrayLike, train: sp.csr_matrix, users: npt.Ar
     return ids
 
 
-def fit_als(train: sp.csr_matrix, factors: int = 64, reg: float = 0.05, alpha: float = 1.0,
-            iterations: int = 15, scaling: Scaling = "linear", seed: int = 0,
-            init: tuple[F32 | None, F32 | None] | None = None) -> tuple[F32, F32]:
+def fit_als(
+    train: sp.csr_matrix,
+    factors: int = 64,
+    reg: float = 0.05,
+    alpha: float = 1.0,
+    iterations: int = 15,
+    scaling: Scaling = "linear",
+    seed: int = 0,
+    init: tuple[F32 | None, F32 | None] | None = None,
+) -> tuple[F32, F32]:
     """Our implicit ALS (CG, 3 steps) on the training counts; returns (U, V)."""
-    U, V, _ = als_fit(train, factors=factors, reg=reg, alpha=alpha, iterations=iterations, scaling=scaling,
-                      rng=np.random.default_rng(seed), init=init, compute_loss=False)
+    U, V, _ = als_fit(
+        train,
+        factors=factors,
+        reg=reg,
+        alpha=alpha,
+        iterations=iterations,
+        scaling=scaling,
+        rng=np.random.default_rng(seed),
+        init=init,
+        compute_loss=False,
+    )
     return U, V
 
 
@@ -107,22 +123,41 @@ class _Table:
 
 def _events(stream: Stream, lo: int, hi: int, names: tuple[list[str], list[str]]) -> list[Event]:
     users, items = names
-    return [Event(id=f"offline:0:{n}:0", type="click", user=users[u], item=items[i], ts=n, weight=float(c),
-                  pos=None, imp=None, src=f"offline/0/{n}")
-            for n, u, i, c in zip(range(lo, hi), stream.user[lo:hi].tolist(), stream.item[lo:hi].tolist(),
-                                  stream.count[lo:hi].tolist())]
+    return [
+        Event(
+            id=f"offline:0:{n}:0",
+            type="click",
+            user=users[u],
+            item=items[i],
+            ts=n,
+            weight=float(c),
+            pos=None,
+            imp=None,
+            src=f"offline/0/{n}",
+        )
+        for n, u, i, c in zip(
+            range(lo, hi), stream.user[lo:hi].tolist(), stream.item[lo:hi].tolist(), stream.count[lo:hi].tolist()
+        )
+    ]
 
 
-def _lmf_pass(model: OnlineModel, table: _Table, stream: Stream, lo: int, hi: int, bias: float,
-              names: tuple[list[str], list[str]], user_index: dict[str, int]) -> float:
+def _lmf_pass(
+    model: OnlineModel,
+    table: _Table,
+    stream: Stream,
+    lo: int,
+    hi: int,
+    bias: float,
+    names: tuple[list[str], list[str]],
+    user_index: dict[str, int],
+) -> float:
     """Plan, fetch (from the table), train and write back the clicks ``[lo, hi)`` batch by batch."""
     loss, batch = 0.0, model.cfg.batch
     for start in range(lo, hi, batch):
         plan = model.plan(0, _events(stream, start, min(hi, start + batch), names))
         rows = np.fromiter((user_index[u] for u in plan.users), np.int64, len(plan.users))
         model._grow()
-        result = model.train(plan, table.U[rows], table.found[rows], model.item_cache[plan.item_global],
-                             bias)
+        result = model.train(plan, table.U[rows], table.found[rows], model.item_cache[plan.item_global], bias)
         if not result.finite:
             raise FloatingPointError(f"LMF replay diverged at clicks {start}..; lower lr or raise reg")
         table.U[rows] = result.user_vecs
@@ -141,8 +176,13 @@ def _item_matrix(model: OnlineModel, n_items: int, items: list[str]) -> F32:
     return V
 
 
-def replay_lmf(stream: Stream, cfg: LMFConfig, epochs: int = 1, seed: int = 0,
-               callback: Callable[[int, F32, F32], None] | None = None) -> tuple[F32, F32]:
+def replay_lmf(
+    stream: Stream,
+    cfg: LMFConfig,
+    epochs: int = 1,
+    seed: int = 0,
+    callback: Callable[[int, F32, F32], None] | None = None,
+) -> tuple[F32, F32]:
     """Train the online LMF model offline: ``epochs`` replays of ``stream``; returns (U, V) in dense ids.
 
     ``callback(epoch, U, V)`` is called after every epoch (validation curves without refitting).
@@ -174,8 +214,9 @@ class ALSParams:
     scaling: Scaling = "linear"
 
 
-def replay_pipeline(stream: Stream, cfg: LMFConfig, als: ALSParams, resolve_every: int, seed: int = 0,
-                    calib_samples: int = 20_000) -> tuple[F32, F32, dict[str, object]]:
+def replay_pipeline(
+    stream: Stream, cfg: LMFConfig, als: ALSParams, resolve_every: int, seed: int = 0, calib_samples: int = 20_000
+) -> tuple[F32, F32, dict[str, Any]]:
     """One online pass with an ALS re-solve + calibrated handoff after every ``resolve_every`` clicks.
 
     Emulates ``zerocf lmf`` + periodic ``zerocf als --once`` in memory. Re-solves happen at clicks
@@ -197,7 +238,8 @@ def replay_pipeline(stream: Stream, cfg: LMFConfig, als: ALSParams, resolve_ever
     rng = np.random.default_rng(seed)
     model = OnlineModel(cfg, seed=seed)
     table = _Table(stream.n_users, cfg.factors)
-    bias, info = 0.0, {"resolves": []}
+    bias = 0.0
+    info: dict[str, Any] = {"resolves": []}
     n = stream.user.size
     lo = 0
     for hi in list(range(resolve_every, n, resolve_every)) + [n]:
@@ -225,7 +267,7 @@ def replay_pipeline(stream: Stream, cfg: LMFConfig, als: ALSParams, resolve_ever
         active = np.diff(part.indptr) > 0
         table.U[active] = U[active]
         table.found |= active
-        info["resolves"].append({"at": hi, "scale": cal.scale, "bias": cal.bias})  # type: ignore[union-attr]
+        info["resolves"].append({"at": hi, "scale": cal.scale, "bias": cal.bias})
         log.info("pipeline re-solve at click %d: scale %.4g bias %.4g", hi, cal.scale, cal.bias)
     return table.U.copy(), _item_matrix(model, stream.n_items, names[1]), info
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from stream.replay.datasets import Interaction
 from stream.errors import ConfigError
+from stream.replay.datasets import Interaction
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,25 @@ def stack_env(env: dict[str, str], stack_dir: str) -> tuple[dict[str, str], Any]
 
     stack = LocalStack(stack_dir)
     stack.up()
-    log.info("started an embedded stack in %s (set ZEROCF_KAFKA_BOOTSTRAP and ZEROCF_REDIS_URL to use yours)",
-             stack_dir)
+    log.info(
+        "started an embedded stack in %s (set ZEROCF_KAFKA_BOOTSTRAP and ZEROCF_REDIS_URL to use yours)", stack_dir
+    )
     return {**env, **stack.env()}, stack
 
 
-def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *, chunk: int = 5000,
-                resolve_every: int = 25_000, factors: int = 64, seed: int = 0, lmf_lr: float | None = None,
-                als_alpha: float | None = None, timeout: float = 120.0) -> tuple[Any, dict[str, Any]]:
+def prequential(
+    rows: Sequence[Interaction],
+    model: str,
+    env: dict[str, str],
+    *,
+    chunk: int = 5000,
+    resolve_every: int = 25_000,
+    factors: int = 64,
+    seed: int = 0,
+    lmf_lr: float | None = None,
+    als_alpha: float | None = None,
+    timeout: float = 120.0,
+) -> tuple[Any, dict[str, Any]]:
     """Replay ``rows`` through the real broker, ingest and LMF worker; return (PrequentialLog, info).
 
     ``env`` must name the broker and Redis (``ZEROCF_KAFKA_BOOTSTRAP``, ``ZEROCF_REDIS_URL``); topics and the
@@ -47,10 +58,10 @@ def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *,
     import uuid
 
     from stream import kafka_util
+    from stream.client.producer import EventProducer
     from stream.config import StreamConfig, load
     from stream.ingest import Ingest
     from stream.replay.produce import prepare, replay
-    from stream.client.producer import EventProducer
     from stream.runtime import StopFlag
     from workers.config import ALSConfig, LMFConfig
     from workers.evaluation.metrics import PrequentialLog
@@ -65,8 +76,13 @@ def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *,
     scfg = load(StreamConfig, env, common)
     lcfg = load(LMFConfig, env, {**common, "seed": seed, "lr": lmf_lr})
     acfg = load(ALSConfig, env, {**common, "checkpoint_dir": tmp.name, "als_alpha": als_alpha, "als_seed": seed})
-    kafka_util.ensure_topics(scfg.kafka, {t: scfg.events_partitions for t in (
-        scfg.topics.clicks, scfg.topics.impressions, scfg.topics.events, scfg.topics.dlq)})
+    kafka_util.ensure_topics(
+        scfg.kafka,
+        {
+            t: scfg.events_partitions
+            for t in (scfg.topics.clicks, scfg.topics.impressions, scfg.topics.events, scfg.topics.dlq)
+        },
+    )
     store = FactorStore.from_url(lcfg.redis_url, prefix, seen_cap=lcfg.seen_cap)
     ranks = PrequentialLog()
     stop = StopFlag()
@@ -83,15 +99,22 @@ def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *,
             t.start()
         als = None
         for n, lo in enumerate(range(0, len(ordered), chunk), 1):
-            info["sent"] += replay(producer, ordered[lo:lo + chunk], 0, None, seed)["clicks_sent"]
+            info["sent"] += replay(producer, ordered[lo : lo + chunk], 0, None, seed)["clicks_sent"]
             _wait_ranked(ranks, info["sent"], threads, timeout)
             if model == "pipeline" and n % every == 0 and lo + chunk < len(ordered):
                 from workers.batch.worker import ALSWorker
 
                 als = als or ALSWorker(acfg, FactorStore.from_url(acfg.redis_url, prefix), stop)
                 res = als.run_once(0)
-                info["resolves"].append({"at": info["sent"], "outcome": res.outcome, "generation": res.generation,
-                                         "scale": res.scale, "bias": res.bias})
+                info["resolves"].append(
+                    {
+                        "at": info["sent"],
+                        "outcome": res.outcome,
+                        "generation": res.generation,
+                        "scale": res.scale,
+                        "bias": res.bias,
+                    }
+                )
     finally:
         stop.set("evaluation done")
         producer.close()
@@ -111,8 +134,10 @@ def _wait_ranked(ranks: Any, expected: int, threads: Sequence[Any], timeout: flo
         if len(ranks) != last:
             last, since = len(ranks), time.monotonic()
         elif time.monotonic() - since > timeout:
-            raise ConfigError(f"only {len(ranks)} of {expected} clicks were ranked after {timeout:.0f}s without "
-                              "progress; check the broker/Redis and the ingest DLQ")
+            raise ConfigError(
+                f"only {len(ranks)} of {expected} clicks were ranked after {timeout:.0f}s without "
+                "progress; check the broker/Redis and the ingest DLQ"
+            )
         time.sleep(0.05)
 
 

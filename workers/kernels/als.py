@@ -34,8 +34,9 @@ are numba ``prange`` loops over blocks of rows, no Python loop over users.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numba
 import numpy as np
@@ -76,22 +77,27 @@ class FitHistory:
 
 def _check_counts(counts: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
     if not sp.issparse(counts):
-        raise TypeError(f"counts must be a scipy sparse matrix, got {type(counts).__name__}; "
-                        "build one with InteractionMatrix.to_csr()")
+        raise TypeError(
+            f"counts must be a scipy sparse matrix, got {type(counts).__name__}; "
+            "build one with InteractionMatrix.to_csr()"
+        )
     c = sp.csr_matrix(counts, dtype=np.float32, copy=True)
     c.sum_duplicates()
     if not np.isfinite(c.data).all():
         bad = int((~np.isfinite(c.data)).sum())
         raise ValueError(f"counts hold {bad} NaN/inf values; drop or clip them before fitting")
     if (c.data < 0).any():
-        raise ValueError(f"counts must be >= 0, min is {float(c.data.min())}; "
-                         "ALS models positive feedback only, drop negative events upstream")
+        raise ValueError(
+            f"counts must be >= 0, min is {float(c.data.min())}; "
+            "ALS models positive feedback only, drop negative events upstream"
+        )
     c.eliminate_zeros()
     return c
 
 
-def confidence(counts_csr: sp.spmatrix | sp.sparray, alpha: float,
-               scaling: Scaling = "linear", eps: float = 1.0) -> sp.csr_matrix:
+def confidence(
+    counts_csr: sp.spmatrix | sp.sparray, alpha: float, scaling: Scaling = "linear", eps: float = 1.0
+) -> sp.csr_matrix:
     """Return the extra confidence ``d = c - 1`` of every observed pair, as float32 CSR.
 
     Parameters
@@ -134,8 +140,7 @@ def confidence(counts_csr: sp.spmatrix | sp.sparray, alpha: float,
     else:
         raise ValueError(f"scaling must be 'linear' or 'log', got {scaling!r}")
     if not np.isfinite(c.data).all():
-        raise ValueError(f"confidence alpha * f overflows float32 (alpha={alpha}); "
-                         "lower alpha or use scaling='log'")
+        raise ValueError(f"confidence alpha * f overflows float32 (alpha={alpha}); lower alpha or use scaling='log'")
     c.indices = c.indices.astype(np.int32, copy=False)
     c.indptr = c.indptr.astype(np.int64, copy=False)
     return c
@@ -175,8 +180,10 @@ def _init_factors(n: int, k: int, init: F32 | None, rng: np.random.Generator, na
         return new
     init = np.asarray(init, dtype=np.float32)
     if init.ndim != 2 or init.shape[1] != k or init.shape[0] > n:
-        raise ValueError(f"init {name} has shape {init.shape}, expected (<= {n}, {k}); "
-                         f"pass factors={init.shape[-1]} or refit from scratch with init=None")
+        raise ValueError(
+            f"init {name} has shape {init.shape}, expected (<= {n}, {k}); "
+            f"pass factors={init.shape[-1]} or refit from scratch with init=None"
+        )
     if not np.isfinite(init).all():
         raise ValueError(f"init {name} holds NaN/inf; refit from scratch with init=None")
     new[: init.shape[0]] = init
@@ -195,13 +202,22 @@ def _half_sweep(conf: sp.csr_matrix, X: F32, Y: F32, reg: float, solver: str, cg
         exact_sweep(conf.indptr, conf.indices, conf.data, X, Y, G)
 
 
-def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float = 0.05,
-            alpha: float = 2.0, iterations: int = 15, solver: Literal["cg", "exact"] = "cg",
-            cg_steps: int = 3, init: tuple[F32 | None, F32 | None] | None = None,
-            rng: np.random.Generator | None = None,
-            callback: Callable[[int, float, float | None], None] | None = None,
-            num_threads: int | None = None, scaling: Scaling = "linear",
-            eps: float = 1.0, compute_loss: bool = True) -> tuple[F32, F32, FitHistory]:
+def als_fit(
+    counts_csr: sp.spmatrix | sp.sparray,
+    factors: int = 64,
+    reg: float = 0.05,
+    alpha: float = 2.0,
+    iterations: int = 15,
+    solver: Literal["cg", "exact"] = "cg",
+    cg_steps: int = 3,
+    init: tuple[F32 | None, F32 | None] | None = None,
+    rng: np.random.Generator | None = None,
+    callback: Callable[[int, float, float | None], None] | None = None,
+    num_threads: int | None = None,
+    scaling: Scaling = "linear",
+    eps: float = 1.0,
+    compute_loss: bool = True,
+) -> tuple[F32, F32, FitHistory]:
     """Fit implicit ALS on a user x item count matrix.
 
     Parameters
@@ -245,8 +261,10 @@ def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float 
     if solver not in ("cg", "exact"):
         raise ValueError(f"solver must be 'cg' or 'exact', got {solver!r}")
     if factors < 1 or iterations < 0 or cg_steps < 1 or not reg >= 0:
-        raise ValueError(f"need factors >= 1, iterations >= 0, cg_steps >= 1, reg >= 0; got "
-                         f"{factors}, {iterations}, {cg_steps}, {reg}")
+        raise ValueError(
+            f"need factors >= 1, iterations >= 0, cg_steps >= 1, reg >= 0; got "
+            f"{factors}, {iterations}, {cg_steps}, {reg}"
+        )
     cui = confidence(counts_csr, alpha, scaling, eps)
     ciu = cui.T.tocsr()
     ciu.indices = ciu.indices.astype(np.int32, copy=False)
@@ -258,7 +276,8 @@ def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float 
     history = FitHistory()
     prev_threads = numba.get_num_threads()
     if num_threads is not None:
-        numba.set_num_threads(max(1, min(int(num_threads), numba.config.NUMBA_NUM_THREADS)))
+        cap = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]  # set at import, not in the stubs
+        numba.set_num_threads(max(1, min(int(num_threads), cap)))
     try:
         for it in range(iterations):
             t0 = time.perf_counter()
@@ -266,8 +285,10 @@ def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float 
             _half_sweep(ciu, V, U, reg, solver, cg_steps)
             seconds = time.perf_counter() - t0
             if not (np.isfinite(U).all() and np.isfinite(V).all()):
-                raise ALSDiverged(f"ALS factors became NaN/inf at iteration {it} (alpha={alpha}, "
-                                  f"reg={reg}, solver={solver}); lower alpha or raise reg and refit")
+                raise ALSDiverged(
+                    f"ALS factors became NaN/inf at iteration {it} (alpha={alpha}, "
+                    f"reg={reg}, solver={solver}); lower alpha or raise reg and refit"
+                )
             loss = wmf_loss(cui, U, V, reg) if compute_loss else None
             history.seconds.append(seconds)
             if loss is not None:
@@ -279,9 +300,16 @@ def als_fit(counts_csr: sp.spmatrix | sp.sparray, factors: int = 64, reg: float 
     return U, V, history
 
 
-def fold_in(V: F32, item_idx: npt.ArrayLike, counts: npt.ArrayLike, reg: float, alpha: float,
-            scaling: Scaling = "linear", eps: float = 1.0,
-            gram: npt.NDArray[np.floating] | None = None) -> F32:
+def fold_in(
+    V: F32,
+    item_idx: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    reg: float,
+    alpha: float,
+    scaling: Scaling = "linear",
+    eps: float = 1.0,
+    gram: npt.NDArray[np.floating] | None = None,
+) -> F32:
     """Exact factor of one (cold) user against fixed item factors.
 
     Solves ``(V^T V + V_I^T D V_I + reg I) p = V_I^T (1 + d)`` with ``d`` from :func:`confidence`.

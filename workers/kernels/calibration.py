@@ -57,8 +57,9 @@ def _logloss(z: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> float:
     return float(np.mean(np.logaddexp(0.0, z) - y * z)) if z.size else 0.0
 
 
-def fit_scale_bias(scores: npt.ArrayLike, labels: npt.ArrayLike, iterations: int = 50,
-                   ridge: float = 1e-6, tol: float = 1e-10) -> tuple[float, float]:
+def fit_scale_bias(
+    scores: npt.ArrayLike, labels: npt.ArrayLike, iterations: int = 50, ridge: float = 1e-6, tol: float = 1e-10
+) -> tuple[float, float]:
     """Logistic regression ``P(y=1) = σ(a·s + b)`` on one feature, by Newton/IRLS; returns ``(a, b)``.
 
     Parameters
@@ -120,9 +121,14 @@ def fit_scale_bias(scores: npt.ArrayLike, labels: npt.ArrayLike, iterations: int
     return float(theta[0]), float(theta[1])
 
 
-def sample_pairs(counts_csr: sp.spmatrix | sp.sparray, n_pos: int, rng: np.random.Generator,
-                 negatives: int = 1, power: float = 0.75, rounds: int = 8
-                 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+def sample_pairs(
+    counts_csr: sp.spmatrix | sp.sparray,
+    n_pos: int,
+    rng: np.random.Generator,
+    negatives: int = 1,
+    power: float = 0.75,
+    rounds: int = 8,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Positive and negative ``(user, item)`` pairs for calibration.
 
     Parameters
@@ -181,8 +187,15 @@ def sample_pairs(counts_csr: sp.spmatrix | sp.sparray, n_pos: int, rng: np.rando
     return users, items, labels
 
 
-def calibrate(U: F32, V: F32, counts_csr: sp.spmatrix | sp.sparray, n_samples: int,
-              rng: np.random.Generator, negatives: int = 1, power: float = 0.75) -> Calibration:
+def calibrate(
+    U: F32,
+    V: F32,
+    counts_csr: sp.spmatrix | sp.sparray,
+    n_samples: int,
+    rng: np.random.Generator,
+    negatives: int = 1,
+    power: float = 0.75,
+) -> Calibration:
     """Fit ``(scale, bias)`` so that ``σ(scale·(U[u]·V[i]) + bias)`` is calibrated; see the module doc.
 
     Parameters
@@ -214,8 +227,10 @@ def calibrate(U: F32, V: F32, counts_csr: sp.spmatrix | sp.sparray, n_samples: i
     U = np.asarray(U, dtype=np.float32)
     V = np.asarray(V, dtype=np.float32)
     if U.shape[0] != counts_csr.shape[0] or V.shape[0] != counts_csr.shape[1] or U.shape[1] != V.shape[1]:
-        raise ValueError(f"U {U.shape} and V {V.shape} do not match counts {counts_csr.shape}; "
-                         "pass the factors fitted on this matrix")
+        raise ValueError(
+            f"U {U.shape} and V {V.shape} do not match counts {counts_csr.shape}; "
+            "pass the factors fitted on this matrix"
+        )
     users, items, labels = sample_pairs(counts_csr, n_samples, rng, negatives, power)
     if labels.size == 0 or labels.min() == labels.max():
         return Calibration(1.0, 0.0, int(labels.sum()), int((labels == 0).sum()), float("nan"))

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from workers.kernels.sampling import I32
 
+
 class ExposureTracker:
     """Impressions waiting for a click; those not clicked within a window become exposure negatives.
 
@@ -63,8 +64,10 @@ class ExposureTracker:
     def clicked(self, users: npt.ArrayLike, items: npt.ArrayLike) -> int:
         """Forget clicked pairs; return how many were pending."""
         pend = self._pending
-        return sum(pend.pop(k, None) is not None
-                   for k in zip(np.atleast_1d(users).tolist(), np.atleast_1d(items).tolist(), strict=True))
+        return sum(
+            pend.pop(k, None) is not None
+            for k in zip(np.atleast_1d(users).tolist(), np.atleast_1d(items).tolist(), strict=True)
+        )
 
     def due(self, now_ts: int, window_ms: int) -> tuple[I32, I32]:
         """Pop pairs shown more than ``window_ms`` before ``now_ts``: (users, items) int32 arrays."""

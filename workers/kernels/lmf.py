@@ -29,21 +29,37 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-__all__ = ["check_finite", "event_weights", "fold_in_user", "init_rows", "lmf_sgd",
-           "lmf_sgd_reference"]
+__all__ = ["check_finite", "event_weights", "fold_in_user", "init_rows", "lmf_sgd", "lmf_sgd_reference"]
 
 F32 = npt.NDArray[np.float32]
 ADAGRAD_EPS = 1e-8
 
 
-def _check(U: F32, V: F32, users: npt.ArrayLike, pos_items: npt.ArrayLike, neg_items: npt.ArrayLike,
-           lr: float, reg: float, clip: float, adagrad: tuple[F32, F32] | None,
-           weights: npt.ArrayLike | None, neg_weights: npt.ArrayLike | None) -> tuple:
-    for name, a in (("U", U), ("V", V)):
-        if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2
-                and a.flags.c_contiguous and a.flags.writeable):
-            raise TypeError(f"{name} must be a writeable C-contiguous 2-d float32 array (updated in place); "
-                            f"got {type(a).__name__} {getattr(a, 'dtype', '')}; build it with init_rows()")
+def _check(
+    U: F32,
+    V: F32,
+    users: npt.ArrayLike,
+    pos_items: npt.ArrayLike,
+    neg_items: npt.ArrayLike,
+    lr: float,
+    reg: float,
+    clip: float,
+    adagrad: tuple[F32, F32] | None,
+    weights: npt.ArrayLike | None,
+    neg_weights: npt.ArrayLike | None,
+) -> tuple:
+    for name, m in (("U", U), ("V", V)):
+        if not (
+            isinstance(m, np.ndarray)
+            and m.dtype == np.float32
+            and m.ndim == 2
+            and m.flags.c_contiguous
+            and m.flags.writeable
+        ):
+            raise TypeError(
+                f"{name} must be a writeable C-contiguous 2-d float32 array (updated in place); "
+                f"got {type(m).__name__} {getattr(m, 'dtype', '')}; build it with init_rows()"
+            )
     if U.shape[1] != V.shape[1]:
         raise ValueError(f"U has dim {U.shape[1]}, V has dim {V.shape[1]}; both factor sets need one k")
     u = np.ascontiguousarray(users, dtype=np.int32)
@@ -53,10 +69,14 @@ def _check(U: F32, V: F32, users: npt.ArrayLike, pos_items: npt.ArrayLike, neg_i
     if n.ndim == 1 and n.size == 0:
         n = n.reshape(e, 0)
     if u.ndim != 1 or p.shape != (e,) or n.ndim != 2 or n.shape[0] != e:
-        raise ValueError(f"users {u.shape}, pos_items {p.shape}, neg_items {n.shape}: expected (E,), (E,) "
-                         "and (E, n_neg)")
-    for name, a, lo, hi in (("users", u, 0, U.shape[0]), ("pos_items", p, -1, V.shape[0]),
-                            ("neg_items", n, -1, V.shape[0])):
+        raise ValueError(
+            f"users {u.shape}, pos_items {p.shape}, neg_items {n.shape}: expected (E,), (E,) and (E, n_neg)"
+        )
+    for name, a, lo, hi in (
+        ("users", u, 0, U.shape[0]),
+        ("pos_items", p, -1, V.shape[0]),
+        ("neg_items", n, -1, V.shape[0]),
+    ):
         if a.size and (int(a.min()) < lo or int(a.max()) >= hi):
             raise ValueError(f"{name} has indices outside [{lo}, {hi}); grow the factor arrays first")
     if not (lr > 0 and reg >= 0 and clip > 0):
@@ -69,10 +89,15 @@ def _check(U: F32, V: F32, users: npt.ArrayLike, pos_items: npt.ArrayLike, neg_i
         gu = gv = np.zeros(0, np.float32)
     else:
         gu, gv = adagrad
-        if not all(isinstance(g, np.ndarray) and g.dtype == np.float32 and g.flags.writeable
-                   for g in (gu, gv)) or gu.shape != U.shape[:1] or gv.shape != V.shape[:1]:
-            raise ValueError(f"adagrad must be (GU, GV) float32 arrays of shapes ({U.shape[0]},) and "
-                             f"({V.shape[0]},), one accumulator per row; build them with np.zeros")
+        if (
+            not all(isinstance(g, np.ndarray) and g.dtype == np.float32 and g.flags.writeable for g in (gu, gv))
+            or gu.shape != U.shape[:1]
+            or gv.shape != V.shape[:1]
+        ):
+            raise ValueError(
+                f"adagrad must be (GU, GV) float32 arrays of shapes ({U.shape[0]},) and "
+                f"({V.shape[0]},), one accumulator per row; build them with np.zeros"
+            )
     return u, p, n, w, nw, gu, gv
 
 
@@ -87,8 +112,9 @@ def _softplus(x: float) -> float:
     return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
-def _ref_step(p: F32, q: F32, label: float, w: float, lr: float, reg: float, bias: float, clip: float,
-              acc: tuple | None) -> float:
+def _ref_step(
+    p: F32, q: F32, label: float, w: float, lr: float, reg: float, bias: float, clip: float, acc: tuple | None
+) -> float:
     pd, qd = p.astype(np.float64), q.astype(np.float64)
     x = bias + float(pd @ qd)
     g = w * (label - _sigmoid(x))
@@ -106,11 +132,20 @@ def _ref_step(p: F32, q: F32, label: float, w: float, lr: float, reg: float, bia
     return w * _softplus(-x if label else x)
 
 
-def lmf_sgd_reference(U: F32, V: F32, users: npt.ArrayLike, pos_items: npt.ArrayLike,
-                      neg_items: npt.ArrayLike, lr: float, reg: float, bias: float = 0.0,
-                      clip: float = 5.0, adagrad: tuple[F32, F32] | None = None,
-                      weights: npt.ArrayLike | None = None,
-                      neg_weights: npt.ArrayLike | None = None) -> F32:
+def lmf_sgd_reference(
+    U: F32,
+    V: F32,
+    users: npt.ArrayLike,
+    pos_items: npt.ArrayLike,
+    neg_items: npt.ArrayLike,
+    lr: float,
+    reg: float,
+    bias: float = 0.0,
+    clip: float = 5.0,
+    adagrad: tuple[F32, F32] | None = None,
+    weights: npt.ArrayLike | None = None,
+    neg_weights: npt.ArrayLike | None = None,
+) -> F32:
     """Plain numpy LMF SGD pass over E events; the specification :func:`lmf_sgd` must match.
 
     Parameters
@@ -138,8 +173,7 @@ def lmf_sgd_reference(U: F32, V: F32, users: npt.ArrayLike, pos_items: npt.Array
     >>> loss.shape, loss.dtype, bool(loss[0] > 2 * math.log(2) - 0.1)
     ((2,), dtype('float32'), True)
     """
-    u, p, n, w, nw, gu, gv = _check(U, V, users, pos_items, neg_items, lr, reg, clip, adagrad,
-                                    weights, neg_weights)
+    u, p, n, w, nw, gu, gv = _check(U, V, users, pos_items, neg_items, lr, reg, clip, adagrad, weights, neg_weights)
     loss = np.zeros(u.size, np.float32)
     for e in range(u.size):
         total = 0.0
@@ -193,8 +227,9 @@ def _step(U, V, u, i, label, w, lr, reg, bias, clip, use_ada, GU, GV):  # pragma
 
 
 @njit(cache=True, fastmath=False, nogil=True)
-def _sgd_kernel(U, V, users, pos, neg, w, nw, lr, reg, bias, clip, use_ada, GU, GV,
-                loss):  # pragma: no cover - compiled
+def _sgd_kernel(
+    U, V, users, pos, neg, w, nw, lr, reg, bias, clip, use_ada, GU, GV, loss
+):  # pragma: no cover - compiled
     for e in range(users.shape[0]):
         u = users[e]
         total = 0.0
@@ -202,15 +237,24 @@ def _sgd_kernel(U, V, users, pos, neg, w, nw, lr, reg, bias, clip, use_ada, GU, 
             total += _step(U, V, u, pos[e], 1.0, np.float64(w[e]), lr, reg, bias, clip, use_ada, GU, GV)
         for j in range(neg.shape[1]):
             if neg[e, j] >= 0:
-                total += _step(U, V, u, neg[e, j], 0.0, np.float64(nw[e]), lr, reg, bias, clip,
-                               use_ada, GU, GV)
+                total += _step(U, V, u, neg[e, j], 0.0, np.float64(nw[e]), lr, reg, bias, clip, use_ada, GU, GV)
         loss[e] = total
 
 
-def lmf_sgd(U: F32, V: F32, users: npt.ArrayLike, pos_items: npt.ArrayLike, neg_items: npt.ArrayLike,
-            lr: float, reg: float, bias: float = 0.0, clip: float = 5.0,
-            adagrad: tuple[F32, F32] | None = None, weights: npt.ArrayLike | None = None,
-            neg_weights: npt.ArrayLike | None = None) -> F32:
+def lmf_sgd(
+    U: F32,
+    V: F32,
+    users: npt.ArrayLike,
+    pos_items: npt.ArrayLike,
+    neg_items: npt.ArrayLike,
+    lr: float,
+    reg: float,
+    bias: float = 0.0,
+    clip: float = 5.0,
+    adagrad: tuple[F32, F32] | None = None,
+    weights: npt.ArrayLike | None = None,
+    neg_weights: npt.ArrayLike | None = None,
+) -> F32:
     """Numba LMF SGD pass, same parameters and semantics as :func:`lmf_sgd_reference`.
 
     Mutates ``U``, ``V`` (and the AdaGrad accumulators) in place; returns the (E,) float32 per-event
@@ -225,11 +269,11 @@ def lmf_sgd(U: F32, V: F32, users: npt.ArrayLike, pos_items: npt.ArrayLike, neg_
     >>> bool(np.allclose(a, b, atol=1e-6) and np.allclose(U, U2, atol=1e-6))
     True
     """
-    u, p, n, w, nw, gu, gv = _check(U, V, users, pos_items, neg_items, lr, reg, clip, adagrad,
-                                    weights, neg_weights)
+    u, p, n, w, nw, gu, gv = _check(U, V, users, pos_items, neg_items, lr, reg, clip, adagrad, weights, neg_weights)
     loss = np.zeros(u.size, np.float32)
-    _sgd_kernel(U, V, u, p, n, w, nw, float(lr), float(reg), float(bias), float(clip),
-                adagrad is not None, gu, gv, loss)
+    _sgd_kernel(
+        U, V, u, p, n, w, nw, float(lr), float(reg), float(bias), float(clip), adagrad is not None, gu, gv, loss
+    )
     return loss
 
 
@@ -267,8 +311,13 @@ def init_rows(n: int, k: int, rng: np.random.Generator, scale: float = 0.01) -> 
     return rng.standard_normal((n, k), dtype=np.float32) * np.float32(scale)
 
 
-def fold_in_user(V_items: F32, item_idx: npt.ArrayLike, weights: npt.ArrayLike | None = None,
-                 reg: float = 0.1, gram: npt.NDArray[np.float64] | None = None) -> F32:
+def fold_in_user(
+    V_items: F32,
+    item_idx: npt.ArrayLike,
+    weights: npt.ArrayLike | None = None,
+    reg: float = 0.1,
+    gram: npt.NDArray[np.float64] | None = None,
+) -> F32:
     """Least-squares vector of a new user from the items they clicked, against fixed item vectors.
 
     Without ``gram``: ridge fit of ``p · q_i ≈ 1`` on the clicked set S only,
@@ -285,9 +334,9 @@ def fold_in_user(V_items: F32, item_idx: npt.ArrayLike, weights: npt.ArrayLike |
     if reg <= 0:
         raise ValueError(f"fold-in needs reg > 0 to be well posed with few clicks, got {reg}")
     idx = np.asarray(item_idx, dtype=np.int64)
-    w = np.ones(idx.size) if weights is None else np.asarray(weights, dtype=np.float64)
+    w_click = np.ones(idx.size) if weights is None else np.asarray(weights, dtype=np.float64)
     items, inv = np.unique(idx, return_inverse=True)
-    w = np.bincount(inv, weights=w, minlength=items.size)
+    w = np.bincount(inv, weights=w_click, minlength=items.size).astype(np.float64)
     vs = V_items[items].astype(np.float64)
     k = V_items.shape[1]
     if gram is None:
@@ -298,8 +347,9 @@ def fold_in_user(V_items: F32, item_idx: npt.ArrayLike, weights: npt.ArrayLike |
     return p.astype(np.float32)
 
 
-def fold_in_users(V_items: F32, rows: npt.ArrayLike, item_idx: npt.ArrayLike, n_rows: int,
-                  reg: float = 0.1, pad: int = 16) -> F32:
+def fold_in_users(
+    V_items: F32, rows: npt.ArrayLike, item_idx: npt.ArrayLike, n_rows: int, reg: float = 0.1, pad: int = 16
+) -> F32:
     """:func:`fold_in_user` (ridge on the clicked items, no gram) for many users at once.
 
     ``rows[j]`` is the output row that click ``j`` on item ``item_idx[j]`` belongs to; returns
@@ -338,5 +388,5 @@ def fold_in_users(V_items: F32, rows: npt.ArrayLike, item_idx: npt.ArrayLike, n_
         a = np.linalg.solve(G, valid.astype(np.float64)[:, :, None])[:, :, 0]
         out[r[st]] = np.einsum("nsk,ns->nk", Q, a).astype(np.float32)
     for st, sz in zip(starts[~small], sizes[~small]):
-        out[r[st]] = fold_in_user(V_items, items[st:st + sz], reg=reg)
+        out[r[st]] = fold_in_user(V_items, items[st : st + sz], reg=reg)
     return out

@@ -26,8 +26,10 @@ I32 = npt.NDArray[np.int32]
 def _as_indices(items: npt.ArrayLike, name: str) -> I32:
     arr = np.asarray(items)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name} must be a 1-d array of integer item indices, got dtype {arr.dtype} "
-                         f"shape {arr.shape}; map item ids to dense indices first")
+        raise ValueError(
+            f"{name} must be a 1-d array of integer item indices, got dtype {arr.dtype} "
+            f"shape {arr.shape}; map item ids to dense indices first"
+        )
     if arr.size and int(arr.min()) < 0:
         raise ValueError(f"{name} contains negative index {int(arr.min())}; only indices >= 0 are items")
     return arr.astype(np.int32, copy=False)
@@ -81,7 +83,7 @@ class Reservoir:
             self._counts = np.concatenate([self._counts, np.zeros(top - self._counts.size, np.int64)])
         np.add.at(self._counts, items, 1)
         n_fill = min(self.capacity - self.size, items.size)
-        self.items[self.size:self.size + n_fill] = items[:n_fill]
+        self.items[self.size : self.size + n_fill] = items[:n_fill]
         self.size += n_fill
         rest = items[n_fill:]
         if rest.size:
@@ -95,12 +97,16 @@ class Reservoir:
 
     def frequencies(self) -> npt.NDArray[np.int64]:
         """Occurrences of each item index in the reservoir, shape (n_items,)."""
-        return np.bincount(self.items[:self.size], minlength=self.n_items).astype(np.int64)
+        return np.bincount(self.items[: self.size], minlength=self.n_items).astype(np.int64)
 
     def state(self) -> dict[str, np.ndarray]:
         """Checkpoint as a dict of numpy arrays; inverse of :meth:`from_state`."""
-        return {"capacity": np.array(self.capacity, np.int64), "seen": np.array(self.seen, np.int64),
-                "items": self.items[:self.size].copy(), "counts": self._counts.copy()}
+        return {
+            "capacity": np.array(self.capacity, np.int64),
+            "seen": np.array(self.seen, np.int64),
+            "items": self.items[: self.size].copy(),
+            "counts": self._counts.copy(),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> Reservoir:
@@ -112,7 +118,7 @@ class Reservoir:
         items = _as_indices(state["items"], "state['items']")
         if items.size > r.capacity:
             raise ValueError(f"state holds {items.size} items for capacity {r.capacity}; state is corrupt")
-        r.items[:items.size] = items
+        r.items[: items.size] = items
         r.size, r.seen = int(items.size), int(state["seen"])
         r._counts = np.asarray(state["counts"], dtype=np.int64).copy()
         return r
@@ -139,7 +145,7 @@ class Reservoir:
         take = counts if total <= capacity else rng.multivariate_hypergeometric(counts, capacity)
         items = np.repeat(np.arange(counts.size, dtype=np.int32), take)
         rng.shuffle(items)
-        r.items[:items.size] = items
+        r.items[: items.size] = items
         r.size, r.seen, r._counts = int(items.size), total, counts.copy()
         return r
 
@@ -207,6 +213,8 @@ class PopularitySampler:
         freq = self.reservoir.frequencies()
         self.support: I32 = np.flatnonzero(freq).astype(np.int32)
         w = freq[self.support].astype(np.float64) ** self.alpha
+        self._prob: npt.NDArray[np.float64]
+        self._alias: I32
         self._prob, self._alias = _vose(w / w.sum()) if w.size else (np.ones(0), np.zeros(0, np.int32))
         self._weights = w
         self.n_items = self.reservoir.n_items
@@ -265,8 +273,9 @@ class _PositiveIndex:
 
 
 @njit(cache=True)
-def _pick_hard(users: np.ndarray, items: np.ndarray, cand: np.ndarray,
-               is_pos: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+def _pick_hard(
+    users: np.ndarray, items: np.ndarray, cand: np.ndarray, is_pos: np.ndarray
+) -> np.ndarray:  # pragma: no cover - compiled
     b_n, h_n, m_n = cand.shape
     out = np.full((b_n, h_n), -1, np.int32)
     for b in range(b_n):
@@ -284,12 +293,19 @@ def _pick_hard(users: np.ndarray, items: np.ndarray, cand: np.ndarray,
     return out
 
 
-def _uniform_non_positive(out: I32, bad_r: np.ndarray, bad_c: np.ndarray, indptr: np.ndarray,
-                          pos_items: np.ndarray, n_items: int, rng: np.random.Generator) -> None:
+def _uniform_non_positive(
+    out: I32,
+    bad_r: np.ndarray,
+    bad_c: np.ndarray,
+    indptr: np.ndarray,
+    pos_items: np.ndarray,
+    n_items: int,
+    rng: np.random.Generator,
+) -> None:
     """Fill ``out[bad_r, bad_c]`` uniformly from [0, n_items) minus each row's positives; -1 if none left."""
     for r in np.unique(bad_r):
         cols = bad_c[bad_r == r]
-        s = np.unique(pos_items[indptr[r]:indptr[r + 1]])
+        s = np.unique(pos_items[indptr[r] : indptr[r + 1]])
         s = s[s < n_items]
         free = n_items - s.size
         if free <= 0:
@@ -299,11 +315,20 @@ def _uniform_non_positive(out: I32, bad_r: np.ndarray, bad_c: np.ndarray, indptr
         out[r, cols] = draw + np.searchsorted(s - np.arange(s.size), draw, side="right")
 
 
-def sample_negatives(sampler: PopularitySampler, pos_indptr: npt.ArrayLike, pos_items: npt.ArrayLike,
-                     n_neg: int, rng: np.random.Generator, *, hard_share: float = 0.0,
-                     m_candidates: int = 8, user_vecs: npt.NDArray[np.float32] | None = None,
-                     item_vecs: npt.NDArray[np.float32] | None = None, max_attempts: int = 4,
-                     n_items: int | None = None) -> I32:
+def sample_negatives(
+    sampler: PopularitySampler,
+    pos_indptr: npt.ArrayLike,
+    pos_items: npt.ArrayLike,
+    n_neg: int,
+    rng: np.random.Generator,
+    *,
+    hard_share: float = 0.0,
+    m_candidates: int = 8,
+    user_vecs: npt.NDArray[np.float32] | None = None,
+    item_vecs: npt.NDArray[np.float32] | None = None,
+    max_attempts: int = 4,
+    n_items: int | None = None,
+) -> I32:
     """Draw ``n_neg`` negatives per event, none equal to that event's known positives.
 
     Parameters
@@ -338,8 +363,9 @@ def sample_negatives(sampler: PopularitySampler, pos_indptr: npt.ArrayLike, pos_
     indptr = np.asarray(pos_indptr, dtype=np.int64)
     items = _as_indices(pos_items, "pos_items")
     if not 0.0 <= hard_share <= 1.0 or n_neg < 0 or m_candidates < 1:
-        raise ValueError(f"need 0 <= hard_share <= 1, n_neg >= 0, m_candidates >= 1; got {hard_share}, "
-                         f"{n_neg}, {m_candidates}")
+        raise ValueError(
+            f"need 0 <= hard_share <= 1, n_neg >= 0, m_candidates >= 1; got {hard_share}, {n_neg}, {m_candidates}"
+        )
     b_n = indptr.size - 1
     index = _PositiveIndex(indptr, items, b_n)
     rows = np.arange(b_n)[:, None]
@@ -350,12 +376,15 @@ def sample_negatives(sampler: PopularitySampler, pos_indptr: npt.ArrayLike, pos_
         if user_vecs is None or item_vecs is None:
             raise ValueError("hard_share > 0 needs user_vecs (B, k) and item_vecs (n_items, k)")
         if user_vecs.shape[0] != b_n or item_vecs.shape[0] < sampler.n_items:
-            raise ValueError(f"user_vecs has {user_vecs.shape[0]} rows for {b_n} events, item_vecs "
-                             f"{item_vecs.shape[0]} rows for {sampler.n_items} items; pass matching arrays")
+            raise ValueError(
+                f"user_vecs has {user_vecs.shape[0]} rows for {b_n} events, item_vecs "
+                f"{item_vecs.shape[0]} rows for {sampler.n_items} items; pass matching arrays"
+            )
         cand = sampler.sample(b_n * n_hard * m_candidates, rng).reshape(b_n, n_hard, m_candidates)
         is_pos = index.contains(rows[:, :, None], cand)
-        out[:, :n_hard] = _pick_hard(np.ascontiguousarray(user_vecs, np.float32),
-                                     np.ascontiguousarray(item_vecs, np.float32), cand, is_pos)
+        out[:, :n_hard] = _pick_hard(
+            np.ascontiguousarray(user_vecs, np.float32), np.ascontiguousarray(item_vecs, np.float32), cand, is_pos
+        )
         bad[:, :n_hard] = out[:, :n_hard] < 0
     bad[:, n_hard:] = index.contains(rows, out[:, n_hard:])
     for _ in range(max_attempts):

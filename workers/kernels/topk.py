@@ -44,8 +44,9 @@ def top_k(scores: npt.ArrayLike, k: int) -> tuple[npt.NDArray[np.int32], F32]:
     return np.where(np.isneginf(top), -1, ids).astype(np.int32), top
 
 
-def recommend_from_factors(U_rows: F32, V: F32, exclude_csr: sp.spmatrix | sp.sparray | None = None,
-                           k: int = 10, batch_size: int = 1024) -> tuple[npt.NDArray[np.int32], F32]:
+def recommend_from_factors(
+    U_rows: F32, V: F32, exclude_csr: sp.spmatrix | sp.sparray | None = None, k: int = 10, batch_size: int = 1024
+) -> tuple[npt.NDArray[np.int32], F32]:
     """Top-``k`` items for each row of ``U_rows`` by score ``u . v``, best first.
 
     Parameters
@@ -77,16 +78,18 @@ def recommend_from_factors(U_rows: F32, V: F32, exclude_csr: sp.spmatrix | sp.sp
     k = max(0, min(int(k), n))
     ex = None if exclude_csr is None else sp.csr_matrix(exclude_csr)
     if ex is not None and ex.shape != (U_rows.shape[0], n):
-        raise ValueError(f"exclude_csr has shape {ex.shape}, expected {(U_rows.shape[0], n)}: "
-                         "one row per query row, one column per item")
+        raise ValueError(
+            f"exclude_csr has shape {ex.shape}, expected {(U_rows.shape[0], n)}: "
+            "one row per query row, one column per item"
+        )
     ids = np.full((U_rows.shape[0], k), -1, dtype=np.int32)
     scores = np.full((U_rows.shape[0], k), -np.inf, dtype=np.float32)
     if k == 0:
         return ids, scores
     for lo in range(0, U_rows.shape[0], batch_size):
-        s = U_rows[lo:lo + batch_size] @ V.T
+        s = U_rows[lo : lo + batch_size] @ V.T
         if ex is not None:
-            sub = ex[lo:lo + batch_size]
+            sub = ex[lo : lo + batch_size]
             s[np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr)), sub.indices] = -np.inf
-        ids[lo:lo + len(s)], scores[lo:lo + len(s)] = top_k(s, k)
+        ids[lo : lo + len(s)], scores[lo : lo + len(s)] = top_k(s, k)
     return ids, scores

@@ -18,14 +18,17 @@ class LMFMetrics:
         self.duplicates = Counter("zerocf_lmf_duplicates", "replayed events dropped by the deduper", registry=r)
         self.invalid = Counter("zerocf_lmf_invalid_events", "undecodable records on the events topic", registry=r)
         self.batches = Counter("zerocf_lmf_batches", "batches by outcome", ["outcome"], registry=r)
-        self.nan_guards = Counter("zerocf_lmf_nan_guards", "batches whose factors were refused (NaN/inf)",
-                                  registry=r)
+        self.nan_guards = Counter("zerocf_lmf_nan_guards", "batches whose factors were refused (NaN/inf)", registry=r)
         self.errors = Counter("zerocf_lmf_errors", "Redis/Kafka errors retried", ["kind"], registry=r)
         self.loss = Gauge("zerocf_lmf_loss_ewma", "EWMA of the per-event logistic loss", registry=r)
         self.lag = Gauge("zerocf_lmf_lag", "records behind the high watermark", ["partition"], registry=r)
         self.generation = Gauge("zerocf_lmf_generation", "generation being written", registry=r)
-        self.latency = Histogram("zerocf_lmf_batch_seconds", "batch latency (plan+fetch+train+write)",
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=r)
+        self.latency = Histogram(
+            "zerocf_lmf_batch_seconds",
+            "batch latency (plan+fetch+train+write)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
 
 
 @dataclass
@@ -51,7 +54,13 @@ class WorkerStats:
 
     def summary(self) -> dict[str, Any]:
         secs = max(time.monotonic() - self.started, 1e-9)
-        return {"events": self.events, "clicks": self.clicks, "batches": self.batches,
-                "duplicates": self.duplicates, "nan_batches": self.nan_batches,
-                "seconds": round(secs, 2), "events_per_s": round(self.events / secs, 1),
-                "loss_ewma": round(self.loss_ewma, 5)}
+        return {
+            "events": self.events,
+            "clicks": self.clicks,
+            "batches": self.batches,
+            "duplicates": self.duplicates,
+            "nan_batches": self.nan_batches,
+            "seconds": round(secs, 2),
+            "events_per_s": round(self.events / secs, 1),
+            "loss_ewma": round(self.loss_ewma, 5),
+        }

@@ -31,8 +31,8 @@ import numpy.typing as npt
 
 from stream.events import Event
 from workers.config import LMFConfig
-from workers.kernels.lmf import check_finite, event_weights, fold_in_users, init_rows, lmf_sgd
 from workers.kernels.exposure import ExposureTracker
+from workers.kernels.lmf import check_finite, event_weights, fold_in_users, init_rows, lmf_sgd
 from workers.kernels.sampling import PopularitySampler, Reservoir, positives_csr, sample_negatives
 
 log = logging.getLogger(__name__)
@@ -74,16 +74,16 @@ class IdMap:
 class BatchPlan:
     """One partition's mini-batch, ready to fetch and train. Indices are local to the batch."""
 
-    users: list[str]                   # unique users of the batch
-    items: list[str]                   # unique items touched (positives, negatives, exposure)
+    users: list[str]  # unique users of the batch
+    items: list[str]  # unique items touched (positives, negatives, exposure)
     item_global: npt.NDArray[np.int32]  # items' indices in OnlineModel.items
-    ev_user: npt.NDArray[np.int32]     # (E,) local user index per training event
-    ev_pos: npt.NDArray[np.int32]      # (E,) local positive item, -1 for exposure negatives
-    ev_neg: npt.NDArray[np.int32]      # (E, n) local negatives, -1 = none
-    weights: F32                       # (E,) positive weight (click count transform)
-    neg_weights: F32                   # (E,) weight of the event's negatives
+    ev_user: npt.NDArray[np.int32]  # (E,) local user index per training event
+    ev_pos: npt.NDArray[np.int32]  # (E,) local positive item, -1 for exposure negatives
+    ev_neg: npt.NDArray[np.int32]  # (E, n) local negatives, -1 = none
+    weights: F32  # (E,) positive weight (click count transform)
+    neg_weights: F32  # (E,) weight of the event's negatives
     clicks: list[tuple[str, str, int, float]] = field(default_factory=list)  # (user, item, ts, weight)
-    n_events: int = 0                  # events applied (clicks + impressions) after de-duplication
+    n_events: int = 0  # events applied (clicks + impressions) after de-duplication
     n_exposure: int = 0
 
     def click_users(self) -> list[str]:
@@ -100,7 +100,7 @@ class TrainResult:
     item_deltas: F32
     loss: float
     finite: bool
-    user_acc: F32 | None = None        # AdaGrad row accumulators (absolute), if enabled
+    user_acc: F32 | None = None  # AdaGrad row accumulators (absolute), if enabled
     item_acc_deltas: F32 | None = None
 
 
@@ -121,8 +121,9 @@ class OnlineModel:
         self.items = IdMap()
         self.item_cache: F32 = np.zeros((1024, self.k), np.float32)
         self.reservoir = Reservoir(cfg.reservoir)
-        self.sampler = PopularitySampler(self.reservoir, alpha=cfg.sample_alpha,
-                                         refresh_every=max(1000, cfg.reservoir // 10))
+        self.sampler = PopularitySampler(
+            self.reservoir, alpha=cfg.sample_alpha, refresh_every=max(1000, cfg.reservoir // 10)
+        )
         self.seen: OrderedDict[str, list[int]] = OrderedDict()  # LRU of users' recent clicks
         self.user_cache: OrderedDict[str, F32] = OrderedDict()  # exact: this worker is their only writer
         self.seen_limit = 1_000_000
@@ -151,10 +152,12 @@ class OnlineModel:
         c = np.zeros(len(self.items), np.int64)
         for item, n in counts.items():
             c[self.items.index(item)] = int(round(n))
-        self.reservoir = Reservoir.from_counts(c, self.cfg.reservoir, self.rng) if c.sum() else \
-            Reservoir(self.cfg.reservoir)
-        self.sampler = PopularitySampler(self.reservoir, alpha=self.cfg.sample_alpha,
-                                         refresh_every=max(1000, self.cfg.reservoir // 10))
+        self.reservoir = (
+            Reservoir.from_counts(c, self.cfg.reservoir, self.rng) if c.sum() else Reservoir(self.cfg.reservoir)
+        )
+        self.sampler = PopularitySampler(
+            self.reservoir, alpha=self.cfg.sample_alpha, refresh_every=max(1000, self.cfg.reservoir // 10)
+        )
         self.sampler.refresh()
         log.info("sampler rebuilt from %d items, %d clicks", len(self.items), int(c.sum()))
 
@@ -184,11 +187,15 @@ class OnlineModel:
         if tracker is not None:
             shows = [e for e in events if e.type == "impression"]
             if shows:
-                tracker.shown(self.users.index_many([e.user for e in shows]),
-                              self.items.index_many([e.item for e in shows]), [e.ts for e in shows])
+                tracker.shown(
+                    self.users.index_many([e.user for e in shows]),
+                    self.items.index_many([e.item for e in shows]),
+                    [e.ts for e in shows],
+                )
             if clicks:
-                tracker.clicked(self.users.index_many([e.user for e in clicks]),
-                                self.items.index_many([e.item for e in clicks]))
+                tracker.clicked(
+                    self.users.index_many([e.user for e in clicks]), self.items.index_many([e.item for e in clicks])
+                )
         exp_users: list[str] = []
         exp_items: list[str] = []
         if tracker is not None and events:
@@ -212,9 +219,18 @@ class OnlineModel:
             indptr, pos_items = positives_csr(per_event)
             hard = cfg.hard_share if self.sampler.n_items > 1 else 0.0
             uvec = self._user_guess(clicks, pos_global) if hard > 0 else None
-            neg_global = sample_negatives(self.sampler, indptr, pos_items, n_neg, self.rng,
-                                          hard_share=hard, m_candidates=cfg.hard_candidates,
-                                          user_vecs=uvec, item_vecs=self.item_cache, n_items=self.n_items)
+            neg_global = sample_negatives(
+                self.sampler,
+                indptr,
+                pos_items,
+                n_neg,
+                self.rng,
+                hard_share=hard,
+                m_candidates=cfg.hard_candidates,
+                user_vecs=uvec,
+                item_vecs=self.item_cache,
+                n_items=self.n_items,
+            )
         exp_global = self.items.index_many(exp_items)
         touched = np.concatenate([pos_global, neg_global[neg_global >= 0].ravel(), exp_global])
         item_global, inv = np.unique(touched, return_inverse=True)
@@ -235,10 +251,19 @@ class OnlineModel:
             ev_neg = np.concatenate([ev_neg, en])
             weights = np.concatenate([weights, np.zeros(len(exp_users), np.float32)])
             neg_w = np.concatenate([neg_w, np.full(len(exp_users), cfg.exposure_weight, np.float32)])
-        return BatchPlan(users=users, items=[self.items.ids[i] for i in item_global], item_global=item_global,
-                         ev_user=ev_user, ev_pos=ev_pos.astype(np.int32), ev_neg=ev_neg, weights=weights,
-                         neg_weights=neg_w, clicks=[(e.user, e.item, e.ts, e.weight) for e in clicks],
-                         n_events=len(events), n_exposure=len(exp_users))
+        return BatchPlan(
+            users=users,
+            items=[self.items.ids[i] for i in item_global],
+            item_global=item_global,
+            ev_user=ev_user,
+            ev_pos=ev_pos.astype(np.int32),
+            ev_neg=ev_neg,
+            weights=weights,
+            neg_weights=neg_w,
+            clicks=[(e.user, e.item, e.ts, e.weight) for e in clicks],
+            n_events=len(events),
+            n_exposure=len(exp_users),
+        )
 
     def drop_known_negatives(self, plan: BatchPlan, users: Iterable[str]) -> int:
         """After ``users``' recent clicks were loaded (:meth:`load_seen`), un-sample any negative of theirs
@@ -272,8 +297,9 @@ class OnlineModel:
         return out
 
     # -------------------------------------------------------------- prequential evaluation
-    def ranks_before_learning(self, plan: BatchPlan, user_vecs: F32,
-                              user_found: npt.NDArray[np.bool_]) -> list[tuple[str, str, int, int]]:
+    def ranks_before_learning(
+        self, plan: BatchPlan, user_vecs: F32, user_found: npt.NDArray[np.bool_]
+    ) -> list[tuple[str, str, int, int]]:
         """0-based rank of each clicked item among all known items, before the batch is learned.
 
         Returns ``(user, item, model_rank, popularity_rank)`` per click; ``model_rank`` is -1 for a user
@@ -302,9 +328,16 @@ class OnlineModel:
         return out
 
     # -------------------------------------------------------------- training
-    def train(self, plan: BatchPlan, user_vecs: F32, user_found: npt.NDArray[np.bool_],
-              item_vecs: F32, bias: float = 0.0, user_acc: F32 | None = None,
-              item_acc: F32 | None = None) -> TrainResult:
+    def train(
+        self,
+        plan: BatchPlan,
+        user_vecs: F32,
+        user_found: npt.NDArray[np.bool_],
+        item_vecs: F32,
+        bias: float = 0.0,
+        user_acc: F32 | None = None,
+        item_acc: F32 | None = None,
+    ) -> TrainResult:
         """Run the SGD kernel on copies of the fetched vectors; new users are initialised first.
 
         With AdaGrad, ``user_acc``/``item_acc`` are the stored (n, k) accumulator rows; the kernel's
@@ -330,11 +363,24 @@ class OnlineModel:
         if user_acc is not None and item_acc is not None:
             ada = (np.ascontiguousarray(user_acc[:, 0], np.float32), np.ascontiguousarray(item_acc[:, 0], np.float32))
             gv0 = ada[1].copy()
-        losses = lmf_sgd(U, V, plan.ev_user, plan.ev_pos, plan.ev_neg, cfg.lr, cfg.reg, bias=bias,
-                         clip=cfg.clip, adagrad=ada, weights=plan.weights, neg_weights=plan.neg_weights)
+        losses = lmf_sgd(
+            U,
+            V,
+            plan.ev_user,
+            plan.ev_pos,
+            plan.ev_neg,
+            cfg.lr,
+            cfg.reg,
+            bias=bias,
+            clip=cfg.clip,
+            adagrad=ada,
+            weights=plan.weights,
+            neg_weights=plan.neg_weights,
+        )
         finite = check_finite(U, V, losses)
-        result = TrainResult(U, V, (V - V0).astype(np.float32),
-                             float(np.sum(losses)) if finite else float("nan"), finite)
+        result = TrainResult(
+            U, V, (V - V0).astype(np.float32), float(np.sum(losses)) if finite else float("nan"), finite
+        )
         if ada is not None:
             result.user_acc = np.zeros_like(U)
             result.user_acc[:, 0] = ada[0]

@@ -63,8 +63,7 @@ class LMFWorker:
     (:meth:`workers.online.model.OnlineModel.ranks_before_learning`), computed before the batch is learned.
     """
 
-    def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None,
-                 rank_hook: Any = None) -> None:
+    def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None, rank_hook: Any = None) -> None:
         self.cfg, self.store = cfg, store
         self.rank_hook = rank_hook
         self.stop = stop or StopFlag()
@@ -95,8 +94,9 @@ class LMFWorker:
     def _bootstrap(self) -> Any:
         self.store.ensure_model(self.cfg.factors)
         self.load_generation()
-        self.consumer = kafka_util.consumer(self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf",
-                                            max_poll_records=self.cfg.batch)
+        self.consumer = kafka_util.consumer(
+            self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf", max_poll_records=self.cfg.batch
+        )
         self.consumer.subscribe([self.cfg.topics.events], listener=_Rebalance(self))
         port = self.cfg.runtime.metrics_port
         return start_http(port, self.health, self.metrics.registry) if port else None
@@ -157,8 +157,9 @@ class LMFWorker:
             return Step.IDLE
         self._gen_checked = now
         if self.consumer.assignment() and self.store.live_generation() != self.g:
-            self._restart(f"generation {self.g} was replaced while idle: switching and replaying from the snapshot "
-                          "offsets")
+            self._restart(
+                f"generation {self.g} was replaced while idle: switching and replaying from the snapshot offsets"
+            )
             return Step.RESTARTED
         return Step.IDLE
 
@@ -170,8 +171,11 @@ class LMFWorker:
             log.info("caught up and idle for %.1fs: exiting (--until-idle)", self.cfg.idle_seconds)
             return True
         if not self.consumer.assignment() and idle_for > NO_ASSIGNMENT_EXIT_S:
-            log.warning("no partition of %s assigned after %.0f s: exiting (--until-idle); does the topic "
-                        "exist?", self.cfg.topics.events, NO_ASSIGNMENT_EXIT_S)
+            log.warning(
+                "no partition of %s assigned after %.0f s: exiting (--until-idle); does the topic exist?",
+                self.cfg.topics.events,
+                NO_ASSIGNMENT_EXIT_S,
+            )
             return True
         return False
 
@@ -204,8 +208,12 @@ class LMFWorker:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, off + 1)
-            log.info("partition %d resumes at offset %s (generation %d)", tp.partition,
-                     "beginning" if off is None else off + 1, self.g)
+            log.info(
+                "partition %d resumes at offset %s (generation %d)",
+                tp.partition,
+                "beginning" if off is None else off + 1,
+                self.g,
+            )
 
     def _restart(self, why: str) -> None:
         """Drop everything optimistic: reload the live generation, seek every partition from Redis."""
@@ -231,8 +239,8 @@ class LMFWorker:
         backoff.sleep(self.stop)
         try:
             self._recover()
-        except _redis_errors():
-            pass  # still down: retried on the next step
+        except _redis_errors() as again:
+            log.info("redis still unavailable (%s); retrying on the next step", again)
 
     def _recover(self) -> None:
         """Reload the live generation and seek every assigned partition to its stored offset + 1."""
@@ -272,13 +280,16 @@ class LMFWorker:
         state = self._fetch(plan)
         if state.live_gen != self.g:
             if self._settle():
-                self._restart(f"generation {self.g} was replaced: switching and replaying from the snapshot "
-                              "offsets")
+                self._restart(f"generation {self.g} was replaced: switching and replaying from the snapshot offsets")
             return False
-        ranks = self.model.ranks_before_learning(plan, state.user_vecs, state.user_found) \
-            if self.rank_hook is not None else None
-        result = self.model.train(plan, state.user_vecs, state.user_found, state.item_vecs, self.bias,
-                                  state.user_acc, state.item_acc)
+        ranks = (
+            self.model.ranks_before_learning(plan, state.user_vecs, state.user_found)
+            if self.rank_hook is not None
+            else None
+        )
+        result = self.model.train(
+            plan, state.user_vecs, state.user_found, state.item_vecs, self.bias, state.user_acc, state.item_acc
+        )
         if not self._settle():  # the previous write must land before this one is fenced on its offset
             return False
         self._submit(p, applied, records[-1].offset, events, dups, plan, result, ranks, t0)
@@ -306,8 +317,15 @@ class LMFWorker:
         """Read the batch's vectors (one round trip); users this worker holds come from its cache."""
         model = self.model
         missing = model.users_missing_seen(plan.click_users())
-        state = self.store.read_batch_state(self.g, [], plan.users, plan.items, accumulators=self.cfg.adagrad,
-                                            seen_users=missing, seen_limit=self.cfg.seen_cap)
+        state = self.store.read_batch_state(
+            self.g,
+            [],
+            plan.users,
+            plan.items,
+            accumulators=self.cfg.adagrad,
+            seen_users=missing,
+            seen_limit=self.cfg.seen_cap,
+        )
         if missing:  # users new to this worker: their stored recent clicks may not be sampled as negatives
             model.load_seen(state.seen or {})
             model.drop_known_negatives(plan, missing)
@@ -317,8 +335,18 @@ class LMFWorker:
                 state.user_vecs[n], state.user_found[n] = cached, True
         return state
 
-    def _submit(self, p: int, applied: int | None, last: int, events: list[Event], dups: int, plan: BatchPlan,
-                result: TrainResult, ranks: Any, t0: float) -> None:
+    def _submit(
+        self,
+        p: int,
+        applied: int | None,
+        last: int,
+        events: list[Event],
+        dups: int,
+        plan: BatchPlan,
+        result: TrainResult,
+        ranks: Any,
+        t0: float,
+    ) -> None:
         """Hand the batch's write to the writer thread (the model's caches are updated optimistically)."""
         counts: dict[str, float] = {}
         increments: dict[str, int] = {}
@@ -329,19 +357,42 @@ class LMFWorker:
         seen = [(u, i, ts) for u, i, ts, _w in plan.clicks]
         empty = np.zeros((0, self.model.k), np.float32)
         if result.finite:
-            vectors = (plan.users, result.user_vecs, plan.items, result.item_deltas, result.user_acc,
-                       result.item_acc_deltas)
+            vectors = (
+                plan.users,
+                result.user_vecs,
+                plan.items,
+                result.item_deltas,
+                result.user_acc,
+                result.item_acc_deltas,
+            )
             self.model.commit(plan, result)  # optimistic: a refused write reloads every cache (_restart)
         else:
             self.metrics.nan_guards.inc()
             self.stats.nan_batches += 1
-            log.error("partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets still "
-                      "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)
+            log.error(
+                "partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets still "
+                "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG",
+                p,
+                last,
+            )
             vectors = ([], empty, [], empty, None, None)
-        future = self._writer.submit(self.store.apply_batch, self.g, p, applied, last, self.dedupers[p].state(),
-                                     vectors[0], vectors[1], vectors[2], vectors[3], counts=counts,
-                                     user_increments=increments, seen=seen, user_acc=vectors[4],
-                                     item_acc_deltas=vectors[5])
+        future = self._writer.submit(
+            self.store.apply_batch,
+            self.g,
+            p,
+            applied,
+            last,
+            self.dedupers[p].state(),
+            vectors[0],
+            vectors[1],
+            vectors[2],
+            vectors[3],
+            counts=counts,
+            user_increments=increments,
+            seen=seen,
+            user_acc=vectors[4],
+            item_acc_deltas=vectors[5],
+        )
         self.applied[p] = last
         loss = result.loss / max(1, len(plan.ev_user)) if result.finite else None
         self._pending = _Pending(future, p, len(events), dups, len(plan.clicks), ranks, loss, t0)
@@ -366,8 +417,7 @@ class LMFWorker:
             why = f"generation {self.g} was replaced: switching and replaying from the snapshot offsets"
         else:
             self.metrics.batches.labels("stale").inc()
-            why = f"partition {pending.partition}: stored offset moved under us (another writer?); resuming " \
-                  "from Redis"
+            why = f"partition {pending.partition}: stored offset moved under us (another writer?); resuming from Redis"
         if restart:
             self._restart(why)
         return False
@@ -393,8 +443,9 @@ class LMFWorker:
         try:  # let the write in flight land before the partitions move
             self._settle(restart=False)
         except Exception as exc:  # noqa: BLE001 - the assignment callback reloads from Redis anyway
-            log.info("write in flight at revocation not applied (%s); the new owner resumes from Redis",
-                     type(exc).__name__)
+            log.info(
+                "write in flight at revocation not applied (%s); the new owner resumes from Redis", type(exc).__name__
+            )
             self._pending = None
         for tp in revoked:
             self.applied.pop(tp.partition, None)
@@ -405,7 +456,7 @@ class LMFWorker:
         self.resume(list(assigned))
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     """kafka-python's rebalance callbacks, forwarded to the worker."""
 
     def __init__(self, worker: LMFWorker) -> None:
@@ -450,8 +501,9 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``zerocf lmf``."""
     cfg = load(LMFConfig, args.env, flag_overrides(args, LMFConfig))
-    store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap,
-                                seen_ttl=int(cfg.seen_ttl_days * 86400))
+    store = FactorStore.connect(
+        cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap, seen_ttl=int(cfg.seen_ttl_days * 86400)
+    )
     worker = LMFWorker(cfg, store, StopFlag().install())
     stats = worker.run(until_idle=args.until_idle)
     log.info("lmf done: %s", stats.summary())

@@ -18,15 +18,14 @@ import logging
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import redis
 
-from stream.config import KAFKA_FIELDS, TOP_LEVEL, add_flags, flag_overrides, load
+from stream.config import KAFKA_FIELDS, TOP_LEVEL, add_flags, flag_overrides, load, redact_url
 from stream.errors import ConfigError, ServiceUnavailable
 from workers.config import ServeConfig
 from workers.serving.lookup import NoModel, Recommendation, Recommender
-from stream.config import redact_url
 from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,9 @@ def read_users(users: Iterable[str], users_file: str | None, stdin: TextIO | Non
             with fh:
                 out += [line.strip() for line in fh if line.strip()]
         except OSError as exc:
-            raise ConfigError(f"--users-file {users_file}: {exc.strerror}; pass a readable file of user "
-                              "ids, one per line") from None
+            raise ConfigError(
+                f"--users-file {users_file}: {exc.strerror}; pass a readable file of user ids, one per line"
+            ) from None
     if not out:
         raise ConfigError("no users given; pass user ids as arguments or --users-file FILE")
     return list(dict.fromkeys(out))
@@ -60,8 +60,9 @@ def format_json(recs: Mapping[str, Recommendation]) -> str:
     >>> format_json({"u1": Recommendation("u1", ["i7"], [0.5], False, 1)})
     '{"u1": [{"item": "i7", "score": 0.5}]}'
     """
-    return json.dumps({u: [{"item": i, "score": s} for i, s in zip(r.items, r.scores)]
-                       for u, r in recs.items()}, ensure_ascii=False)
+    return json.dumps(
+        {u: [{"item": i, "score": s} for i, s in zip(r.items, r.scores)] for u, r in recs.items()}, ensure_ascii=False
+    )
 
 
 def format_table(recs: Mapping[str, Recommendation]) -> str:
@@ -81,7 +82,7 @@ def format_table(recs: Mapping[str, Recommendation]) -> str:
     return "\n".join(lines)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: Any) -> None:
     """Add ``zerocf recommend``."""
     p = subparsers.add_parser("recommend", help="top-k recommendations for users (table or --json)")
     p.add_argument("users", nargs="*", metavar="USER", help="user ids")
@@ -106,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
     except NoModel:
         raise NoModel(f"no model in Redis {where}; run `zerocf lmf` or `zerocf als --once` first") from None
     except redis.RedisError as exc:
-        raise ServiceUnavailable(f"Redis {where} did not answer ({type(exc).__name__}); start it "
-                                 "(`zerocf stack up`) or fix ZEROCF_REDIS_URL") from None
+        raise ServiceUnavailable(
+            f"Redis {where} did not answer ({type(exc).__name__}); start it (`zerocf stack up`) or fix ZEROCF_REDIS_URL"
+        ) from None
     n_fb = sum(r.fallback for r in recs.values())
     log.info("recommended for %d users (%d fallback) %s", len(recs), n_fb, where)
     sys.stdout.write((format_json(recs) if args.json else format_table(recs)) + "\n")

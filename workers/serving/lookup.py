@@ -121,8 +121,14 @@ class Recommender:
     Thread-safe: readers take the current cache reference; one thread at a time reloads.
     """
 
-    def __init__(self, store: FactorStore, refresh_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, *, auto_refresh: bool = True) -> None:
+    def __init__(
+        self,
+        store: FactorStore,
+        refresh_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        auto_refresh: bool = True,
+    ) -> None:
         if refresh_s < 0:
             raise ValueError(f"refresh_s={refresh_s} must be >= 0 seconds")
         self.store, self.refresh_s, self._clock, self.auto_refresh = store, float(refresh_s), clock, auto_refresh
@@ -174,8 +180,10 @@ class Recommender:
         try:
             return self.store.live_generation()
         except StoreSchemaError as exc:
-            raise NoModel(f"no model in Redis namespace {self.store.keys.ns!r}; run `zerocf lmf` or "
-                          "`zerocf als --once` first, or check ZEROCF_TOPIC_PREFIX") from exc
+            raise NoModel(
+                f"no model in Redis namespace {self.store.keys.ns!r}; run `zerocf lmf` or "
+                "`zerocf als --once` first, or check ZEROCF_TOPIC_PREFIX"
+            ) from exc
 
     def _load(self, live: int) -> _ItemCache:
         started = self._clock()
@@ -187,13 +195,28 @@ class Recommender:
             except GenerationError:  # dropped between reading live_gen and loading it: read again
                 live = self._live_generation()
         else:
-            raise GenerationError(f"live generation of {self.store.keys.ns!r} kept changing during the item "
-                                  "load; retry, and check that the ALS worker is not publishing in a loop")
+            raise GenerationError(
+                f"live generation of {self.store.keys.ns!r} kept changing during the item "
+                "load; retry, and check that the ALS worker is not publishing in a loop"
+            )
         took = self._clock() - started
-        log.info("item matrix loaded namespace=%s gen=%s items=%d bias=%.4f in %.3fs",
-                 self.store.keys.ns, live, len(ids), bias, took)
-        return _ItemCache(live, float(bias), ids, {i: n for n, i in enumerate(ids)},
-                         np.ascontiguousarray(matrix, dtype=np.float32), self._clock(), took)
+        log.info(
+            "item matrix loaded namespace=%s gen=%s items=%d bias=%.4f in %.3fs",
+            self.store.keys.ns,
+            live,
+            len(ids),
+            bias,
+            took,
+        )
+        return _ItemCache(
+            live,
+            float(bias),
+            ids,
+            {i: n for n, i in enumerate(ids)},
+            np.ascontiguousarray(matrix, dtype=np.float32),
+            self._clock(),
+            took,
+        )
 
     def _current(self) -> _ItemCache:
         if self._cache is None or self.auto_refresh:
@@ -211,8 +234,9 @@ class Recommender:
         """
         return self.recommend_many([user_id], k, exclude_seen)[str(user_id)]
 
-    def recommend_many(self, user_ids: Sequence[str], k: int = 10,
-                       exclude_seen: bool = True) -> dict[str, Recommendation]:
+    def recommend_many(
+        self, user_ids: Sequence[str], k: int = 10, exclude_seen: bool = True
+    ) -> dict[str, Recommendation]:
         """:meth:`recommend` for many users: one HMGET of their vectors, one pipelined read of their recent
         clicks, and one matrix product per chunk of users (chunks bound memory to 16 MiB of scores).
 
@@ -231,7 +255,7 @@ class Recommender:
         known = np.flatnonzero(found)
         chunk = max(1, _BATCH_CELLS // max(1, len(cache.ids)))
         for c in range(0, len(known), chunk):
-            rows = known[c:c + chunk]
+            rows = known[c : c + chunk]
             logits = vecs[rows] @ cache.matrix.T  # (m, n_items) float32
             logits += np.float32(cache.bias)
             for r, i in enumerate(rows):
@@ -241,18 +265,21 @@ class Recommender:
             out.update(self._popular(cache, missing, k, seen))
         return {u: out[u] for u in users}
 
-    def _rank(self, cache: _ItemCache, user: str, logits: npt.NDArray[np.float32], k: int,
-              seen: Sequence[str]) -> Recommendation:
+    def _rank(
+        self, cache: _ItemCache, user: str, logits: npt.NDArray[np.float32], k: int, seen: Sequence[str]
+    ) -> Recommendation:
         excl = [j for j in (cache.index.get(i) for i in seen) if j is not None]
         if excl:
             logits[excl] = -np.inf
         ids, top = top_k(logits[None, :], k)
         best = ids[0][ids[0] >= 0]
-        return Recommendation(user, [cache.ids[j] for j in best], sigmoid(top[0][: best.size]).tolist(), False,
-                              cache.gen)
+        return Recommendation(
+            user, [cache.ids[j] for j in best], sigmoid(top[0][: best.size]).tolist(), False, cache.gen
+        )
 
-    def _popular(self, cache: _ItemCache, users: list[str], k: int,
-                 seen: dict[str, list[str]]) -> dict[str, Recommendation]:
+    def _popular(
+        self, cache: _ItemCache, users: list[str], k: int, seen: dict[str, list[str]]
+    ) -> dict[str, Recommendation]:
         extra = max((len(seen.get(u, ())) for u in users), default=0)
         top = [item for item, _ in self.store.top_items(cache.gen, k + extra)]
         prior = float(sigmoid(np.array([cache.bias], dtype=np.float32))[0])

@@ -14,7 +14,8 @@ Put a reverse proxy in front for TLS and connection limits.
 - ``GET /metrics`` -> Prometheus text: requests by path and status, latency histogram, cache refreshes,
   fallbacks.
 
-HEAD is answered like GET without a body. Unknown paths are 404, other methods 405, Redis or model unavailability 503, and any other failure 500
+HEAD is answered like GET without a body. Unknown paths are 404, other methods 405, Redis or model
+unavailability 503, and any other failure 500
 with a JSON body (the stack trace goes to the log, never to the client). SIGTERM/SIGINT stop the server
 gracefully (in-flight requests finish). :func:`make_server` builds a server in-process (port 0 picks a
 free port) for tests and embedding; the caller runs ``serve_forever`` and later ``shutdown``.
@@ -94,18 +95,28 @@ class _Metrics:
 
     def __init__(self, rec: Recommender) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("zerocf_serve_requests", "HTTP requests by path and status",
-                                ["path", "status"], registry=self.registry)
-        self.latency = Histogram("zerocf_serve_request_seconds", "HTTP request latency by path", ["path"],
-                                 buckets=_BUCKETS, registry=self.registry)
-        self.fallbacks = Counter("zerocf_serve_fallbacks", "recommendations served by popularity fallback",
-                                 registry=self.registry)
-        Gauge("zerocf_serve_cache_refreshes", "full reloads of the cached item matrix",
-              registry=self.registry).set_function(lambda: rec.refreshes)
-        Gauge("zerocf_serve_cached_items", "items in the cached matrix",
-              registry=self.registry).set_function(lambda: rec.n_items)
-        Gauge("zerocf_serve_cached_generation", "generation of the cached matrix (0 = none)",
-              registry=self.registry).set_function(lambda: rec.generation or 0)
+        self.requests = Counter(
+            "zerocf_serve_requests", "HTTP requests by path and status", ["path", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "zerocf_serve_request_seconds",
+            "HTTP request latency by path",
+            ["path"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "zerocf_serve_fallbacks", "recommendations served by popularity fallback", registry=self.registry
+        )
+        Gauge(
+            "zerocf_serve_cache_refreshes", "full reloads of the cached item matrix", registry=self.registry
+        ).set_function(lambda: rec.refreshes)
+        Gauge("zerocf_serve_cached_items", "items in the cached matrix", registry=self.registry).set_function(
+            lambda: rec.n_items
+        )
+        Gauge(
+            "zerocf_serve_cached_generation", "generation of the cached matrix (0 = none)", registry=self.registry
+        ).set_function(lambda: rec.generation or 0)
 
 
 class RecommendServer(RoutingServer):
@@ -117,8 +128,11 @@ class RecommendServer(RoutingServer):
     def __init__(self, address: tuple[str, int], recommender: Recommender, max_k: int) -> None:
         self.recommender, self.max_k = recommender, int(max_k)
         self.metrics = _Metrics(recommender)
-        routes = {"/recommend": self._recommend, "/healthz": health_route(lambda: health(recommender)),
-                  "/metrics": metrics_route(self.metrics.registry)}
+        routes = {
+            "/recommend": self._recommend,
+            "/healthz": health_route(lambda: health(recommender)),
+            "/metrics": metrics_route(self.metrics.registry),
+        }
         super().__init__(address, routes, self._observe)
 
     def _observe(self, path: str, code: int, seconds: float) -> None:
@@ -139,9 +153,15 @@ class RecommendServer(RoutingServer):
             return json_response(503, {"error": f"Redis unavailable ({type(exc).__name__}); retry later"})
         if rec.fallback:
             self.metrics.fallbacks.inc()
-        return json_response(200, {"user": rec.user, "items": [{"item": i, "score": s} for i, s in
-                                                               zip(rec.items, rec.scores)],
-                                   "fallback": rec.fallback, "generation": rec.generation})
+        return json_response(
+            200,
+            {
+                "user": rec.user,
+                "items": [{"item": i, "score": s} for i, s in zip(rec.items, rec.scores)],
+                "fallback": rec.fallback,
+                "generation": rec.generation,
+            },
+        )
 
 
 def health(rec: Recommender) -> tuple[bool, dict[str, Any]]:
@@ -149,15 +169,17 @@ def health(rec: Recommender) -> tuple[bool, dict[str, Any]]:
     try:
         live = rec.store.live_generation()
     except StoreSchemaError:
-        return False, {"error": f"no model in Redis namespace {rec.store.keys.ns!r}; run `zerocf lmf` or "
-                                "`zerocf als --once` first"}
+        return False, {
+            "error": f"no model in Redis namespace {rec.store.keys.ns!r}; run `zerocf lmf` or `zerocf als --once` first"
+        }
     except redis.RedisError as exc:
         return False, {"error": f"Redis did not answer ({type(exc).__name__})"}
     return True, {"live_generation": live, "cached_generation": rec.generation, "cached_items": rec.n_items}
 
 
-def make_server(source: ServeConfig | Recommender, host: str | None = None, port: int | None = None,
-                *, max_k: int | None = None) -> RecommendServer:
+def make_server(
+    source: ServeConfig | Recommender, host: str | None = None, port: int | None = None, *, max_k: int | None = None
+) -> RecommendServer:
     """Bind a :class:`RecommendServer` (not yet serving: run ``serve_forever`` in a thread).
 
     ``source`` is a config (a store and recommender are built from it, refreshing on the request path)
@@ -173,12 +195,13 @@ def make_server(source: ServeConfig | Recommender, host: str | None = None, port
     else:
         rec = source
     server = RecommendServer((host or "127.0.0.1", int(port or 0)), rec, max_k or 1000)
-    log.info("recommendations on http://%s:%d/recommend (max_k=%d)", server.server_address[0], server.port,
-             server.max_k)
+    log.info(
+        "recommendations on http://%s:%d/recommend (max_k=%d)", server.server_address[0], server.port, server.max_k
+    )
     return server
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: Any) -> None:
     """Add ``zerocf serve``."""
     p = subparsers.add_parser("serve", help="serve recommendations over HTTP (/recommend, /healthz, /metrics)")
     add_flags(p, ServeConfig, skip=TOP_LEVEL + KAFKA_FIELDS)

@@ -8,5 +8,19 @@ from workers.store.codec import DTYPE, decode, encode, encode_joined
 from workers.store.factor_store import ApplyStatus, BatchState, FactorStore, GenerationMeta, ModelMeta
 from workers.store.keys import KEY_PREFIX, SCHEMA_VERSION, TABLES, Keys, Table
 
-__all__ = ["DTYPE", "KEY_PREFIX", "SCHEMA_VERSION", "TABLES", "ApplyStatus", "BatchState", "FactorStore",
-           "GenerationMeta", "Keys", "ModelMeta", "Table", "decode", "encode", "encode_joined"]
+__all__ = [
+    "DTYPE",
+    "KEY_PREFIX",
+    "SCHEMA_VERSION",
+    "TABLES",
+    "ApplyStatus",
+    "BatchState",
+    "FactorStore",
+    "GenerationMeta",
+    "Keys",
+    "ModelMeta",
+    "Table",
+    "decode",
+    "encode",
+    "encode_joined",
+]

@@ -19,8 +19,7 @@ DTYPE = "<f4"
 __all__ = ["DTYPE", "decode", "encode", "encode_joined"]
 
 
-def encode(vecs: npt.NDArray[np.float32], k: int | None = None,
-           ids: Sequence[str] | None = None) -> list[bytes]:
+def encode(vecs: npt.NDArray[np.float32], k: int | None = None, ids: Sequence[str] | None = None) -> list[bytes]:
     """Encode the rows of an ``(n, k)`` float32 matrix as ``n`` little-endian blobs of ``4*k`` bytes.
 
     Raises :class:`StoreSchemaError` for a wrong dtype or width (naming ``ids[0]`` when given) and
@@ -31,21 +30,27 @@ def encode(vecs: npt.NDArray[np.float32], k: int | None = None,
     """
     arr = np.asarray(vecs)
     if arr.dtype != np.float32:
-        raise StoreSchemaError(f"vectors have dtype {arr.dtype}, the store keeps float32; "
-                               "cast with .astype(np.float32) where they are computed")
+        raise StoreSchemaError(
+            f"vectors have dtype {arr.dtype}, the store keeps float32; "
+            "cast with .astype(np.float32) where they are computed"
+        )
     if arr.ndim != 2 or (k is not None and arr.shape[1] != k):
         first = ids[0] if ids else "row 0"
-        raise StoreSchemaError(f"vectors have shape {arr.shape} (first id {first!r}), store expects "
-                               f"(n, {k}); "
-                               "check --factors against the model's k")
+        raise StoreSchemaError(
+            f"vectors have shape {arr.shape} (first id {first!r}), store expects "
+            f"(n, {k}); "
+            "check --factors against the model's k"
+        )
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ModelDiverged(f"vector {ids[i] if ids else i!r} holds NaN/inf; refused, nothing written. "
-                            "Lower the learning rate or raise regularisation")
+        raise ModelDiverged(
+            f"vector {ids[i] if ids else i!r} holds NaN/inf; refused, nothing written. "
+            "Lower the learning rate or raise regularisation"
+        )
     buf = np.ascontiguousarray(arr, dtype=DTYPE).tobytes()
     w = 4 * arr.shape[1]
-    return [buf[i * w:(i + 1) * w] for i in range(arr.shape[0])]
+    return [buf[i * w : (i + 1) * w] for i in range(arr.shape[0])]
 
 
 def encode_joined(vecs: npt.NDArray[np.float32], k: int, ids: Sequence[str]) -> bytes:
@@ -62,8 +67,9 @@ def encode_joined(vecs: npt.NDArray[np.float32], k: int, ids: Sequence[str]) -> 
     return b"".join(encode(arr, k, ids))  # raises the precise error (or handles a count mismatch below)
 
 
-def decode(blobs: Sequence[bytes | None], k: int,
-           ids: Sequence[str] | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+def decode(
+    blobs: Sequence[bytes | None], k: int, ids: Sequence[str] | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """Decode blobs (``None`` = absent) into an ``(n, k)`` float32 matrix (zeros where absent) and a mask.
 
     >>> m, found = decode([b'\\x00\\x00\\x80?\\x00\\x00\\x00\\xc0', None], 2)
@@ -86,8 +92,10 @@ the model was written with another k; set ZEROCF_FACTORS to the model's k or use
         j = int(np.flatnonzero(lens != 4 * k)[0])
         i = int(np.flatnonzero(found)[j])
         name = ids[i] if ids is not None else f"row {i}"
-        raise StoreSchemaError(f"stored vector {name!r} has {lens[j] / 4:g} float32 values "
-                               f"({lens[j]} bytes), store expects k={k}; the model was written with another "
-                               "k; set ZEROCF_FACTORS to the model's k or use another ZEROCF_TOPIC_PREFIX")
+        raise StoreSchemaError(
+            f"stored vector {name!r} has {lens[j] / 4:g} float32 values "
+            f"({lens[j]} bytes), store expects k={k}; the model was written with another "
+            "k; set ZEROCF_FACTORS to the model's k or use another ZEROCF_TOPIC_PREFIX"
+        )
     out[found] = np.frombuffer(b"".join(present), dtype=DTYPE).reshape(-1, k)
     return out, found

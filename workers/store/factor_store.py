@@ -26,9 +26,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -146,15 +146,25 @@ class FactorStore:
         Returns epoch seconds (tests inject a fixed clock).
     """
 
-    def __init__(self, client: redis.Redis, namespace: str = "zerocf", *, seen_cap: int = 200,
-                 seen_ttl: int = 30 * 86400, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "zerocf",
+        *,
+        seen_cap: int = 200,
+        seen_ttl: int = 30 * 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         pool = getattr(client, "connection_pool", None)
         if pool is not None and pool.connection_kwargs.get("decode_responses"):
-            raise ConfigError("the Redis client decodes responses; FactorStore needs bytes: "
-                              "create it with decode_responses=False")
+            raise ConfigError(
+                "the Redis client decodes responses; FactorStore needs bytes: create it with decode_responses=False"
+            )
         if seen_cap < 1 or seen_ttl < 1:
             raise ConfigError(f"seen_cap={seen_cap} and seen_ttl={seen_ttl} must be >= 1")
-        self.r = client
+        # redis-py types replies as bytes | str (its decode mode is a runtime setting); this client is always
+        # bytes (checked above), so the store reads it untyped and decodes explicitly.
+        self.r: Any = client
         self.keys = Keys(namespace)
         self.seen_cap, self.seen_ttl, self._clock = int(seen_cap), int(seen_ttl), clock
         self._k: int | None = None
@@ -192,16 +202,22 @@ class FactorStore:
         try:
             store.r.ping()
         except redis.AuthenticationError as exc:
-            raise ConfigError(f"Redis at {where} rejected the credentials ({exc}); fix the password in "
-                              "ZEROCF_REDIS_URL (redis://:PASSWORD@host:port/db)") from None
+            raise ConfigError(
+                f"Redis at {where} rejected the credentials ({exc}); fix the password in "
+                "ZEROCF_REDIS_URL (redis://:PASSWORD@host:port/db)"
+            ) from None
         except redis.ResponseError as exc:
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                raise ConfigError(f"Redis at {where} needs a password ({exc}); put it in ZEROCF_REDIS_URL "
-                                  "(redis://:PASSWORD@host:port/db)") from None
+                raise ConfigError(
+                    f"Redis at {where} needs a password ({exc}); put it in ZEROCF_REDIS_URL "
+                    "(redis://:PASSWORD@host:port/db)"
+                ) from None
             raise
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise ServiceUnavailable(f"cannot reach Redis at {where} ({exc}); start it (`zerocf stack up` "
-                                     "for the local stack) or fix ZEROCF_REDIS_URL") from None
+            raise ServiceUnavailable(
+                f"cannot reach Redis at {where} ({exc}); start it (`zerocf stack up` "
+                "for the local stack) or fix ZEROCF_REDIS_URL"
+            ) from None
         return store
 
     # ------------------------------------------------------------------ model meta
@@ -225,24 +241,49 @@ class FactorStore:
             if pipe.exists(km.meta):
                 return
             pipe.multi()
-            pipe.hset(km.meta, mapping={"schema_version": SCHEMA_VERSION, "k": int(k), "dtype": DTYPE,
-                                        "live_gen": 1, "next_gen": 1, "created_at": now, "updated_at": now})
-            pipe.hset(km.gen_meta(1), mapping={"state": "complete", "source": "online", "created_at": now,
-                                               "published_at": now, "n_users": 0, "n_items": 0,
-                                               "bias": "0.0", "offsets": "{}", "watermarks": "{}"})
+            pipe.hset(
+                km.meta,
+                mapping={
+                    "schema_version": SCHEMA_VERSION,
+                    "k": int(k),
+                    "dtype": DTYPE,
+                    "live_gen": 1,
+                    "next_gen": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            pipe.hset(
+                km.gen_meta(1),
+                mapping={
+                    "state": "complete",
+                    "source": "online",
+                    "created_at": now,
+                    "published_at": now,
+                    "n_users": 0,
+                    "n_items": 0,
+                    "bias": "0.0",
+                    "offsets": "{}",
+                    "watermarks": "{}",
+                },
+            )
             pipe.zadd(km.gens, {"1": 1})
 
         self.r.transaction(create, km.meta)
         m = self.meta()
         ns = self.keys.ns
         if m.schema_version != SCHEMA_VERSION or m.dtype != DTYPE:
-            raise StoreSchemaError(f"redis model {ns} has schema_version={m.schema_version} dtype={m.dtype}, "
-                                   f"this zerocf reads schema_version={SCHEMA_VERSION} dtype={DTYPE}; "
-                                   "upgrade zerocf or use another ZEROCF_TOPIC_PREFIX")
+            raise StoreSchemaError(
+                f"redis model {ns} has schema_version={m.schema_version} dtype={m.dtype}, "
+                f"this zerocf reads schema_version={SCHEMA_VERSION} dtype={DTYPE}; "
+                "upgrade zerocf or use another ZEROCF_TOPIC_PREFIX"
+            )
         if m.k != int(k):
-            raise StoreSchemaError(f"redis model {ns} has k={m.k}, worker configured k={k}; rerun with "
-                                   f"--factors {m.k} (ZEROCF_FACTORS={m.k}), or start a new model under another ZEROCF_TOPIC_PREFIX "
-                                   "(a model's k is fixed; see docs/production.md, upgrading)")
+            raise StoreSchemaError(
+                f"redis model {ns} has k={m.k}, worker configured k={k}; rerun with "
+                f"--factors {m.k} (ZEROCF_FACTORS={m.k}), or start a new model under another ZEROCF_TOPIC_PREFIX "
+                "(a model's k is fixed; see docs/production.md, upgrading)"
+            )
         self._k = m.k
         return m.live_gen
 
@@ -250,11 +291,19 @@ class FactorStore:
         """Read the model meta hash; :class:`StoreSchemaError` if there is no model."""
         raw = {_s(a): b for a, b in self.r.hgetall(self.keys.meta).items()}
         if not raw:
-            raise StoreSchemaError(f"no zerocf model in Redis under namespace {self.keys.ns!r}; start "
-                                   "`zerocf lmf` or run `zerocf als --once` first, or check --prefix")
-        return ModelMeta(int(raw["schema_version"]), int(raw["k"]), raw["dtype"].decode(),
-                         int(raw["live_gen"]), int(raw["next_gen"]), float(raw["created_at"]),
-                         float(raw["updated_at"]))
+            raise StoreSchemaError(
+                f"no zerocf model in Redis under namespace {self.keys.ns!r}; start "
+                "`zerocf lmf` or run `zerocf als --once` first, or check --prefix"
+            )
+        return ModelMeta(
+            int(raw["schema_version"]),
+            int(raw["k"]),
+            raw["dtype"].decode(),
+            int(raw["live_gen"]),
+            int(raw["next_gen"]),
+            float(raw["created_at"]),
+            float(raw["updated_at"]),
+        )
 
     def live_generation(self) -> int:
         """The live generation number (one HGET)."""
@@ -267,23 +316,32 @@ class FactorStore:
         """Read generation ``g``'s meta; :class:`GenerationError` if it does not exist."""
         raw = {_s(a): b for a, b in self.r.hgetall(self.keys.gen_meta(g)).items()}
         if not raw:
-            raise GenerationError(f"generation {g} of model {self.keys.ns!r} does not exist (dropped or "
-                                  "never begun); read live_generation() for the current one")
+            raise GenerationError(
+                f"generation {g} of model {self.keys.ns!r} does not exist (dropped or "
+                "never begun); read live_generation() for the current one"
+            )
         return GenerationMeta(
-            g=int(g), state=raw["state"].decode(), source=raw.get("source", b"").decode(),
-            created_at=float(raw["created_at"]), n_users=int(raw.get("n_users", 0)),
-            n_items=int(raw.get("n_items", 0)), bias=float(raw.get("bias", 0.0)),
+            g=int(g),
+            state=raw["state"].decode(),
+            source=raw.get("source", b"").decode(),
+            created_at=float(raw["created_at"]),
+            n_users=int(raw.get("n_users", 0)),
+            n_items=int(raw.get("n_items", 0)),
+            bias=float(raw.get("bias", 0.0)),
             offsets={int(p): int(o) for p, o in json.loads(raw.get("offsets", b"{}")).items()},
             watermarks={int(p): w for p, w in json.loads(raw.get("watermarks", b"{}")).items()},
-            published_at=_f(raw.get("published_at")), retired_at=_f(raw.get("retired_at")))
+            published_at=_f(raw.get("published_at")),
+            retired_at=_f(raw.get("retired_at")),
+        )
 
     def generations(self) -> list[int]:
         """Every generation with a meta hash (building, complete or retired), ascending."""
         return [int(g) for g in self.r.zrange(self.keys.gens, 0, -1)]
 
     # ------------------------------------------------------------------ vector reads
-    def get_vectors(self, g: int, table: Table, ids: Sequence[str]
-                    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    def get_vectors(
+        self, g: int, table: Table, ids: Sequence[str]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """Fetch rows for ``ids`` with one HMGET: ``(n, k)`` float32 (zeros where absent) and found mask."""
         if not ids:
             return np.zeros((0, self.k), dtype=np.float32), np.zeros(0, dtype=np.bool_)
@@ -299,9 +357,17 @@ class FactorStore:
         """Number of item vectors in generation ``g`` (HLEN)."""
         return int(self.r.hlen(self.keys.vectors(g, "item")))
 
-    def read_batch_state(self, g: int, partitions: Sequence[int], users: Sequence[str],
-                         items: Sequence[str], *, accumulators: bool = False, seen_users: Sequence[str] = (),
-                         seen_limit: int | None = None) -> BatchState:
+    def read_batch_state(
+        self,
+        g: int,
+        partitions: Sequence[int],
+        users: Sequence[str],
+        items: Sequence[str],
+        *,
+        accumulators: bool = False,
+        seen_users: Sequence[str] = (),
+        seen_limit: int | None = None,
+    ) -> BatchState:
         """One pipelined round trip: live_gen, user/item rows, applied offsets + watermarks (+ AdaGrad,
         + the recent clicks of ``seen_users``, read by one Lua call; needs a real Redis)."""
         km, k = self.keys, self.k
@@ -328,26 +394,41 @@ class FactorStore:
             mats[table] = decode(next(res) if ids else [], k, ids)
         offs = next(res) if parts else []
         wms = next(res) if parts else []
-        seen = ({u: [i.decode() for i in rows] for u, rows in zip(seen_users, next(res))}
-                if seen_users else None)
+        seen = {u: [i.decode() for i in rows] for u, rows in zip(seen_users, next(res))} if seen_users else None
         return BatchState(
-            live_gen=int(live), user_vecs=mats["user"][0], user_found=mats["user"][1],
-            item_vecs=mats["item"][0], item_found=mats["item"][1],
+            live_gen=int(live),
+            user_vecs=mats["user"][0],
+            user_found=mats["user"][1],
+            item_vecs=mats["item"][0],
+            item_found=mats["item"][1],
             offsets={int(pp): (None if o is None else int(o)) for pp, o in zip(parts, offs)},
-            watermarks={int(pp): json.loads(w) for pp, w in zip(parts, wms) if w is not None}, seen=seen,
-            **({"user_acc": mats["user_acc"][0], "user_acc_found": mats["user_acc"][1],
-                "item_acc": mats["item_acc"][0], "item_acc_found": mats["item_acc"][1]}
-               if accumulators else {}))
+            watermarks={int(pp): json.loads(w) for pp, w in zip(parts, wms) if w is not None},
+            seen=seen,
+            user_acc=mats["user_acc"][0] if accumulators else None,
+            user_acc_found=mats["user_acc"][1] if accumulators else None,
+            item_acc=mats["item_acc"][0] if accumulators else None,
+            item_acc_found=mats["item_acc"][1] if accumulators else None,
+        )
 
     # ------------------------------------------------------------------ hot-path writes (Lua)
-    def apply_batch(self, g: int, partition: int, expected_offset: int | None, new_offset: int,
-                    watermarks: Mapping[str, Any], user_ids: Sequence[str],
-                    user_vecs: npt.NDArray[np.float32], item_ids: Sequence[str],
-                    item_deltas: npt.NDArray[np.float32], *, counts: Mapping[str, float] | None = None,
-                    user_increments: Mapping[str, int] | None = None,
-                    seen: Iterable[tuple[str, str, int]] = (),
-                    user_acc: npt.NDArray[np.float32] | None = None,
-                    item_acc_deltas: npt.NDArray[np.float32] | None = None) -> ApplyStatus:
+    def apply_batch(
+        self,
+        g: int,
+        partition: int,
+        expected_offset: int | None,
+        new_offset: int,
+        watermarks: Mapping[str, Any],
+        user_ids: Sequence[str],
+        user_vecs: npt.NDArray[np.float32],
+        item_ids: Sequence[str],
+        item_deltas: npt.NDArray[np.float32],
+        *,
+        counts: Mapping[str, float] | None = None,
+        user_increments: Mapping[str, int] | None = None,
+        seen: Iterable[tuple[str, str, int]] = (),
+        user_acc: npt.NDArray[np.float32] | None = None,
+        item_acc_deltas: npt.NDArray[np.float32] | None = None,
+    ) -> ApplyStatus:
         """Atomically apply one LMF batch to generation ``g`` (one EVALSHA); see docs/redis-schema.md.
 
         Writes happen only if ``live_gen == g`` (else ``NEW_GENERATION``) and the partition's stored
@@ -377,12 +458,32 @@ class FactorStore:
         km = self.keys
         seen_keys, seen_args = self._seen_args(seen, first_key=10)
         incr = dict(user_increments or {})
-        keys = [km.meta, km.offsets(g), km.watermarks(g), *(km.vectors(g, kd) for kd in TABLES),
-                km.counts(g), km.updates(g), *seen_keys]
-        args: list[Any] = [int(g), int(partition), "" if expected_offset is None else int(expected_offset),
-                           int(new_offset), json.dumps(dict(watermarks), sort_keys=True), k,
-                           self.seen_cap, self.seen_ttl, len(user_ids), len(item_ids), len(counts), len(incr),
-                           len(seen_args) // 3, n_uacc, n_iacc]
+        keys = [
+            km.meta,
+            km.offsets(g),
+            km.watermarks(g),
+            *(km.vectors(g, kd) for kd in TABLES),
+            km.counts(g),
+            km.updates(g),
+            *seen_keys,
+        ]
+        args: list[Any] = [
+            int(g),
+            int(partition),
+            "" if expected_offset is None else int(expected_offset),
+            int(new_offset),
+            json.dumps(dict(watermarks), sort_keys=True),
+            k,
+            self.seen_cap,
+            self.seen_ttl,
+            len(user_ids),
+            len(item_ids),
+            len(counts),
+            len(incr),
+            len(seen_args) // 3,
+            n_uacc,
+            n_iacc,
+        ]
         args += [*user_ids, ublob, *item_ids, iblob]
         args += _pairs(list(counts), [_num(c) for c in counts.values()])
         args += _pairs(list(incr), [int(n) for n in incr.values()]) + seen_args
@@ -390,17 +491,24 @@ class FactorStore:
         code, detail = self._apply(keys=keys, args=args)
         return self._status(code, detail, g, partition, expected_offset)
 
-    def _status(self, code: int, detail: Any, g: int, partition: int,
-                expected: int | None) -> ApplyStatus:
+    def _status(self, code: int, detail: Any, g: int, partition: int, expected: int | None) -> ApplyStatus:
         if code == 1:
             return ApplyStatus.APPLIED
         if code == 0:
-            log.info("stale batch partition=%s expected applied offset %s, Redis has %s; nothing written",
-                     partition, expected, _s(detail) or None)
+            log.info(
+                "stale batch partition=%s expected applied offset %s, Redis has %s; nothing written",
+                partition,
+                expected,
+                _s(detail) or None,
+            )
             return ApplyStatus.STALE
         if code == -1:
-            log.info("generation %s is no longer live (live=%s); batch for partition %s not written",
-                     g, _s(detail), partition)
+            log.info(
+                "generation %s is no longer live (live=%s); batch for partition %s not written",
+                g,
+                _s(detail),
+                partition,
+            )
             return ApplyStatus.NEW_GENERATION
         _raise_lua(code, detail, self.k)
         raise AssertionError(code)  # pragma: no cover
@@ -412,16 +520,33 @@ class FactorStore:
         km, now = self.keys, _num(self._clock())
         g = int(self.r.hincrby(km.meta, "next_gen", 1))
         p = self.r.pipeline(transaction=True)
-        p.hset(km.gen_meta(g), mapping={"state": "building", "source": source, "created_at": now,
-                                        "n_users": 0, "n_items": 0, "bias": "0.0", "offsets": "{}",
-                                        "watermarks": "{}"})
+        p.hset(
+            km.gen_meta(g),
+            mapping={
+                "state": "building",
+                "source": source,
+                "created_at": now,
+                "n_users": 0,
+                "n_items": 0,
+                "bias": "0.0",
+                "offsets": "{}",
+                "watermarks": "{}",
+            },
+        )
         p.zadd(km.gens, {str(g): g})
         p.execute()
         log.info("generation %s begun (source=%s) namespace=%s", g, source, km.ns)
         return g
 
-    def write_vectors(self, g: int, table: Table, ids: Sequence[str], matrix: npt.NDArray[np.float32],
-                      chunk: int = _CHUNK, pipeline: redis.client.Pipeline | None = None) -> None:
+    def write_vectors(
+        self,
+        g: int,
+        table: Table,
+        ids: Sequence[str],
+        matrix: npt.NDArray[np.float32],
+        chunk: int = _CHUNK,
+        pipeline: redis.client.Pipeline | None = None,
+    ) -> None:
         """HSET rows (absolute) in chunks of ``chunk`` rows; queued on ``pipeline`` when given."""
         ids = [str(i) for i in ids]
         blobs = encode(matrix, self.k, ids)
@@ -429,38 +554,51 @@ class FactorStore:
         key = self.keys.vectors(g, table)
         for c in range(0, len(ids), chunk):
             p = pipeline if pipeline is not None else self.r.pipeline(transaction=False)
-            p.hset(key, mapping=dict(zip(ids[c:c + chunk], blobs[c:c + chunk])))
+            p.hset(key, mapping=dict(zip(ids[c : c + chunk], blobs[c : c + chunk])))
             if pipeline is None:
                 p.execute()
 
-    def write_counts(self, g: int, counts: Mapping[str, float], chunk: int = _CHUNK,
-                     pipeline: redis.client.Pipeline | None = None) -> None:
+    def write_counts(
+        self, g: int, counts: Mapping[str, float], chunk: int = _CHUNK, pipeline: redis.client.Pipeline | None = None
+    ) -> None:
         """ZADD absolute item counts (ALS seeds a generation's popularity from its snapshot)."""
         items = [(str(i), float(c)) for i, c in counts.items()]
         if not all(math.isfinite(c) for _, c in items):
             raise ModelDiverged(f"item counts for generation {g} hold NaN/inf; refused")
         for c in range(0, len(items), chunk):
             p = pipeline if pipeline is not None else self.r.pipeline(transaction=False)
-            p.zadd(self.keys.counts(g), dict(items[c:c + chunk]))
+            p.zadd(self.keys.counts(g), dict(items[c : c + chunk]))
             if pipeline is None:
                 p.execute()
 
-    def write_offsets(self, g: int, offsets: Mapping[int, int],
-                      watermarks: Mapping[int, Mapping[str, Any]],
-                      pipeline: redis.client.Pipeline | None = None) -> None:
+    def write_offsets(
+        self,
+        g: int,
+        offsets: Mapping[int, int],
+        watermarks: Mapping[int, Mapping[str, Any]],
+        pipeline: redis.client.Pipeline | None = None,
+    ) -> None:
         """HSET applied offsets and dedupe watermarks per partition (publish also does this atomically)."""
         p = pipeline if pipeline is not None else self.r.pipeline(transaction=True)
         if offsets:
             p.hset(self.keys.offsets(g), mapping={str(int(a)): int(b) for a, b in offsets.items()})
         if watermarks:
-            p.hset(self.keys.watermarks(g), mapping={str(int(a)): json.dumps(dict(b), sort_keys=True)
-                                                     for a, b in watermarks.items()})
+            p.hset(
+                self.keys.watermarks(g),
+                mapping={str(int(a)): json.dumps(dict(b), sort_keys=True) for a, b in watermarks.items()},
+            )
         if pipeline is None:
             p.execute()
 
-    def publish_generation(self, g: int, offsets: Mapping[int, int],
-                           watermarks: Mapping[int, Mapping[str, Any]], bias: float,
-                           n_users: int, n_items: int) -> None:
+    def publish_generation(
+        self,
+        g: int,
+        offsets: Mapping[int, int],
+        watermarks: Mapping[int, Mapping[str, Any]],
+        bias: float,
+        n_users: int,
+        n_items: int,
+    ) -> None:
         """Atomically flip ``live_gen`` to the building generation ``g`` (one Lua script).
 
         Refused (:class:`GenerationError`, nothing written) unless ``g`` is ``building`` and holds exactly
@@ -479,22 +617,49 @@ class FactorStore:
         for _ in range(5):
             prev = self.live_generation()
             code, detail = self._publish(
-                keys=[km.meta, km.gen_meta(g), km.vectors(g, "user"), km.vectors(g, "item"),
-                      km.offsets(g), km.watermarks(g), km.gen_meta(prev)],
-                args=[int(g), prev, int(n_users), int(n_items), _num(bias),
-                      json.dumps(offs, sort_keys=True), json.dumps(wms, sort_keys=True), now, *flat])
+                keys=[
+                    km.meta,
+                    km.gen_meta(g),
+                    km.vectors(g, "user"),
+                    km.vectors(g, "item"),
+                    km.offsets(g),
+                    km.watermarks(g),
+                    km.gen_meta(prev),
+                ],
+                args=[
+                    int(g),
+                    prev,
+                    int(n_users),
+                    int(n_items),
+                    _num(bias),
+                    json.dumps(offs, sort_keys=True),
+                    json.dumps(wms, sort_keys=True),
+                    now,
+                    *flat,
+                ],
+            )
             if code == 1:
-                log.info("generation %s published (was %s) namespace=%s n_users=%s n_items=%s",
-                         g, prev, km.ns, n_users, n_items)
+                log.info(
+                    "generation %s published (was %s) namespace=%s n_users=%s n_items=%s",
+                    g,
+                    prev,
+                    km.ns,
+                    n_users,
+                    n_items,
+                )
                 return
             if code != -1:
                 break
-        what = {-1: f"live_gen kept changing (now {_s(detail)})",
-                -2: f"its state is {_s(detail)}, not building",
-                -3: f"it holds {detail} user rows, expected n_users={n_users}",
-                -4: f"it holds {detail} item rows, expected n_items={n_items}"}[code]
-        raise GenerationError(f"generation {g} not published: {what}; write all vectors of a fresh "
-                              "begin_generation() before publishing (nothing was changed)")
+        what = {
+            -1: f"live_gen kept changing (now {_s(detail)})",
+            -2: f"its state is {_s(detail)}, not building",
+            -3: f"it holds {detail} user rows, expected n_users={n_users}",
+            -4: f"it holds {detail} item rows, expected n_items={n_items}",
+        }[code]
+        raise GenerationError(
+            f"generation {g} not published: {what}; write all vectors of a fresh "
+            "begin_generation() before publishing (nothing was changed)"
+        )
 
     def drop_generation(self, g: int) -> None:
         """UNLINK every key of generation ``g``; :class:`GenerationError` if ``g`` is live."""
@@ -541,13 +706,15 @@ class FactorStore:
         vals = self.r.hmget(key, list(users)) if users else []
         return {u: int(n or 0) for u, n in zip(users, vals)}
 
-    def add_seen(self, seen: Iterable[tuple[str, str, int]],
-                 pipeline: redis.client.Pipeline | None = None) -> None:
+    def add_seen(self, seen: Iterable[tuple[str, str, int]], pipeline: redis.client.Pipeline | None = None) -> None:
         """Record ``(user, item, ts_ms)`` clicks in the per-user recent sets (the batch write's Lua code)."""
         keys, args = self._seen_args(seen, first_key=1)
         if keys:
-            self._seen_add(keys=keys, args=[self.seen_cap, self.seen_ttl, *args],
-                           client=pipeline if pipeline is not None else self.r)
+            self._seen_add(
+                keys=keys,
+                args=[self.seen_cap, self.seen_ttl, *args],
+                client=pipeline if pipeline is not None else self.r,
+            )
 
     def _seen_args(self, seen: Iterable[tuple[str, str, int]], first_key: int) -> tuple[list[str], list[Any]]:
         """Seen keys and ``(KEYS index, ts, item)`` triples for the Lua ``add_seen`` (KEYS from ``first_key``)."""
@@ -591,14 +758,19 @@ def _same_len(na: str, a: Sequence[Any], b: Sequence[Any], nb: str) -> None:
 
 def _raise_lua(code: int, detail: Any, k: int) -> None:
     if code == -2:
-        raise ModelDiverged(f"adding the delta to item {_s(detail)!r} overflows float32; refused, nothing "
-                            "written. Lower the learning rate or clip gradients")
+        raise ModelDiverged(
+            f"adding the delta to item {_s(detail)!r} overflows float32; refused, nothing "
+            "written. Lower the learning rate or clip gradients"
+        )
     if code == -5:
-        raise StoreSchemaError(f"batch {_s(detail)} vectors do not hold n * {4 * k} bytes (k={k}); are the "
-                               "worker and the store module from the same zerocf version?")
+        raise StoreSchemaError(
+            f"batch {_s(detail)} vectors do not hold n * {4 * k} bytes (k={k}); are the "
+            "worker and the store module from the same zerocf version?"
+        )
     if code == -3:
-        raise StoreSchemaError(f"stored item vector {_s(detail)!r} is not {4 * k} bytes (k={k}); the model "
-                               "was written with another k; set ZEROCF_FACTORS to the model's k or use another "
-                               "ZEROCF_TOPIC_PREFIX")
-    raise StoreSchemaError(f"unexpected store script result {code} {detail!r}; "
-                           "check the Redis version (>= 6.2)")
+        raise StoreSchemaError(
+            f"stored item vector {_s(detail)!r} is not {4 * k} bytes (k={k}); the model "
+            "was written with another k; set ZEROCF_FACTORS to the model's k or use another "
+            "ZEROCF_TOPIC_PREFIX"
+        )
+    raise StoreSchemaError(f"unexpected store script result {code} {detail!r}; check the Redis version (>= 6.2)")

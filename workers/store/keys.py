@@ -33,8 +33,10 @@ class Keys:
 
     def __post_init__(self) -> None:
         if not self.ns or any(c in self.ns for c in "{} \t\r\n"):
-            raise ConfigError(f"namespace {self.ns!r} must be non-empty without braces or whitespace; "
-                              "use the topic prefix, e.g. zerocf")
+            raise ConfigError(
+                f"namespace {self.ns!r} must be non-empty without braces or whitespace; "
+                "use the topic prefix, e.g. zerocf"
+            )
 
     @property
     def base(self) -> str:
@@ -73,5 +75,11 @@ class Keys:
 
     def generation_keys(self, g: int) -> list[str]:
         """All keys owned by generation ``g`` (what :meth:`FactorStore.drop_generation` unlinks)."""
-        return [self.gen_meta(g), *(self.vectors(g, kd) for kd in TABLES), self.offsets(g),
-                self.watermarks(g), self.counts(g), self.updates(g)]
+        return [
+            self.gen_meta(g),
+            *(self.vectors(g, kd) for kd in TABLES),
+            self.offsets(g),
+            self.watermarks(g),
+            self.counts(g),
+            self.updates(g),
+        ]

