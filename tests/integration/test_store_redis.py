@@ -106,7 +106,7 @@ def test_lua_delta_add_matches_numpy_float32_bits(redis_client: redis.Redis, k: 
     delta = (rng.standard_normal((300, k)) * 10.0 ** rng.integers(-9, 3, (300, 1))).astype(np.float32)
     ids = [f"i{j}" for j in range(300)]
     s.write_vectors(1, "item", ids, base)
-    s.add_item_deltas(1, ids, delta)
+    assert s.apply_batch(1, 0, None, 0, {}, [], np.zeros((0, k), np.float32), ids, delta)
     got, _ = s.get_vectors(1, "item", ids)
     assert got.tobytes() == (base + delta).tobytes()
 
@@ -119,7 +119,7 @@ def test_overflow_and_bad_blob_refuse_the_whole_batch(store: FactorStore) -> Non
     with pytest.raises(ModelDiverged, match="'hot' overflows float32"):
         store.apply_batch(1, 0, None, 1, {}, ["u"], _mat(1), ["ok", "hot"], np.vstack([_mat(1), big]))
     with pytest.raises(StoreSchemaError, match="'short' is not 256 bytes"):
-        store.add_item_deltas(1, ["short"], _mat(1))
+        store.apply_batch(1, 0, None, 1, {}, ["u"], _mat(1), ["short"], _mat(1))
     assert _dump(store.r) == before
 
 
