@@ -4,7 +4,8 @@
 
 Measures: ``apply_batch`` for an LMF-sized batch (2,000 events touching ~2,000 users and ~3,000 items),
 the ``read_batch_state`` round trip for the same batch, Lua float32 vector adds per second
-(``apply_batch`` with 1,000 item deltas and nothing else per EVALSHA), HMGET rows per second (``get_vectors``, 1,000 ids per call),
+(``apply_batch`` with 1,000 item deltas and nothing else per EVALSHA), HMGET rows per second
+(``get_vectors``, 1,000 ids per call),
 pipelined ``write_vectors`` rows per second, Redis bytes per user row (``MEMORY USAGE key SAMPLES 0``
 of the user hash before/after adding rows), per item-count entry, per update counter and per full
 (``seen_cap``) seen set. Medians over ``--repeats``; expect +-30 % noise on a shared box.
