@@ -214,6 +214,28 @@ def add_flags(parser: argparse.ArgumentParser | Any, *classes: type, skip: Itera
         parser.add_argument(fld.flag, **kw)
 
 
+def _no_default(d: Any) -> bool:
+    return d is None or d is False or d is argparse.SUPPRESS
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows every option's default: settings flags carry it in their help (:func:`add_flags`);
+    for the other options (``-k``, ``--seed``, ...) it is appended here as ``(default X)``."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        d = action.default
+        if not action.help and not _no_default(d) and action.nargs != 0:
+            action.help = f"(default {d})"  # an option without help still shows its default
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = (action.help or "").strip()
+        d = action.default
+        if "default" in text or _no_default(d) or action.nargs == 0:
+            return text
+        return f"{text} (default {d})".strip()
+
+
 def flag_overrides(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
     """The values of the flags :func:`add_flags` added, by field name, for :func:`load`."""
     return {f.name: getattr(args, f.name, None) for f in settings_of(*classes)}

@@ -17,7 +17,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from stream.config import RuntimeSettings, add_flags, check_unknown_env, flag_overrides, known_env_vars, load
+from stream.config import (
+    DefaultsHelpFormatter,
+    RuntimeSettings,
+    add_flags,
+    check_unknown_env,
+    flag_overrides,
+    known_env_vars,
+    load,
+)
 from stream.errors import ZerocfError
 
 log = logging.getLogger(__name__)
@@ -73,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
     return parser
 
 
