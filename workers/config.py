@@ -56,29 +56,39 @@ class ModelSettings(ProcessSettings):
         secret=True,
     )
     factors: int = setting(64, "FACTORS", "latent dimension k of the model")
+    pop_half_life_s: float = setting(86_400.0, "POP_HALF_LIFE_S", "half-life of the time-decayed popularity that "
+                                     "serves users without a vector (event time)", unit="s")  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("ZEROCF_REDIS_URL must start with redis://, rediss:// or unix://")
-        check_ranges(self, {"factors": (1, 1024)})
+        check_ranges(self, {"factors": (1, 1024), "pop_half_life_s": (1, 86400 * 3650)})
+
+    @property
+    def pop_half_life_ms(self) -> int:
+        return int(self.pop_half_life_s * 1000)
 
 
 @dataclass(frozen=True)
 class LMFConfig(ModelSettings, ConsumerSettings):
     """``zerocf lmf``: the online logistic-MF worker."""
 
-    lr: float = setting(0.05, "LMF_LR", "SGD learning rate")
-    reg: float = setting(0.01, "LMF_REG", "L2 regularisation")
-    negatives: int = setting(5, "LMF_NEGATIVES", "sampled negatives per click")
-    sample_alpha: float = setting(0.75, "LMF_SAMPLE_ALPHA", "negative sampling P(i) ~ f_i^alpha, alpha in [0,1]")
-    hard_share: float = setting(0.2, "LMF_HARD_SHARE", "share of negatives chosen as hard (DNS) negatives")
+    lr: float = setting(0.1, "LMF_LR", "learning rate of the latent factors (AdaGrad's base rate)")
+    reg: float = setting(0.003, "LMF_REG", "L2 regularisation of the latent factors")
+    lr_bias: float = setting(0.1, "LMF_LR_BIAS", "learning rate of the user and item biases")
+    reg_bias: float = setting(0.01, "LMF_REG_BIAS", "L2 regularisation of the user and item biases")
+    lr_global: float = setting(0.01, "LMF_LR_GLOBAL", "learning rate of the global bias")
+    negatives: int = setting(10, "LMF_NEGATIVES", "sampled negatives per click")
+    sample_alpha: float = setting(0.25, "LMF_SAMPLE_ALPHA", "negative proposal P(i) ~ f_i^alpha, alpha in [0,1]")
+    uniform_mix: float = setting(0.2, "LMF_UNIFORM_MIX", "share of negatives drawn uniformly over the known items")
+    hard_share: float = setting(0.5, "LMF_HARD_SHARE", "share of negatives chosen as hard (DNS) negatives")
     hard_candidates: int = setting(8, "LMF_HARD_CANDIDATES", "candidates scored per hard negative")
     reservoir: int = setting(100_000, "LMF_RESERVOIR", "size of the reservoir of recent clicks", unit="clicks")
     batch: int = setting(2000, "LMF_BATCH", "events per mini-batch (one Redis round trip each way)", unit="events")
-    adagrad: bool = setting(False, "LMF_ADAGRAD", "AdaGrad learning-rate scaling")
+    adagrad: bool = setting(True, "LMF_ADAGRAD", "AdaGrad learning-rate scaling (factors row-wise, biases)")
     clip: float = setting(5.0, "LMF_CLIP", "gradient norm clip")
-    init_scale: float = setting(0.01, "LMF_INIT_SCALE", "std of the random init of new rows")
+    init_scale: float = setting(0.05, "LMF_INIT_SCALE", "std of the random init of new user rows")
     init: InitMode = setting(
         "random", "LMF_INIT", "new users: random (small) or foldin (least squares on their first clicks)"
     )
@@ -86,13 +96,12 @@ class LMFConfig(ModelSettings, ConsumerSettings):
         0.0, "LMF_EXPOSURE_WINDOW_S", "shown-not-clicked after this long is a negative (0 = off)", unit="s"
     )
     exposure_weight: float = setting(0.2, "LMF_EXPOSURE_WEIGHT", "gradient weight of exposure negatives")
-    seen_cap: int = setting(
-        128,
-        "LMF_SEEN_CAP",
-        "recent clicked items kept per user (<= 128 keeps Redis' compact zset encoding)",
-        unit="items",
-    )
-    seen_ttl_days: float = setting(30.0, "LMF_SEEN_TTL_DAYS", "expiry of a user's recent-click set", unit="days")
+    seen_cap: int = setting(10_000, "LMF_SEEN_CAP", "most seen items kept per user", unit="items")
+    seen_ttl_days: float = setting(365.0, "LMF_SEEN_TTL_DAYS", "retention of seen items: clicked within this "
+                                   "long of the user's newest click (event time); the set expires this long "
+                                   "after the last click", unit="days")  # fmt: skip
+    item_refresh_s: float = setting(60.0, "LMF_ITEM_REFRESH_S", "re-read every item row from Redis this often, "
+                                    "to see other workers' updates (0 = never)", unit="s")  # fmt: skip
     lmf_group: str = setting("", "LMF_GROUP", "consumer group (default <prefix>-lmf)", flag="--group")
     seed: int = setting(0, "LMF_SEED", "seed of the sampler and init")
 
@@ -128,12 +137,12 @@ class ALSConfig(ModelSettings):
     """``zerocf als``: the periodic implicit-ALS re-solve."""
 
     als_iterations: int = setting(15, "ALS_ITERATIONS", "ALS sweeps per re-solve", flag="--iterations")
-    als_reg: float = setting(0.05, "ALS_REG", "L2 regularisation lambda", flag="--reg")
+    als_reg: float = setting(25.0, "ALS_REG", "L2 regularisation lambda", flag="--reg")
     als_alpha: float = setting(1.0, "ALS_ALPHA", "confidence c = 1 + alpha * f (or the log variant)", flag="--alpha")
     als_confidence: Scaling = setting(
-        "linear", "ALS_CONFIDENCE", "confidence of a count: linear or log", flag="--confidence"
+        "log", "ALS_CONFIDENCE", "confidence of a count: linear or log", flag="--confidence"
     )
-    als_eps: float = setting(1.0, "ALS_EPS", "epsilon of the log confidence 1 + alpha*log(1 + f/eps)", flag="--eps")
+    als_eps: float = setting(0.1, "ALS_EPS", "epsilon of the log confidence 1 + alpha*log(1 + f/eps)", flag="--eps")
     als_solver: Solver = setting(
         "cg", "ALS_SOLVER", "row solver: conjugate gradient or exact Cholesky", flag="--solver"
     )
@@ -145,6 +154,8 @@ class ALSConfig(ModelSettings):
     checkpoint_dir: str = setting("./zerocf-als", "ALS_CHECKPOINT_DIR", "snapshot checkpoint directory")
     gc_grace_s: float = setting(600.0, "ALS_GC_GRACE_S", "retired generations are deleted after this", unit="s")
     calib_samples: int = setting(20_000, "ALS_CALIB_SAMPLES", "clicks used to calibrate scale/bias at the swap")
+    calib_negatives: int = setting(10, "ALS_CALIB_NEGATIVES", "negatives per click in the calibration (match "
+                                   "ZEROCF_LMF_NEGATIVES: the global bias is read against that many)")  # fmt: skip
     als_seed: int = setting(0, "ALS_SEED", "seed of init and calibration sampling", flag="--seed")
 
     def __post_init__(self) -> None:

@@ -96,8 +96,8 @@ def test_cg_agrees_with_exact_after_enough_steps() -> None:
 
 def test_cg_three_steps_reaches_exact_loss_after_iterations() -> None:
     F = _counts(80, 60, seed=4)
-    ex = als_fit(F, factors=8, reg=0.1, alpha=5.0, iterations=15, solver="exact")[2].loss
-    cg = als_fit(F, factors=8, reg=0.1, alpha=5.0, iterations=15, solver="cg", cg_steps=3)[2].loss
+    ex = als_fit(F, factors=8, reg=0.1, alpha=5.0, iterations=30, solver="exact")[2].loss
+    cg = als_fit(F, factors=8, reg=0.1, alpha=5.0, iterations=30, solver="cg", cg_steps=3)[2].loss
     assert cg[-1] == pytest.approx(ex[-1], rel=0.02)
 
 

@@ -75,6 +75,7 @@ class InteractionMatrix:
         self._vals = np.empty(_INITIAL_CAPACITY, np.float32)
         self._n = 0
         self.metadata: dict[str, Any] = {}
+        self.arrays: dict[str, npt.NDArray[Any]] = {}  # saved beside the matrix (see :meth:`save`)
 
     # ---- ids ---------------------------------------------------------------------------------
     @property
@@ -201,11 +202,13 @@ class InteractionMatrix:
         return int(n_interactions * (32 + 8) + (n_users + n_items) * BYTES_PER_ID + 8 * n_users)
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
+    def save(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
+             arrays: Mapping[str, npt.NDArray[Any]] | None = None) -> Path:  # fmt: skip
         """Atomically write a checkpoint into directory ``path``; returns the checkpoint directory.
 
         ``metadata`` (default: ``self.metadata``) must be JSON-serialisable; it replaces
-        ``self.metadata``. See the module docstring for the layout and crash guarantees.
+        ``self.metadata``. ``arrays`` are saved beside the matrix and come back in :attr:`arrays`. See the
+        module docstring for the layout and crash guarantees.
         """
         root = Path(path)
         meta = dict(self.metadata if metadata is None else metadata)
@@ -225,7 +228,10 @@ class InteractionMatrix:
         tmp.mkdir()
         csr = self.to_csr()
         with open(tmp / "matrix.npz", "wb") as fh:
-            np.savez(fh, indptr=csr.indptr, indices=csr.indices, data=csr.data, shape=np.asarray(csr.shape, np.int64))
+            parts: dict[str, Any] = {"indptr": csr.indptr, "indices": csr.indices, "data": csr.data,
+                                     "shape": np.asarray(csr.shape, np.int64)}  # fmt: skip
+            parts |= {f"x_{k}": v for k, v in (arrays or {}).items()}
+            np.savez(fh, **parts)
         _write_text(tmp / "ids.json", json.dumps({"users": self._user_ids, "items": self._item_ids}))
         _write_text(tmp / "meta.json", meta_json)
         _fsync_path(tmp / "matrix.npz")
@@ -267,7 +273,9 @@ class InteractionMatrix:
         ids = json.loads((d / "ids.json").read_text())
         with np.load(d / "matrix.npz") as z:
             csr = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+            arrays = {name[2:]: z[name].copy() for name in z.files if name.startswith("x_")}
         m = cls()
+        m.arrays = arrays
         m._user_ids, m._item_ids = list(ids["users"]), list(ids["items"])
         m._user_index = {u: j for j, u in enumerate(m._user_ids)}
         m._item_index = {i: j for j, i in enumerate(m._item_ids)}

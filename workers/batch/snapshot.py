@@ -7,7 +7,9 @@ partition, so a duplicate run left by an at-least-once ingest is counted once, a
 watermarks with the offsets. "Caught up" uses the high watermark of the last fetch
 (:func:`stream.kafka_util.caught_up`), never ``end_offsets`` (wrong on the dev broker).
 
-What is accumulated: ``type == "click"`` events add their ``weight`` (the click count) to ``F[user, item]``.
+What is accumulated: ``type == "click"`` events add their ``weight`` (the click count) to ``F[user, item]``
+and ``weight · 2^((ts - pop_ref_ms) / half_life)`` to the item's time-decayed popularity (a sum that does not
+depend on the order the partitions are read in, so the LMF workers' replay after the swap continues it exactly).
 Impressions register nothing (no ids either): a zero entry would not change the ALS solution, and rows with
 no clicks would only be published as near-zero vectors; users and items seen only in impressions are
 initialised online by the LMF worker instead. Every accepted event (click or impression) counts in
@@ -36,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stream.dedupe import Deduper
 from stream.errors import InvalidEvent, ServiceUnavailable
 from stream.events import Event
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 POLL_MS = 200
 MAX_POLL_RECORDS = 20_000
 DISCOVER_S = 10.0  # how long to wait for the events topic's metadata
+POP_RESCALE = 500.0  # half-lives past the reference after which the decayed popularity is rescaled
 
 __all__ = ["Snapshot"]
 
@@ -72,7 +77,8 @@ class Snapshot:
     (0, {}, (0, 0))
     """
 
-    def __init__(self, topic: str, checkpoint_dir: str | Path, consumer_factory: Callable[[], Any]) -> None:
+    def __init__(self, topic: str, checkpoint_dir: str | Path, consumer_factory: Callable[[], Any],
+                 pop_half_life_ms: int = 86_400_000) -> None:  # fmt: skip
         self.topic = topic
         self.path = Path(checkpoint_dir)
         self._factory = consumer_factory
@@ -83,6 +89,9 @@ class Snapshot:
         self.n_clicks = 0
         self.n_duplicates = 0
         self.n_invalid = 0
+        self.pop_half_life_ms = int(pop_half_life_ms)
+        self.pop_ref_ms = 0  # set by the first click
+        self.popularity = np.zeros(0)  # decayed click weight per item index of the matrix
 
     @classmethod
     def from_config(cls, cfg: Any, checkpoint_dir: str | Path | None = None) -> Snapshot:
@@ -94,7 +103,7 @@ class Snapshot:
                 cfg.kafka, group_id=None, client_id="zerocf-als", max_poll_records=MAX_POLL_RECORDS
             )
 
-        return cls(cfg.topics.events, checkpoint_dir or cfg.checkpoint_dir, factory)
+        return cls(cfg.topics.events, checkpoint_dir or cfg.checkpoint_dir, factory, cfg.pop_half_life_ms)
 
     # ------------------------------------------------------------------ state
     def watermarks(self) -> dict[int, dict[str, list[int]]]:
@@ -115,11 +124,13 @@ class Snapshot:
             "n_clicks": self.n_clicks,
             "n_duplicates": self.n_duplicates,
             "n_invalid": self.n_invalid,
+            "pop_ref_ms": self.pop_ref_ms,
+            "pop_half_life_ms": self.pop_half_life_ms,
         }
 
     def save(self) -> Path:
         """Atomically checkpoint the matrix with offsets, watermarks and counters; returns its directory."""
-        return self.matrix.save(self.path, self.metadata())
+        return self.matrix.save(self.path, self.metadata(), {"popularity": self.popularity})
 
     def load(self) -> bool:
         """Restore the checkpoint in ``checkpoint_dir``; False (state left empty) when there is none.
@@ -141,6 +152,11 @@ class Snapshot:
         self.dedupers = {int(p): Deduper.from_state(w) for p, w in meta.get("watermarks", {}).items()}
         for name in ("n_events", "n_clicks", "n_duplicates", "n_invalid"):
             setattr(self, name, int(meta.get(name, 0)))
+        if int(meta.get("pop_half_life_ms", self.pop_half_life_ms)) == self.pop_half_life_ms:
+            self.pop_ref_ms = int(meta.get("pop_ref_ms", 0))
+            self.popularity = m.arrays.get("popularity", np.zeros(0)).astype(np.float64)
+        else:  # another half-life: the decayed sums cannot be converted; they restart from the next click
+            log.warning("checkpoint popularity half-life differs from ZEROCF_POP_HALF_LIFE_S: popularity restarts")
         log.info(
             "snapshot restored from %s: %d events, %d users x %d items, offsets %s",
             self.path,
@@ -215,12 +231,35 @@ class Snapshot:
         )
         return new
 
+    def _add_popularity(self, items: list[str], weights: list[float], stamps: list[int]) -> None:
+        if not items:
+            return
+        ts = np.asarray(stamps, np.int64)
+        if self.pop_ref_ms == 0:
+            self.pop_ref_ms = int(ts.min())
+        ahead = (int(ts.max()) - self.pop_ref_ms) / self.pop_half_life_ms
+        if ahead > POP_RESCALE:  # keep the sums finite: move the reference to the newest click
+            self.popularity *= 2.0 ** (-ahead)
+            self.pop_ref_ms = int(ts.max())
+        n = self.matrix.shape[1]
+        if self.popularity.size < n:
+            self.popularity = np.concatenate([self.popularity, np.zeros(n - self.popularity.size)])
+        idx = self.matrix.item_index(items)
+        np.add.at(self.popularity, idx, np.asarray(weights) * np.exp2((ts - self.pop_ref_ms) / self.pop_half_life_ms))
+
+    def item_popularity(self) -> dict[str, float]:
+        """Decayed popularity of every item, relative to :attr:`pop_ref_ms`."""
+        n = self.matrix.shape[1]
+        pop = np.concatenate([self.popularity, np.zeros(max(0, n - self.popularity.size))])[:n]
+        return dict(zip(self.matrix.item_ids, pop.tolist()))
+
     def _fold(self, partition: int, records: list[Any]) -> None:
         """Decode, de-duplicate and add one partition's records; advance its offset."""
         dedupe = self.dedupers.setdefault(partition, Deduper())
         users: list[str] = []
         items: list[str] = []
         weights: list[float] = []
+        stamps: list[int] = []
         for rec in records:
             try:
                 ev = Event.from_json(rec.value)
@@ -237,6 +276,8 @@ class Snapshot:
                 users.append(ev.user)
                 items.append(ev.item)
                 weights.append(ev.weight)
+                stamps.append(ev.ts)
         self.matrix.add_batch(users, items, weights)
+        self._add_popularity(items, weights, stamps)
         self.n_clicks += len(users)
         self.offsets[partition] = int(records[-1].offset)

@@ -7,15 +7,18 @@ One run (:meth:`ALSWorker.run_once`):
    watermarks, so a restart resumes where the last checkpoint ended.
 2. **Decide.** ``pending`` = events-topic records past the live generation's snapshot offsets. ``--once``
    solves whenever the snapshot holds a click; ``--every`` only when ``pending >= --min-new-events``.
-3. **Solve.** :func:`workers.kernels.als.als_fit` warm-started from the live generation's vectors for the ids it
-   has; the other rows are seeded like ``als_fit`` seeds new rows (uniform ``[0, 0.01)``). ``--rebuild``
-   ignores the checkpoint (re-reads the topic from the beginning) and the live vectors (cold start).
-   The loss is logged per iteration (tqdm bar on a TTY); NaN/inf raises :class:`ModelDiverged` and
-   nothing is published.
-4. **Calibrate.** :func:`workers.kernels.calibration.calibrate` fits ``σ(a·p·q + b)`` on held clicks vs sampled
-   negatives; ``sqrt(a)`` is folded into both factor sets and ``b`` becomes the generation's ``bias``.
-5. **Publish.** ``begin_generation("als")``, user and item vectors in chunks, item click counts (the
-   snapshot's column sums), then ``publish_generation`` with the snapshot's offsets and watermarks: one
+3. **Solve.** :func:`workers.kernels.als.als_fit` on the snapshot, warm-started from the previous solve's raw
+   (uncalibrated) factors kept in ``<checkpoint_dir>/factors.npz``, never from the live rows, which carry the
+   calibration scale and online updates; new rows are seeded like ``als_fit`` seeds them (uniform
+   ``[0, 0.01)``). The first run and ``--rebuild`` start cold (seeded), and ``--rebuild`` also ignores the
+   checkpoint (re-reads the topic from the beginning). The loss is logged per iteration (tqdm bar on a TTY);
+   NaN/inf raises :class:`ModelDiverged` and nothing is published.
+4. **Calibrate.** :func:`workers.kernels.calibration.calibrate` fits ``σ(a·p·q + b)`` on held clicks vs
+   ``ZEROCF_ALS_CALIB_NEGATIVES`` sampled negatives each (as many as the LMF trains with); ``sqrt(a)`` is
+   folded into both factor sets, ``a`` is recorded as the generation's ``scale`` and ``b`` becomes its global
+   bias. User and item biases start at 0; the LMF learns them online.
+5. **Publish.** ``begin_generation("als")``, user and item rows in chunks, item click counts and decayed
+   popularity (from the snapshot), then ``publish_generation`` with the snapshot's offsets and watermarks: one
    atomic flip, after which LMF workers rewind to those offsets + 1 and replay into the new generation.
    Finally ``gc_generations(gc_grace_s)``.
 
@@ -30,9 +33,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,17 +46,16 @@ import numpy.typing as npt
 from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.runtime import StopFlag, start_http
 from workers.batch.snapshot import Snapshot
+from workers.batch.solve import fit, handoff_rows
 from workers.config import ALSConfig, parse_duration
 from workers.errors import ModelDiverged
-from workers.kernels.als import ALSDiverged, Scaling, als_fit
-from workers.kernels.calibration import calibrate, fold_scale
-from workers.store import FactorStore, Table
+from workers.kernels.als import ALSDiverged
+from workers.kernels.calibration import Calibration
+from workers.store import GLOBAL_ROW, FactorStore, Table
 
 log = logging.getLogger(__name__)
 
 WRITE_CHUNK = 50_000  # rows encoded and written per step (bounds the blob copy; stop checked between)
-READ_CHUNK = 10_000  # ids per HMGET when fetching warm-start vectors
-CALIB_NEGATIVES = 1  # negatives per held click in the calibration fit
 
 __all__ = ["ALSMetrics", "ALSWorker", "RunResult", "register", "run"]
 
@@ -122,6 +126,7 @@ class ALSWorker:
         self.cfg, self.store = cfg, store
         self.stop = stop or StopFlag()
         self.snapshot = snapshot or Snapshot.from_config(cfg)
+        self.factors = RawFactors(self.snapshot.path)
         self.metrics = ALSMetrics()
         self.cold = rebuild
         self.last_ok: bool | None = None
@@ -134,7 +139,7 @@ class ALSWorker:
         """Check the model (creating it if absent) and restore the checkpoint unless rebuilding."""
         if self._started:
             return
-        self.store.ensure_model(self.cfg.factors)
+        self.store.ensure_model(self.cfg.factors, self.cfg.pop_half_life_ms, replace_legacy=self.cold)
         if self.cold:
             log.info(
                 "--rebuild: ignoring the checkpoint in %s, reading %s from the beginning",
@@ -223,81 +228,38 @@ class ALSWorker:
         users, items = snap.matrix.user_ids, snap.matrix.item_ids
         offsets, watermarks = dict(snap.offsets), snap.watermarks()
         U, V, loss = self._solve(csr, users, items)
-        cal = calibrate(
-            U, V, csr, cfg.calib_samples, np.random.default_rng([cfg.als_seed, 1]), negatives=CALIB_NEGATIVES
-        )
+        self.factors.save(U, V)
+        U_rows, V_rows, cal = handoff_rows(U, V, csr, cfg)
         if cal.clamped:
-            log.warning(
-                "calibration slope was <= 0 (ALS scores do not rank clicks above negatives); "
-                "clamped to %g: check ZEROCF_ALS_ALPHA/ZEROCF_ALS_REG",
-                cal.scale,
-            )
-        log.info(
-            "calibration: scale %.4g bias %.4g (logloss %.4f on %d clicks + %d negatives)",
-            cal.scale,
-            cal.bias,
-            cal.logloss,
-            cal.n_pos,
-            cal.n_neg,
-        )
-        U, V = fold_scale(U, V, cal.scale)
+            log.warning("calibration slope was <= 0 (ALS scores do not rank clicks above negatives); clamped to "
+                        "%g: check ZEROCF_ALS_ALPHA/ZEROCF_ALS_REG", cal.scale)  # fmt: skip
+        log.info("calibration: scale %.4g bias %.4g (logloss %.4f on %d clicks + %d negatives)",
+                 cal.scale, cal.bias, cal.logloss, cal.n_pos, cal.n_neg)  # fmt: skip
         counts = np.asarray(csr.sum(axis=0), dtype=np.float64).ravel()
-        g = self._publish(users, items, U, V, dict(zip(items, counts.tolist())), offsets, watermarks, cal.bias)
+        g = self._publish(users, items, U_rows, V_rows, dict(zip(items, counts.tolist())), offsets, watermarks, cal)
         self.cold = False
         dropped = self.store.gc_generations(cfg.gc_grace_s)
         if dropped:
             log.info("garbage-collected generations %s", dropped)
-        return RunResult(
-            "published", generation=g, new_events=new_events, pending=pending, loss=loss, scale=cal.scale, bias=cal.bias
-        )
+        return RunResult("published", generation=g, new_events=new_events, pending=pending, loss=loss,
+                         scale=cal.scale, bias=cal.bias)  # fmt: skip
 
     # ------------------------------------------------------------------ solve
-    def _warm(self, table: Table, ids: list[str], rng: np.random.Generator) -> npt.NDArray[np.float32]:
-        """Live vectors for known ids, ``U[0, 0.01)`` (als_fit's new-row init) for the rest."""
-        k = self.cfg.factors
-        out = (rng.random((len(ids), k)) * 0.01).astype(np.float32)
-        if self.cold:
-            return out
-        g = self.store.live_generation()
-        found_total = 0
-        for c in range(0, len(ids), READ_CHUNK):
-            vecs, found = self.store.get_vectors(g, table, ids[c : c + READ_CHUNK])
-            found &= np.isfinite(vecs).all(axis=1)
-            out[c : c + READ_CHUNK][found] = vecs[found]
-            found_total += int(found.sum())
-        log.info(
-            "warm start: %d of %d %s rows from generation %d, %d seeded",
-            found_total,
-            len(ids),
-            table,
-            g,
-            len(ids) - found_total,
-        )
-        return out
-
     def _solve(
         self, csr: Any, users: list[str], items: list[str]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
+        """Implicit ALS on the snapshot, warm-started from the previous solve's raw factors (never from the
+        live, calibrated and online-updated rows: that would compound the calibration scale); cold and seeded
+        on the first run or with ``--rebuild``."""
         from tqdm import tqdm
 
         cfg = self.cfg
         if cfg.als_backend == "spark":
             return self._solve_spark(csr)
-        rng = np.random.default_rng(cfg.als_seed)
-        init = (self._warm("user", users, rng), self._warm("item", items, rng))
-        if not self.cold:
-            init = _unfold(csr, *init, alpha=cfg.als_alpha, scaling=cfg.als_confidence, eps=cfg.als_eps)
-        log.info(
-            "ALS solve: %d users x %d items, %d pairs, k=%d, %d iterations (%s, alpha=%g, reg=%g)",
-            len(users),
-            len(items),
-            csr.nnz,
-            cfg.factors,
-            cfg.als_iterations,
-            cfg.als_solver,
-            cfg.als_alpha,
-            cfg.als_reg,
-        )
+        init = None if self.cold else self.factors.load(len(users), len(items), cfg.factors)
+        log.info("ALS solve: %d users x %d items, %d pairs, k=%d, %d iterations (%s, %s alpha=%g eps=%g reg=%g), %s",
+                 len(users), len(items), csr.nnz, cfg.factors, cfg.als_iterations, cfg.als_solver, cfg.als_confidence,
+                 cfg.als_alpha, cfg.als_eps, cfg.als_reg, "cold start" if init is None else "warm start")  # fmt: skip
         bar = tqdm(total=cfg.als_iterations, desc="als", unit="it", disable=not sys.stderr.isatty())
         last = [float("nan")]
 
@@ -310,21 +272,7 @@ class ALSWorker:
                 raise _Stopped()
 
         try:
-            U, V, _hist = als_fit(
-                csr,
-                factors=cfg.factors,
-                reg=cfg.als_reg,
-                alpha=cfg.als_alpha,
-                iterations=cfg.als_iterations,
-                solver=cfg.als_solver,
-                cg_steps=cfg.als_cg_steps,
-                init=init,
-                rng=rng,
-                callback=callback,
-                num_threads=cfg.als_threads,
-                scaling=cfg.als_confidence,
-                eps=cfg.als_eps,
-            )
+            U, V, _loss = fit(csr, cfg, init, callback)
         except ALSDiverged as exc:
             raise ModelDiverged(str(exc)) from exc
         finally:
@@ -369,40 +317,57 @@ class ALSWorker:
                 raise _Stopped()
             self.store.write_vectors(g, table, ids[c : c + WRITE_CHUNK], mat[c : c + WRITE_CHUNK])
 
-    def _publish(
-        self,
-        users: list[str],
-        items: list[str],
-        U: npt.NDArray[np.float32],
-        V: npt.NDArray[np.float32],
-        counts: dict[str, float],
-        offsets: dict[int, int],
-        watermarks: dict[int, dict[str, list[int]]],
-        bias: float,
-    ) -> int:
+    def _publish(self, users: list[str], items: list[str], U: npt.NDArray[np.float32], V: npt.NDArray[np.float32],
+                 counts: dict[str, float], offsets: dict[int, int], watermarks: dict[int, dict[str, list[int]]],
+                 cal: Calibration) -> int:  # fmt: skip
         if self.stop.is_set():
             raise _Stopped()
-        store = self.store
-        g = store.begin_generation("als")
+        store, snap = self.store, self.snapshot
+        carried = None if self.cold else self._carry(users, items)
+        bias = cal.bias
+        if carried is not None:  # what the online learner learned stays: its biases, step sizes, global bias
+            U[:, -1], V[:, -1] = carried.user_bias, carried.item_bias
+            bias = carried.glob if carried.glob is not None else cal.bias
+        g = store.begin_generation("als", pop_half_life_ms=snap.pop_half_life_ms)
         try:
             self._write(g, "user", users, U)
             self._write(g, "item", items, V)
+            if carried is not None:
+                self._write(g, "user_acc", users, carried.user_acc)
+                self._write(g, "item_acc", items, carried.item_acc)
             store.write_counts(g, counts)
+            store.write_popularity(g, snap.item_popularity(), snap.pop_ref_ms)
             if self.stop.is_set():
                 raise _Stopped()
-            store.publish_generation(g, offsets, watermarks, bias, len(users), len(items))
+            store.publish_generation(g, offsets, watermarks, bias, len(users), len(items), scale=cal.scale)
         except BaseException:
             try:
                 store.drop_generation(g)
             except Exception as exc:  # Redis gone: gc removes the building generation later
-                log.warning(
-                    "generation %d left in state building (%s); gc_generations removes it after %.0fs",
-                    g,
-                    exc,
-                    self.cfg.gc_grace_s,
-                )
+                log.warning("generation %d left in state building (%s); gc_generations removes it after %.0fs",
+                            g, exc, self.cfg.gc_grace_s)  # fmt: skip
             raise
         return g
+
+    def _carry(self, users: list[str], items: list[str]) -> Carried | None:
+        """The live generation's biases, AdaGrad accumulators and global bias for the new rows (None: no live
+        row holds anything the online learner wrote)."""
+        store = self.store
+        live = store.live_generation()
+        parts = {}
+        tables: tuple[tuple[Table, list[str]], ...] = (("user", users), ("item", items), ("user_acc", users),
+                                                       ("item_acc", items))  # fmt: skip
+        for table, ids in tables:
+            chunks = [
+                store.get_vectors(live, table, ids[c : c + WRITE_CHUNK])[0] for c in range(0, len(ids), WRITE_CHUNK)
+            ]
+            parts[table] = np.vstack(chunks) if chunks else np.zeros((0, 2 if table.endswith("acc") else 1), np.float32)
+        if not (parts["user_acc"].any() or parts["item_acc"].any()):
+            return None
+        glob = store.global_bias(live) if store.r.hexists(store.keys.vectors(live, "item"), GLOBAL_ROW) else None
+        log.info("handoff keeps the online biases and step sizes of generation %d (global bias %s)", live, glob)
+        return Carried(parts["user"][:, -1].copy(), parts["item"][:, -1].copy(), parts["user_acc"], parts["item_acc"],
+                       glob)  # fmt: skip
 
     # ------------------------------------------------------------------ loops
     def run_every(self, interval_s: float, min_new_events: int = 1) -> None:
@@ -416,31 +381,46 @@ class ALSWorker:
         log.info("als worker stopping (%s)", self.stop.reason)
 
 
-def _unfold(
-    csr: Any, U0: npt.NDArray[np.float32], V0: npt.NDArray[np.float32], alpha: float, scaling: Scaling, eps: float
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Rescale warm-start factors by the ``t`` minimising the WMF data term of ``t·U0·V0^T``.
+@dataclass
+class Carried:
+    """What a re-solve keeps from the live generation (see :meth:`ALSWorker._carry`)."""
 
-    Live vectors carry the previous calibration's ``sqrt(scale)`` (and the LMF's logit scale), so they are
-    typically several times too long for the squared loss. ``t = Σ_obs c·s / (Σ_all s² + Σ_obs (c-1)·s²)``
-    (``s = u·v``) is computed in ``O(nnz k + (m+n) k²)``; both factor sets are multiplied by ``sqrt(t)``.
-    Measured on 20k x 3k, 209k pairs, k=64: the first warm iteration's loss drops from 504k to 281k
-    (the cold solve reaches 282k after 15 iterations).
+    user_bias: npt.NDArray[np.float32]
+    item_bias: npt.NDArray[np.float32]
+    user_acc: npt.NDArray[np.float32]
+    item_acc: npt.NDArray[np.float32]
+    glob: float | None
+
+
+class RawFactors:
+    """The last solve's factors, before calibration, in ``<checkpoint_dir>/factors.npz`` (the warm start).
+
+    Rows follow the snapshot's id order, which only ever appends, so the first rows of the next snapshot
+    are the same users and items; the file is replaced atomically after each solve.
     """
-    from workers.kernels.als import confidence
 
-    d = confidence(csr, alpha, scaling, eps)
-    rows = np.repeat(np.arange(csr.shape[0]), np.diff(d.indptr))
-    s = np.einsum("ij,ij->i", U0[rows].astype(np.float64), V0[d.indices].astype(np.float64))
-    U64, V64 = U0.astype(np.float64), V0.astype(np.float64)
-    num = float(((1.0 + d.data) * s).sum())
-    den = float(((U64.T @ U64) * (V64.T @ V64)).sum() + (d.data * s * s).sum())
-    t = num / den if den > 0 else 0.0
-    if not (math.isfinite(t) and t > 0):
-        return U0, V0
-    r = np.float32(math.sqrt(t))
-    log.info("warm start rescaled by %.4g (factor scale sqrt(t), t=%.4g)", r, t)
-    return (U0 * r).astype(np.float32), (V0 * r).astype(np.float32)
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / "factors.npz"
+
+    def save(self, U: npt.NDArray[np.float32], V: npt.NDArray[np.float32]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, U=U, V=V)
+        os.replace(tmp, self.path)
+
+    def load(
+        self, n_users: int, n_items: int, k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
+        """The saved rows (at most ``n_users`` / ``n_items``), or None when there are none of rank ``k``."""
+        try:
+            with np.load(self.path) as z:
+                U, V = z["U"], z["V"]
+        except (OSError, KeyError, ValueError):
+            return None
+        if U.shape[1] != k or V.shape[1] != k or U.shape[0] > n_users or V.shape[0] > n_items:
+            log.info("warm start skipped: %s holds rows of another snapshot or rank", self.path)
+            return None
+        return U.astype(np.float32), V.astype(np.float32)
 
 
 # ---------------------------------------------------------------------- CLI

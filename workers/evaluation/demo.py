@@ -104,15 +104,16 @@ def run(args: argparse.Namespace) -> int:
                 env,
                 chunk=args.chunk,
                 resolve_every=args.resolve_every,
-                factors=args.factors,
                 seed=args.seed,
+                overrides={"factors": args.factors},
+                prefix="demo",
             )
             dlq = _dead_letters(env, "demo")
             users = sorted({r.user_id for r in rows[-200:]})[:3]
             recs = _recommendations(env, "demo", users)
         finally:
             stack.down()
-    s = prequential_summary(ranks.model_ranks(), ranks.pop_ranks(), 10, args.window)
+    s = prequential_summary(ranks, 10, args.window)
     plot = out_dir / "prequential.png"
     plot_windows({"zerocf (lmf + periodic als)": s}, str(plot), f"zerocf demo: {source}")
     summary = {
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         "events_per_s": round(info["sent"] / max(info["seconds"], 1e-9), 1),
         "prequential_hr10": round(s["model"]["hr"], 4),
         "popularity_hr10": round(s["popularity"]["hr"], 4),
+        "decayed_popularity_hr10": round(s["decayed"]["hr"], 4),
         "prequential_mrr": round(s["model"]["mrr"], 4),
         "popularity_mrr": round(s["popularity"]["mrr"], 4),
         "cold_share": round(s["model"]["cold"], 3),
@@ -148,7 +150,8 @@ def _report(s: dict[str, Any]) -> str:
         f"data            {s['data']}",
         f"streamed        {s['clicks']} clicks in {s['seconds']} s ({s['events_per_s']} clicks/s, "
         "produce -> ingest -> lmf, waiting for every chunk to be learned)",
-        f"prequential     HR@10 {s['prequential_hr10']:.4f} (popularity {s['popularity_hr10']:.4f}), "
+        f"prequential     HR@10 {s['prequential_hr10']:.4f} (popularity {s['popularity_hr10']:.4f}, time-decayed "
+        f"{s['decayed_popularity_hr10']:.4f}), "
         f"MRR {s['prequential_mrr']:.4f} (popularity {s['popularity_mrr']:.4f}); "
         f"{100 * s['cold_share']:.1f} % of clicks came from users with no vector yet (served popularity)",
         f"warm users      HR@10 {s['warm_hr10']:.4f} (popularity {s['warm_popularity_hr10']:.4f})",

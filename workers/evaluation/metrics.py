@@ -10,9 +10,9 @@ items already removed, ``m_u = min(k, |T_u|)``, ``hit_j = [L_u[j] in T_u]``):
 - MAP@k = mean over users of ``AP@k = sum_j hit_j * precision@(j+1) / m_u``
 - coverage = distinct items in all the lists / catalogue size
 
-Each is averaged over the users that have at least one test item. Prequential ranks (0-based rank of the
-clicked item among the known items, before the click is learned; -1 = no user vector yet) give
-HR@k = share of clicks with ``0 <= rank < k`` and MRR = mean of ``1 / (rank + 1)`` (0 for rank -1).
+Each is averaged over the users that have at least one test item. Prequential ranks (the clicked item's
+place among the known items right before the click is learned, as items strictly ahead and items tied) give
+the expected HR@k and MRR under a random tie-break (:func:`rank_metrics`).
 
 :func:`holdout_mask` is the split every benchmark uses (``bench/data.py`` imports it): per user with at
 least ``min_interactions`` interactions, the last ``round(test_frac * n_u)`` (at least 1) by time are test;
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
+from scipy.special import digamma
 
 __all__ = ["PrequentialLog", "holdout_mask", "prequential_summary", "ranking_metrics", "rank_metrics", "hit_matrix"]
 
@@ -135,39 +136,48 @@ def ranking_metrics(
     }
 
 
-def rank_metrics(ranks: npt.ArrayLike, k: int = 10) -> dict[str, float]:
-    """HR@k and MRR of 0-based prequential ranks (-1 = the model could not score: a miss, reciprocal 0).
+def rank_metrics(greater: npt.ArrayLike, ties: npt.ArrayLike | None = None, k: int = 10) -> dict[str, float]:
+    """Expected HR@k and MRR of prequential ranks under a random tie-break.
 
-    >>> rank_metrics([0, 3, 7, -1], k=5)  # hits: ranks 0 and 3; MRR = (1 + 1/4 + 1/8 + 0) / 4
-    {'hr': 0.5, 'mrr': 0.34375, 'clicks': 4, 'cold': 0.25}
+    Click ``n`` had ``greater[n]`` items scored strictly above the clicked item and ``ties[n]`` others equal to
+    it, so its rank is uniform on ``greater .. greater + ties`` (0-based): it is a hit with probability
+    ``clip((k - greater) / (ties + 1), 0, 1)`` and its expected reciprocal rank is the mean of ``1 / (r + 1)``
+    over that range. (Counting ties as ahead of or behind the target would flatter or punish popularity
+    counts, which tie a lot.)
+
+    >>> rank_metrics([0, 3, 7], [0, 0, 5], k=5)  # hits: rank 0, rank 3, and rank 7..12 never
+    {'hr': 0.6667, 'mrr': 0.4493, 'clicks': 3}
     """
-    r = np.asarray(ranks, dtype=np.int64)
-    if r.size == 0:
-        return {"hr": 0.0, "mrr": 0.0, "clicks": 0, "cold": 0.0}
-    ok = r >= 0
-    rr = np.where(ok, 1.0 / (np.maximum(r, 0) + 1.0), 0.0)
-    return {
-        "hr": float(np.mean(ok & (r < k))),
-        "mrr": float(rr.mean()),
-        "clicks": int(r.size),
-        "cold": float(np.mean(~ok)),
-    }
+    g = np.asarray(greater, np.float64)
+    t = np.zeros_like(g) if ties is None else np.asarray(ties, np.float64)
+    if g.size == 0:
+        return {"hr": 0.0, "mrr": 0.0, "clicks": 0}
+    hr = np.clip((k - g) / (t + 1.0), 0.0, 1.0)
+    mrr = (digamma(g + t + 2.0) - digamma(g + 1.0)) / (t + 1.0)  # (H(g + t + 1) - H(g)) / (t + 1)
+    return {"hr": round(float(hr.mean()), 4), "mrr": round(float(mrr.mean()), 4), "clicks": int(g.size)}
 
 
 @dataclass
 class PrequentialLog:
-    """Ranks recorded before each click was learned, in arrival order (``rank_hook`` target).
+    """Ranks recorded right before each click was learned, in arrival order (the LMF worker's ``rank_hook``).
+
+    A row is ``(user, item, model greater, model ties, count greater, count ties, decayed greater, decayed ties,
+    warm)``: the clicked item's place among all items (the user's earlier clicks excluded) by the model's score,
+    by all-time popularity and by time-decayed popularity, and whether the user had a vector.
 
     >>> log = PrequentialLog()
-    >>> log([("u1", "i1", 0, 4), ("u2", "i1", -1, 0)])
-    >>> len(log), log.model_ranks().tolist(), log.pop_ranks().tolist()
-    (2, [0, -1], [4, 0])
+    >>> log([("u1", "i1", 0, 0, 4, 1, 2, 0, 1), ("u2", "i1", 9, 0, 0, 0, 1, 0, 0)])
+    >>> len(log), log.column("model_greater").tolist(), log.column("warm").tolist()
+    (2, [0, 9], [1, 0])
     """
 
-    def __post_init__(self) -> None:
-        self.rows: list[tuple[str, str, int, int]] = []
+    COLUMNS = ("model_greater", "model_ties", "count_greater", "count_ties", "decayed_greater", "decayed_ties",
+               "warm")  # fmt: skip
 
-    def __call__(self, ranks: Sequence[tuple[str, str, int, int]]) -> None:
+    def __post_init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def __call__(self, ranks: Sequence[tuple[Any, ...]]) -> None:
         self.rows.extend(ranks)
 
     def __len__(self) -> int:
@@ -176,54 +186,48 @@ class PrequentialLog:
     def __bool__(self) -> bool:  # an empty log is still a hook (the worker tests ``if rank_hook``)
         return True
 
-    def model_ranks(self) -> npt.NDArray[np.int64]:
-        return np.fromiter((r[2] for r in self.rows), np.int64, len(self.rows))
-
-    def pop_ranks(self) -> npt.NDArray[np.int64]:
-        return np.fromiter((r[3] for r in self.rows), np.int64, len(self.rows))
+    def column(self, name: str) -> npt.NDArray[np.int64]:
+        c = 2 + self.COLUMNS.index(name)
+        return np.fromiter((r[c] for r in self.rows), np.int64, len(self.rows))
 
 
-def prequential_summary(
-    model_ranks: npt.ArrayLike, pop_ranks: npt.ArrayLike, k: int = 10, window: int = 5000
-) -> dict[str, Any]:
-    """Overall and per-window (``window`` consecutive clicks) HR@k / MRR of the model and of popularity.
+def prequential_summary(log: PrequentialLog, k: int = 10, window: int = 5000) -> dict[str, Any]:
+    """Overall, warm and per-window (``window`` consecutive clicks) HR@k / MRR of what the system serves and of
+    the two popularity baselines (all-time counts; time-decayed popularity, the fallback's ranking).
 
-    The model's figures are what the system serves: its own rank for users with a vector, the popularity
-    rank for cold users (model rank -1; ``cold`` is their share). ``warm`` restricts both to the clicks
-    the model itself could score.
+    What the system serves is the model's ranking for users with a vector and the decayed-popularity fallback
+    for the others (``cold`` is their share), exactly what ``Recommender.recommend`` returns.
 
-    >>> s = prequential_summary([0, 20, 1, -1], [5, 0, 30, 3], k=10, window=2)
-    >>> s["model"]["hr"], s["model"]["cold"], s["popularity"]["hr"], [w["model_hr"] for w in s["windows"]]
-    (0.75, 0.25, 0.75, [0.5, 1.0])
+    >>> lg = PrequentialLog()
+    >>> lg([("a", "x", 0, 0, 20, 0, 30, 0, 1), ("b", "x", 50, 0, 0, 0, 3, 0, 0)])
+    >>> s = prequential_summary(lg, k=10, window=1)
+    >>> s["model"]["hr"], s["model"]["cold"], s["popularity"]["hr"], s["decayed"]["hr"], s["windows"][1]["model_hr"]
+    (1.0, 0.5, 0.5, 0.5, 1.0)
     """
-    raw = np.asarray(model_ranks, np.int64)
-    p = np.asarray(pop_ranks, np.int64)
-    if raw.shape != p.shape:
-        raise ValueError(f"{raw.size} model ranks but {p.size} popularity ranks; record both per click")
-    # What the system serves: the model's ranking for users with a vector, the popularity fallback for
-    # cold users (exactly what Recommender.recommend returns for an unknown user).
-    m = np.where(raw < 0, p, raw)
-    cold = float(np.mean(raw < 0)) if raw.size else 0.0
+    c = {name: log.column(name) for name in PrequentialLog.COLUMNS}
+    warm = c["warm"] > 0
+    served_g = np.where(warm, c["model_greater"], c["decayed_greater"])
+    served_t = np.where(warm, c["model_ties"], c["decayed_ties"])
+    pop = (c["count_greater"], c["count_ties"])
+    dec = (c["decayed_greater"], c["decayed_ties"])
     windows = []
-    for lo in range(0, m.size, window):
-        a, b = rank_metrics(m[lo : lo + window], k), rank_metrics(p[lo : lo + window], k)
-        windows.append(
-            {
-                "start": lo,
-                "clicks": a["clicks"],
-                "model_hr": a["hr"],
-                "model_mrr": a["mrr"],
-                "pop_hr": b["hr"],
-                "pop_mrr": b["mrr"],
-                "cold": float(np.mean(raw[lo : lo + window] < 0)),
-            }
-        )
-    warm = raw >= 0
+    for lo in range(0, served_g.size, window):
+        sl = slice(lo, lo + window)
+        a, b, d = rank_metrics(served_g[sl], served_t[sl], k), rank_metrics(pop[0][sl], pop[1][sl], k), \
+            rank_metrics(dec[0][sl], dec[1][sl], k)  # fmt: skip
+        windows.append({"start": lo, "clicks": a["clicks"], "model_hr": a["hr"], "model_mrr": a["mrr"],
+                        "pop_hr": b["hr"], "pop_mrr": b["mrr"], "decayed_hr": d["hr"], "decayed_mrr": d["mrr"],
+                        "cold": round(float(np.mean(~warm[sl])), 4)})  # fmt: skip
     return {
         "k": k,
         "window": window,
-        "model": {**rank_metrics(m, k), "cold": cold},
-        "popularity": rank_metrics(p, k),
-        "warm": {"model": rank_metrics(raw[warm], k), "popularity": rank_metrics(p[warm], k)},
+        "model": {**rank_metrics(served_g, served_t, k), "cold": round(float(np.mean(~warm)), 4) if warm.size else 0},
+        "popularity": rank_metrics(*pop, k=k),
+        "decayed": rank_metrics(*dec, k=k),
+        "warm": {
+            "model": rank_metrics(c["model_greater"][warm], c["model_ties"][warm], k),
+            "popularity": rank_metrics(pop[0][warm], pop[1][warm], k),
+            "decayed": rank_metrics(dec[0][warm], dec[1][warm], k),
+        },  # fmt: skip
         "windows": windows,
     }

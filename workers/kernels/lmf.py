@@ -1,209 +1,180 @@
-"""Logistic matrix factorisation SGD kernels (pure): ``P(click | u, i) = σ(bias + U[u] · V[i])``.
+"""Per-click logistic matrix factorisation with biases (pure): ``P(click | u, i) = σ(b + b_u + b_i + p_u · q_i)``.
 
-:func:`lmf_sgd` (numba) and :func:`lmf_sgd_reference` (numpy, the spec) have identical semantics.
-Each event ``e`` is processed in order:
+Rows are ``k + 1`` float32 values: the latent vector, then the row's bias. :func:`lmf_train` runs one
+mini-batch of clicks **in stream order**; for each click ``(u, i, w)``:
 
-1. positive step on ``(users[e], pos_items[e])``, skipped if ``pos_items[e] == -1``: gradient of the
-   log-likelihood ``weights[e] * (1 - σ(x))``;
-2. one step per ``neg_items[e, j]`` (``-1`` entries are skipped): gradient ``-neg_weights[e] * σ(x)``.
+1. *(prequential)* rank ``i`` among all items with the state right before this click, the user's earlier
+   clicks excluded (:func:`rank_of`); also by all-time and time-decayed popularity, for the baselines;
+2. the click joins ``u``'s known positives and the popularity counts;
+3. one positive step on ``(u, i, y=1, weight w)`` and ``n_neg`` negative steps ``(u, j, y=0, weight 1)``.
+   Negatives are drawn per click, here: with probability ``uniform_mix`` uniform over the known items, else
+   from the popularity table ``P(j) ∝ f_j^α`` (an alias table over a reservoir of recent clicks, see
+   :mod:`workers.kernels.sampling`); never a known positive of ``u``. The first ``n_hard`` are hard
+   negatives (Dynamic Negative Sampling, Zhang et al. 2013): the best-scoring (``p_u · q_c + b_c``) of
+   ``n_cand`` such draws, scored with ``u``'s current vector.
 
-Each step updates the user row and the item row with the gradient ``g·q - reg·p`` (resp. ``g·p - reg·q``,
-from the values before the step), each clipped to Euclidean norm ``clip``. The user row changes after
-every step, so later steps of the event see it.
+One step on ``(u, j, y, w)``, ``x = b + b_u + b_j + p·q``, ``g = w (y - σ(x))``::
 
-Exposure negatives (shown, not clicked) are events with ``pos_items[e] = -1``, the exposed item in
-``neg_items[e, 0]``, the other columns -1, and their own weight in ``neg_weights[e]``; they can share a
-batch with click events.
+    gp = g q - reg p,  gq = g p - reg q          each scaled to Euclidean norm <= clip
+    G_u += |gp|² / k;  p += lr / sqrt(G_u + eps) · gp     (row-wise AdaGrad; constant lr without AdaGrad)
+    G_j += |gq|² / k;  q += lr / sqrt(G_j + eps) · gq
+    d = clip(g) - reg_bias · b_u;  H_u += d²;  b_u += lr_bias / sqrt(H_u + eps) · d   (the same for b_j)
+    b += lr_global · clip(g)
 
-AdaGrad is *row-wise* (one scalar per row, as FBGEMM's row-wise AdaGrad for embeddings): the
-accumulator adds the mean squared (clipped) gradient coordinate, and the step is
-``lr / sqrt(G + eps)``. A scalar per row costs 4 bytes instead of 4k in the store and adapts to how
-often a row is touched, which is what matters for popular vs. rare rows.
+Biases are clamped to ``±bias_clamp`` and the global bias to ``±global_clamp`` (a divergence guard: an
+unclamped global bias has run away to +48 on play-count data at twice the default step). The defaults were
+chosen on validation splits of ml-100k and lastfm-2k (docs/evaluation.md); a learned global bias is what
+makes one pass work (it converges near the log-odds of a click against its negatives, about -8 for 10).
+
+The accumulators are two values per row, ``(G, H)``. The kernel records the original value of every item row
+it writes (``touched``), so the caller can send ``final - original`` as an additive delta. With ``given_neg``
+(tests) the negatives are taken from that array instead of being drawn; :func:`lmf_train_reference` is the
+plain-numpy specification of that mode.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-__all__ = ["check_finite", "event_weights", "fold_in_user", "init_rows", "lmf_sgd", "lmf_sgd_reference"]
+__all__ = ["LMFParams", "Touched", "check_finite", "event_weights", "init_rows", "lmf_train",
+           "lmf_train_reference", "positive_set", "rank_of"]  # fmt: skip
 
 F32 = npt.NDArray[np.float32]
-ADAGRAD_EPS = 1e-8
+I32 = npt.NDArray[np.int32]
+EPS = 1e-8
+
+# indices into the float / int parameter arrays the compiled kernel takes
+(P_LR, P_REG, P_LRB, P_REGB, P_LRG, P_CLIP, P_BCLAMP, P_GCLAMP, P_MIX) = range(9)
+(Q_NNEG, Q_NHARD, Q_NCAND, Q_ADA, Q_SEED) = range(5)
 
 
-def _check(
-    U: F32,
-    V: F32,
-    users: npt.ArrayLike,
-    pos_items: npt.ArrayLike,
-    neg_items: npt.ArrayLike,
-    lr: float,
-    reg: float,
-    clip: float,
-    adagrad: tuple[F32, F32] | None,
-    weights: npt.ArrayLike | None,
-    neg_weights: npt.ArrayLike | None,
-) -> tuple:
-    for name, m in (("U", U), ("V", V)):
-        if not (
-            isinstance(m, np.ndarray)
-            and m.dtype == np.float32
-            and m.ndim == 2
-            and m.flags.c_contiguous
-            and m.flags.writeable
-        ):
-            raise TypeError(
-                f"{name} must be a writeable C-contiguous 2-d float32 array (updated in place); "
-                f"got {type(m).__name__} {getattr(m, 'dtype', '')}; build it with init_rows()"
-            )
-    if U.shape[1] != V.shape[1]:
-        raise ValueError(f"U has dim {U.shape[1]}, V has dim {V.shape[1]}; both factor sets need one k")
-    u = np.ascontiguousarray(users, dtype=np.int32)
-    p = np.ascontiguousarray(pos_items, dtype=np.int32)
-    n = np.ascontiguousarray(neg_items, dtype=np.int32)
-    e = u.shape[0]
-    if n.ndim == 1 and n.size == 0:
-        n = n.reshape(e, 0)
-    if u.ndim != 1 or p.shape != (e,) or n.ndim != 2 or n.shape[0] != e:
-        raise ValueError(
-            f"users {u.shape}, pos_items {p.shape}, neg_items {n.shape}: expected (E,), (E,) and (E, n_neg)"
-        )
-    for name, a, lo, hi in (
-        ("users", u, 0, U.shape[0]),
-        ("pos_items", p, -1, V.shape[0]),
-        ("neg_items", n, -1, V.shape[0]),
-    ):
-        if a.size and (int(a.min()) < lo or int(a.max()) >= hi):
-            raise ValueError(f"{name} has indices outside [{lo}, {hi}); grow the factor arrays first")
-    if not (lr > 0 and reg >= 0 and clip > 0):
-        raise ValueError(f"need lr > 0, reg >= 0, clip > 0 (inf disables); got {lr}, {reg}, {clip}")
-    w = np.ones(e, np.float32) if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
-    nw = np.ones(e, np.float32) if neg_weights is None else np.ascontiguousarray(neg_weights, np.float32)
-    if w.shape != (e,) or nw.shape != (e,):
-        raise ValueError(f"weights {w.shape} and neg_weights {nw.shape} must both be ({e},), one per event")
-    if adagrad is None:
-        gu = gv = np.zeros(0, np.float32)
-    else:
-        gu, gv = adagrad
-        if (
-            not all(isinstance(g, np.ndarray) and g.dtype == np.float32 and g.flags.writeable for g in (gu, gv))
-            or gu.shape != U.shape[:1]
-            or gv.shape != V.shape[:1]
-        ):
-            raise ValueError(
-                f"adagrad must be (GU, GV) float32 arrays of shapes ({U.shape[0]},) and "
-                f"({V.shape[0]},), one accumulator per row; build them with np.zeros"
-            )
-    return u, p, n, w, nw, gu, gv
+@dataclass(frozen=True)
+class LMFParams:
+    """Hyper-parameters of :func:`lmf_train` (defaults: the validated production configuration).
 
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-def _softplus(x: float) -> float:
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
-def _ref_step(
-    p: F32, q: F32, label: float, w: float, lr: float, reg: float, bias: float, clip: float, acc: tuple | None
-) -> float:
-    pd, qd = p.astype(np.float64), q.astype(np.float64)
-    x = bias + float(pd @ qd)
-    g = w * (label - _sigmoid(x))
-    gp, gq = g * qd - reg * pd, g * pd - reg * qd
-    gp *= min(1.0, clip / max(float(np.linalg.norm(gp)), 1e-30))
-    gq *= min(1.0, clip / max(float(np.linalg.norm(gq)), 1e-30))
-    lr_p = lr_q = lr
-    if acc is not None:
-        gu, u, gv, i = acc
-        gu[u] += np.float32(np.mean(gp * gp))
-        gv[i] += np.float32(np.mean(gq * gq))
-        lr_p, lr_q = lr / math.sqrt(float(gu[u]) + ADAGRAD_EPS), lr / math.sqrt(float(gv[i]) + ADAGRAD_EPS)
-    p[:] = pd + lr_p * gp
-    q[:] = qd + lr_q * gq
-    return w * _softplus(-x if label else x)
-
-
-def lmf_sgd_reference(
-    U: F32,
-    V: F32,
-    users: npt.ArrayLike,
-    pos_items: npt.ArrayLike,
-    neg_items: npt.ArrayLike,
-    lr: float,
-    reg: float,
-    bias: float = 0.0,
-    clip: float = 5.0,
-    adagrad: tuple[F32, F32] | None = None,
-    weights: npt.ArrayLike | None = None,
-    neg_weights: npt.ArrayLike | None = None,
-) -> F32:
-    """Plain numpy LMF SGD pass over E events; the specification :func:`lmf_sgd` must match.
-
-    Parameters
-    ----------
-    U : (n_users, k) float32, updated in place.
-    V : (n_items, k) float32, updated in place.
-    users : (E,) user indices.
-    pos_items : (E,) positive item per event, -1 for none (exposure-negative events).
-    neg_items : (E, n_neg) negative items, -1 entries skipped.
-    lr, reg : step size and L2 penalty applied to the touched rows at every step.
-    bias : fixed scalar added to every logit (from the ALS handoff calibration).
-    clip : maximum Euclidean norm of each row gradient; ``np.inf`` disables clipping.
-    adagrad : optional ``(GU, GV)`` float32 row-wise accumulators, shapes (n_users,), (n_items,), updated
-        in place.
-    weights : (E,) weight of each positive, default 1 (see :func:`event_weights`).
-    neg_weights : (E,) weight of each event's negatives, default 1.
-
-    Returns
-    -------
-    (E,) float32 weighted logistic loss of each event, each term evaluated before its step.
-
-    >>> rng = np.random.default_rng(0)
-    >>> U, V = init_rows(3, 4, rng, scale=0.1), init_rows(5, 4, rng, scale=0.1)
-    >>> loss = lmf_sgd_reference(U, V, [0, 1], [2, 3], [[4, -1], [0, 1]], lr=0.1, reg=0.01)
-    >>> loss.shape, loss.dtype, bool(loss[0] > 2 * math.log(2) - 0.1)
-    ((2,), dtype('float32'), True)
+    >>> LMFParams().n_hard
+    5
     """
-    u, p, n, w, nw, gu, gv = _check(U, V, users, pos_items, neg_items, lr, reg, clip, adagrad, weights, neg_weights)
-    loss = np.zeros(u.size, np.float32)
-    for e in range(u.size):
-        total = 0.0
-        items = [(int(p[e]), 1.0, float(w[e]))] + [(int(j), 0.0, float(nw[e])) for j in n[e]]
-        for i, label, wt in items:
-            if i < 0:
-                continue
-            acc = (gu, u[e], gv, i) if adagrad is not None else None
-            total += _ref_step(U[u[e]], V[i], label, wt, lr, reg, bias, clip, acc)
-        loss[e] = total
-    return loss
+
+    lr: float = 0.1
+    reg: float = 0.003
+    lr_bias: float = 0.1
+    reg_bias: float = 0.01
+    lr_global: float = 0.01
+    clip: float = 5.0
+    bias_clamp: float = 20.0
+    global_clamp: float = 30.0
+    negatives: int = 10
+    hard_share: float = 0.5
+    hard_candidates: int = 8
+    uniform_mix: float = 0.2
+    adagrad: bool = True
+
+    @property
+    def n_hard(self) -> int:
+        return int(math.floor(self.hard_share * self.negatives + 0.5))
+
+    def arrays(self, seed: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        f = np.array([self.lr, self.reg, self.lr_bias, self.reg_bias, self.lr_global, self.clip, self.bias_clamp,
+                      self.global_clamp, self.uniform_mix], np.float64)  # fmt: skip
+        i = np.array([self.negatives, self.n_hard, self.hard_candidates, int(self.adagrad), seed], np.int64)
+        return f, i
 
 
-@njit(cache=True, fastmath=False, inline="always")
-def _step(U, V, u, i, label, w, lr, reg, bias, clip, use_ada, GU, GV):  # pragma: no cover - compiled
-    k = U.shape[1]
-    x = bias
+@dataclass
+class Touched:
+    """Item rows the kernel wrote, with their values before the batch: ``idx`` (n,), ``rows``, ``acc``."""
+
+    idx: I32
+    rows: F32
+    acc: F32
+
+
+# ------------------------------------------------------------------------------------- known positives
+@njit(cache=True, inline="always")
+def _slot(key: np.int64, mask: int) -> int:  # pragma: no cover - compiled
+    h = (key ^ (key >> 29)) * 0x9E3779B1
+    return int((h ^ (h >> 32)) & mask)
+
+
+@njit(cache=True)
+def _hs_add(tab, key):  # pragma: no cover - compiled
+    mask = tab.size - 1
+    s = _slot(key, mask)
+    while tab[s] != -1:
+        if tab[s] == key:
+            return
+        s = (s + 1) & mask
+    tab[s] = key
+
+
+@njit(cache=True)
+def _hs_has(tab, key):  # pragma: no cover - compiled
+    mask = tab.size - 1
+    s = _slot(key, mask)
+    while tab[s] != -1:
+        if tab[s] == key:
+            return True
+        s = (s + 1) & mask
+    return False
+
+
+@njit(cache=True)
+def _hs_build(users, items, n_items, size):  # pragma: no cover - compiled
+    tab = np.full(size, -1, np.int64)
+    for n in range(users.size):
+        _hs_add(tab, np.int64(users[n]) * n_items + items[n])
+    return tab
+
+
+def positive_set(users: npt.ArrayLike, items: npt.ArrayLike, n_items: int, extra: int) -> npt.NDArray[np.int64]:
+    """Open-addressing hash set of ``(user, item)`` pairs for :func:`lmf_train`, with room for ``extra`` more.
+
+    >>> tab = positive_set([0, 1], [3, 4], n_items=10, extra=2)
+    >>> tab.size >= 16 and int((tab >= 0).sum())
+    2
+    """
+    u = np.ascontiguousarray(users, np.int64)
+    i = np.ascontiguousarray(items, np.int64)
+    size = 1 << int(math.ceil(math.log2(max(16, 2 * (u.size + extra) + 16))))
+    return _hs_build(u, i, np.int64(max(n_items, 1)), size)
+
+
+# ------------------------------------------------------------------------------------- one SGD step
+@njit(cache=True, inline="always")
+def _touch(V, GV, j, first, t_idx, t_rows, t_acc, n_touch):  # pragma: no cover - compiled
+    if first[j] < 0:
+        n = n_touch[0]
+        first[j] = n
+        t_idx[n] = j
+        t_rows[n] = V[j]
+        t_acc[n] = GV[j]
+        n_touch[0] = n + 1
+
+
+@njit(cache=True, inline="always")
+def _step(U, GU, V, GV, glob, u, j, label, w, fp, ada):  # pragma: no cover - compiled
+    k = U.shape[1] - 1
+    x = glob[0] + np.float64(U[u, k]) + np.float64(V[j, k])
     for c in range(k):
-        x += np.float64(U[u, c]) * np.float64(V[i, c])
+        x += np.float64(U[u, c]) * np.float64(V[j, c])
     if x >= 0:
         sig = 1.0 / (1.0 + math.exp(-x))
     else:
         z = math.exp(x)
         sig = z / (1.0 + z)
     g = w * (label - sig)
+    lr, reg, clip = fp[P_LR], fp[P_REG], fp[P_CLIP]
     np2 = 0.0
     nq2 = 0.0
     for c in range(k):
         pc = np.float64(U[u, c])
-        qc = np.float64(V[i, c])
+        qc = np.float64(V[j, c])
         a = g * qc - reg * pc
         b = g * pc - reg * qc
         np2 += a * a
@@ -212,73 +183,308 @@ def _step(U, V, u, i, label, w, lr, reg, bias, clip, use_ada, GU, GV):  # pragma
     sq = min(1.0, clip / max(math.sqrt(nq2), 1e-30))
     lr_p = lr
     lr_q = lr
-    if use_ada:
-        GU[u] += sp * sp * np2 / k
-        GV[i] += sq * sq * nq2 / k
-        lr_p = lr / math.sqrt(np.float64(GU[u]) + 1e-8)
-        lr_q = lr / math.sqrt(np.float64(GV[i]) + 1e-8)
+    if ada:
+        GU[u, 0] += sp * sp * np2 / k
+        GV[j, 0] += sq * sq * nq2 / k
+        lr_p = lr / math.sqrt(np.float64(GU[u, 0]) + EPS)
+        lr_q = lr / math.sqrt(np.float64(GV[j, 0]) + EPS)
     for c in range(k):
         pc = np.float64(U[u, c])
-        qc = np.float64(V[i, c])
+        qc = np.float64(V[j, c])
         U[u, c] = pc + lr_p * sp * (g * qc - reg * pc)
-        V[i, c] = qc + lr_q * sq * (g * pc - reg * qc)
+        V[j, c] = qc + lr_q * sq * (g * pc - reg * qc)
+    gb = max(-clip, min(clip, g))
+    lrb, regb, bmax = fp[P_LRB], fp[P_REGB], fp[P_BCLAMP]
+    du = gb - regb * np.float64(U[u, k])
+    dj = gb - regb * np.float64(V[j, k])
+    eu = lrb
+    ej = lrb
+    if ada:
+        GU[u, 1] += du * du
+        GV[j, 1] += dj * dj
+        eu = lrb / math.sqrt(np.float64(GU[u, 1]) + EPS)
+        ej = lrb / math.sqrt(np.float64(GV[j, 1]) + EPS)
+    U[u, k] = max(-bmax, min(bmax, np.float64(U[u, k]) + eu * du))
+    V[j, k] = max(-bmax, min(bmax, np.float64(V[j, k]) + ej * dj))
+    gmax = fp[P_GCLAMP]
+    glob[0] = max(-gmax, min(gmax, glob[0] + fp[P_LRG] * gb))
     xs = -x if label > 0.5 else x
     return w * (max(xs, 0.0) + math.log1p(math.exp(-abs(xs))))
 
 
-@njit(cache=True, fastmath=False, nogil=True)
-def _sgd_kernel(
-    U, V, users, pos, neg, w, nw, lr, reg, bias, clip, use_ada, GU, GV, loss
-):  # pragma: no cover - compiled
-    for e in range(users.shape[0]):
-        u = users[e]
-        total = 0.0
-        if pos[e] >= 0:
-            total += _step(U, V, u, pos[e], 1.0, np.float64(w[e]), lr, reg, bias, clip, use_ada, GU, GV)
-        for j in range(neg.shape[1]):
-            if neg[e, j] >= 0:
-                total += _step(U, V, u, neg[e, j], 0.0, np.float64(nw[e]), lr, reg, bias, clip, use_ada, GU, GV)
+# ------------------------------------------------------------------------------------- sampling
+@njit(cache=True, inline="always")
+def _proposal(prob, alias, support, n_known, mix):  # pragma: no cover - compiled
+    if support.size == 0 or (mix > 0.0 and np.random.random() < mix):
+        return np.random.randint(0, n_known)
+    col = np.random.randint(0, support.size)
+    return support[col] if np.random.random() < prob[col] else support[alias[col]]
+
+
+@njit(cache=True)
+def _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix):  # pragma: no cover - compiled
+    """One proposal draw that is neither a known positive of ``u`` nor ``pos``; -1 if none is found."""
+    for attempt in range(26):
+        j = _proposal(prob, alias, support, n_known, mix) if attempt < 6 else np.random.randint(0, n_known)
+        if j != pos and not _hs_has(hs, np.int64(u) * n_items + j):
+            return j
+    return -1
+
+
+@njit(cache=True)
+def _negative(U, V, u, pos, t, n_items, hs, prob, alias, support, n_known, ip, fp):  # pragma: no cover
+    mix = fp[P_MIX]
+    if t >= ip[Q_NHARD]:
+        return _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix)
+    k = U.shape[1] - 1
+    best = -np.inf
+    j = -1
+    for _m in range(ip[Q_NCAND]):
+        c = _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix)
+        if c < 0:
+            continue
+        s = np.float64(V[c, k])
+        for d in range(k):
+            s += np.float64(U[u, d]) * np.float64(V[c, d])
+        if s > best:
+            best = s
+            j = c
+    return j
+
+
+# ------------------------------------------------------------------------------------- ranking
+@njit(cache=True)
+def rank_of(U, V, u, target, n_known, hs, n_items, count, decayed):  # pragma: no cover - compiled
+    """``(greater, ties)`` of ``target`` among items ``0..n_known-1`` not known to ``u`` (the target itself
+    aside), by model score ``b_i + p_u·q_i``, by ``count`` and by ``decayed`` popularity: six int64 values."""
+    k = U.shape[1] - 1
+    st = np.float64(V[target, k])
+    for d in range(k):
+        st += np.float64(U[u, d]) * np.float64(V[target, d])
+    ct, dt = count[target], decayed[target]
+    out = np.zeros(6, np.int64)
+    for j in range(n_known):
+        if j == target or _hs_has(hs, np.int64(u) * n_items + j):
+            continue
+        s = np.float64(V[j, k])
+        for d in range(k):
+            s += np.float64(U[u, d]) * np.float64(V[j, d])
+        if s > st:
+            out[0] += 1
+        elif s == st:
+            out[1] += 1
+        if count[j] > ct:
+            out[2] += 1
+        elif count[j] == ct:
+            out[3] += 1
+        if decayed[j] > dt:
+            out[4] += 1
+        elif decayed[j] == dt:
+            out[5] += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------- the batch
+@njit(cache=True, nogil=True)
+def _train(ev_u, ev_i, ev_w, ev_neg, ev_count, ev_decay, U, GU, V, GV, glob, hs, n_known, prob, alias, support, fp, ip,
+           given_neg, first, t_idx, t_rows, t_acc, n_touch, loss, rank_at, ranks, user_warm, count,
+           decayed):  # pragma: no cover - compiled  # fmt: skip
+    np.random.seed(ip[Q_SEED])
+    n_items = np.int64(V.shape[0])
+    n_neg = ip[Q_NNEG]
+    ada = ip[Q_ADA] != 0
+    use_given = given_neg.shape[0] == ev_u.shape[0] and given_neg.shape[0] > 0
+    for e in range(ev_u.shape[0]):
+        u, i, w = ev_u[e], ev_i[e], np.float64(ev_w[e])
+        if ev_neg[e]:  # an exposure negative: shown, not clicked -- one negative step of its own weight
+            _touch(V, GV, i, first, t_idx, t_rows, t_acc, n_touch)
+            loss[e] = _step(U, GU, V, GV, glob, u, i, 0.0, w, fp, ada)
+            continue
+        if rank_at[e]:
+            r = rank_of(U, V, u, i, n_known, hs, n_items, count, decayed)
+            for c in range(6):
+                ranks[e, c] = r[c]
+            ranks[e, 6] = 1 if user_warm[u] else 0
+        user_warm[u] = True
+        _hs_add(hs, np.int64(u) * n_items + i)
+        count[i] += ev_count[e]
+        decayed[i] += ev_decay[e]
+        _touch(V, GV, i, first, t_idx, t_rows, t_acc, n_touch)
+        total = _step(U, GU, V, GV, glob, u, i, 1.0, w, fp, ada)
+        for t in range(n_neg):
+            if use_given:
+                j = given_neg[e, t]
+            else:
+                j = _negative(U, V, u, i, t, n_items, hs, prob, alias, support, n_known, ip, fp)
+            if j < 0:
+                continue
+            _touch(V, GV, j, first, t_idx, t_rows, t_acc, n_touch)
+            total += _step(U, GU, V, GV, glob, u, j, 0.0, 1.0, fp, ada)
         loss[e] = total
 
 
-def lmf_sgd(
+def lmf_train(
     U: F32,
+    GU: F32,
     V: F32,
-    users: npt.ArrayLike,
-    pos_items: npt.ArrayLike,
-    neg_items: npt.ArrayLike,
-    lr: float,
-    reg: float,
-    bias: float = 0.0,
-    clip: float = 5.0,
-    adagrad: tuple[F32, F32] | None = None,
-    weights: npt.ArrayLike | None = None,
-    neg_weights: npt.ArrayLike | None = None,
-) -> F32:
-    """Numba LMF SGD pass, same parameters and semantics as :func:`lmf_sgd_reference`.
+    GV: F32,
+    glob: npt.NDArray[np.float64],
+    events: tuple[I32, I32, F32] | tuple[I32, I32, F32, npt.NDArray[np.bool_]],
+    positives: npt.NDArray[np.int64],
+    n_known: int,
+    sampler: tuple[npt.NDArray[np.float64], I32, I32],
+    params: LMFParams,
+    seed: int,
+    *,
+    given_neg: I32 | None = None,
+    rank_at: npt.NDArray[np.bool_] | None = None,
+    user_warm: npt.NDArray[np.bool_] | None = None,
+    popularity: tuple[npt.NDArray[np.float64], ...] | None = None,
+) -> tuple[F32, Touched, npt.NDArray[np.int64] | None]:
+    """Train one mini-batch of clicks in stream order (see the module docstring); arrays are updated in place.
 
-    Mutates ``U``, ``V`` (and the AdaGrad accumulators) in place; returns the (E,) float32 per-event
-    loss. Compiled on first call and cached on disk (``cache=True``), no fastmath, so results match the
-    reference to float32 round-off.
+    Parameters
+    ----------
+    U, GU : (n_users, k + 1) float32 rows and (n_users, 2) float32 accumulators of the batch's users.
+    V, GV : (n_items, k + 1) and (n_items, 2) float32: every item row the caller holds (negatives may be any).
+    glob : (1,) float64, the global bias.
+    events : ``(users, items, weights[, exposure])``, each (E,): local user, item row, weight, and whether
+        the event is an exposure negative (shown, not clicked: one negative step with its weight) or a click.
+    positives : :func:`positive_set` of the users' known positives (updated with each click).
+    n_known : items ``0..n_known-1`` may be sampled or ranked.
+    sampler : ``(prob, alias, support)`` of the popularity alias table (empty arrays: uniform only).
+    seed : seeds the kernel's random stream (a batch is reproducible given its inputs).
+    given_neg : (E, negatives) int32, use these negatives (-1 = skip) instead of drawing (tests).
+    rank_at, user_warm, popularity : prequential ranking: which events to rank, which users already have a
+        vector (updated), and ``(count, decayed, add_count, add_decayed)`` -- all-time and decayed popularity
+        per item, updated with each click by its ``add_*`` (E,) values (count weight, and that times
+        ``2^((ts - ref) / half_life)``).
+
+    Returns
+    -------
+    (E,) float32 loss per click, the :class:`Touched` item rows, and (E, 7) int64 ranks or None: model
+    greater/ties, count greater/ties, decayed greater/ties, warm flag.
 
     >>> rng = np.random.default_rng(0)
-    >>> U, V = init_rows(3, 4, rng, scale=0.1), init_rows(5, 4, rng, scale=0.1)
-    >>> U2, V2 = U.copy(), V.copy()
-    >>> a = lmf_sgd(U, V, [0, 1], [2, -1], [[4, -1], [0, 1]], lr=0.1, reg=0.01)
-    >>> b = lmf_sgd_reference(U2, V2, [0, 1], [2, -1], [[4, -1], [0, 1]], lr=0.1, reg=0.01)
-    >>> bool(np.allclose(a, b, atol=1e-6) and np.allclose(U, U2, atol=1e-6))
+    >>> U, V = init_rows(2, 4, rng, 0.1), np.zeros((5, 5), np.float32)
+    >>> GU, GV, glob = np.zeros((2, 2), np.float32), np.zeros((5, 2), np.float32), np.zeros(1)
+    >>> ev = (np.array([0, 1], np.int32), np.array([2, 3], np.int32), np.ones(2, np.float32))
+    >>> pos = positive_set([], [], 5, extra=2)
+    >>> empty = (np.zeros(0), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    >>> loss, touched, _ = lmf_train(U, GU, V, GV, glob, ev, pos, 5, empty, LMFParams(negatives=2), seed=0)
+    >>> loss.shape, bool(glob[0] < 0), sorted(touched.idx.tolist())[:1] == [min(touched.idx.tolist())]
+    ((2,), True, True)
+    """
+    ev_u, ev_i, ev_w = (np.ascontiguousarray(a, t) for a, t in zip(events[:3], (np.int32, np.int32, np.float32)))
+    E = ev_u.shape[0]
+    ev_neg = np.ascontiguousarray(events[3], np.bool_) if len(events) > 3 else np.zeros(E, np.bool_)
+    _check(U, GU, V, GV, ev_u.astype(np.int32), ev_i.astype(np.int32), n_known)
+    fp, ip = params.arrays(seed)
+    gneg = np.zeros((0, 0), np.int32) if given_neg is None else np.ascontiguousarray(given_neg, np.int32)
+    cap = E * (1 + params.negatives)
+    first = np.full(V.shape[0], -1, np.int32)
+    t_idx = np.zeros(cap, np.int32)
+    t_rows = np.zeros((cap, V.shape[1]), np.float32)
+    t_acc = np.zeros((cap, 2), np.float32)
+    n_touch = np.zeros(1, np.int64)
+    loss = np.zeros(E, np.float32)
+    ranking = rank_at is not None
+    r_at = np.zeros(E, np.bool_) if rank_at is None else np.ascontiguousarray(rank_at, np.bool_)
+    ranks = np.zeros((E if ranking else 0, 7), np.int64)
+    warm = np.zeros(U.shape[0], np.bool_) if user_warm is None else user_warm
+    if popularity is None:
+        count, decayed, add_c, add_d = np.zeros(V.shape[0]), np.zeros(V.shape[0]), np.zeros(E), np.zeros(E)
+    else:
+        count, decayed, add_c, add_d = popularity
+    prob, alias, support = sampler
+    add_c, add_d = (np.ascontiguousarray(a, np.float64) for a in (add_c, add_d))
+    _train(ev_u, ev_i, ev_w, ev_neg, add_c, add_d, U, GU, V, GV, glob, positives, int(n_known),
+           prob, alias, support, fp, ip, gneg, first, t_idx, t_rows, t_acc, n_touch, loss, r_at, ranks, warm,
+           count, decayed)  # fmt: skip
+    n = int(n_touch[0])
+    return loss, Touched(t_idx[:n].copy(), t_rows[:n].copy(), t_acc[:n].copy()), (ranks if ranking else None)
+
+
+def _check(U: F32, GU: F32, V: F32, GV: F32, ev_u: I32, ev_i: I32, n_known: int) -> None:
+    for name, m, cols in (("U", U, V.shape[1]), ("V", V, U.shape[1]), ("GU", GU, 2), ("GV", GV, 2)):
+        ok = isinstance(m, np.ndarray) and m.dtype == np.float32 and m.ndim == 2 and m.flags.c_contiguous
+        if not (ok and m.flags.writeable and m.shape[1] == cols):
+            raise TypeError(f"{name} must be a writeable C-contiguous (n, {cols}) float32 array (updated in place); "
+                            f"got {type(m).__name__} {getattr(m, 'dtype', '')} {getattr(m, 'shape', '')}")  # fmt: skip
+    if GU.shape[0] != U.shape[0] or GV.shape[0] != V.shape[0]:
+        raise ValueError(f"accumulators {GU.shape}, {GV.shape} must have one row per row of U {U.shape}, V {V.shape}")
+    if ev_u.size and (ev_u.min() < 0 or ev_u.max() >= U.shape[0]):
+        raise ValueError(f"event users outside [0, {U.shape[0]}); map users to rows of U first")
+    if ev_i.size and (ev_i.min() < 0 or ev_i.max() >= V.shape[0]):
+        raise ValueError(f"event items outside [0, {V.shape[0]}); grow the item rows first")
+    if not 0 <= n_known <= V.shape[0]:
+        raise ValueError(f"n_known={n_known} must be in [0, {V.shape[0]}]")
+
+
+# ------------------------------------------------------------------------------------- reference
+def lmf_train_reference(U: F32, GU: F32, V: F32, GV: F32, glob: npt.NDArray[np.float64],
+                        events: tuple[I32, I32, F32], given_neg: I32,
+                        params: LMFParams) -> F32:  # fmt: skip
+    """Plain-numpy :func:`lmf_train` with given negatives (no sampling, no ranking): the specification.
+
+    >>> rng = np.random.default_rng(0)
+    >>> U, V = init_rows(2, 4, rng, 0.1), init_rows(5, 4, rng, 0.1)
+    >>> GU, GV, glob = np.zeros((2, 2), np.float32), np.zeros((5, 2), np.float32), np.zeros(1)
+    >>> ev = (np.array([0, 1], np.int32), np.array([2, 3], np.int32), np.ones(2, np.float32))
+    >>> neg = np.array([[4, -1], [0, 1]], np.int32)
+    >>> args = [a.copy() for a in (U, GU, V, GV, glob)]
+    >>> a = lmf_train_reference(*args, ev, neg, LMFParams(negatives=2))
+    >>> pos = positive_set([], [], 5, extra=2)
+    >>> empty = (np.zeros(0), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    >>> b, _, _ = lmf_train(U, GU, V, GV, glob, ev, pos, 5, empty, LMFParams(negatives=2), 0, given_neg=neg)
+    >>> bool(np.allclose(a, b, atol=1e-6) and np.allclose(args[0], U, atol=1e-6) and np.isclose(args[4], glob))
     True
     """
-    u, p, n, w, nw, gu, gv = _check(U, V, users, pos_items, neg_items, lr, reg, clip, adagrad, weights, neg_weights)
-    loss = np.zeros(u.size, np.float32)
-    _sgd_kernel(
-        U, V, u, p, n, w, nw, float(lr), float(reg), float(bias), float(clip), adagrad is not None, gu, gv, loss
-    )
+    p = params
+    k = U.shape[1] - 1
+    loss = np.zeros(len(events[0]), np.float32)
+    for e, (u, i, w) in enumerate(zip(*events)):
+        total = _ref_step(U, GU, V, GV, glob, int(u), int(i), 1.0, float(w), p, k)
+        for j in given_neg[e]:
+            if j >= 0:
+                total += _ref_step(U, GU, V, GV, glob, int(u), int(j), 0.0, 1.0, p, k)
+        loss[e] = total
     return loss
 
 
-def event_weights(counts: npt.ArrayLike, mode: str = "linear", cap: float = 10.0) -> F32:
-    """Positive weight per event from its click count: ``linear`` min(c, cap), ``log`` min(1 + ln c, cap).
+def _ref_step(U: F32, GU: F32, V: F32, GV: F32, glob: npt.NDArray[np.float64], u: int, j: int, label: float,
+              w: float, p: LMFParams, k: int) -> float:  # fmt: skip
+    pu, qj = U[u, :k].astype(np.float64), V[j, :k].astype(np.float64)
+    x = float(glob[0]) + float(U[u, k]) + float(V[j, k]) + float(pu @ qj)
+    sig = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    g = w * (label - sig)
+    gp, gq = g * qj - p.reg * pu, g * pu - p.reg * qj
+    gp *= min(1.0, p.clip / max(float(np.linalg.norm(gp)), 1e-30))
+    gq *= min(1.0, p.clip / max(float(np.linalg.norm(gq)), 1e-30))
+    lr_p = lr_q = p.lr
+    if p.adagrad:
+        GU[u, 0] += np.float32(gp @ gp / k)
+        GV[j, 0] += np.float32(gq @ gq / k)
+        lr_p, lr_q = p.lr / math.sqrt(float(GU[u, 0]) + EPS), p.lr / math.sqrt(float(GV[j, 0]) + EPS)
+    U[u, :k] = pu + lr_p * gp
+    V[j, :k] = qj + lr_q * gq
+    gb = max(-p.clip, min(p.clip, g))
+    du, dj = gb - p.reg_bias * float(U[u, k]), gb - p.reg_bias * float(V[j, k])
+    eu = ej = p.lr_bias
+    if p.adagrad:
+        GU[u, 1] += np.float32(du * du)
+        GV[j, 1] += np.float32(dj * dj)
+        eu, ej = p.lr_bias / math.sqrt(float(GU[u, 1]) + EPS), p.lr_bias / math.sqrt(float(GV[j, 1]) + EPS)
+    U[u, k] = np.clip(float(U[u, k]) + eu * du, -p.bias_clamp, p.bias_clamp)
+    V[j, k] = np.clip(float(V[j, k]) + ej * dj, -p.bias_clamp, p.bias_clamp)
+    glob[0] = np.clip(float(glob[0]) + p.lr_global * gb, -p.global_clamp, p.global_clamp)
+    xs = -x if label > 0.5 else x
+    return w * (max(xs, 0.0) + math.log1p(math.exp(-abs(xs))))
+
+
+# ------------------------------------------------------------------------------------- helpers
+def event_weights(counts: npt.ArrayLike, mode: str = "log", cap: float = 10.0) -> F32:
+    """Positive weight per click from its count: ``log`` min(1 + ln c, cap) (default), ``linear`` min(c, cap).
 
     >>> [round(float(x), 3) for x in event_weights([1, 4, 100], "log", cap=4.0)]
     [1.0, 2.386, 4.0]
@@ -302,91 +508,12 @@ def check_finite(*arrays: npt.ArrayLike) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
-def init_rows(n: int, k: int, rng: np.random.Generator, scale: float = 0.01) -> F32:
-    """``n`` new factor rows of dim ``k``: float32 normal noise with standard deviation ``scale``.
+def init_rows(n: int, k: int, rng: np.random.Generator, scale: float = 0.05) -> F32:
+    """``n`` new rows of ``k + 1`` values: latent ``N(0, scale²)``, bias 0 (float32).
 
-    >>> init_rows(2, 3, np.random.default_rng(0)).dtype
-    dtype('float32')
+    >>> init_rows(2, 3, np.random.default_rng(0)).shape
+    (2, 4)
     """
-    return rng.standard_normal((n, k), dtype=np.float32) * np.float32(scale)
-
-
-def fold_in_user(
-    V_items: F32,
-    item_idx: npt.ArrayLike,
-    weights: npt.ArrayLike | None = None,
-    reg: float = 0.1,
-    gram: npt.NDArray[np.float64] | None = None,
-) -> F32:
-    """Least-squares vector of a new user from the items they clicked, against fixed item vectors.
-
-    Without ``gram``: ridge fit of ``p · q_i ≈ 1`` on the clicked set S only,
-    ``(V_Sᵀ W V_S + reg I) p = V_Sᵀ w``. With ``gram = V.T @ V`` (float64, precomputed once per
-    batch): the implicit-ALS fold-in, every other item a 0 target of weight 1,
-    ``(VᵀV + V_Sᵀ (W - I) V_S + reg I) p = V_Sᵀ w``. Repeated items add their weights.
-
-    >>> rng = np.random.default_rng(0)
-    >>> V = init_rows(10, 4, rng, scale=1.0)
-    >>> p = fold_in_user(V, [1, 2], reg=0.01)
-    >>> p.shape, p.dtype, bool(np.all(V[[1, 2]] @ p > 0.9))
-    ((4,), dtype('float32'), True)
-    """
-    if reg <= 0:
-        raise ValueError(f"fold-in needs reg > 0 to be well posed with few clicks, got {reg}")
-    idx = np.asarray(item_idx, dtype=np.int64)
-    w_click = np.ones(idx.size) if weights is None else np.asarray(weights, dtype=np.float64)
-    items, inv = np.unique(idx, return_inverse=True)
-    w = np.bincount(inv, weights=w_click, minlength=items.size).astype(np.float64)
-    vs = V_items[items].astype(np.float64)
-    k = V_items.shape[1]
-    if gram is None:
-        a = vs.T @ (vs * w[:, None])
-    else:
-        a = gram + vs.T @ (vs * (w - 1.0)[:, None])
-    p = np.linalg.solve(a + reg * np.eye(k), vs.T @ w)
-    return p.astype(np.float32)
-
-
-def fold_in_users(
-    V_items: F32, rows: npt.ArrayLike, item_idx: npt.ArrayLike, n_rows: int, reg: float = 0.1, pad: int = 16
-) -> F32:
-    """:func:`fold_in_user` (ridge on the clicked items, no gram) for many users at once.
-
-    ``rows[j]`` is the output row that click ``j`` on item ``item_idx[j]`` belongs to; returns
-    ``(n_rows, k)`` float32 (rows with no click are zero). Uses the push-through identity
-    ``(QᵀQ + λI)⁻¹Qᵀ1 = Qᵀ(QQᵀ + λI)⁻¹1``: a user with s clicks needs an s×s solve instead of k×k, and
-    users with at most ``pad`` clicks are solved together, zero-padded (a zero row with target 0 gets
-    coefficient 0, so padding is exact). Heavier users fall back to :func:`fold_in_user`.
-
-    >>> rng = np.random.default_rng(0)
-    >>> V = init_rows(10, 4, rng, scale=1.0)
-    >>> P = fold_in_users(V, [0, 0, 1], [1, 2, 5], 2, reg=0.01)
-    >>> bool(np.allclose(P[0], fold_in_user(V, [1, 2], reg=0.01), atol=1e-5))
-    True
-    """
-    if reg <= 0:
-        raise ValueError(f"fold-in needs reg > 0 to be well posed with few clicks, got {reg}")
-    r = np.asarray(rows, np.int64)
-    items = np.asarray(item_idx, np.int64)
-    order = np.argsort(r, kind="stable")
-    r, items = r[order], items[order]
-    k = V_items.shape[1]
-    out = np.zeros((n_rows, k), np.float32)
-    if not r.size:
-        return out
-    starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-    sizes = np.diff(np.r_[starts, r.size])
-    small = sizes <= pad
-    if small.any():
-        s_max = int(sizes[small].max())
-        st, sz = starts[small], sizes[small]
-        slot = np.arange(s_max)[None, :]
-        valid = slot < sz[:, None]
-        idx = np.where(valid, st[:, None] + slot, 0)
-        Q = V_items[items[idx]].astype(np.float64) * valid[:, :, None]
-        G = Q @ Q.transpose(0, 2, 1) + reg * np.eye(s_max)
-        a = np.linalg.solve(G, valid.astype(np.float64)[:, :, None])[:, :, 0]
-        out[r[st]] = np.einsum("nsk,ns->nk", Q, a).astype(np.float32)
-    for st, sz in zip(starts[~small], sizes[~small]):
-        out[r[st]] = fold_in_user(V_items, items[st : st + sz], reg=reg)
+    out = np.zeros((n, k + 1), np.float32)
+    out[:, :k] = rng.standard_normal((n, k), dtype=np.float32) * np.float32(scale)
     return out

@@ -1,24 +1,21 @@
-"""Negative sampling for the online LMF worker: pure functions over numpy arrays.
+"""The popularity proposal of the online LMF's negatives: pure functions over numpy arrays.
 
 Nothing here does I/O, reads the clock or configures logging; randomness comes only from the
 ``np.random.Generator`` passed in, so a fixed seed gives a fixed result. Items are dense int32 *indices*
-(the worker maps string ids to indices).
+(the worker maps string ids to indices). The negatives themselves are drawn inside the training kernel
+(:mod:`workers.kernels.lmf`), click by click, from the alias table built here.
 
 - :class:`Reservoir`: Algorithm R sample of the clicked-item stream plus all-time per-item click counts.
 - :class:`PopularitySampler`: Vose alias table with ``P(i) ∝ f_i ** alpha`` over reservoir frequencies.
-- :func:`sample_negatives`: per-event negatives that never equal the user's known positives, a share of
-  them hard (Dynamic Negative Sampling: best-scoring of ``m_candidates`` popularity draws).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 from numba import njit
 
-__all__ = ["PopularitySampler", "Reservoir", "positives_csr", "sample_negatives"]
+__all__ = ["PopularitySampler", "Reservoir"]
 
 I32 = npt.NDArray[np.int32]
 
@@ -200,9 +197,9 @@ class PopularitySampler:
     [0, 2]
     """
 
-    def __init__(self, reservoir: Reservoir, alpha: float = 0.75, refresh_every: int = 10_000) -> None:
+    def __init__(self, reservoir: Reservoir, alpha: float = 0.25, refresh_every: int = 10_000) -> None:
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}; 0.75 is the usual choice")
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}; 0.25 is the default (docs/evaluation.md)")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1 click, got {refresh_every}")
         self.reservoir, self.alpha, self.refresh_every = reservoir, float(alpha), int(refresh_every)
@@ -221,11 +218,19 @@ class PopularitySampler:
         self.built_at = self.reservoir.seen
 
     def maybe_refresh(self) -> bool:
-        """Rebuild if ``refresh_every`` clicks were added since the last build; return whether it did."""
-        if self.reservoir.seen - self.built_at >= self.refresh_every:
+        """Rebuild if ``refresh_every`` clicks were added since the last build, or if the last build saw an
+        empty reservoir and it now holds clicks (so a cold start gets a table after its first batch);
+        return whether it did."""
+        first = self.support.size == 0 and self.reservoir.size > 0
+        if first or self.reservoir.seen - self.built_at >= self.refresh_every:
             self.refresh()
             return True
         return False
+
+    def tables(self) -> tuple[npt.NDArray[np.float64], I32, I32]:
+        """``(prob, alias, support)`` of the last build, the form the training kernel draws from (empty
+        arrays before the reservoir holds a click: the kernel then draws uniformly)."""
+        return self._prob, self._alias.astype(np.int32, copy=False), self.support
 
     def probabilities(self) -> npt.NDArray[np.float64]:
         """Sampling probability of every item index as of the last build, shape (n_items,)."""
@@ -241,159 +246,3 @@ class PopularitySampler:
         col = rng.integers(0, self.support.size, size=n)
         pick = np.where(rng.random(n) < self._prob[col], col, self._alias[col])
         return self.support[pick]
-
-
-def positives_csr(per_event: Sequence[npt.ArrayLike]) -> tuple[npt.NDArray[np.int64], I32]:
-    """Pack each event's known-positive item indices as CSR ``(indptr, items)`` for :func:`sample_negatives`.
-
-    >>> indptr, items = positives_csr([[3, 1], [], [2]])
-    >>> indptr.tolist(), items.tolist()
-    ([0, 2, 2, 3], [3, 1, 2])
-    """
-    lens = np.array([np.size(p) for p in per_event], dtype=np.int64)
-    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    parts = [np.asarray(p, dtype=np.int32).ravel() for p in per_event if np.size(p)]
-    return indptr, (np.concatenate(parts) if parts else np.zeros(0, np.int32))
-
-
-class _PositiveIndex:
-    """Membership test "is item i a known positive of event b", vectorised via sorted int64 keys."""
-
-    def __init__(self, indptr: np.ndarray, items: np.ndarray, n_events: int) -> None:
-        rows = np.repeat(np.arange(n_events, dtype=np.int64), np.diff(indptr))
-        self.base = np.int64(max(int(items.max()) + 1 if items.size else 1, 1))
-        self.keys = np.sort(rows * self.base + items)
-
-    def contains(self, rows: np.ndarray, cand: np.ndarray) -> npt.NDArray[np.bool_]:
-        if self.keys.size == 0:
-            return np.zeros(np.shape(cand), bool)
-        q = rows.astype(np.int64) * self.base + cand
-        idx = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
-        return (self.keys[idx] == q) & (cand < self.base)
-
-
-@njit(cache=True)
-def _pick_hard(
-    users: np.ndarray, items: np.ndarray, cand: np.ndarray, is_pos: np.ndarray
-) -> np.ndarray:  # pragma: no cover - compiled
-    b_n, h_n, m_n = cand.shape
-    out = np.full((b_n, h_n), -1, np.int32)
-    for b in range(b_n):
-        for h in range(h_n):
-            best = -np.inf
-            for m in range(m_n):
-                if is_pos[b, h, m]:
-                    continue
-                c = cand[b, h, m]
-                s = 0.0
-                for d in range(users.shape[1]):
-                    s += users[b, d] * items[c, d]
-                if s > best:
-                    best, out[b, h] = s, c
-    return out
-
-
-def _uniform_non_positive(
-    out: I32,
-    bad_r: np.ndarray,
-    bad_c: np.ndarray,
-    indptr: np.ndarray,
-    pos_items: np.ndarray,
-    n_items: int,
-    rng: np.random.Generator,
-) -> None:
-    """Fill ``out[bad_r, bad_c]`` uniformly from [0, n_items) minus each row's positives; -1 if none left."""
-    for r in np.unique(bad_r):
-        cols = bad_c[bad_r == r]
-        s = np.unique(pos_items[indptr[r] : indptr[r + 1]])
-        s = s[s < n_items]
-        free = n_items - s.size
-        if free <= 0:
-            out[r, cols] = -1
-            continue
-        draw = rng.integers(0, free, size=cols.size)  # draw-th non-positive index:
-        out[r, cols] = draw + np.searchsorted(s - np.arange(s.size), draw, side="right")
-
-
-def sample_negatives(
-    sampler: PopularitySampler,
-    pos_indptr: npt.ArrayLike,
-    pos_items: npt.ArrayLike,
-    n_neg: int,
-    rng: np.random.Generator,
-    *,
-    hard_share: float = 0.0,
-    m_candidates: int = 8,
-    user_vecs: npt.NDArray[np.float32] | None = None,
-    item_vecs: npt.NDArray[np.float32] | None = None,
-    max_attempts: int = 4,
-    n_items: int | None = None,
-) -> I32:
-    """Draw ``n_neg`` negatives per event, none equal to that event's known positives.
-
-    Parameters
-    ----------
-    sampler : popularity sampler; its draws are the proposal for every negative.
-    pos_indptr, pos_items : CSR of each event's known positives (see :func:`positives_csr`), B events.
-    n_neg : negatives per event.
-    rng : the only source of randomness.
-    hard_share : share of each event's negatives that are hard, ``round(hard_share * n_neg)`` of them,
-        in the first columns. A hard negative (Dynamic Negative Sampling, Zhang et al. 2013) is the
-        candidate with the highest score ``user_vecs[b] @ item_vecs[c]`` among ``m_candidates``
-        popularity draws that are not positives.
-    user_vecs : (B, k) float32, the event users' current vectors; needed if the share is > 0.
-    item_vecs : (n, k) float32, current item vectors, n >= sampler.n_items.
-    max_attempts : redraw rounds from the sampler for draws that hit a positive (or hard slots whose
-        candidates all did); what is left is drawn uniformly from the non-positives of [0, n_items).
-    n_items : size of the item universe for that fallback, default ``sampler.n_items``.
-
-    Returns
-    -------
-    (B, n_neg) int32. -1 only when the user's positives cover every item of the universe; the LMF
-    kernel skips -1 entries.
-
-    >>> rng = np.random.default_rng(0)
-    >>> r = Reservoir(100)
-    >>> r.add(np.array([0, 1, 2, 3, 3], dtype=np.int32), rng)
-    >>> s = PopularitySampler(r, alpha=1.0)
-    >>> neg = sample_negatives(s, *positives_csr([[3], [0, 1, 2]]), n_neg=4, rng=rng)
-    >>> bool((neg[0] != 3).all()), neg[1].tolist()
-    (True, [3, 3, 3, 3])
-    """
-    indptr = np.asarray(pos_indptr, dtype=np.int64)
-    items = _as_indices(pos_items, "pos_items")
-    if not 0.0 <= hard_share <= 1.0 or n_neg < 0 or m_candidates < 1:
-        raise ValueError(
-            f"need 0 <= hard_share <= 1, n_neg >= 0, m_candidates >= 1; got {hard_share}, {n_neg}, {m_candidates}"
-        )
-    b_n = indptr.size - 1
-    index = _PositiveIndex(indptr, items, b_n)
-    rows = np.arange(b_n)[:, None]
-    n_hard = int(np.floor(hard_share * n_neg + 0.5))
-    out = sampler.sample(b_n * n_neg, rng).reshape(b_n, n_neg)
-    bad = np.zeros((b_n, n_neg), bool)
-    if n_hard:
-        if user_vecs is None or item_vecs is None:
-            raise ValueError("hard_share > 0 needs user_vecs (B, k) and item_vecs (n_items, k)")
-        if user_vecs.shape[0] != b_n or item_vecs.shape[0] < sampler.n_items:
-            raise ValueError(
-                f"user_vecs has {user_vecs.shape[0]} rows for {b_n} events, item_vecs "
-                f"{item_vecs.shape[0]} rows for {sampler.n_items} items; pass matching arrays"
-            )
-        cand = sampler.sample(b_n * n_hard * m_candidates, rng).reshape(b_n, n_hard, m_candidates)
-        is_pos = index.contains(rows[:, :, None], cand)
-        out[:, :n_hard] = _pick_hard(
-            np.ascontiguousarray(user_vecs, np.float32), np.ascontiguousarray(item_vecs, np.float32), cand, is_pos
-        )
-        bad[:, :n_hard] = out[:, :n_hard] < 0
-    bad[:, n_hard:] = index.contains(rows, out[:, n_hard:])
-    for _ in range(max_attempts):
-        r, c = np.nonzero(bad)
-        if r.size == 0:
-            return out
-        out[r, c] = sampler.sample(r.size, rng)
-        bad[r, c] = index.contains(r, out[r, c])
-    r, c = np.nonzero(bad)
-    if r.size:
-        _uniform_non_positive(out, r, c, indptr, items, sampler.n_items if n_items is None else n_items, rng)
-    return out

@@ -1,22 +1,23 @@
 """The online LMF model's in-process state and one mini-batch's computation (no Kafka, no Redis).
 
-The worker (``workers/online/worker.py``) does the I/O; this module turns a partition's events into a
-:class:`BatchPlan` (users, items, positives, sampled negatives), trains it on the vectors the store
-returned, and keeps the caches that make sampling cheap:
+The worker (:mod:`workers.online.worker`) does the I/O; this module turns a partition's events into a
+:class:`BatchPlan`, trains it click by click with :func:`workers.kernels.lmf.lmf_train`, and keeps:
 
-- ``items``: item id -> dense index, and ``item_cache`` (n_items, k): the last vectors this worker saw.
-  Used only to *choose* hard negatives (a slightly stale score is fine); training always uses the vectors
-  fetched from Redis for the batch.
-- ``reservoir`` / ``sampler``: popularity sampling P(i) ∝ f_i^α over a reservoir of recent clicks, rebuilt
-  from the generation's click counts at start (see :meth:`workers.kernels.sampling.Reservoir.from_counts`).
-- ``seen``: each user's recent clicked items (indices), loaded from Redis the first time a user appears on
-  this worker (a user has one writer, so the cache stays exact) and never sampled as negatives.
+- ``items`` / ``V`` / ``GV``: every item row of the generation (``k`` latent values + bias) and its AdaGrad
+  accumulators, plus the global bias ``glob``. The kernel trains on these in place and the worker sends each
+  touched row's change as an additive delta, so rows other workers update are never overwritten; rows this
+  worker has not read since another worker changed them are stale until the next refresh (bounded by the
+  worker's ``ZEROCF_LMF_ITEM_REFRESH_S``; with one worker the rows are exact).
+- ``user_cache``: user rows and accumulators (a user has one writer: the worker of its partition, so the
+  cache is never older than Redis), and ``seen``: each user's seen items, all of them within the retention
+  window, never sampled as negatives.
+- ``reservoir`` / ``sampler``: the popularity proposal ``P(j) ∝ f_j^α`` over a reservoir of recent clicks.
+- ``count`` / ``decayed``: all-time and time-decayed click weight per item (the popularity baselines of the
+  prequential ranks; the decayed one is what the store's fallback serves).
 - ``exposure``: impressions not clicked within the window become weighted negatives (optional).
 
-New users get a fold-in least-squares vector against the current item vectors of their clicks in the batch
-(bench/bench_lmf_kernel.py measured HR@10 0.088 for fold-in vs 0.0095 for random init on a new user's next
-clicks), falling back to a small random vector; new items start at zero (an item written concurrently by
-two workers then stays exact: both add their delta to zero).
+New users start from a small random vector (``ZEROCF_LMF_INIT_SCALE``), new items at zero, so two workers
+that create the same item concurrently both add their deltas to zero and the row stays exact.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,11 +34,15 @@ import numpy.typing as npt
 from stream.events import Event
 from workers.config import LMFConfig
 from workers.kernels.exposure import ExposureTracker
-from workers.kernels.lmf import check_finite, event_weights, fold_in_users, init_rows, lmf_sgd
-from workers.kernels.sampling import PopularitySampler, Reservoir, positives_csr, sample_negatives
+from workers.kernels.lmf import LMFParams, Touched, check_finite, event_weights, init_rows, lmf_train, positive_set
+from workers.kernels.sampling import PopularitySampler, Reservoir
+from workers.store import GLOBAL_ROW
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
+I32 = npt.NDArray[np.int32]
+USER_CACHE_LIMIT = 1_000_000  # users whose rows and seen items a worker keeps (LRU)
+DECAY_RESCALE = 500.0  # half-lives past the reference after which the decayed popularity is rescaled
 
 
 class IdMap:
@@ -70,19 +76,27 @@ class IdMap:
         return self._index.get(key)
 
 
+def lmf_params(cfg: LMFConfig) -> LMFParams:
+    """The kernel's hyper-parameters from the worker's config."""
+    return LMFParams(lr=cfg.lr, reg=cfg.reg, lr_bias=cfg.lr_bias, reg_bias=cfg.reg_bias, lr_global=cfg.lr_global,
+                     clip=cfg.clip, negatives=cfg.negatives, hard_share=cfg.hard_share,
+                     hard_candidates=cfg.hard_candidates, uniform_mix=cfg.uniform_mix,
+                     adagrad=cfg.adagrad)  # fmt: skip
+
+
 @dataclass
 class BatchPlan:
-    """One partition's mini-batch, ready to fetch and train. Indices are local to the batch."""
+    """One partition's mini-batch, ready to fetch and train. Item indices are rows of the model's ``V``."""
 
-    users: list[str]  # unique users of the batch
-    items: list[str]  # unique items touched (positives, negatives, exposure)
-    item_global: npt.NDArray[np.int32]  # items' indices in OnlineModel.items
-    ev_user: npt.NDArray[np.int32]  # (E,) local user index per training event
-    ev_pos: npt.NDArray[np.int32]  # (E,) local positive item, -1 for exposure negatives
-    ev_neg: npt.NDArray[np.int32]  # (E, n) local negatives, -1 = none
-    weights: F32  # (E,) positive weight (click count transform)
-    neg_weights: F32  # (E,) weight of the event's negatives
-    clicks: list[tuple[str, str, int, float]] = field(default_factory=list)  # (user, item, ts, weight)
+    users: list[str]  # unique users of the batch (row order of the batch's user matrix)
+    ev_user: I32  # (E,) user row per training event
+    ev_item: I32  # (E,) item row per training event
+    ev_weight: F32  # (E,) SGD weight (click-count transform, or the exposure weight)
+    ev_exposure: npt.NDArray[np.bool_]  # (E,) exposure negative (shown, not clicked) instead of a click
+    ev_ts: npt.NDArray[np.int64]  # (E,) event time, ms
+    clicks: list[tuple[str, str, int, float]] = field(default_factory=list)  # (user, item, ts, count)
+    new_items: list[str] = field(default_factory=list)  # items with no row here yet: fetch them first
+    fetch_users: list[str] = field(default_factory=list)  # users not in the cache: fetch rows and seen items
     n_events: int = 0  # events applied (clicks + impressions) after de-duplication
     n_exposure: int = 0
 
@@ -93,318 +107,292 @@ class BatchPlan:
 
 @dataclass
 class TrainResult:
-    """Vectors to write: absolute user rows, item deltas (final - fetched), per-event loss."""
+    """What one batch changed: absolute user rows, additive item deltas (the global row included)."""
 
-    user_vecs: F32
-    item_final: F32
+    user_rows: F32
+    user_acc: F32
+    item_ids: list[str]
     item_deltas: F32
+    item_acc_deltas: F32
+    counts: dict[str, float]
+    popularity: dict[str, float]
     loss: float
     finite: bool
-    user_acc: F32 | None = None  # AdaGrad row accumulators (absolute), if enabled
-    item_acc_deltas: F32 | None = None
+    touched: Touched
+    glob_before: float
+    ranks: npt.NDArray[np.int64] | None = None  # (clicks, 7), see lmf_train
+    ranked: npt.NDArray[np.bool_] | None = None  # which clicks were ranked
+
+
+def rank_rows(plan: BatchPlan, result: TrainResult) -> list[tuple[Any, ...]]:
+    """``(user, item, ranks...)`` per click of a trained batch, for a prequential log (see ``lmf_train``)."""
+    if result.ranks is None or result.ranked is None:
+        return []
+    return [(c[0], c[1], *map(int, r)) for c, r, ok in zip(plan.clicks, result.ranks, result.ranked) if ok]
 
 
 class OnlineModel:
     """Sampler, caches and training of the online worker; see the module docstring.
 
     >>> from workers.config import LMFConfig
-    >>> m = OnlineModel(LMFConfig(factors=4, negatives=2, hard_share=0.0), seed=0)
-    >>> m.warm(["i1", "i2", "i3"], np.zeros((3, 4), np.float32), {"i1": 5, "i2": 1, "i3": 1})
-    >>> m.n_items
-    3
+    >>> m = OnlineModel(LMFConfig(factors=4), seed=0)
+    >>> m.warm(["i1", "i2"], np.zeros((2, 5), np.float32), -8.0, {"i1": 5.0, "i2": 1.0}, {}, 0, 86_400_000)
+    >>> m.n_items, float(m.glob[0])
+    (2, -8.0)
     """
 
     def __init__(self, cfg: LMFConfig, seed: int = 0) -> None:
         self.cfg = cfg
         self.k = cfg.factors
+        self.params = lmf_params(cfg)
         self.rng = np.random.default_rng(seed)
-        self.items = IdMap()
-        self.item_cache: F32 = np.zeros((1024, self.k), np.float32)
-        self.reservoir = Reservoir(cfg.reservoir)
-        self.sampler = PopularitySampler(
-            self.reservoir, alpha=cfg.sample_alpha, refresh_every=max(1000, cfg.reservoir // 10)
-        )
-        self.seen: OrderedDict[str, list[int]] = OrderedDict()  # LRU of users' recent clicks
-        self.user_cache: OrderedDict[str, F32] = OrderedDict()  # exact: this worker is their only writer
-        self.seen_limit = 1_000_000
+        # user -> (row (k+1,), accumulators (2,), whether the user had a vector before: found or trained)
+        self.user_cache: OrderedDict[str, tuple[F32, F32, bool]] = OrderedDict()
+        self.seen: OrderedDict[str, list[int]] = OrderedDict()  # user -> seen item rows, oldest first
         self.users = IdMap()  # only for the exposure trackers' integer keys
+        self.clicks_trained = 0
         self.exposure: dict[int, ExposureTracker] = {}
+        self.warm([], np.zeros((0, self.k + 1), np.float32), 0.0, {}, {}, 0, 86_400_000)
 
-    # -------------------------------------------------------------- caches
+    # -------------------------------------------------------------- state
     @property
     def n_items(self) -> int:
         return len(self.items)
 
     def _grow(self) -> None:
-        if len(self.items) > self.item_cache.shape[0]:
-            new = np.zeros((max(len(self.items), 2 * self.item_cache.shape[0]), self.k), np.float32)
-            new[: self.item_cache.shape[0]] = self.item_cache
-            self.item_cache = new
+        n = len(self.items)
+        if n > self.V.shape[0]:
+            cap = max(n, 2 * self.V.shape[0])
+            for name, width in (("V", self.k + 1), ("GV", 2)):
+                new = np.zeros((cap, width), np.float32)
+                new[: getattr(self, name).shape[0]] = getattr(self, name)
+                setattr(self, name, new)
+            for name in ("count", "decayed"):
+                grown = np.zeros(cap)
+                grown[: getattr(self, name).shape[0]] = getattr(self, name)
+                setattr(self, name, grown)
 
-    def warm(self, item_ids: Sequence[str], item_matrix: F32, counts: dict[str, float]) -> None:
-        """Reset from a generation: its item vectors and click counts (rebuilds the sampler)."""
+    def warm(self, item_ids: Sequence[str], rows: F32, glob: float, counts: dict[str, float],
+             popularity: dict[str, float], pop_ref_ms: int, half_life_ms: int,
+             item_acc: F32 | None = None) -> None:  # fmt: skip
+        """Reset from a generation: its item rows (+ accumulators), global bias, all-time counts (they seed the
+        sampler's reservoir) and decayed popularity with its reference time and half-life."""
         self.items = IdMap(item_ids)
         for item in counts:
             self.items.index(item)
-        self.item_cache = np.zeros((max(1024, len(self.items)), self.k), np.float32)
+        cap = max(1024, len(self.items))
+        self.V = np.zeros((cap, self.k + 1), np.float32)
+        self.GV = np.zeros((cap, 2), np.float32)
+        self.count, self.decayed = np.zeros(cap), np.zeros(cap)
         if len(item_ids):
-            self.item_cache[: len(item_ids)] = item_matrix
-        c = np.zeros(len(self.items), np.int64)
+            self.V[: len(item_ids)] = rows
+            if item_acc is not None:
+                self.GV[: len(item_ids)] = item_acc
+        self.glob = np.array([glob], np.float64)
         for item, n in counts.items():
-            c[self.items.index(item)] = int(round(n))
-        self.reservoir = (
-            Reservoir.from_counts(c, self.cfg.reservoir, self.rng) if c.sum() else Reservoir(self.cfg.reservoir)
-        )
-        self.sampler = PopularitySampler(
-            self.reservoir, alpha=self.cfg.sample_alpha, refresh_every=max(1000, self.cfg.reservoir // 10)
-        )
-        self.sampler.refresh()
-        log.info("sampler rebuilt from %d items, %d clicks", len(self.items), int(c.sum()))
+            self.count[self.items.index(item)] = n
+        for item, s in popularity.items():
+            j = self.items.get(item)
+            if j is not None:
+                self.decayed[j] = s
+        self.pop_ref_ms, self.half_life_ms = int(pop_ref_ms), int(half_life_ms)
+        c = np.rint(self.count[: len(self.items)]).astype(np.int64)
+        self.reservoir = Reservoir.from_counts(c, self.cfg.reservoir, self.rng) if c.sum() else \
+            Reservoir(self.cfg.reservoir)  # fmt: skip
+        self.sampler = PopularitySampler(self.reservoir, self.cfg.sample_alpha, max(1000, self.cfg.reservoir // 10))
+        log.debug("online model warmed: %d items, %d clicks, global bias %.3f", len(self.items), int(c.sum()), glob)
 
-    def users_missing_seen(self, users: Iterable[str]) -> list[str]:
-        return [u for u in dict.fromkeys(users) if u not in self.seen]
-
-    def load_seen(self, seen: dict[str, list[str]]) -> None:
-        """Cache users' recent clicks as read from Redis (newest first there, oldest first here)."""
-        for user, items in seen.items():
-            self.seen[user] = [self.items.index(i) for i in reversed(items[: self.cfg.seen_cap])]
-        self._grow()
-        while len(self.seen) > self.seen_limit:
-            self.seen.popitem(last=False)
+    def refresh_items(self, item_ids: Sequence[str], rows: F32, glob: float, acc_ids: Sequence[str],
+                      acc: F32) -> None:  # fmt: skip
+        """Replace the rows and accumulators of known items by what Redis holds now (other workers' deltas)."""
+        for ids, values, target in ((item_ids, rows, self.V), (acc_ids, acc, self.GV)):
+            for n, item in enumerate(ids):
+                j = self.items.get(item)
+                if j is not None:
+                    target[j] = values[n]
+        self.glob[0] = glob
 
     def forget_users(self) -> None:
-        """Drop per-user caches (after a rebalance or a stale batch: another writer may have run)."""
+        """Drop per-user caches (after a rebalance or a refused write: another writer may have run)."""
         self.seen.clear()
         self.user_cache.clear()
         self.exposure.clear()
 
+    def load_users(self, users: Sequence[str], rows: F32, found: npt.NDArray[np.bool_], acc: F32 | None,
+                   seen: dict[str, list[str]], plan: BatchPlan | None = None) -> None:  # fmt: skip
+        """Cache users read from Redis (new ones get their initial row) and their seen items.
+
+        A new user's row is random (``ZEROCF_LMF_INIT=random``), or with ``foldin`` the ridge fit of
+        ``p·q_i ≈ 1`` on the items the user clicks in ``plan`` (random where that fails)."""
+        fresh = init_rows(len(users), self.k, self.rng, self.cfg.init_scale)
+        if self.cfg.init == "foldin" and plan is not None:
+            self._fold_in(users, found, fresh, plan)
+        for n, user in enumerate(users):
+            row = rows[n].copy() if found[n] else fresh[n]
+            a = acc[n].copy() if (acc is not None and found[n]) else np.zeros(2, np.float32)
+            self.user_cache[user] = (row, a, bool(found[n]))
+            known = [self.items.get(i) for i in reversed(seen.get(user, []))]
+            self.seen[user] = [j for j in known if j is not None]
+        self._trim_users()
+
+    def _fold_in(self, users: Sequence[str], found: npt.NDArray[np.bool_], out: F32, plan: BatchPlan) -> None:
+        k = self.k
+        by_user: dict[str, list[int]] = {}
+        for (user, _i, _ts, _w), j in zip(plan.clicks, plan.ev_item.tolist()):
+            by_user.setdefault(user, []).append(j)
+        for n, user in enumerate(users):
+            if found[n] or user not in by_user:
+                continue
+            Q = self.V[np.unique(np.array(by_user[user], np.int64))][:, :k].astype(np.float64)
+            p = np.linalg.solve(Q.T @ Q + 0.1 * np.eye(k), Q.T @ np.ones(Q.shape[0]))
+            if np.isfinite(p).all() and np.abs(p).max() >= 1e-6:
+                out[n, :k] = p
+
+    def _trim_users(self) -> None:
+        while len(self.user_cache) > USER_CACHE_LIMIT:
+            self.user_cache.popitem(last=False)
+        while len(self.seen) > USER_CACHE_LIMIT:
+            self.seen.popitem(last=False)
+
     # -------------------------------------------------------------- planning
     def plan(self, partition: int, events: Sequence[Event]) -> BatchPlan:
-        """Turn de-duplicated events of one partition into training arrays (samples negatives)."""
+        """Map a partition's de-duplicated events to rows: clicks in stream order, then exposure negatives."""
         cfg = self.cfg
         clicks = [e for e in events if e.type == "click"]
-        tracker = self.exposure.setdefault(partition, ExposureTracker()) if cfg.exposure_window_s > 0 else None
-        if tracker is not None:
-            shows = [e for e in events if e.type == "impression"]
-            if shows:
-                tracker.shown(
-                    self.users.index_many([e.user for e in shows]),
-                    self.items.index_many([e.item for e in shows]),
-                    [e.ts for e in shows],
-                )
-            if clicks:
-                tracker.clicked(
-                    self.users.index_many([e.user for e in clicks]), self.items.index_many([e.item for e in clicks])
-                )
-        exp_users: list[str] = []
-        exp_items: list[str] = []
-        if tracker is not None and events:
-            du, di = tracker.due(max(e.ts for e in events), int(cfg.exposure_window_s * 1000))
-            exp_users = [self.users.ids[u] for u in du]
-            exp_items = [self.items.ids[i] for i in di]
-        pos_global = self.items.index_many([e.item for e in clicks])
+        exp_users, exp_items, exp_ts = self._exposures(partition, events, clicks)
+        known_before = len(self.items)
+        items = self.items.index_many([e.item for e in clicks] + exp_items)
         self._grow()
-        # Known positives per click: the user's recent clicks plus everything they click in this batch.
-        in_batch: dict[str, list[int]] = {}
-        for e, p in zip(clicks, pos_global):
-            in_batch.setdefault(e.user, []).append(int(p))
-        per_event = [np.asarray(self.seen.get(e.user, []) + in_batch[e.user], np.int32) for e in clicks]
+        new_items = [self.items.ids[j] for j in np.unique(items) if j >= known_before]
         users = list(dict.fromkeys([e.user for e in clicks] + exp_users))
-        uidx = {u: n for n, u in enumerate(users)}
-        ev_user = np.fromiter((uidx[e.user] for e in clicks), np.int32, len(clicks))
-        n_neg = cfg.negatives
-        neg_global = np.full((len(clicks), n_neg), -1, np.int32)
-        if clicks and n_neg and self.sampler.n_items:
-            self.sampler.maybe_refresh()
-            indptr, pos_items = positives_csr(per_event)
-            hard = cfg.hard_share if self.sampler.n_items > 1 else 0.0
-            uvec = self._user_guess(clicks, pos_global) if hard > 0 else None
-            neg_global = sample_negatives(
-                self.sampler,
-                indptr,
-                pos_items,
-                n_neg,
-                self.rng,
-                hard_share=hard,
-                m_candidates=cfg.hard_candidates,
-                user_vecs=uvec,
-                item_vecs=self.item_cache,
-                n_items=self.n_items,
-            )
-        exp_global = self.items.index_many(exp_items)
-        touched = np.concatenate([pos_global, neg_global[neg_global >= 0].ravel(), exp_global])
-        item_global, inv = np.unique(touched, return_inverse=True)
-        local = np.full(max(self.n_items, 1), -1, np.int32)
-        local[item_global] = np.arange(item_global.size, dtype=np.int32)
-        ev_pos = local[pos_global] if len(clicks) else np.zeros(0, np.int32)
-        ev_neg = np.where(neg_global >= 0, local[np.maximum(neg_global, 0)], -1).astype(np.int32)
-        weights = event_weights([e.weight for e in clicks], mode="log") if clicks else np.zeros(0, np.float32)
-        neg_w = np.ones(len(clicks), np.float32)
-        if exp_users:  # exposure negatives: no positive, the shown item as the only negative
-            eu = np.fromiter((uidx[u] for u in exp_users), np.int32, len(exp_users))
-            en = np.full((len(exp_users), n_neg or 1), -1, np.int32)
-            en[:, 0] = local[exp_global]
-            if n_neg == 0:
-                ev_neg = np.zeros((len(clicks), 1), np.int32) - 1
-            ev_user = np.concatenate([ev_user, eu])
-            ev_pos = np.concatenate([ev_pos, np.full(len(exp_users), -1, np.int32)])
-            ev_neg = np.concatenate([ev_neg, en])
-            weights = np.concatenate([weights, np.zeros(len(exp_users), np.float32)])
-            neg_w = np.concatenate([neg_w, np.full(len(exp_users), cfg.exposure_weight, np.float32)])
-        return BatchPlan(
-            users=users,
-            items=[self.items.ids[i] for i in item_global],
-            item_global=item_global,
-            ev_user=ev_user,
-            ev_pos=ev_pos.astype(np.int32),
-            ev_neg=ev_neg,
-            weights=weights,
-            neg_weights=neg_w,
-            clicks=[(e.user, e.item, e.ts, e.weight) for e in clicks],
-            n_events=len(events),
-            n_exposure=len(exp_users),
-        )
+        row = {u: n for n, u in enumerate(users)}
+        ev_user = np.fromiter((row[u] for u in [e.user for e in clicks] + exp_users), np.int32, len(items))
+        n_c = len(clicks)
+        weights = np.concatenate([event_weights([e.weight for e in clicks]) if clicks else np.zeros(0, np.float32),
+                                  np.full(len(exp_users), cfg.exposure_weight, np.float32)])  # fmt: skip
+        exposure = np.arange(len(items)) >= n_c
+        ts = np.array([e.ts for e in clicks] + exp_ts, np.int64)
+        fetch = [u for u in users if u not in self.user_cache]
+        return BatchPlan(users, ev_user, items, weights.astype(np.float32), exposure, ts,
+                         clicks=[(e.user, e.item, e.ts, e.weight) for e in clicks], new_items=new_items,
+                         fetch_users=fetch, n_events=len(events), n_exposure=len(exp_users))  # fmt: skip
 
-    def drop_known_negatives(self, plan: BatchPlan, users: Iterable[str]) -> int:
-        """After ``users``' recent clicks were loaded (:meth:`load_seen`), un-sample any negative of theirs
-        that turns out to be a known positive (set to -1: skipped by the kernel). Returns how many."""
-        rows = {u: n for n, u in enumerate(plan.users)}
-        dropped = 0
-        for user in users:
-            u = rows.get(user)
-            known = set(self.seen.get(user, ()))
-            if u is None or not known:
-                continue
-            for e in np.flatnonzero(plan.ev_user[: len(plan.clicks)] == u):
-                for j, local in enumerate(plan.ev_neg[e]):
-                    if local >= 0 and int(plan.item_global[local]) in known:
-                        plan.ev_neg[e, j] = -1
-                        dropped += 1
-        return dropped
+    def _exposures(self, partition: int, events: Sequence[Event], clicks: Sequence[Event]
+                   ) -> tuple[list[str], list[str], list[int]]:  # fmt: skip
+        """Impressions of ``events`` enter the partition's tracker; clicked pairs leave it; due pairs return."""
+        if self.cfg.exposure_window_s <= 0 or not events:
+            return [], [], []
+        tracker = self.exposure.setdefault(partition, ExposureTracker())
+        shows = [e for e in events if e.type == "impression"]
+        if shows:
+            tracker.shown(self.users.index_many([e.user for e in shows]),
+                          self.items.index_many([e.item for e in shows]), [e.ts for e in shows])  # fmt: skip
+            self._grow()
+        if clicks:
+            tracker.clicked(self.users.index_many([e.user for e in clicks]),
+                            self.items.index_many([e.item for e in clicks]))  # fmt: skip
+            self._grow()
+        now = max(e.ts for e in events)
+        du, di = tracker.due(now, int(self.cfg.exposure_window_s * 1000))
+        return [self.users.ids[u] for u in du], [self.items.ids[i] for i in di], [now] * len(du)
 
-    def _user_guess(self, clicks: Sequence[Event], pos_global: npt.NDArray[np.int32]) -> F32:
-        """User vectors for hard-negative scoring: the cached row (exact), else a proxy -- the mean item
-        vector of the user's recent clicks, or of the clicked item for a user with no history here."""
-        out = self.item_cache[pos_global]
-        for n, e in enumerate(clicks):
-            cached = self.user_cache.get(e.user)
-            if cached is not None:
-                out[n] = cached
-            else:
-                hist = self.seen.get(e.user)
-                if hist:
-                    out[n] = self.item_cache[hist[-20:]].mean(axis=0)
-        return out
-
-    # -------------------------------------------------------------- prequential evaluation
-    def ranks_before_learning(
-        self, plan: BatchPlan, user_vecs: F32, user_found: npt.NDArray[np.bool_]
-    ) -> list[tuple[str, str, int, int]]:
-        """0-based rank of each clicked item among all known items, before the batch is learned.
-
-        Returns ``(user, item, model_rank, popularity_rank)`` per click; ``model_rank`` is -1 for a user
-        with no vector yet (cold). Items the user clicked before are excluded (as a recommender would);
-        popularity ranks use the all-time click counts. Scores use the cached item vectors.
-        """
-        n = self.n_items
-        counts = np.zeros(n, np.float64)
-        c = self.reservoir.counts
-        counts[: min(n, c.size)] = c[:n]
-        out = []
-        for e in range(len(plan.clicks)):
-            u = int(plan.ev_user[e])
-            user, item = plan.clicks[e][0], plan.clicks[e][1]
-            target = int(plan.item_global[plan.ev_pos[e]])
-            mask = np.ones(n, bool)
-            seen = [s for s in self.seen.get(user, []) if s != target]
-            mask[seen] = False
-            pop = counts[mask]
-            prank = int(np.sum(pop > counts[target]))
-            mrank = -1
-            if user_found[u]:
-                scores = self.item_cache[:n] @ user_vecs[u]
-                mrank = int(np.sum(scores[mask] > scores[target]))
-            out.append((user, item, mrank, prank))
-        return out
+    def absorb_items(self, plan: BatchPlan, rows: F32, found: npt.NDArray[np.bool_], acc: F32 | None) -> None:
+        """Rows of the plan's new items as Redis holds them (another worker may have created them)."""
+        for n, item in enumerate(plan.new_items):
+            if found[n]:
+                j = self.items.index(item)
+                self.V[j] = rows[n]
+                if acc is not None:
+                    self.GV[j] = acc[n]
 
     # -------------------------------------------------------------- training
-    def train(
-        self,
-        plan: BatchPlan,
-        user_vecs: F32,
-        user_found: npt.NDArray[np.bool_],
-        item_vecs: F32,
-        bias: float = 0.0,
-        user_acc: F32 | None = None,
-        item_acc: F32 | None = None,
-    ) -> TrainResult:
-        """Run the SGD kernel on copies of the fetched vectors; new users are initialised first.
+    def decay_weights(self, ts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """``2^((ts - ref) / half_life)`` per event; sets the reference at the first click if it is unset."""
+        if ts.size and self.pop_ref_ms == 0:
+            self.pop_ref_ms = int(ts.min())
+        return np.exp2((ts - self.pop_ref_ms) / self.half_life_ms)
 
-        With AdaGrad, ``user_acc``/``item_acc`` are the stored (n, k) accumulator rows; the kernel's
-        accumulator is one scalar per row, kept in column 0 of the stored row (the store's rows are k wide).
-        """
-        cfg = self.cfg
-        U = np.array(user_vecs, dtype=np.float32, copy=True)
-        V0 = np.array(item_vecs, dtype=np.float32, copy=True)
-        V = V0.copy()
-        new = np.flatnonzero(~user_found)
-        if new.size:
-            init = init_rows(new.size, self.k, self.rng, cfg.init_scale)
-            if cfg.init == "foldin":
-                slot = np.full(U.shape[0], -1, np.int64)
-                slot[new] = np.arange(new.size)
-                sel = (slot[plan.ev_user] >= 0) & (plan.ev_pos >= 0)
-                if sel.any():
-                    fold = fold_in_users(V, slot[plan.ev_user[sel]], plan.ev_pos[sel], new.size, reg=0.1)
-                    ok = np.isfinite(fold).all(axis=1) & (np.abs(fold).max(axis=1) >= 1e-6)
-                    init[ok] = fold[ok]
-            U[new] = init
-        ada = None
-        if user_acc is not None and item_acc is not None:
-            ada = (np.ascontiguousarray(user_acc[:, 0], np.float32), np.ascontiguousarray(item_acc[:, 0], np.float32))
-            gv0 = ada[1].copy()
-        losses = lmf_sgd(
-            U,
-            V,
-            plan.ev_user,
-            plan.ev_pos,
-            plan.ev_neg,
-            cfg.lr,
-            cfg.reg,
-            bias=bias,
-            clip=cfg.clip,
-            adagrad=ada,
-            weights=plan.weights,
-            neg_weights=plan.neg_weights,
-        )
-        finite = check_finite(U, V, losses)
-        result = TrainResult(
-            U, V, (V - V0).astype(np.float32), float(np.sum(losses)) if finite else float("nan"), finite
-        )
-        if ada is not None:
-            result.user_acc = np.zeros_like(U)
-            result.user_acc[:, 0] = ada[0]
-            result.item_acc_deltas = np.zeros_like(V)
-            result.item_acc_deltas[:, 0] = ada[1] - gv0
-        return result
+    def rescale_due(self, ts: npt.NDArray[np.int64]) -> int | None:
+        """A new reference time when the batch's newest event is too many half-lives past the current one."""
+        if ts.size and self.pop_ref_ms and (int(ts.max()) - self.pop_ref_ms) / self.half_life_ms > DECAY_RESCALE:
+            return int(ts.max())
+        return None
+
+    def rescale(self, new_ref_ms: int) -> None:
+        """Move the in-process decayed popularity to ``new_ref_ms`` (the store does the same, atomically)."""
+        self.decayed *= 2.0 ** (-(new_ref_ms - self.pop_ref_ms) / self.half_life_ms)
+        self.pop_ref_ms = int(new_ref_ms)
+
+    def train(self, plan: BatchPlan, rank_every: int = 0) -> TrainResult:
+        """Run the kernel over the plan, click by click, on the cached rows (updated in place).
+
+        ``rank_every`` (prequential evaluation): rank every n-th click this model trains (0: none)."""
+        n_u = len(plan.users)
+        U = np.empty((n_u, self.k + 1), np.float32)
+        GU = np.zeros((n_u, 2), np.float32)
+        warm = np.zeros(n_u, np.bool_)
+        pos_u: list[int] = []
+        pos_i: list[int] = []
+        for n, user in enumerate(plan.users):
+            U[n], GU[n], warm[n] = self.user_cache[user]
+            items = self.seen.get(user, [])
+            pos_u += [n] * len(items)
+            pos_i += items
+        hs = positive_set(pos_u, pos_i, self.V.shape[0], extra=len(plan.clicks))
+        self.sampler.maybe_refresh()
+        dw = self.decay_weights(plan.ev_ts)
+        counts_w = np.array([c[3] for c in plan.clicks] + [0.0] * plan.n_exposure, np.float64)
+        glob_before = float(self.glob[0])
+        rank_at = None
+        if rank_every > 0:
+            nth = (self.clicks_trained + np.cumsum(~plan.ev_exposure)) % rank_every == 0
+            rank_at = ~plan.ev_exposure & nth
+        self.clicks_trained += len(plan.clicks)
+        loss, touched, ranks = lmf_train(
+            U, GU, self.V, self.GV, self.glob, (plan.ev_user, plan.ev_item, plan.ev_weight, plan.ev_exposure),
+            hs, self.n_items, self.sampler.tables(), self.params, int(self.rng.integers(2**31)), rank_at=rank_at,
+            user_warm=warm, popularity=(self.count, self.decayed, counts_w, counts_w * dw))  # fmt: skip
+        idx = touched.idx
+        deltas = np.vstack([self.V[idx] - touched.rows, np.zeros((1, self.k + 1), np.float32)])
+        deltas[-1, -1] = np.float32(self.glob[0] - glob_before)
+        acc_deltas = np.vstack([self.GV[idx] - touched.acc, np.zeros((1, 2), np.float32)])
+        finite = check_finite(U, GU, deltas, acc_deltas, loss)
+        counts: dict[str, float] = {}
+        popularity: dict[str, float] = {}
+        for (_u, item, _ts, w), d in zip(plan.clicks, dw):
+            counts[item] = counts.get(item, 0.0) + w
+            popularity[item] = popularity.get(item, 0.0) + w * float(d)
+        ids = [self.items.ids[j] for j in idx] + [GLOBAL_ROW]
+        return TrainResult(U, GU, ids, deltas.astype(np.float32), acc_deltas.astype(np.float32), counts, popularity,
+                           float(loss.sum()) if finite else float("nan"), finite, touched, glob_before,
+                           ranks[: len(plan.clicks)] if ranks is not None else None,
+                           None if rank_at is None else rank_at[: len(plan.clicks)])  # fmt: skip
+
+    def rollback(self, result: TrainResult) -> None:
+        """Undo a refused batch (non-finite values) in the cached rows and popularity."""
+        t = result.touched
+        self.V[t.idx] = t.rows
+        self.GV[t.idx] = t.acc
+        self.glob[0] = result.glob_before
+        for item, w in result.counts.items():
+            self.count[self.items.index(item)] -= w
+        for item, d in result.popularity.items():
+            self.decayed[self.items.index(item)] -= d
 
     def commit(self, plan: BatchPlan, result: TrainResult) -> None:
-        """The batch was written: update the caches and the reservoir."""
-        self.item_cache[plan.item_global] = result.item_final
-        for user, vec in zip(plan.users, result.user_vecs):
-            self.user_cache[user] = vec
+        """The batch was trained: update the user cache, the seen items and the reservoir."""
+        for n, user in enumerate(plan.users):
+            self.user_cache[user] = (result.user_rows[n].copy(), result.user_acc[n].copy(), True)
             self.user_cache.move_to_end(user)
-        while len(self.user_cache) > self.seen_limit:
-            self.user_cache.popitem(last=False)
         if plan.clicks:
-            pos = self.items.index_many([c[1] for c in plan.clicks])
+            pos = plan.ev_item[: len(plan.clicks)]
             self.reservoir.add(pos, self.rng)
-            for (user, _item, _ts, _w), p in zip(plan.clicks, pos):
+            for (user, _item, _ts, _w), p in zip(plan.clicks, pos.tolist()):
                 lst = self.seen.setdefault(user, [])
-                if int(p) in lst:
-                    lst.remove(int(p))
-                lst.append(int(p))
+                if p in lst:
+                    lst.remove(p)
+                lst.append(p)
                 if len(lst) > self.cfg.seen_cap:
                     del lst[0]
                 self.seen.move_to_end(user)
-            self.sampler.maybe_refresh()
+        self._trim_users()

@@ -21,7 +21,7 @@ import enum
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,8 +35,8 @@ from stream.events import Event
 from stream.runtime import Backoff, StopFlag, start_http
 from workers.config import LMFConfig
 from workers.online.metrics import LMFMetrics, WorkerStats
-from workers.online.model import BatchPlan, OnlineModel, TrainResult
-from workers.store import ApplyStatus, BatchState, FactorStore
+from workers.online.model import BatchPlan, OnlineModel, TrainResult, rank_rows
+from workers.store import ApplyStatus, BatchState, BatchWrite, FactorStore
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +59,22 @@ class Step(enum.Enum):
 class LMFWorker:
     """Consume ``<p>.events`` with a group and train the online model into the live generation.
 
-    ``rank_hook(ranks)``, if given, receives per batch the prequential ranks of its clicks
-    (:meth:`workers.online.model.OnlineModel.ranks_before_learning`), computed before the batch is learned.
+    ``rank_hook(ranks)``, if given, receives per applied batch the prequential ranks of its clicks (every
+    ``rank_every``-th click, to bound the cost on large catalogues), each
+    computed inside the kernel right before that click's own update: ``(user, item, model greater, model ties,
+    count greater, count ties, decayed greater, decayed ties, warm)`` (see :func:`workers.kernels.lmf.lmf_train`).
     """
 
-    def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None, rank_hook: Any = None) -> None:
+    def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None, rank_hook: Any = None,
+                 rank_every: int = 1) -> None:  # fmt: skip
         self.cfg, self.store = cfg, store
-        self.rank_hook = rank_hook
+        self.rank_hook, self.rank_every = rank_hook, rank_every
         self.stop = stop or StopFlag()
         self.model = OnlineModel(cfg, seed=cfg.seed)
         self.metrics = LMFMetrics()
         self.stats = WorkerStats()
         self.g = 0
-        self.bias = 0.0
+        self._items_read = 0.0
         self.applied: dict[int, int | None] = {}
         self.dedupers: dict[int, Deduper] = {}
         self.consumer: Any = None
@@ -186,14 +189,30 @@ class LMFWorker:
         return ok, {"assigned": assigned, "redis": self._healthy_redis, "generation": self.g}
 
     def load_generation(self) -> None:
-        """(Re)load the live generation: item vectors, counts (sampler), calibration bias."""
-        self.g = self.store.live_generation()
-        self.bias = self.store.generation_meta(self.g).bias
-        ids, mat = self.store.get_all_items(self.g)
-        self.model.warm(ids, mat, self.store.item_counts(self.g))
+        """(Re)load the live generation: item rows and accumulators, global bias, counts (sampler), popularity."""
+        store = self.store
+        self.g = g = store.live_generation()
+        meta = store.generation_meta(g)
+        ids, rows, glob = store.get_all_items(g)
+        acc_ids, acc = store.get_all_accumulators(g)
+        acc_of = dict(zip(acc_ids, range(len(acc_ids))))
+        item_acc = np.zeros((len(ids), 2), np.float32)
+        for n, item in enumerate(ids):
+            if item in acc_of:
+                item_acc[n] = acc[acc_of[item]]
+        self.model.warm(ids, rows, glob, store.item_counts(g), store.item_popularity(g), meta.pop_ref_ms,
+                        meta.pop_half_life_ms, item_acc)  # fmt: skip
         self.model.forget_users()
-        self.metrics.generation.set(self.g)
-        log.info("writing into generation %d (%d items, bias %.3f)", self.g, len(ids), self.bias)
+        self.metrics.generation.set(g)
+        self._items_read = time.monotonic()
+        log.info("writing into generation %d (%d items, global bias %.3f)", g, len(ids), glob)
+
+    def _refresh_items(self) -> None:
+        """Re-read every item row (other workers' deltas), after the write in flight has landed."""
+        ids, rows, glob = self.store.get_all_items(self.g)
+        self.model.refresh_items(ids, rows, glob, *self.store.get_all_accumulators(self.g))
+        self._items_read = time.monotonic()
+        log.debug("item rows refreshed from Redis (%d items)", len(ids))
 
     def resume(self, partitions: list[Any]) -> None:
         """Seek each partition to its applied offset in Redis + 1 and restore its deduper."""
@@ -258,11 +277,11 @@ class LMFWorker:
     def _train_partition(self, p: int, records: list[Any]) -> bool:
         """Decode, plan, fetch, train and submit one partition's batch; False if the worker restarted.
 
-        The fetch does not wait for the write in flight: user rows come from the worker's own cache when
-        present (this worker is their only writer, so the cache is never older than Redis), and an item row
-        read while a write is in flight may miss that one batch's deltas -- the next deltas are still added
-        to whatever Redis holds, so no update is lost (bounded staleness, as in Hogwild). With AdaGrad the
-        fetch waits, since accumulators are not cached.
+        The fetch does not wait for the write in flight: it reads only users and items this worker holds no
+        row for (users have one writer, so the cached rows are never older than Redis; an item this worker
+        has not seen yet was not in the write in flight either). The kernel trains on the cached item rows
+        and the write adds each row's change to whatever Redis holds, so no update of another worker is
+        lost; rows are re-read every ``ZEROCF_LMF_ITEM_REFRESH_S`` (bounded staleness, as in Hogwild).
         """
         if p not in self.dedupers:  # assigned between the poll and now: resume properly first
             if self._settle():
@@ -275,24 +294,23 @@ class LMFWorker:
         t0 = time.perf_counter()
         events, dups = self._decode(p, records)
         plan = self.model.plan(p, events)
-        if self.cfg.adagrad and not self._settle():
-            return False
         state = self._fetch(plan)
         if state.live_gen != self.g:
             if self._settle():
-                self._restart(f"generation {self.g} was replaced: switching and replaying from the snapshot offsets")
+                self._restart(f"generation {self.g} was replaced: switching and replaying from the snapshot "
+                              "offsets")  # fmt: skip
             return False
-        ranks = (
-            self.model.ranks_before_learning(plan, state.user_vecs, state.user_found)
-            if self.rank_hook is not None
-            else None
-        )
-        result = self.model.train(
-            plan, state.user_vecs, state.user_found, state.item_vecs, self.bias, state.user_acc, state.item_acc
-        )
+        if not self._rescale_popularity(plan):
+            return False
+        result = self.model.train(plan, rank_every=self.rank_every if self.rank_hook is not None else 0)
         if not self._settle():  # the previous write must land before this one is fenced on its offset
             return False
-        self._submit(p, applied, records[-1].offset, events, dups, plan, result, ranks, t0)
+        self._submit(p, applied, records[-1].offset, events, dups, plan, result, t0)
+        if self.cfg.item_refresh_s and time.monotonic() - self._items_read > self.cfg.item_refresh_s:
+            if self._settle():
+                self._refresh_items()
+            else:
+                return False
         return True
 
     def _decode(self, p: int, records: list[Any]) -> tuple[list[Event], int]:
@@ -314,87 +332,54 @@ class LMFWorker:
         return events, dups
 
     def _fetch(self, plan: BatchPlan) -> BatchState:
-        """Read the batch's vectors (one round trip); users this worker holds come from its cache."""
-        model = self.model
-        missing = model.users_missing_seen(plan.click_users())
-        state = self.store.read_batch_state(
-            self.g,
-            [],
-            plan.users,
-            plan.items,
-            accumulators=self.cfg.adagrad,
-            seen_users=missing,
-            seen_limit=self.cfg.seen_cap,
-        )
-        if missing:  # users new to this worker: their stored recent clicks may not be sampled as negatives
-            model.load_seen(state.seen or {})
-            model.drop_known_negatives(plan, missing)
-        for n, user in enumerate(plan.users):
-            cached = model.user_cache.get(user)
-            if cached is not None:
-                state.user_vecs[n], state.user_found[n] = cached, True
+        """One round trip for what the worker does not hold: new users (rows, accumulators, seen items) and
+        new items (rows, accumulators)."""
+        state = self.store.read_batch_state(self.g, [], plan.fetch_users, plan.new_items, accumulators=True,
+                                            seen_users=plan.fetch_users)  # fmt: skip
+        if state.live_gen == self.g:
+            self.model.absorb_items(plan, state.item_rows, state.item_found, state.item_acc)
+            self.model.load_users(plan.fetch_users, state.user_rows, state.user_found, state.user_acc,
+                                  state.seen or {}, plan)  # fmt: skip
         return state
 
-    def _submit(
-        self,
-        p: int,
-        applied: int | None,
-        last: int,
-        events: list[Event],
-        dups: int,
-        plan: BatchPlan,
-        result: TrainResult,
-        ranks: Any,
-        t0: float,
-    ) -> None:
+    def _rescale_popularity(self, plan: BatchPlan) -> bool:
+        """Move the decayed popularity's reference time forward when the stream has run far past it."""
+        new_ref = self.model.rescale_due(plan.ev_ts)
+        if new_ref is None:
+            return True
+        if not self._settle():
+            return False
+        m = self.model
+        if self.store.rescale_popularity(self.g, m.pop_ref_ms, new_ref, m.half_life_ms):
+            m.rescale(new_ref)
+            return True
+        self._restart("the decayed popularity was rescaled by another worker: reloading")
+        return False
+
+    def _submit(self, p: int, applied: int | None, last: int, events: list[Event], dups: int, plan: BatchPlan,
+                result: TrainResult, t0: float) -> None:  # fmt: skip
         """Hand the batch's write to the writer thread (the model's caches are updated optimistically)."""
-        counts: dict[str, float] = {}
         increments: dict[str, int] = {}
         for e in events:
             increments[e.user] = increments.get(e.user, 0) + 1
-        for _user, item, _ts, w in plan.clicks:
-            counts[item] = counts.get(item, 0.0) + w
-        seen = [(u, i, ts) for u, i, ts, _w in plan.clicks]
-        empty = np.zeros((0, self.model.k), np.float32)
+        write = BatchWrite(p, applied, last, self.dedupers[p].state(), counts=result.counts,
+                           user_increments=increments, seen=[(u, i, ts) for u, i, ts, _w in plan.clicks])  # fmt: skip
         if result.finite:
-            vectors = (
-                plan.users,
-                result.user_vecs,
-                plan.items,
-                result.item_deltas,
-                result.user_acc,
-                result.item_acc_deltas,
-            )
+            write = replace(write, user_ids=plan.users, user_rows=result.user_rows, item_ids=result.item_ids,
+                            item_deltas=result.item_deltas, user_acc=result.user_acc,
+                            item_acc_deltas=result.item_acc_deltas, popularity=result.popularity,
+                            pop_ref_ms=self.model.pop_ref_ms)  # fmt: skip
             self.model.commit(plan, result)  # optimistic: a refused write reloads every cache (_restart)
         else:
             self.metrics.nan_guards.inc()
             self.stats.nan_batches += 1
-            log.error(
-                "partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets still "
-                "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG",
-                p,
-                last,
-            )
-            vectors = ([], empty, [], empty, None, None)
-        future = self._writer.submit(
-            self.store.apply_batch,
-            self.g,
-            p,
-            applied,
-            last,
-            self.dedupers[p].state(),
-            vectors[0],
-            vectors[1],
-            vectors[2],
-            vectors[3],
-            counts=counts,
-            user_increments=increments,
-            seen=seen,
-            user_acc=vectors[4],
-            item_acc_deltas=vectors[5],
-        )
+            log.error("partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets still "
+                      "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)  # fmt: skip
+            self.model.rollback(result)
+        future = self._writer.submit(self.store.apply_batch, self.g, write)
         self.applied[p] = last
         loss = result.loss / max(1, len(plan.ev_user)) if result.finite else None
+        ranks = rank_rows(plan, result) if self.rank_hook is not None else None
         self._pending = _Pending(future, p, len(events), dups, len(plan.clicks), ranks, loss, t0)
 
     def _settle(self, restart: bool = True) -> bool:
@@ -415,6 +400,9 @@ class LMFWorker:
         if status is ApplyStatus.NEW_GENERATION:
             self.metrics.batches.labels("new_generation").inc()
             why = f"generation {self.g} was replaced: switching and replaying from the snapshot offsets"
+        elif status is ApplyStatus.POPULARITY_MOVED:
+            self.metrics.batches.labels("popularity_moved").inc()
+            why = f"generation {self.g}'s popularity reference moved (another worker): reloading"
         else:
             self.metrics.batches.labels("stale").inc()
             why = f"partition {pending.partition}: stored offset moved under us (another writer?); resuming from Redis"

@@ -1,9 +1,9 @@
 """Top-k recommendations and P(click) scores over the factor store (the read side of the model).
 
-Model: ``P(click | u, i) = sigmoid(bias + p_u . q_i)`` with ``bias`` from the live generation's meta (0 when
-absent). :class:`Recommender` keeps the live generation's item matrix in memory and reads only the user's
-row (one HMGET) and recent clicks (one ZREVRANGE) from Redis per request; the rest is one float32
-matrix-vector product and an ``argpartition``.
+Model: ``P(click | u, i) = sigmoid(b + b_u + b_i + p_u . q_i)``: rows hold ``k`` latent values then their bias,
+``b`` is the generation's global bias. Items rank by ``b_i + p_u . q_i``. :class:`Recommender` keeps the live
+generation's item matrix in memory and reads only the user's row (one HMGET) and seen items (one ZREVRANGE)
+from Redis per request; the rest is one float32 matrix-vector product and an ``argpartition``.
 
 Cache and staleness. At most every ``refresh_s`` seconds a request (or :meth:`Recommender.refresh`, which
 ``zerocf serve`` calls from its main loop) checks ``live_gen`` and the item count (HLEN): a new generation
@@ -13,18 +13,20 @@ RELOAD_SHARE)``: a reload never takes more than ``RELOAD_SHARE`` (5 %) of wall t
 vector is at most ``max(refresh_s, load_seconds / RELOAD_SHARE) + load_seconds`` old, and a new
 generation or a new item is visible after at most ``refresh_s + load_seconds`` (with ``load_seconds`` the
 duration of the last full load, ~0.1-1 s at 100k items and k=64). User vectors are always read fresh,
-from the cached generation, so ``p``, ``q`` and ``bias`` always come from one generation; a retired
+from the cached generation, so ``p``, ``q`` and the biases always come from one generation; a retired
 generation stays readable for the ALS worker's ``gc_grace_s`` (600 s), far longer than ``refresh_s``.
 
-Users without a vector in the cached generation get the generation's most clicked items (``top_items``)
-with ``fallback=True``; their score is the model's prior ``sigmoid(bias)`` (``p = 0``), the same for every
-item: the order carries the popularity ranking.
+Users without a vector in the cached generation get the generation's most popular items by time-decayed
+popularity (``popular_items``; all-time counts before it has any) with ``fallback=True``; an item's score is
+then ``sigmoid(b + b_i)``, the user-free click probability. Every seen item of a user (all of them within the
+retention window the store keeps) is excluded, for users with and without a vector.
 
 >>> import fakeredis, numpy as np
 >>> store = FactorStore(fakeredis.FakeRedis(), namespace="doc")
 >>> _ = store.ensure_model(2)
->>> store.write_vectors(1, "item", ["a", "b", "c"], np.array([[1, 0], [0, 1], [-1, 0]], dtype=np.float32))
->>> store.write_vectors(1, "user", ["u1"], np.array([[2, 1]], dtype=np.float32))
+>>> rows = np.array([[1, 0, 0], [0, 1, 0], [-1, 0, 0]], dtype=np.float32)  # latent (2), bias
+>>> store.write_vectors(1, "item", ["a", "b", "c"], rows)
+>>> store.write_vectors(1, "user", ["u1"], np.array([[2, 1, 0]], dtype=np.float32))
 >>> store.write_counts(1, {"c": 5, "b": 3})
 >>> rec = Recommender(store)
 >>> r = rec.recommend("u1", k=2)
@@ -56,7 +58,6 @@ log = logging.getLogger(__name__)
 __all__ = ["NoModel", "Recommendation", "Recommender", "sigmoid"]
 
 RELOAD_SHARE = 0.05  # a periodic content reload may use at most this share of wall time
-SEEN_LIMIT = 1000  # newest clicked items excluded per user (the store keeps at most seen_cap anyway)
 _BATCH_CELLS = 1 << 22  # users x items scores per chunk of recommend_many (16 MiB of float32)
 
 
@@ -189,8 +190,7 @@ class Recommender:
         started = self._clock()
         for _ in range(3):
             try:
-                bias = self.store.generation_meta(live).bias
-                ids, matrix = self.store.get_all_items(live)
+                ids, matrix, bias = self.store.get_all_items(live)
                 break
             except GenerationError:  # dropped between reading live_gen and loading it: read again
                 live = self._live_generation()
@@ -250,14 +250,17 @@ class Recommender:
         if not users:
             return {}
         vecs, found = self.store.get_vectors(cache.gen, "user", users)
-        seen = self.store.seen_items_many(users, SEEN_LIMIT) if exclude_seen else {}
+        seen = self.store.seen_items_many(users) if exclude_seen else {}
         out: dict[str, Recommendation] = {}
         known = np.flatnonzero(found)
         chunk = max(1, _BATCH_CELLS // max(1, len(cache.ids)))
         for c in range(0, len(known), chunk):
             rows = known[c : c + chunk]
-            logits = vecs[rows] @ cache.matrix.T  # (m, n_items) float32
-            logits += np.float32(cache.bias)
+            augmented = vecs[rows].copy()
+            offsets = augmented[:, -1] + np.float32(cache.bias)  # b_u + b: the same for every item of a user
+            augmented[:, -1] = 1.0  # [p_u, 1] . [q_i, b_i] = p_u . q_i + b_i
+            logits = augmented @ cache.matrix.T  # (m, n_items) float32
+            logits += offsets[:, None]
             for r, i in enumerate(rows):
                 out[users[i]] = self._rank(cache, users[i], logits[r], k, seen.get(users[i], ()))
         missing = [u for u, f in zip(users, found) if not f]
@@ -281,13 +284,14 @@ class Recommender:
         self, cache: _ItemCache, users: list[str], k: int, seen: dict[str, list[str]]
     ) -> dict[str, Recommendation]:
         extra = max((len(seen.get(u, ())) for u in users), default=0)
-        top = [item for item, _ in self.store.top_items(cache.gen, k + extra)]
-        prior = float(sigmoid(np.array([cache.bias], dtype=np.float32))[0])
+        top = [item for item, _ in self.store.popular_items(cache.gen, k + extra)]
+        b_i = np.array([cache.matrix[cache.index[i], -1] if i in cache.index else 0.0 for i in top], np.float32)
+        prior = dict(zip(top, sigmoid(b_i + np.float32(cache.bias)).tolist()))
         out = {}
         for u in users:
             skip = set(seen.get(u, ()))
             items = [i for i in top if i not in skip][:k]
-            out[u] = Recommendation(u, items, [prior] * len(items), True, cache.gen)
+            out[u] = Recommendation(u, items, [prior[i] for i in items], True, cache.gen)
         return out
 
     def score(self, user_id: str, item_ids: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -305,5 +309,7 @@ class Recommender:
         if not pf[0]:
             return out
         q, qf = self.store.get_vectors(cache.gen, "item", ids)
-        out[qf] = sigmoid(q[qf] @ p[0] + np.float32(cache.bias))
+        k = p.shape[1] - 1
+        logits = q[qf, :k] @ p[0, :k] + q[qf, k] + p[0, k] + np.float32(cache.bias)
+        out[qf] = sigmoid(logits)
         return out

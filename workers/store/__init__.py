@@ -1,20 +1,24 @@
 """The factor store: the one owner of the Redis key schema (docs/redis-schema.md).
 
-:mod:`.keys` holds every key template, :mod:`.codec` the float32 blob encoding, :mod:`.lua` the scripts and
-:mod:`.factor_store` the :class:`FactorStore` that reads and writes them. Callers import from here.
+:mod:`.keys` holds every key template, :mod:`.codec` the float32 row encoding, :mod:`.records` the typed
+records, :mod:`.lua` the scripts and :mod:`.factor_store` the :class:`FactorStore` that reads and writes
+them. Callers import from here.
 """
 
 from workers.store.codec import DTYPE, decode, encode, encode_joined
-from workers.store.factor_store import ApplyStatus, BatchState, FactorStore, GenerationMeta, ModelMeta
-from workers.store.keys import KEY_PREFIX, SCHEMA_VERSION, TABLES, Keys, Table
+from workers.store.factor_store import FactorStore
+from workers.store.keys import GLOBAL_ROW, KEY_PREFIX, SCHEMA_VERSION, TABLES, Keys, Table
+from workers.store.records import ApplyStatus, BatchState, BatchWrite, GenerationMeta, ModelMeta
 
 __all__ = [
     "DTYPE",
+    "GLOBAL_ROW",
     "KEY_PREFIX",
     "SCHEMA_VERSION",
     "TABLES",
     "ApplyStatus",
     "BatchState",
+    "BatchWrite",
     "FactorStore",
     "GenerationMeta",
     "Keys",

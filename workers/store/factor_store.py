@@ -1,23 +1,25 @@
 """The Redis factor store: reads and writes of one model's factors, generations, offsets, counts, seen sets.
 
 Keys come from :mod:`workers.store.keys` (callers never format keys; tools and benchmarks read
-``store.keys``), values from :mod:`workers.store.codec`, scripts from :mod:`workers.store.lua`.
+``store.keys``), values from :mod:`workers.store.codec`, scripts from :mod:`workers.store.lua`, records
+from :mod:`workers.store.records`. A factor row is ``k`` latent values followed by the row's bias
+(``width = k + 1``); the model's global bias is the bias of the item row :data:`GLOBAL_ROW`.
 
 The hot-path batch write (:meth:`FactorStore.apply_batch`) and generation publish/drop run as Lua scripts
 (EVALSHA; redis-py reloads them on NOSCRIPT). They need a real Redis >= 6.2 (``struct`` library,
 ``ZADD GT``). fakeredis (with ``lupa``) runs the scripts that do not pack floats, so everything but
-``apply_batch`` also works on it.
+``apply_batch`` and ``publish_generation`` also works on it.
 
 >>> import fakeredis, numpy as np
 >>> store = FactorStore(fakeredis.FakeRedis(), namespace="demo")
 >>> store.ensure_model(4)
 1
 >>> store.keys.vectors(1, "user")
-'zcf:v1:{demo}:g:1:user'
->>> store.write_vectors(1, "user", ["u1"], np.ones((1, 4), dtype=np.float32))
->>> vecs, found = store.get_vectors(1, "user", ["u1", "nobody"])
->>> vecs.dtype, vecs.shape, found.tolist()
-(dtype('float32'), (2, 4), [True, False])
+'zcf:v2:{demo}:g:1:user'
+>>> store.write_vectors(1, "user", ["u1"], np.ones((1, 5), dtype=np.float32))
+>>> rows, found = store.get_vectors(1, "user", ["u1", "nobody"])
+>>> rows.dtype, rows.shape, found.tolist()
+(dtype('float32'), (2, 5), [True, False])
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, Literal
 
 import numpy as np
@@ -39,97 +39,26 @@ from stream.config import redact_url
 from stream.errors import ConfigError, ServiceUnavailable
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
 from workers.store.codec import DTYPE, decode, encode, encode_joined
-from workers.store.keys import SCHEMA_VERSION, TABLES, Keys, Table
-from workers.store.lua import APPLY_BATCH_LUA, DROP_LUA, PUBLISH_LUA, SEEN_ADD_LUA, SEEN_MANY_LUA
+from workers.store.keys import GLOBAL_ROW, SCHEMA_VERSION, TABLES, Keys, Table
+from workers.store.lua import (
+    APPLY_BATCH_LUA,
+    DROP_LUA,
+    PUBLISH_LUA,
+    RESCALE_POP_LUA,
+    SEEN_ADD_LUA,
+    SEEN_MANY_LUA,
+)
+from workers.store.records import ApplyStatus, BatchState, BatchWrite, GenerationMeta, ModelMeta
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1000
+DAY_MS = 86_400_000
+ACC_WIDTH = 2  # AdaGrad accumulators per row: the latent vector's (one per row) and the bias's
 
-__all__ = ["ApplyStatus", "BatchState", "FactorStore", "GenerationMeta", "ModelMeta"]
-
-
-# ----------------------------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class ModelMeta:
-    """The model meta hash."""
-
-    schema_version: int
-    k: int
-    dtype: str
-    live_gen: int
-    next_gen: int
-    created_at: float
-    updated_at: float
+__all__ = ["FactorStore"]
 
 
-@dataclass(frozen=True)
-class GenerationMeta:
-    """One generation's meta hash. ``offsets``: events partition -> last offset its snapshot covers."""
-
-    g: int
-    state: str
-    source: str
-    created_at: float
-    n_users: int
-    n_items: int
-    bias: float
-    offsets: dict[int, int]
-    watermarks: dict[int, dict[str, Any]]
-    published_at: float | None
-    retired_at: float | None
-
-
-@dataclass(frozen=True, eq=False)
-class BatchState:
-    """Everything an LMF batch reads, fetched in one round trip by :meth:`FactorStore.read_batch_state`.
-
-    ``offsets[p]`` is the partition's last applied offset (None: nothing applied yet in this generation);
-    ``*_acc`` are None unless accumulators were requested.
-    """
-
-    live_gen: int
-    user_vecs: npt.NDArray[np.float32]
-    user_found: npt.NDArray[np.bool_]
-    item_vecs: npt.NDArray[np.float32]
-    item_found: npt.NDArray[np.bool_]
-    offsets: dict[int, int | None]
-    watermarks: dict[int, dict[str, Any]]
-    user_acc: npt.NDArray[np.float32] | None = None
-    user_acc_found: npt.NDArray[np.bool_] | None = None
-    item_acc: npt.NDArray[np.float32] | None = None
-    item_acc_found: npt.NDArray[np.bool_] | None = None
-    seen: dict[str, list[str]] | None = None  # recent clicks (newest first) of the ``seen_users`` asked for
-
-
-class ApplyStatus(IntEnum):
-    """Outcome of :meth:`FactorStore.apply_batch`; only ``APPLIED`` is truthy.
-
-    >>> bool(ApplyStatus.APPLIED), bool(ApplyStatus.STALE), bool(ApplyStatus.NEW_GENERATION)
-    (True, False, False)
-    """
-
-    APPLIED = 1
-    STALE = 0  # the offset fence failed: nothing written; reseek to the stored offset + 1
-    NEW_GENERATION = -1  # live_gen is no longer g: nothing written; seek to the new generation's offsets
-
-    def __bool__(self) -> bool:
-        return self is ApplyStatus.APPLIED
-
-
-def _s(v: bytes | str | None) -> str | None:
-    return v.decode() if isinstance(v, bytes) else v
-
-
-def _f(v: bytes | None) -> float | None:
-    return None if v is None or v == b"" else float(v)
-
-
-def _num(x: float) -> str:
-    return repr(float(x))
-
-
-# ----------------------------------------------------------------------------------------------- store
 class FactorStore:
     """Read and write one model's factors, generations, offsets, counts and seen sets in Redis.
 
@@ -140,8 +69,8 @@ class FactorStore:
     namespace : str
         The topic prefix; every key carries the hash tag ``{namespace}``.
     seen_cap, seen_ttl : int
-        Per-user recent clicks keep the newest ``seen_cap`` items and expire ``seen_ttl`` seconds after
-        the user's last click.
+        A user's seen set keeps every item clicked within ``seen_ttl`` seconds (event time) of the user's
+        newest click, at most ``seen_cap`` of them, and expires ``seen_ttl`` seconds after the last click.
     clock : callable
         Returns epoch seconds (tests inject a fixed clock).
     """
@@ -151,8 +80,8 @@ class FactorStore:
         client: redis.Redis,
         namespace: str = "zerocf",
         *,
-        seen_cap: int = 200,
-        seen_ttl: int = 30 * 86400,
+        seen_cap: int = 10_000,
+        seen_ttl: int = 365 * 86400,
         clock: Callable[[], float] = time.time,
     ) -> None:
         pool = getattr(client, "connection_pool", None)
@@ -173,6 +102,7 @@ class FactorStore:
         self._drop = client.register_script(DROP_LUA)
         self._seen_many = client.register_script(SEEN_MANY_LUA)
         self._seen_add = client.register_script(SEEN_ADD_LUA)
+        self._rescale = client.register_script(RESCALE_POP_LUA)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "zerocf", **kw: Any) -> FactorStore:
@@ -223,60 +153,44 @@ class FactorStore:
     # ------------------------------------------------------------------ model meta
     @property
     def k(self) -> int:
-        """The model's k (read once from Redis, immutable for a model)."""
+        """The model's latent dimension (read once from Redis, immutable for a model)."""
         if self._k is None:
             self._k = self.meta().k
         return self._k
 
-    def ensure_model(self, k: int) -> int:
+    @property
+    def width(self) -> int:
+        """Floats per factor row: ``k`` latent values and the bias."""
+        return self.k + 1
+
+    def ensure_model(self, k: int, pop_half_life_ms: int = DAY_MS, *, replace_legacy: bool = False) -> int:
         """Create the model (meta + generation 1, complete, source online) if absent; return ``live_gen``.
 
-        Raises :class:`StoreSchemaError` when the stored model has another k, dtype or schema version.
+        Raises :class:`StoreSchemaError` when the stored model has another k or dtype, or when Redis holds
+        only an older schema's model under this namespace (unless ``replace_legacy``: the rebuild path).
         """
         if int(k) < 1:
             raise StoreSchemaError(f"k={k} must be >= 1; pass --factors with a positive value")
         km, now = self.keys, _num(self._clock())
+        if not replace_legacy and not self.r.exists(km.meta):
+            self._refuse_legacy()
 
-        def create(pipe: redis.client.Pipeline) -> None:
+        def create(pipe: Any) -> None:
             if pipe.exists(km.meta):
                 return
             pipe.multi()
-            pipe.hset(
-                km.meta,
-                mapping={
-                    "schema_version": SCHEMA_VERSION,
-                    "k": int(k),
-                    "dtype": DTYPE,
-                    "live_gen": 1,
-                    "next_gen": 1,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            pipe.hset(
-                km.gen_meta(1),
-                mapping={
-                    "state": "complete",
-                    "source": "online",
-                    "created_at": now,
-                    "published_at": now,
-                    "n_users": 0,
-                    "n_items": 0,
-                    "bias": "0.0",
-                    "offsets": "{}",
-                    "watermarks": "{}",
-                },
-            )
+            meta: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "k": int(k), "dtype": DTYPE, "live_gen": 1}
+            meta["next_gen"] = 1
+            pipe.hset(km.meta, mapping={**meta, "created_at": now, "updated_at": now})
+            pipe.hset(km.gen_meta(1), mapping=_new_generation("online", now, pop_half_life_ms, complete=True))
             pipe.zadd(km.gens, {"1": 1})
 
         self.r.transaction(create, km.meta)
         m = self.meta()
         ns = self.keys.ns
-        if m.schema_version != SCHEMA_VERSION or m.dtype != DTYPE:
+        if m.dtype != DTYPE:
             raise StoreSchemaError(
-                f"redis model {ns} has schema_version={m.schema_version} dtype={m.dtype}, "
-                f"this zerocf reads schema_version={SCHEMA_VERSION} dtype={DTYPE}; "
-                "upgrade zerocf or use another ZEROCF_TOPIC_PREFIX"
+                f"redis model {ns} has dtype={m.dtype}, this zerocf reads {DTYPE}; use another ZEROCF_TOPIC_PREFIX"
             )
         if m.k != int(k):
             raise StoreSchemaError(
@@ -287,13 +201,25 @@ class FactorStore:
         self._k = m.k
         return m.live_gen
 
+    def _refuse_legacy(self) -> None:
+        for version in range(1, SCHEMA_VERSION):
+            if self.r.exists(self.keys.legacy_meta(version)):
+                ns = self.keys.ns
+                raise StoreSchemaError(
+                    f"Redis holds a schema-{version} zerocf model under namespace {ns!r} (factor rows without "
+                    f"biases); this zerocf reads schema {SCHEMA_VERSION}. Rebuild it from the events topic with "
+                    f"`zerocf als --once --rebuild` (then restart `zerocf lmf`), or use another "
+                    f"ZEROCF_TOPIC_PREFIX; the old keys (zcf:v{version}:{{{ns}}}:*) can then be deleted"
+                )
+
     def meta(self) -> ModelMeta:
         """Read the model meta hash; :class:`StoreSchemaError` if there is no model."""
         raw = {_s(a): b for a, b in self.r.hgetall(self.keys.meta).items()}
         if not raw:
+            self._refuse_legacy()
             raise StoreSchemaError(
                 f"no zerocf model in Redis under namespace {self.keys.ns!r}; start "
-                "`zerocf lmf` or run `zerocf als --once` first, or check --prefix"
+                "`zerocf lmf` or run `zerocf als --once` first, or check ZEROCF_TOPIC_PREFIX"
             )
         return ModelMeta(
             int(raw["schema_version"]),
@@ -332,30 +258,56 @@ class FactorStore:
             watermarks={int(p): w for p, w in json.loads(raw.get("watermarks", b"{}")).items()},
             published_at=_f(raw.get("published_at")),
             retired_at=_f(raw.get("retired_at")),
+            scale=float(raw.get("scale", 1.0)),
+            pop_ref_ms=int(raw.get("pop_ref_ms", 0)),
+            pop_half_life_ms=int(raw.get("pop_half_life_ms", DAY_MS)),
         )
 
     def generations(self) -> list[int]:
         """Every generation with a meta hash (building, complete or retired), ascending."""
         return [int(g) for g in self.r.zrange(self.keys.gens, 0, -1)]
 
-    # ------------------------------------------------------------------ vector reads
+    # ------------------------------------------------------------------ reads
+    def _width(self, table: str) -> int:
+        return ACC_WIDTH if table.endswith("_acc") else self.width
+
     def get_vectors(
         self, g: int, table: Table, ids: Sequence[str]
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-        """Fetch rows for ``ids`` with one HMGET: ``(n, k)`` float32 (zeros where absent) and found mask."""
+        """Rows for ``ids`` with one HMGET: ``(n, k + 1)`` float32 (``(n, 2)`` for ``*_acc``; zeros where
+        absent) and the found mask."""
+        w = self._width(table)
         if not ids:
-            return np.zeros((0, self.k), dtype=np.float32), np.zeros(0, dtype=np.bool_)
-        return decode(self.r.hmget(self.keys.vectors(g, table), list(ids)), self.k, ids)
+            return np.zeros((0, w), dtype=np.float32), np.zeros(0, dtype=np.bool_)
+        return decode(self.r.hmget(self.keys.vectors(g, table), list(ids)), w, ids)
 
-    def get_all_items(self, g: int, chunk: int = _CHUNK) -> tuple[list[str], npt.NDArray[np.float32]]:
-        """Every item vector of generation ``g`` via HSCAN (order unspecified, ids aligned with rows)."""
-        rows = dict(self.r.hscan_iter(self.keys.vectors(g, "item"), count=chunk))
+    def get_all_accumulators(self, g: int, chunk: int = _CHUNK) -> tuple[list[str], npt.NDArray[np.float32]]:
+        """Every item's AdaGrad accumulators in generation ``g`` via HSCAN: ids and ``(n, 2)`` float32."""
+        rows = dict(self.r.hscan_iter(self.keys.vectors(g, "item_acc"), count=chunk))
+        rows.pop(GLOBAL_ROW.encode(), None)
         ids = [i.decode() for i in rows]
-        return ids, decode(list(rows.values()), self.k, ids)[0]
+        return ids, decode(list(rows.values()), ACC_WIDTH, ids)[0]
+
+    def get_all_items(self, g: int, chunk: int = _CHUNK) -> tuple[list[str], npt.NDArray[np.float32], float]:
+        """Every item row of generation ``g`` via HSCAN (order unspecified) and the global bias."""
+        rows = dict(self.r.hscan_iter(self.keys.vectors(g, "item"), count=chunk))
+        glob = rows.pop(GLOBAL_ROW.encode(), None)
+        ids = [i.decode() for i in rows]
+        bias = float(decode([glob], self.width)[0][0, -1]) if glob is not None else self.generation_meta(g).bias
+        return ids, decode(list(rows.values()), self.width, ids)[0], bias
+
+    def global_bias(self, g: int) -> float:
+        """The model's global bias in generation ``g`` (the bias of :data:`GLOBAL_ROW`)."""
+        blob = self.r.hget(self.keys.vectors(g, "item"), GLOBAL_ROW)
+        return float(decode([blob], self.width)[0][0, -1]) if blob is not None else self.generation_meta(g).bias
 
     def item_count(self, g: int) -> int:
-        """Number of item vectors in generation ``g`` (HLEN)."""
-        return int(self.r.hlen(self.keys.vectors(g, "item")))
+        """Number of item rows in generation ``g`` (HLEN, the global row not counted)."""
+        p = self.r.pipeline(transaction=False)
+        p.hlen(self.keys.vectors(g, "item"))
+        p.hexists(self.keys.vectors(g, "item"), GLOBAL_ROW)
+        n, has_global = p.execute()
+        return int(n) - int(bool(has_global))
 
     def read_batch_state(
         self,
@@ -366,15 +318,14 @@ class FactorStore:
         *,
         accumulators: bool = False,
         seen_users: Sequence[str] = (),
-        seen_limit: int | None = None,
     ) -> BatchState:
-        """One pipelined round trip: live_gen, user/item rows, applied offsets + watermarks (+ AdaGrad,
-        + the recent clicks of ``seen_users``, read by one Lua call; needs a real Redis)."""
-        km, k = self.keys, self.k
+        """One pipelined round trip: live_gen, user/item rows, applied offsets + watermarks (+ the AdaGrad
+        accumulators, + the seen items of ``seen_users``, read by one Lua call)."""
+        km = self.keys
         p = self.r.pipeline(transaction=False)
         p.hget(km.meta, "live_gen")
         parts = [str(int(x)) for x in partitions]
-        tables = ["user", "item"] + (["user_acc", "item_acc"] if accumulators else [])
+        tables: list[Table] = ["user", "item", "user_acc", "item_acc"] if accumulators else ["user", "item"]
         idlists = [list(users), list(items)] * (2 if accumulators else 1)
         for table, ids in zip(tables, idlists):
             if ids:
@@ -384,155 +335,101 @@ class FactorStore:
             p.hmget(km.watermarks(g), parts)
         seen_users = [str(u) for u in seen_users]
         if seen_users:
-            self._seen_many(keys=[km.seen(u) for u in seen_users], args=[_end(seen_limit)], client=p)
+            self._seen_many(keys=[km.seen(u) for u in seen_users], args=[-1], client=p)
         res = iter(p.execute())
         live = next(res)
         if live is None:
             self.meta()
-        mats: dict[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]] = {}
-        for table, ids in zip(tables, idlists):
-            mats[table] = decode(next(res) if ids else [], k, ids)
+        mats = {t: decode(next(res) if ids else [], self._width(t), ids) for t, ids in zip(tables, idlists)}
         offs = next(res) if parts else []
         wms = next(res) if parts else []
         seen = {u: [i.decode() for i in rows] for u, rows in zip(seen_users, next(res))} if seen_users else None
         return BatchState(
             live_gen=int(live),
-            user_vecs=mats["user"][0],
+            user_rows=mats["user"][0],
             user_found=mats["user"][1],
-            item_vecs=mats["item"][0],
+            item_rows=mats["item"][0],
             item_found=mats["item"][1],
             offsets={int(pp): (None if o is None else int(o)) for pp, o in zip(parts, offs)},
             watermarks={int(pp): json.loads(w) for pp, w in zip(parts, wms) if w is not None},
-            seen=seen,
             user_acc=mats["user_acc"][0] if accumulators else None,
-            user_acc_found=mats["user_acc"][1] if accumulators else None,
             item_acc=mats["item_acc"][0] if accumulators else None,
-            item_acc_found=mats["item_acc"][1] if accumulators else None,
+            seen=seen,
         )
 
-    # ------------------------------------------------------------------ hot-path writes (Lua)
-    def apply_batch(
-        self,
-        g: int,
-        partition: int,
-        expected_offset: int | None,
-        new_offset: int,
-        watermarks: Mapping[str, Any],
-        user_ids: Sequence[str],
-        user_vecs: npt.NDArray[np.float32],
-        item_ids: Sequence[str],
-        item_deltas: npt.NDArray[np.float32],
-        *,
-        counts: Mapping[str, float] | None = None,
-        user_increments: Mapping[str, int] | None = None,
-        seen: Iterable[tuple[str, str, int]] = (),
-        user_acc: npt.NDArray[np.float32] | None = None,
-        item_acc_deltas: npt.NDArray[np.float32] | None = None,
-    ) -> ApplyStatus:
-        """Atomically apply one LMF batch to generation ``g`` (one EVALSHA); see docs/redis-schema.md.
+    # ------------------------------------------------------------------ hot-path write (Lua)
+    def apply_batch(self, g: int, b: BatchWrite) -> ApplyStatus:
+        """Atomically apply one LMF batch (:class:`~workers.store.records.BatchWrite`) to generation ``g``.
 
-        Writes happen only if ``live_gen == g`` (else ``NEW_GENERATION``) and the partition's stored
-        applied offset equals ``expected_offset`` (absent when None; else ``STALE``). Then: user rows
-        (and ``user_acc``) are SET (one writer per user), ``item_deltas`` (and ``item_acc_deltas``) are
-        ADDED in float32 to the stored item rows -- an absent item starts from zeros, so pass its initial
-        vector as its delta --, ``counts`` ZINCRBY, ``user_increments`` HINCRBY, ``seen`` ``(user, item,
-        ts_ms)`` ZADD GT + cap + EXPIRE, then the partition's offset and dedupe ``watermarks`` are stored.
-        Raises :class:`ModelDiverged` for NaN/inf input or a float32 overflow (nothing written).
+        One EVALSHA. Writes happen only if ``live_gen == g`` (else ``NEW_GENERATION``), the partition's
+        stored applied offset equals ``b.expected_offset`` (absent when None; else ``STALE``) and, when the
+        batch carries popularity, the generation's popularity reference is ``b.pop_ref_ms`` or not set yet
+        (else ``POPULARITY_MOVED``). Raises :class:`ModelDiverged` for NaN/inf input or a float32 overflow
+        (nothing written).
         """
-        k = self.k
-        user_ids, item_ids = [str(u) for u in user_ids], [str(i) for i in item_ids]
-        ublob = encode_joined(user_vecs, k, user_ids)
-        iblob = encode_joined(item_deltas, k, item_ids)
-        _same_len("user_ids", user_ids, range(len(ublob) // (4 * k)), "user_vecs")
-        _same_len("item_ids", item_ids, range(len(iblob) // (4 * k)), "item_deltas")
-        uacc = encode_joined(user_acc, k, user_ids) if user_acc is not None else b""
-        iacc = encode_joined(item_acc_deltas, k, item_ids) if item_acc_deltas is not None else b""
-        n_uacc, n_iacc = len(uacc) // (4 * k), len(iacc) // (4 * k)
-        if user_acc is not None:
-            _same_len("user_ids", user_ids, range(n_uacc), "user_acc")
-        if item_acc_deltas is not None:
-            _same_len("item_ids", item_ids, range(n_iacc), "item_acc_deltas")
-        counts = dict(counts or {})
-        if not all(math.isfinite(c) for c in counts.values()):
-            raise ModelDiverged(f"batch for partition {partition} has a non-finite item count; refused")
-        km = self.keys
-        seen_keys, seen_args = self._seen_args(seen, first_key=10)
-        incr = dict(user_increments or {})
-        keys = [
-            km.meta,
-            km.offsets(g),
-            km.watermarks(g),
-            *(km.vectors(g, kd) for kd in TABLES),
-            km.counts(g),
-            km.updates(g),
-            *seen_keys,
-        ]
-        args: list[Any] = [
-            int(g),
-            int(partition),
-            "" if expected_offset is None else int(expected_offset),
-            int(new_offset),
-            json.dumps(dict(watermarks), sort_keys=True),
-            k,
-            self.seen_cap,
-            self.seen_ttl,
-            len(user_ids),
-            len(item_ids),
-            len(counts),
-            len(incr),
-            len(seen_args) // 3,
-            n_uacc,
-            n_iacc,
-        ]
-        args += [*user_ids, ublob, *item_ids, iblob]
-        args += _pairs(list(counts), [_num(c) for c in counts.values()])
-        args += _pairs(list(incr), [int(n) for n in incr.values()]) + seen_args
-        args += [*user_ids[:n_uacc], uacc, *item_ids[:n_iacc], iacc]
+        w, km = self.width, self.keys
+        uids, iids = [str(u) for u in b.user_ids], [str(i) for i in b.item_ids]
+        empty = np.zeros((0, w), np.float32)
+        ublob = encode_joined(empty if b.user_rows is None else b.user_rows, w, uids)
+        iblob = encode_joined(empty if b.item_deltas is None else b.item_deltas, w, iids)
+        _same_len("user_ids", uids, range(len(ublob) // (4 * w)), "user_rows")
+        _same_len("item_ids", iids, range(len(iblob) // (4 * w)), "item_deltas")
+        uacc = _acc_blob(b.user_acc, uids, "user_acc")
+        iacc = _acc_blob(b.item_acc_deltas, iids, "item_acc_deltas")
+        for name, values in (("count", b.counts), ("popularity", b.popularity)):
+            if not all(math.isfinite(c) for c in values.values()):
+                raise ModelDiverged(f"batch for partition {b.partition} has a non-finite item {name}; refused")
+        seen_keys, seen_args = self._seen_args(b.seen, first_key=12)
+        keys = [km.meta, km.offsets(g), km.watermarks(g), *(km.vectors(g, t) for t in TABLES), km.counts(g)]
+        keys += [km.updates(g), km.gen_meta(g), km.popularity(g), *seen_keys]
+        n_uacc, n_iacc = len(uacc) // (4 * ACC_WIDTH), len(iacc) // (4 * ACC_WIDTH)
+        head: list[Any] = [g, b.partition, "" if b.expected_offset is None else b.expected_offset, b.new_offset]
+        head += [json.dumps(dict(b.watermarks), sort_keys=True), 4 * w, self.seen_cap, self.seen_ttl]
+        head += [self.seen_ttl * 1000, int(b.pop_ref_ms), len(uids), len(iids), len(b.counts)]
+        head += [len(b.popularity), len(b.user_increments), len(seen_args) // 3, n_uacc, n_iacc]
+        args = [*head, *uids, ublob, *iids, iblob]
+        args += _pairs(list(b.counts), [_num(c) for c in b.counts.values()])
+        args += _pairs(list(b.popularity), [_num(c) for c in b.popularity.values()])
+        args += _pairs(list(b.user_increments), [int(n) for n in b.user_increments.values()]) + seen_args
+        args += [*uids[:n_uacc], uacc, *iids[:n_iacc], iacc]
         code, detail = self._apply(keys=keys, args=args)
-        return self._status(code, detail, g, partition, expected_offset)
+        return self._status(int(code), detail, g, b)
 
-    def _status(self, code: int, detail: Any, g: int, partition: int, expected: int | None) -> ApplyStatus:
+    def _status(self, code: int, detail: Any, g: int, b: BatchWrite) -> ApplyStatus:
         if code == 1:
             return ApplyStatus.APPLIED
         if code == 0:
-            log.info(
-                "stale batch partition=%s expected applied offset %s, Redis has %s; nothing written",
-                partition,
-                expected,
-                _s(detail) or None,
-            )
+            log.info("stale batch partition=%s expected applied offset %s, Redis has %s; nothing written",
+                     b.partition, b.expected_offset, _s(detail) or None)  # fmt: skip
             return ApplyStatus.STALE
         if code == -1:
-            log.info(
-                "generation %s is no longer live (live=%s); batch for partition %s not written",
-                g,
-                _s(detail),
-                partition,
-            )
+            log.info("generation %s is no longer live (live=%s); batch for partition %s not written",
+                     g, _s(detail), b.partition)  # fmt: skip
             return ApplyStatus.NEW_GENERATION
-        _raise_lua(code, detail, self.k)
+        if code == -6:
+            log.info("generation %s popularity reference is %s, the batch used %s; not written",
+                     g, _s(detail), b.pop_ref_ms)  # fmt: skip
+            return ApplyStatus.POPULARITY_MOVED
+        _raise_lua(code, detail, self.width)
         raise AssertionError(code)  # pragma: no cover
 
+    def rescale_popularity(self, g: int, old_ref_ms: int, new_ref_ms: int, half_life_ms: int) -> bool:
+        """Move generation ``g``'s decayed popularity to the reference time ``new_ref_ms`` (scores times
+        ``2^-((new - old) / half_life)``), atomically; False if another writer moved it first."""
+        factor = 2.0 ** (-(new_ref_ms - old_ref_ms) / half_life_ms)
+        code, _ = self._rescale(
+            keys=[self.keys.gen_meta(g), self.keys.popularity(g)], args=[int(old_ref_ms), int(new_ref_ms), factor]
+        )
+        return bool(code == 1)
+
     # ------------------------------------------------------------------ bulk writes (ALS, tools)
-    def begin_generation(self, source: Literal["als", "online"] = "als") -> int:
+    def begin_generation(self, source: Literal["als", "online"] = "als", pop_half_life_ms: int = DAY_MS) -> int:
         """Allocate generation ``next_gen + 1`` in state ``building`` and return its number."""
         self.meta()
         km, now = self.keys, _num(self._clock())
         g = int(self.r.hincrby(km.meta, "next_gen", 1))
         p = self.r.pipeline(transaction=True)
-        p.hset(
-            km.gen_meta(g),
-            mapping={
-                "state": "building",
-                "source": source,
-                "created_at": now,
-                "n_users": 0,
-                "n_items": 0,
-                "bias": "0.0",
-                "offsets": "{}",
-                "watermarks": "{}",
-            },
-        )
+        p.hset(km.gen_meta(g), mapping=_new_generation(source, now, pop_half_life_ms, complete=False))
         p.zadd(km.gens, {str(g): g})
         p.execute()
         log.info("generation %s begun (source=%s) namespace=%s", g, source, km.ns)
@@ -547,9 +444,9 @@ class FactorStore:
         chunk: int = _CHUNK,
         pipeline: redis.client.Pipeline | None = None,
     ) -> None:
-        """HSET rows (absolute) in chunks of ``chunk`` rows; queued on ``pipeline`` when given."""
+        """HSET rows (absolute, ``(n, k + 1)``; ``(n, 1)`` for ``*_acc``) in chunks; on ``pipeline`` if given."""
         ids = [str(i) for i in ids]
-        blobs = encode(matrix, self.k, ids)
+        blobs = encode(matrix, self._width(table), ids)
         _same_len("ids", ids, blobs, "matrix")
         key = self.keys.vectors(g, table)
         for c in range(0, len(ids), chunk):
@@ -562,12 +459,20 @@ class FactorStore:
         self, g: int, counts: Mapping[str, float], chunk: int = _CHUNK, pipeline: redis.client.Pipeline | None = None
     ) -> None:
         """ZADD absolute item counts (ALS seeds a generation's popularity from its snapshot)."""
-        items = [(str(i), float(c)) for i, c in counts.items()]
+        self._zadd(self.keys.counts(g), counts, f"item counts for generation {g}", chunk, pipeline)
+
+    def write_popularity(self, g: int, scores: Mapping[str, float], ref_ms: int, chunk: int = _CHUNK) -> None:
+        """ZADD decayed popularity scores relative to ``ref_ms`` and record the reference in the meta."""
+        self._zadd(self.keys.popularity(g), scores, f"popularity for generation {g}", chunk, None)
+        self.r.hset(self.keys.gen_meta(g), "pop_ref_ms", int(ref_ms))
+
+    def _zadd(self, key: str, values: Mapping[str, float], what: str, chunk: int, pipeline: Any) -> None:
+        items = [(str(i), float(c)) for i, c in values.items()]
         if not all(math.isfinite(c) for _, c in items):
-            raise ModelDiverged(f"item counts for generation {g} hold NaN/inf; refused")
+            raise ModelDiverged(f"{what} hold NaN/inf; refused")
         for c in range(0, len(items), chunk):
             p = pipeline if pipeline is not None else self.r.pipeline(transaction=False)
-            p.zadd(self.keys.counts(g), dict(items[c : c + chunk]))
+            p.zadd(key, dict(items[c : c + chunk]))
             if pipeline is None:
                 p.execute()
 
@@ -598,63 +503,44 @@ class FactorStore:
         bias: float,
         n_users: int,
         n_items: int,
+        scale: float = 1.0,
     ) -> None:
         """Atomically flip ``live_gen`` to the building generation ``g`` (one Lua script).
 
         Refused (:class:`GenerationError`, nothing written) unless ``g`` is ``building`` and holds exactly
-        ``n_users`` user and ``n_items`` item rows. On success ``g`` becomes complete with ``bias``, its
-        snapshot ``offsets``/``watermarks`` (also stored as its applied offsets, the LMF fence), and the
-        previous live generation is marked retired.
+        ``n_users`` user and ``n_items`` item rows. On success ``g`` gets its global row (bias ``bias``),
+        becomes complete with ``bias``, ``scale`` and its snapshot ``offsets``/``watermarks`` (also stored as
+        its applied offsets, the LMF fence), and the previous live generation is marked retired.
         """
-        if not math.isfinite(bias):
-            raise ModelDiverged(f"generation {g} calibration bias is {bias}; refused to publish")
+        if not (math.isfinite(bias) and math.isfinite(scale) and scale > 0):
+            raise ModelDiverged(f"generation {g} calibration bias {bias} / scale {scale}; refused to publish")
         km, now = self.keys, _num(self._clock())
         offs = {str(int(a)): int(b) for a, b in offsets.items()}
         wms = {str(int(a)): dict(b) for a, b in watermarks.items()}
         flat: list[Any] = []
         for part in sorted(set(offs) | set(wms)):
             flat += [part, offs.get(part, ""), json.dumps(wms[part], sort_keys=True) if part in wms else ""]
+        glob = np.zeros((1, self.width), np.float32)
+        glob[0, -1] = bias
+        code, detail = 0, ""
         for _ in range(5):
             prev = self.live_generation()
-            code, detail = self._publish(
-                keys=[
-                    km.meta,
-                    km.gen_meta(g),
-                    km.vectors(g, "user"),
-                    km.vectors(g, "item"),
-                    km.offsets(g),
-                    km.watermarks(g),
-                    km.gen_meta(prev),
-                ],
-                args=[
-                    int(g),
-                    prev,
-                    int(n_users),
-                    int(n_items),
-                    _num(bias),
-                    json.dumps(offs, sort_keys=True),
-                    json.dumps(wms, sort_keys=True),
-                    now,
-                    *flat,
-                ],
-            )
+            keys = [km.meta, km.gen_meta(g), km.vectors(g, "user"), km.vectors(g, "item"), km.offsets(g)]
+            keys += [km.watermarks(g), km.gen_meta(prev)]
+            args: list[Any] = [g, prev, int(n_users), int(n_items), _num(bias), json.dumps(offs, sort_keys=True)]
+            args += [json.dumps(wms, sort_keys=True), now, _num(scale), encode_joined(glob, self.width, ["global"])]
+            code, detail = self._publish(keys=keys, args=[*args, *flat])
             if code == 1:
-                log.info(
-                    "generation %s published (was %s) namespace=%s n_users=%s n_items=%s",
-                    g,
-                    prev,
-                    km.ns,
-                    n_users,
-                    n_items,
-                )
+                log.info("generation %s published (was %s) namespace=%s n_users=%s n_items=%s",
+                         g, prev, km.ns, n_users, n_items)  # fmt: skip
                 return
             if code != -1:
                 break
         what = {
             -1: f"live_gen kept changing (now {_s(detail)})",
             -2: f"its state is {_s(detail)}, not building",
-            -3: f"it holds {detail} user rows, expected n_users={n_users}",
-            -4: f"it holds {detail} item rows, expected n_items={n_items}",
+            -3: f"it holds {_s(detail)} user rows, expected n_users={n_users}",
+            -4: f"it holds {_s(detail)} item rows, expected n_items={n_items}",
         }[code]
         raise GenerationError(
             f"generation {g} not published: {what}; write all vectors of a fresh "
@@ -690,13 +576,23 @@ class FactorStore:
 
     # ------------------------------------------------------------------ popularity, counters, seen
     def top_items(self, g: int, n: int) -> list[tuple[str, float]]:
-        """The ``n`` most clicked items of generation ``g``, highest count first."""
+        """The ``n`` most clicked items of generation ``g`` (all-time counts), highest first."""
         rows = self.r.zrevrange(self.keys.counts(g), 0, n - 1, withscores=True) if n > 0 else []
         return [(i.decode(), float(c)) for i, c in rows]
+
+    def popular_items(self, g: int, n: int) -> list[tuple[str, float]]:
+        """The ``n`` items of generation ``g`` with the highest time-decayed popularity (the fallback), highest
+        first; all-time counts where the generation has no decayed popularity yet."""
+        rows = self.r.zrevrange(self.keys.popularity(g), 0, n - 1, withscores=True) if n > 0 else []
+        return [(i.decode(), float(c)) for i, c in rows] if rows else self.top_items(g, n)
 
     def item_counts(self, g: int) -> dict[str, float]:
         """Every item count of generation ``g`` (ZSCAN)."""
         return {i.decode(): float(c) for i, c in self.r.zscan_iter(self.keys.counts(g), count=_CHUNK)}
+
+    def item_popularity(self, g: int) -> dict[str, float]:
+        """Every item's decayed popularity in generation ``g`` (ZSCAN), relative to its ``pop_ref_ms``."""
+        return {i.decode(): float(c) for i, c in self.r.zscan_iter(self.keys.popularity(g), count=_CHUNK)}
 
     def user_update_counts(self, g: int, users: Sequence[str] | None = None) -> dict[str, int]:
         """Events applied per user in generation ``g`` (all users when ``users`` is None; 0 if none)."""
@@ -707,12 +603,12 @@ class FactorStore:
         return {u: int(n or 0) for u, n in zip(users, vals)}
 
     def add_seen(self, seen: Iterable[tuple[str, str, int]], pipeline: redis.client.Pipeline | None = None) -> None:
-        """Record ``(user, item, ts_ms)`` clicks in the per-user recent sets (the batch write's Lua code)."""
+        """Record ``(user, item, ts_ms)`` clicks in the users' seen sets (the batch write's Lua code)."""
         keys, args = self._seen_args(seen, first_key=1)
         if keys:
             self._seen_add(
                 keys=keys,
-                args=[self.seen_cap, self.seen_ttl, *args],
+                args=[self.seen_cap, self.seen_ttl, self.seen_ttl * 1000, *args],
                 client=pipeline if pipeline is not None else self.r,
             )
 
@@ -726,7 +622,7 @@ class FactorStore:
         return list(index), args
 
     def seen_items(self, user: str, limit: int | None = None) -> list[str]:
-        """The user's recently clicked items, newest first (at most ``limit``)."""
+        """The user's seen items, newest first (at most ``limit``)."""
         if limit is not None and limit <= 0:
             return []
         return [i.decode() for i in self.r.zrevrange(self.keys.seen(str(user)), 0, _end(limit))]
@@ -739,6 +635,36 @@ class FactorStore:
         for u in users:
             p.zrevrange(self.keys.seen(str(u)), 0, _end(limit))
         return {str(u): [i.decode() for i in rows] for u, rows in zip(users, p.execute())}
+
+
+def _new_generation(source: str, now: str, pop_half_life_ms: int, *, complete: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {"state": "complete" if complete else "building", "source": source, "created_at": now}
+    meta |= {"n_users": 0, "n_items": 0, "bias": "0.0", "scale": "1.0", "offsets": "{}", "watermarks": "{}"}
+    meta |= {"pop_ref_ms": 0, "pop_half_life_ms": int(pop_half_life_ms)}
+    if complete:
+        meta["published_at"] = now
+    return meta
+
+
+def _acc_blob(values: npt.NDArray[np.float32] | None, ids: Sequence[str], name: str) -> bytes:
+    """The accumulators of ``ids`` (``(n, 2)``) as one joined buffer; b"" when ``values`` is None."""
+    if values is None:
+        return b""
+    arr = np.asarray(values, np.float32).reshape(-1, ACC_WIDTH)
+    _same_len("ids", ids, range(arr.shape[0]), name)
+    return encode_joined(arr, ACC_WIDTH, ids)
+
+
+def _s(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _f(v: bytes | None) -> float | None:
+    return None if v is None or v == b"" else float(v)
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
 
 
 def _end(limit: int | None) -> int:
@@ -756,7 +682,7 @@ def _same_len(na: str, a: Sequence[Any], b: Sequence[Any], nb: str) -> None:
         raise StoreSchemaError(f"{na} has {len(a)} ids but {nb} has {len(b)} rows; pass one row per id")
 
 
-def _raise_lua(code: int, detail: Any, k: int) -> None:
+def _raise_lua(code: int, detail: Any, width: int) -> None:
     if code == -2:
         raise ModelDiverged(
             f"adding the delta to item {_s(detail)!r} overflows float32; refused, nothing "
@@ -764,12 +690,12 @@ def _raise_lua(code: int, detail: Any, k: int) -> None:
         )
     if code == -5:
         raise StoreSchemaError(
-            f"batch {_s(detail)} vectors do not hold n * {4 * k} bytes (k={k}); are the "
+            f"batch {_s(detail)} rows do not hold n * {4 * width} bytes (k={width - 1} + bias); are the "
             "worker and the store module from the same zerocf version?"
         )
     if code == -3:
         raise StoreSchemaError(
-            f"stored item vector {_s(detail)!r} is not {4 * k} bytes (k={k}); the model "
+            f"stored item row {_s(detail)!r} is not {4 * width} bytes (k={width - 1} + bias); the model "
             "was written with another k; set ZEROCF_FACTORS to the model's k or use another "
             "ZEROCF_TOPIC_PREFIX"
         )

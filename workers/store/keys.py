@@ -1,9 +1,14 @@
 """Every Redis key template of one model (the schema in docs/redis-schema.md); nothing else formats keys.
 
 All keys of one model carry the hash tag ``{<ns>}`` under the versioned prefix ``zcf:v<SCHEMA_VERSION>:``.
+Schema 2 (this one) stores every factor row as ``k`` latent values followed by the row's bias, keeps one
+AdaGrad accumulator value per row, holds the model's global bias in the item table under the reserved id
+:data:`GLOBAL_ROW` (an empty string: never a valid item id), and keeps a time-decayed popularity per generation.
 
 >>> Keys("zerocf").vectors(3, "item")
-'zcf:v1:{zerocf}:g:3:item'
+'zcf:v2:{zerocf}:g:3:item'
+>>> Keys("zerocf").legacy_meta(1)
+'zcf:v1:{zerocf}:meta'
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ from typing import Literal
 
 from stream.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEY_PREFIX = f"zcf:v{SCHEMA_VERSION}:"
 Table = Literal["user", "item", "user_acc", "item_acc"]
 TABLES: tuple[Table, ...] = ("user", "item", "user_acc", "item_acc")
+GLOBAL_ROW = ""  # item-table field of the global bias row (ids are 1..256 bytes, so it never clashes)
 
-__all__ = ["KEY_PREFIX", "SCHEMA_VERSION", "TABLES", "Keys", "Table"]
+__all__ = ["GLOBAL_ROW", "KEY_PREFIX", "SCHEMA_VERSION", "TABLES", "Keys", "Table"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class Keys:
     """Every key template of one model. ``ns`` must not contain braces or whitespace.
 
     >>> Keys("zerocf").seen("u42")
-    'zcf:v1:{zerocf}:seen:u42'
+    'zcf:v2:{zerocf}:seen:u42'
     """
 
     ns: str
@@ -45,6 +51,10 @@ class Keys:
     @property
     def meta(self) -> str:
         return f"{self.base}:meta"
+
+    def legacy_meta(self, version: int) -> str:
+        """The meta hash of an older schema version (to recognise a model that needs a rebuild)."""
+        return f"zcf:v{int(version)}:{{{self.ns}}}:meta"
 
     @property
     def gens(self) -> str:
@@ -65,7 +75,12 @@ class Keys:
         return f"{self.base}:g:{int(g)}:wm"
 
     def counts(self, g: int) -> str:
+        """All-time click count per item (ZSET)."""
         return f"{self.base}:g:{int(g)}:counts"
+
+    def popularity(self, g: int) -> str:
+        """Time-decayed click weight per item (ZSET, scores relative to the generation's ``pop_ref_ms``)."""
+        return f"{self.base}:g:{int(g)}:pop"
 
     def updates(self, g: int) -> str:
         return f"{self.base}:g:{int(g)}:nupd"
@@ -77,9 +92,10 @@ class Keys:
         """All keys owned by generation ``g`` (what :meth:`FactorStore.drop_generation` unlinks)."""
         return [
             self.gen_meta(g),
-            *(self.vectors(g, kd) for kd in TABLES),
+            *(self.vectors(g, t) for t in TABLES),
             self.offsets(g),
             self.watermarks(g),
             self.counts(g),
+            self.popularity(g),
             self.updates(g),
         ]

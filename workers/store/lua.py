@@ -1,14 +1,15 @@
-"""The Lua scripts of the factor store: the hot-path batch write, seen-set writes and reads, publish, drop.
+"""The Lua scripts of the factor store: the hot-path batch write, seen-set writes and reads, popularity rescale,
+publish, drop.
 
-Kept apart from the Python so each reads on its own; only :mod:`workers.store.factor_store` registers
-and calls them.
-All of them touch keys of one model only, which share the hash tag ``{<ns>}`` (one Redis Cluster slot).
+Kept apart from the Python so each reads on its own; only :mod:`workers.store.factor_store` registers and
+calls them. All of them touch keys of one model only, which share the hash tag ``{<ns>}`` (one Redis Cluster
+slot).
 """
 
 from __future__ import annotations
 
 # Shared helpers. Vectors are unpacked/packed in chunks of CHUNK=64 floats (struct.unpack returns one value
-# per 'f' plus the next position, and Lua's C stack caps unpack sizes), so any k works. A float32 + float32
+# per 'f' plus the next position, and Lua's C stack caps unpack sizes), so any width works. A float32 + float32
 # sum in Lua's double is exact; struct.pack('f') then rounds it once to nearest: the same bits as numpy's
 # float32 addition. Bulk HMGET/HSET are chunked by 256 fields for the same stack reason.
 _LUA_LIB = r"""
@@ -20,12 +21,12 @@ local function fmt(m)
   if not f then f = '<' .. string.rep('f', m); FMT[m] = f end
   return f
 end
-local function add_vec(old, delta, k)
+local function add_vec(old, delta, n)
   if not old then return delta end
-  if #old ~= 4 * k then return nil, -3 end
+  if #old ~= 4 * n then return nil, -3 end
   local parts, done = {}, 0
-  while done < k do
-    local m = math.min(CHUNK, k - done)
+  while done < n do
+    local m = math.min(CHUNK, n - done)
     local f, pos = fmt(m), done * 4 + 1
     local a = {struct.unpack(f, old, pos)}
     local d = {struct.unpack(f, delta, pos)}
@@ -39,13 +40,14 @@ local function add_vec(old, delta, k)
   end
   return table.concat(parts)
 end
-local function add_many(key, ids, deltas, k)
+-- rows of ids: current value (zeros when absent) plus delta
+local function add_many(key, ids, deltas, n)
   local out = {}
   for c = 1, #ids, 256 do
     local e = math.min(c + 255, #ids)
     local cur = redis.call('HMGET', key, unpack(ids, c, e))
     for i = c, e do
-      local v, err = add_vec(cur[i - c + 1], deltas[i], k)
+      local v, err = add_vec(cur[i - c + 1], deltas[i], n)
       if not v then return nil, err, ids[i] end
       out[i] = v
     end
@@ -76,11 +78,12 @@ local function take_pairs(pos, n)
 end
 """
 
-
-# The one implementation of the per-user recent-click sets: n triples (KEYS index, ts_ms, item) from ARGV[pos];
-# ZADD GT keeps each item's newest ts (a replayed older click never demotes it), then cap and expire.
+# The one implementation of the per-user seen sets: n triples (KEYS index, ts_ms, item) from ARGV[pos]. ZADD GT
+# keeps each item's newest ts (a replayed older click never demotes it); then every item clicked more than
+# `retention` ms before the user's newest click is dropped, at most `cap` items are kept, and the key expires
+# `ttl` seconds after the user's last click.
 _SEEN_LIB = r"""
-local function add_seen(pos, n, cap, ttl)
+local function add_seen(pos, n, cap, ttl, retention)
   local touched = {}
   for i = 0, n - 1 do
     local p = pos + 3 * i
@@ -89,13 +92,18 @@ local function add_seen(pos, n, cap, ttl)
     touched[key] = true
   end
   for key, _ in pairs(touched) do
-    redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. string.format('%.0f', tonumber(newest) - retention))
+    if redis.call('ZCARD', key) > cap then redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1)) end
     redis.call('EXPIRE', key, ttl)
   end
 end
 """
 
-# KEYS: meta offsets wm user item user_acc item_acc counts nupd seen...   ARGV: see apply_batch.
+# KEYS: meta offsets wm user item user_acc item_acc counts nupd gen_meta pop seen...
+# ARGV: g part expected new_offset wm_json row_bytes cap ttl retention_ms pop_ref
+#       n_users n_items n_counts n_pop n_incr n_seen n_uacc n_iacc, then the sections in that order
+#       (see FactorStore.apply_batch).
 APPLY_BATCH_LUA = (
     _LUA_LIB
     + _SEEN_LIB
@@ -105,62 +113,86 @@ local live = redis.call('HGET', KEYS[1], 'live_gen')
 if live ~= g then return {-1, live or ''} end
 local stored = redis.call('HGET', KEYS[2], part)
 if (expected == '' and stored) or (expected ~= '' and stored ~= expected) then return {0, stored or ''} end
-local k, cap, ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local pos, w = 16, 4 * k
-local uids, ublobs, iids, ideltas, cids, cinc, nids, ninc, aids, ablobs, bids, bdeltas
-uids, ublobs, pos = take_ids_blob(pos, tonumber(ARGV[9]), w)
+local w, cap, ttl, retention = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local pop_ref = ARGV[10]
+local n_pop = tonumber(ARGV[14])
+if n_pop > 0 then  -- the decayed popularity must be relative to the generation's reference time
+  local ref = redis.call('HGET', KEYS[10], 'pop_ref_ms')
+  if not ref or ref == '0' then redis.call('HSET', KEYS[10], 'pop_ref_ms', pop_ref)
+  elseif ref ~= pop_ref then return {-6, ref} end
+end
+local pos = 19
+local uids, ublobs, iids, ideltas, aids, ablobs, bids, bdeltas
+uids, ublobs, pos = take_ids_blob(pos, tonumber(ARGV[11]), w)
 if not uids then return {-5, 'user'} end
-iids, ideltas, pos = take_ids_blob(pos, tonumber(ARGV[10]), w)
+iids, ideltas, pos = take_ids_blob(pos, tonumber(ARGV[12]), w)
 if not iids then return {-5, 'item'} end
-cids, cinc, pos = take_pairs(pos, tonumber(ARGV[11]))
-nids, ninc, pos = take_pairs(pos, tonumber(ARGV[12]))
-local seen_pos, nseen = pos, tonumber(ARGV[13])
+local cids, cinc, pids, pinc, xids, xinc
+cids, cinc, pos = take_pairs(pos, tonumber(ARGV[13]))
+pids, pinc, pos = take_pairs(pos, n_pop)
+xids, xinc, pos = take_pairs(pos, tonumber(ARGV[15]))
+local seen_pos, nseen = pos, tonumber(ARGV[16])
 pos = pos + 3 * nseen
-aids, ablobs, pos = take_ids_blob(pos, tonumber(ARGV[14]), w)
+aids, ablobs, pos = take_ids_blob(pos, tonumber(ARGV[17]), 8)
 if not aids then return {-5, 'user_acc'} end
-bids, bdeltas, pos = take_ids_blob(pos, tonumber(ARGV[15]), w)
+bids, bdeltas, pos = take_ids_blob(pos, tonumber(ARGV[18]), 8)
 if not bids then return {-5, 'item_acc'} end
-local items, err, bad = add_many(KEYS[5], iids, ideltas, k)
+local items, err, bad = add_many(KEYS[5], iids, ideltas, w / 4)
 if not items then return {err, bad} end
 local iacc
-iacc, err, bad = add_many(KEYS[7], bids, bdeltas, k)
+iacc, err, bad = add_many(KEYS[7], bids, bdeltas, 2)
 if not iacc then return {err, bad} end
 hset_many(KEYS[4], uids, ublobs)
 hset_many(KEYS[5], iids, items)
 hset_many(KEYS[6], aids, ablobs)
 hset_many(KEYS[7], bids, iacc)
 for i = 1, #cids do redis.call('ZINCRBY', KEYS[8], cinc[i], cids[i]) end
-for i = 1, #nids do redis.call('HINCRBY', KEYS[9], nids[i], ninc[i]) end
-add_seen(seen_pos, nseen, cap, ttl)
+for i = 1, #pids do redis.call('ZINCRBY', KEYS[11], pinc[i], pids[i]) end
+for i = 1, #xids do redis.call('HINCRBY', KEYS[9], xids[i], xinc[i]) end
+add_seen(seen_pos, nseen, cap, ttl, retention)
 redis.call('HSET', KEYS[2], part, ARGV[4])
 redis.call('HSET', KEYS[3], part, ARGV[5])
 return {1, ARGV[4]}
 """
 )
 
-# KEYS: seen keys...   ARGV: cap ttl (key index, ts_ms, item)*   (no floats: runs on fakeredis with lupa too)
+# KEYS: seen keys...   ARGV: cap ttl retention_ms (key index, ts_ms, item)*   (no floats: fakeredis+lupa runs it)
 SEEN_ADD_LUA = (
     _SEEN_LIB
     + r"""
-add_seen(3, (#ARGV - 2) / 3, tonumber(ARGV[1]), tonumber(ARGV[2]))
+add_seen(4, (#ARGV - 3) / 3, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 return 1
 """
 )
 
+# KEYS: gen_meta pop   ARGV: old_ref new_ref factor. Rescales the decayed popularity to a later reference time,
+# atomically with the reference, unless another writer did it first (then returns {0, stored ref}).
+RESCALE_POP_LUA = r"""
+local ref = redis.call('HGET', KEYS[1], 'pop_ref_ms')
+if ref ~= ARGV[1] then return {0, ref or ''} end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('ZUNIONSTORE', KEYS[2], 1, KEYS[2], 'WEIGHTS', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'pop_ref_ms', ARGV[2])
+return {1, ARGV[2]}
+"""
+
 # KEYS: meta gen_meta(g) user(g) item(g) offsets(g) wm(g) gen_meta(prev)
-# ARGV: g prev n_users n_items bias offsets_json wm_json now (partition, offset|'', wm_json|'')*
+# ARGV: g prev n_users n_items bias offsets_json wm_json now scale global_row_blob (partition, offset|'', wm|'')*
 PUBLISH_LUA = r"""
 local live = redis.call('HGET', KEYS[1], 'live_gen')
 if live ~= ARGV[2] then return {-1, live or ''} end
 local state = redis.call('HGET', KEYS[2], 'state')
 if state ~= 'building' then return {-2, state or 'missing'} end
-local nu, ni = redis.call('HLEN', KEYS[3]), redis.call('HLEN', KEYS[4])
+local nu = redis.call('HLEN', KEYS[3])
+local ni = redis.call('HLEN', KEYS[4]) - redis.call('HEXISTS', KEYS[4], '')
 if nu ~= tonumber(ARGV[3]) then return {-3, nu} end
 if ni ~= tonumber(ARGV[4]) then return {-4, ni} end
+redis.call('HSET', KEYS[4], '', ARGV[10])
 local now = ARGV[8]
 redis.call('HSET', KEYS[2], 'state', 'complete', 'published_at', now, 'bias', ARGV[5], 'n_users', ARGV[3],
-           'n_items', ARGV[4], 'offsets', ARGV[6], 'watermarks', ARGV[7])
-for p = 9, #ARGV, 3 do
+           'n_items', ARGV[4], 'offsets', ARGV[6], 'watermarks', ARGV[7], 'scale', ARGV[9])
+for p = 11, #ARGV, 3 do
   if ARGV[p + 1] ~= '' then redis.call('HSET', KEYS[5], ARGV[p], ARGV[p + 1]) end
   if ARGV[p + 2] ~= '' then redis.call('HSET', KEYS[6], ARGV[p], ARGV[p + 2]) end
 end
@@ -169,7 +201,7 @@ if ARGV[2] ~= ARGV[1] then redis.call('HSET', KEYS[7], 'state', 'retired', 'reti
 return {1, live}
 """
 
-# KEYS: seen keys...   ARGV: last index (limit - 1, or -1 for all).  Read-only: the recent clicks of many users
+# KEYS: seen keys...   ARGV: last index (limit - 1, or -1 for all).  Read-only: the seen items of many users
 # in one command (a pipeline of ZREVRANGEs costs ~30 us of client time per user).
 SEEN_MANY_LUA = r"""
 local out = {}
