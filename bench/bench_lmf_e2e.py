@@ -1,23 +1,42 @@
 """End-to-end online LMF throughput and click-to-visible latency; prints one JSON object.
 
-Starts its own LocalStack in a temp dir (stopped at the end) and puts N normalised click events on
-``<p>.events`` directly (ids in ingest's format ``<p>.clicks:<partition>:<offset>:0``, key = user, gzip
-batches as ``zerocf ingest`` writes them). Then, in the same run:
+Usage: ``python -m bench.bench_lmf_e2e [--events 200000] [--rate 2000 5000] [--latency-seconds 10] [--profile]``.
 
-1. ``raw``: a kafka-python consume-only pass over ``<p>.events`` with the worker's consumer settings (a
-   fresh group, ``max_poll_records`` = batch) **including ``json.loads`` of every value**: events/s from
-   the first non-empty poll to the last record.
-2. ``lmf``: :class:`workers.online.worker.LMFWorker` in-process (k=64, 5 negatives, hard_share 0.2, batch
-   2000, fresh group): events/s from the first non-empty poll to the moment Redis holds every partition's
-   last offset; ``ratio`` = lmf / raw. Per-batch time split by wrapping the model/store methods the worker
-   calls (plan, seen load, fetch, train, commit, write; the write runs on the worker's writer thread and
-   overlaps the next batch's decode/plan). With ``--profile``, the top cProfile entries of the worker's
-   thread (the writer thread is not profiled; its time is the ``write`` split).
-3. ``latency``: a separate producer process sends clicks at ``--rate`` events/s (default 5000) for
-   ``--latency-seconds``, each with ``ts`` = its send time (epoch ms); a fresh worker resumes behind the
-   stored offsets and, when each batch's Lua write returns, records ``now - ts`` for its clicks: p50/p99 ms.
+Starts its own :class:`stream.devstack.LocalStack` (broker + Redis) in a temporary directory, stopped at the
+end, and puts ``--events`` normalised click events on ``<p>.events`` (6 partitions, ``--users`` users,
+Zipf items over ``--items``; ids in ingest's format ``<p>.clicks:<partition>:<offset>:0``, key = user,
+gzip batches as ``zerocf ingest`` writes them). The worker runs with the production configuration
+(``LMFConfig`` defaults: k = 64, 10 negatives, ``hard_share`` 0.5, batch 2,000, AdaGrad, seen sets with
+retention and cap) on a store connected as ``zerocf lmf`` connects it. Then, in the same run:
 
-Usage: ``python -m bench.bench_lmf_e2e [--events 200000] [--rate 5000] [--profile]``.
+1. ``raw_consume_eps``: a kafka-python consume-only pass over ``<p>.events`` with the worker's consumer
+   settings (a fresh group, ``max_poll_records`` = batch), **including ``json.loads`` of every value**:
+   events/s from the first non-empty poll to the last record. ``produce_eps`` is the producing (setup).
+2. ``lmf_eps``: :class:`workers.online.worker.LMFWorker` in this process (fresh group, numba kernels loaded
+   beforehand), events/s from its first non-empty poll until Redis holds every partition's last offset;
+   ``ratio`` = lmf / raw. ``mean_write_user_rows``/``mean_write_item_rows``: rows per batch write.
+   ``split_per_batch``: per-call mean (ms), total (s), calls and ``share`` of the pass's wall time of the
+   methods the worker calls, wrapped: ``poll`` (non-empty polls), ``decode`` (JSON + de-duplication),
+   ``plan``, ``fetch`` (:meth:`FactorStore.read_batch_state`: rows, accumulators and seen sets of users and
+   items the worker does not hold), ``load`` (caching what ``fetch`` read), ``train`` (positive set + the
+   kernel + deltas), ``commit`` (caches, reservoir), ``settle`` (the main thread waiting for the write in
+   flight) and ``write`` (:meth:`FactorStore.apply_batch` on the writer thread, meant to overlap the next
+   batch); ``refresh_items`` if the periodic item re-read ran.
+   ``fetch_share_during_write``: the share of the fetch time during which a write was in flight (Redis runs
+   one command at a time: a read issued during the write's Lua script waits for it). With
+   ``--profile``: the top cProfile entries of the worker's thread (not the writer thread).
+3. ``latency`` (one phase per rate of ``--rate``, default 2,000 and 5,000 events/s): a child process sends
+   clicks at that rate for ``--latency-seconds``, each with ``ts`` = its send time (epoch ms); a fresh worker
+   resumes behind the stored offsets and, when each batch's write returns, records ``now - ts`` for its
+   clicks: p50/p90/p99/max ms, with the same split (``share`` of the window). ``drain_s``: how long after
+   the producer's last send the last click became visible; well above the p99 means the worker did not keep
+   up with the rate (the percentiles then measure a backlog).
+
+``load_avg_1m_at_start``: the machine's 1-minute load average when the bench started (2 cores; other
+processes share them).
+
+``targets``: the issue's goals (ratio >= 0.5, >= 20,000 events/s). ``applied_events_in_redis`` (the update
+counters) must equal ``events``.
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import os
 import pstats
 import sys
 import tempfile
@@ -35,21 +55,25 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
 
+from bench.bench_lmf_kernel import first_calls
 from stream import kafka_util
 from stream.config import load
 from stream.devstack import LocalStack
 from stream.events import Event
 from workers.config import LMFConfig
 from workers.online.worker import LMFWorker
-from workers.store import ApplyStatus, FactorStore
+from workers.store import ApplyStatus, BatchWrite, FactorStore
 
 log = logging.getLogger("bench.lmf_e2e")
 PARTITIONS = 6
+ZIPF = 1.3
+REPORTED_CONFIG = ("factors", "negatives", "hard_share", "hard_candidates", "uniform_mix", "sample_alpha", "batch",
+                   "adagrad", "seen_cap", "item_refresh_s")  # fmt: skip
 
 
 # ------------------------------------------------------------------- producing
@@ -59,14 +83,14 @@ def _event(prefix: str, src: int, off: int, user: str, item: str, ts: int) -> by
     ).to_json()
 
 
-BATCH = 2000
+def _item(rng: np.random.Generator, n_items: int) -> str:
+    return f"i{min(int(rng.zipf(ZIPF)) - 1, n_items - 1)}"
 
 
 def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int = 0) -> dict[int, int]:
-    """Send ``n`` click events (Zipf-ish items); returns the last offset per events partition."""
+    """Send ``n`` click events; returns the last offset per events partition."""
     rng = np.random.default_rng(seed)
     users = rng.integers(0, n_users, n)
-    items = np.minimum(rng.zipf(1.3, n) - 1, n_items - 1)
     ts0 = int(time.time() * 1000) - 3_600_000
     offsets = [0] * PARTITIONS
     producer = kafka_util.producer(cfg.kafka, client_id="bench-lmf-produce", compression_type="gzip")
@@ -76,14 +100,10 @@ def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int
         last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
 
     try:
-        for n_, (u, i) in enumerate(zip(users.tolist(), items.tolist())):
-            src = u % PARTITIONS
-            user = f"u{u}"
-            producer.send(
-                cfg.topics.events,
-                key=user.encode(),
-                value=_event(cfg.topic_prefix, src, offsets[src], user, f"i{i}", ts0 + n_),
-            ).add_callback(done)
+        for seq, u in enumerate(users.tolist()):
+            src, user = u % PARTITIONS, f"u{u}"
+            value = _event(cfg.topic_prefix, src, offsets[src], user, _item(rng, n_items), ts0 + seq)
+            producer.send(cfg.topics.events, key=user.encode(), value=value).add_callback(done)
             offsets[src] += 1
         producer.flush()
     finally:
@@ -91,23 +111,13 @@ def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int
     return last
 
 
-def _paced_producer(
-    bootstrap: str,
-    prefix: str,
-    rate: float,
-    seconds: float,
-    n_users: int,
-    n_items: int,
-    start_offsets: list[int],
-    out: Any,
-) -> None:
+def _paced_producer(env: dict[str, str], rate: float, seconds: float, n_users: int, n_items: int,
+                    start_offset: int, out: Any) -> None:  # fmt: skip
     """Child process: clicks at ``rate``/s with ts = send time (ms); puts the number sent on ``out``."""
-    cfg = load(
-        LMFConfig, {"ZEROCF_KAFKA_BOOTSTRAP": bootstrap, "ZEROCF_TOPIC_PREFIX": prefix, "ZEROCF_LMF_BATCH": str(BATCH)}
-    )
+    cfg = load(LMFConfig, env)
     rng = np.random.default_rng(1)
     producer = kafka_util.producer(cfg.kafka, client_id="bench-lmf-paced", linger_ms=5)
-    offsets = list(start_offsets)
+    offsets = [start_offset] * PARTITIONS  # source offsets above every earlier phase's: not duplicates
     sent, t0 = 0, time.monotonic()
     try:
         while time.monotonic() - t0 < seconds:
@@ -115,12 +125,8 @@ def _paced_producer(
             for _ in range(due - sent):
                 u = int(rng.integers(0, n_users))
                 src, user = u % PARTITIONS, f"u{u}"
-                item = f"i{min(int(rng.zipf(1.3)) - 1, n_items - 1)}"
-                producer.send(
-                    cfg.topics.events,
-                    key=user.encode(),
-                    value=_event(prefix, src, offsets[src], user, item, int(time.time() * 1000)),
-                )
+                value = _event(cfg.topic_prefix, src, offsets[src], user, _item(rng, n_items), int(time.time() * 1000))
+                producer.send(cfg.topics.events, key=user.encode(), value=value)
                 offsets[src] += 1
                 sent += 1
             time.sleep(0.002)
@@ -148,7 +154,8 @@ def raw_consume(cfg: LMFConfig, n: int) -> float:
                 for r in records:
                     json.loads(r.value)
                 got += len(records)
-        assert t_first is not None and got >= n, f"raw consumer read {got} of {n}"
+        if t_first is None or got < n:
+            raise RuntimeError(f"raw consumer read {got} of {n} events in 300 s")
         return n / (time.perf_counter() - t_first)
     finally:
         consumer.close()
@@ -156,35 +163,44 @@ def raw_consume(cfg: LMFConfig, n: int) -> float:
 
 # ------------------------------------------------------------------- instrumented worker
 class Probe:
-    """Wraps the methods the worker calls to time them, and stops the worker when Redis holds ``target``."""
+    """Times the methods the worker calls (see the module docstring) and stops the worker once Redis holds
+    ``target`` (the last offset per partition; None: never)."""
 
     def __init__(self, worker: LMFWorker, target: dict[int, int] | None) -> None:
         self.worker, self.target = worker, target
         self.split: dict[str, list[float]] = defaultdict(list)
+        self.spans: dict[str, list[tuple[float, float]]] = defaultdict(list)  # fetch and write (start, end)
         self.applied: dict[int, int] = {}
         self.t_first: float | None = None
         self.t_done: float | None = None
-        self.latencies: list[float] = []
-        self.batch_sizes: list[int] = []
+        self.t_last: float | None = None  # the last applied write
+        self.latencies_ms: list[float] = []
+        self.batch_clicks: list[int] = []
+        self.write_rows: list[tuple[int, int]] = []  # (user rows, item rows) per applied write
         self._lock = threading.Lock()
-        m, s = worker.model, worker.store
-        for name, obj, attr in (
-            ("plan", m, "plan"),
-            ("train", m, "train"),
-            ("commit", m, "commit"),
-            ("fetch", s, "read_batch_state"),
-            ("seen_load", s, "seen_items_many"),
-        ):
-            self._time(name, obj, attr)
-        self._orig_apply = s.apply_batch
-        s.apply_batch = self._apply  # type: ignore[method-assign]
-        self._orig_consumer = kafka_util.consumer
-        kafka_util.consumer = self._consumer  # type: ignore[assignment]
+        self._patched: list[tuple[Any, str, Any]] = []  # (object, attribute, original) to restore
+        m = worker.model
+        for name, obj, attr in (("decode", worker, "_decode"), ("settle", worker, "_settle"),
+                                ("refresh_items", worker, "_refresh_items"), ("plan", m, "plan"),
+                                ("load", m, "load_users"), ("load", m, "absorb_items"), ("train", m, "train"),
+                                ("commit", m, "commit"), ("fetch", worker.store, "read_batch_state")):  # fmt: skip
+            self._wrap(name, obj, attr)
+        self._apply = self._patch(worker.store, "apply_batch", self._timed_apply)
+        self._consumer = self._patch(kafka_util, "consumer", self._timed_consumer)
 
     def restore(self) -> None:
-        kafka_util.consumer = self._orig_consumer  # type: ignore[assignment]
+        """Undo every patch (the store and the consumer factory outlive the worker)."""
+        for obj, attr, orig in reversed(self._patched):
+            setattr(obj, attr, orig)
+        self._patched.clear()
 
-    def _time(self, name: str, obj: Any, attr: str) -> None:
+    def _patch(self, obj: Any, attr: str, new: Any) -> Any:
+        orig = getattr(obj, attr)
+        self._patched.append((obj, attr, orig))
+        setattr(obj, attr, new)
+        return orig
+
+    def _wrap(self, name: str, obj: Any, attr: str) -> None:
         orig = getattr(obj, attr)
 
         def timed(*a: Any, **kw: Any) -> Any:
@@ -192,12 +208,15 @@ class Probe:
             try:
                 return orig(*a, **kw)
             finally:
-                self.split[name].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                self.split[name].append(t1 - t0)
+                if name == "fetch":
+                    self.spans[name].append((t0, t1))
 
-        setattr(obj, attr, timed)
+        self._patch(obj, attr, timed)
 
-    def _consumer(self, *a: Any, **kw: Any) -> Any:
-        c = self._orig_consumer(*a, **kw)
+    def _timed_consumer(self, *a: Any, **kw: Any) -> Any:
+        c = self._consumer(*a, **kw)
         orig_poll = c.poll
 
         def poll(*pa: Any, **pkw: Any) -> Any:
@@ -212,37 +231,70 @@ class Probe:
         c.poll = poll
         return c
 
-    def _apply(self, g: int, partition: int, expected: int | None, new_offset: int, *a: Any, **kw: Any) -> Any:
+    def _timed_apply(self, g: int, write: BatchWrite) -> ApplyStatus:
         t0 = time.perf_counter()
-        status = self._orig_apply(g, partition, expected, new_offset, *a, **kw)
+        status = self._apply(g, write)
         now = time.perf_counter()
         now_ms = time.time() * 1000
         self.split["write"].append(now - t0)
-        if status is ApplyStatus.APPLIED:
-            seen = list(kw.get("seen", ()))
-            with self._lock:
-                self.batch_sizes.append(len(seen))
-                self.latencies.extend(now_ms - ts for _u, _i, ts in seen)
-                self.applied[partition] = new_offset
-                if (
-                    self.target is not None
-                    and self.t_done is None
-                    and all(self.applied.get(p, -1) >= o for p, o in self.target.items())
-                ):
-                    self.t_done = now
-                    self.worker.stop.set("bench: caught up")
+        self.spans["write"].append((t0, now))
+        if status is not ApplyStatus.APPLIED:
+            return status
+        with self._lock:
+            self.t_last = now
+            self.batch_clicks.append(len(write.seen))
+            self.write_rows.append((len(write.user_ids), len(write.item_ids)))
+            self.latencies_ms.extend(now_ms - ts for _u, _i, ts in write.seen)
+            self.applied[write.partition] = write.new_offset
+            target = self.target
+            if (
+                target is not None
+                and self.t_done is None
+                and all(self.applied.get(p, -1) >= o for p, o in target.items())
+            ):
+                self.t_done = now
+                self.worker.stop.set("bench: caught up")
         return status
 
-    def split_ms(self) -> dict[str, dict[str, float]]:
+    def batch_stats(self) -> dict[str, float]:
+        """Applied writes, and per write: mean clicks, user rows and item rows (the global row included)."""
+        if not self.write_rows:
+            return {"batches": 0}
+        users, items = np.mean(self.write_rows, axis=0)
         return {
-            k: {"mean_ms": round(1000 * float(np.mean(v)), 2), "total_s": round(float(np.sum(v)), 3), "calls": len(v)}
-            for k, v in sorted(self.split.items())
+            "batches": len(self.batch_clicks),
+            "mean_batch_events": round(float(np.mean(self.batch_clicks)), 1),
+            "mean_write_user_rows": round(float(users), 1),
+            "mean_write_item_rows": round(float(items), 1),
         }
 
+    def fetch_during_write(self) -> float | None:
+        """Share of the fetch time spent while a write was in flight (Redis runs one command at a time, so a
+        fetch issued during the write's Lua script waits for it)."""
+        total = sum(b - a for a, b in self.spans["fetch"])
+        if not total:
+            return None
+        writes = sorted(self.spans["write"])
+        overlap = sum(max(0.0, min(fb, wb) - max(fa, wa)) for fa, fb in self.spans["fetch"] for wa, wb in writes
+                      if wa < fb and wb > fa)  # fmt: skip
+        return round(overlap / total, 3)
 
-def run_lmf(cfg: LMFConfig, store: FactorStore, target: dict[int, int], profile: bool) -> tuple[Probe, str | None]:
+    def split_ms(self, wall_s: float) -> dict[str, dict[str, float]]:
+        return {
+            k: {"mean_ms": round(1000 * float(np.mean(v)), 2), "total_s": round(float(np.sum(v)), 3),
+                "calls": len(v), "share": round(float(np.sum(v)) / wall_s, 3)}
+            for k, v in sorted(self.split.items())
+        }  # fmt: skip
+
+
+def _worker(cfg: LMFConfig, store: FactorStore, group: str) -> LMFWorker:
+    return LMFWorker(replace(cfg, lmf_group=f"{group}-{uuid.uuid4().hex[:8]}"), store)
+
+
+def throughput_phase(cfg: LMFConfig, store: FactorStore, target: dict[int, int], n: int, profile: bool
+                     ) -> dict[str, Any]:  # fmt: skip
     """Run a worker in this thread until Redis holds ``target`` (the probe stops it)."""
-    worker = LMFWorker(replace(cfg, lmf_group=f"bench-lmf-{uuid.uuid4().hex[:8]}"), store)
+    worker = _worker(cfg, store, "bench-lmf")
     probe = Probe(worker, target)
     prof = cProfile.Profile() if profile else None
     try:
@@ -253,20 +305,29 @@ def run_lmf(cfg: LMFConfig, store: FactorStore, target: dict[int, int], profile:
         if prof:
             prof.disable()
         probe.restore()
-    text = None
+    if probe.t_first is None or probe.t_done is None:
+        raise RuntimeError("the worker stopped before Redis held every partition's last offset")
+    secs = probe.t_done - probe.t_first
+    out: dict[str, Any] = {"lmf_eps": round(n / secs), "lmf_seconds": round(secs, 2)}
+    out |= probe.batch_stats()
+    out["split_per_batch"] = probe.split_ms(secs)
+    out["fetch_share_during_write"] = probe.fetch_during_write()
     if prof:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
-        text = buf.getvalue()
-    return probe, text
+        out["profile_top_tottime"] = [ln for ln in buf.getvalue().splitlines() if ln.strip()][:40]
+    return out
 
 
-def latency_phase(cfg: LMFConfig, store: FactorStore, args: argparse.Namespace) -> dict[str, Any]:
-    """Click-to-visible latency at a fixed produce rate (see the module docstring)."""
-    worker = LMFWorker(replace(cfg, lmf_group=f"bench-lat-{uuid.uuid4().hex[:8]}"), store)
+def latency_phase(cfg: LMFConfig, store: FactorStore, env: dict[str, str], args: argparse.Namespace, rate: float,
+                  start_offset: int) -> dict[str, Any]:  # fmt: skip
+    """Click-to-visible latency at a fixed produce rate (see the module docstring); source offsets of the paced
+    clicks start at ``start_offset``."""
+    worker = _worker(cfg, store, "bench-lat")
     probe = Probe(worker, None)
     thread = threading.Thread(target=worker.run, name="bench-lmf-latency", daemon=True)
     thread.start()
+    sent, t_sent = 0, time.perf_counter()
     try:
         deadline = time.monotonic() + 60
         while not (worker.consumer is not None and worker.health()[1]["assigned"]) and time.monotonic() < deadline:
@@ -274,42 +335,31 @@ def latency_phase(cfg: LMFConfig, store: FactorStore, args: argparse.Namespace) 
         time.sleep(1.0)  # let the assignment callback resume every partition
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        proc = ctx.Process(
-            target=_paced_producer,
-            args=(
-                cfg.kafka.bootstrap,
-                cfg.topic_prefix,
-                args.rate,
-                args.latency_seconds,
-                args.users,
-                args.items,
-                [args.events] * PARTITIONS,
-                q,
-            ),
-        )
+        proc = ctx.Process(target=_paced_producer, args=(env, rate, args.latency_seconds, args.users, args.items,
+                                                          start_offset, q))  # fmt: skip
         proc.start()
         sent = q.get(timeout=args.latency_seconds + 60)
+        t_sent = time.perf_counter()
         proc.join(10)
         deadline = time.monotonic() + 20
-        while len(probe.latencies) < sent and time.monotonic() < deadline:
+        while len(probe.latencies_ms) < sent and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         worker.stop.set("bench: window over")
         thread.join(30)
         probe.restore()
-    lat = probe.latencies
+    lat = probe.latencies_ms
     return {
-        "rate": args.rate,
+        "rate": rate,
         "seconds": args.latency_seconds,
         "sent": sent,
         "measured": len(lat),
-        "p50_ms": _pct(lat, 50),
-        "p90_ms": _pct(lat, 90),
-        "p99_ms": _pct(lat, 99),
+        **{f"p{q}_ms": _pct(lat, q) for q in (50, 90, 99)},
         "max_ms": _pct(lat, 100),
-        "batches": len(probe.batch_sizes),
-        "mean_batch_events": round(float(np.mean(probe.batch_sizes)), 1) if probe.batch_sizes else 0,
-        "split_per_batch": probe.split_ms(),
+        "drain_s": round(max(0.0, (probe.t_last or t_sent) - t_sent), 2),
+        **probe.batch_stats(),
+        "split_per_batch": probe.split_ms(args.latency_seconds),
+        "fetch_share_during_write": probe.fetch_during_write(),
     }
 
 
@@ -319,58 +369,46 @@ def _pct(values: list[float], q: float) -> float | None:
 
 # ------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--events", type=int, default=200_000)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--events", type=int, default=200_000, help="events of the throughput pass (>= 1)")
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--items", type=int, default=20_000)
-    ap.add_argument("--rate", type=float, default=5000.0, help="events/s of the latency phase")
+    ap.add_argument("--rate", type=float, nargs="+", default=[2000.0, 5000.0], help="events/s of the latency "
+                    "phases (one phase per rate, each with a fresh worker)")  # fmt: skip
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--profile", action="store_true", help="cProfile the worker thread of the throughput pass")
-    ap.add_argument("--batch", type=int, default=2000, help="ZEROCF_LMF_BATCH of the worker (and the raw pass)")
     args = ap.parse_args(argv)
-    global BATCH
-    BATCH = args.batch
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    out: dict[str, Any] = {
-        "events": args.events,
-        "partitions": PARTITIONS,
-        "config": {"factors": 64, "negatives": 5, "hard_share": 0.2, "batch": 2000},
-        "raw_includes_json_loads": True,
-    }
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    out: dict[str, Any] = {"events": args.events, "users": args.users, "items": args.items, "partitions": PARTITIONS}
+    out["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="zerocf-bench-lmf-") as tmp:
         stack = LocalStack(tmp)
         stack.up()
         try:
             env = {**stack.env(), "ZEROCF_TOPIC_PREFIX": f"b{uuid.uuid4().hex[:8]}"}
-            cfg = load(LMFConfig, env, {"factors": 64, "negatives": 5, "hard_share": 0.2, "batch": 2000})
+            cfg = load(LMFConfig, env)
+            out["config"] = {name: v for name, v in asdict(cfg).items() if name in REPORTED_CONFIG}
+            out["raw_includes_json_loads"] = True
             kafka_util.ensure_topics(cfg.kafka, {cfg.topics.events: PARTITIONS})
             t0 = time.perf_counter()
             last = produce_events(cfg, args.events, args.users, args.items)
             out["produce_eps"] = round(args.events / (time.perf_counter() - t0))
             out["raw_consume_eps"] = round(raw_consume(cfg, args.events))
-
-            store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap)
-            probe, prof_text = run_lmf(cfg, store, last, args.profile)
-            assert probe.t_first is not None and probe.t_done is not None, "the worker never caught up"
-            secs = probe.t_done - probe.t_first
-            lmf_eps = args.events / secs
-            out["lmf_eps"] = round(lmf_eps)
-            out["lmf_seconds"] = round(secs, 2)
-            out["ratio"] = round(lmf_eps / out["raw_consume_eps"], 3)
-            out["targets"] = {"ratio>=0.5": out["ratio"] >= 0.5, "lmf_eps>=20000": lmf_eps >= 20_000}
-            out["batches"] = len(probe.batch_sizes)
-            out["mean_batch_events"] = round(float(np.mean(probe.batch_sizes)), 1)
-            out["split_per_batch"] = probe.split_ms()
-            counts = store.user_update_counts(store.live_generation())
-            out["applied_events_in_redis"] = sum(counts.values())
-
-            # latency phase: a fresh worker resumes behind the stored offsets; once it owns its partitions a
-            # paced producer process starts (source offsets continue above the first phase's: not duplicates)
-            out["latency"] = latency_phase(cfg, store, args)
-            if prof_text:
-                out["profile_top_tottime"] = [ln for ln in prof_text.splitlines() if ln.strip()][:40]
+            first_calls()  # load the compiled kernels first, as a running worker has them: a steady-state pass
+            store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap,
+                                        seen_ttl=int(cfg.seen_ttl_days * 86400))  # fmt: skip
+            out |= throughput_phase(cfg, store, last, args.events, args.profile)
+            out["ratio"] = round(out["lmf_eps"] / out["raw_consume_eps"], 3)
+            out["targets"] = {"ratio>=0.5": out["ratio"] >= 0.5, "lmf_eps>=20000": out["lmf_eps"] >= 20_000}
+            out["applied_events_in_redis"] = sum(store.user_update_counts(store.live_generation()).values())
+            # a fresh worker resumes behind the stored offsets; once it owns its partitions a paced producer
+            # process starts
+            out["latency"] = {}
+            sent = args.events  # no partition has an offset above this yet
+            for rate in args.rate:
+                out["latency"][f"{rate:g}"] = lat = latency_phase(cfg, store, env, args, rate, sent)
+                sent += lat["sent"]
         finally:
             stack.down()
     print(json.dumps(out, indent=1))

@@ -1,20 +1,30 @@
 """Benchmark :class:`workers.serving.lookup.Recommender` against the bare numpy limit; prints one JSON object.
 
-For each catalogue size (10k and 100k items, k=64 factors) it writes a random model into a private
-redis-server (started here with :meth:`stream.devstack.LocalStack.start_redis`, shut down at the end) and
-measures, in the same process and run:
+Run: ``python -m bench.bench_lookup [--items 10000 100000] [--calls 1000] [--batch-users 500]``.
 
-- ``single``: ``recommend(user, k=10)`` latency p50/p99 (ms) for known users with 20 seen items each
-  (user HMGET + seen read from Redis, matrix-vector product, masking, argpartition, sigmoid);
-- ``bare_single``: the limit, ``Q @ p`` + argpartition + sort of the top 10 on an in-memory matrix
-  (timed interleaved with ``single``, call by call, so both see the same load on a shared machine);
-- ``batch``: ``recommend_many`` throughput (users/s, best of 3), vs ``bare_batch``: chunked
-  ``U @ Q.T`` + row argpartition (best of 3);
-- ``fallback``: p50/p99 of unknown users (popularity), and ``load_s``: one full item-matrix load.
+For each catalogue size it writes a random schema-2 model (rows of k = 64 latent values + bias, a global
+bias row, decayed popularity of every item) into a private redis-server (started here with
+:meth:`stream.devstack.LocalStack.start_redis`, shut down at the end; the database is flushed between sizes)
+and measures, in the same process and run, top-10 lookups for two groups of known users: ``light``
+(2,000 users with 20 seen items each) and ``heavy`` (200 users with 1,000 seen items each). Every seen
+item is excluded from a user's recommendations. BLAS is pinned to one thread (as in the workers), so both
+sides see the same machine.
 
-BLAS is pinned to one thread (as in the workers) so both sides see the same machine.
+Fields per size (``results[]``) and per group (``light``, ``heavy``):
 
-Run: ``python -m bench.bench_lookup [--items 10000 100000] [--calls 1000]``.
+- ``single``: ``recommend(user, k=10)`` latency p50/p99 (ms): user HMGET + seen ZREVRANGE from Redis,
+  ``[p_u, 1] . [q_i, b_i]`` over the cached matrix, masking the seen items, argpartition, sigmoid.
+- ``bare_single``: the limit, the same product, masking of the same seen items (already as row indices),
+  argpartition and sort of the top 10 on in-memory arrays, timed interleaved with ``single`` call by call
+  (the first 50 calls of both warm up and are dropped); ``single_ratio_p50``/``p99`` = single / bare.
+- ``batch_users_per_s``: ``recommend_many`` over ``--batch-users`` users (best of 3) vs
+  ``bare_batch_users_per_s`` (chunked ``U @ Q.T``, masking, row argpartition, best of 3, alternating);
+  ``batch_ratio`` = bare users/s ÷ ours (1 = at the limit).
+
+``load_avg_1m_at_start`` is the machine's 1-minute load average when the bench started. Per size also:
+``fallback`` p50/p99 (ms) of users without a vector and without seen items (the generation's top items by
+time-decayed popularity, ``sigmoid(b + b_i)``), ``load_s`` (one full item-matrix load,
+:meth:`Recommender.refresh` forced) and ``write_s`` (writing the model, not a lookup figure).
 """
 
 from __future__ import annotations
@@ -31,120 +41,174 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 import redis  # noqa: E402
 
 from stream.devstack import LocalStack  # noqa: E402
 from workers.serving.lookup import Recommender  # noqa: E402
-from workers.store import FactorStore  # noqa: E402
+from workers.store import GLOBAL_ROW, FactorStore  # noqa: E402
 
 log = logging.getLogger("bench.lookup")
-FACTORS, TOPK, N_USERS, SEEN = 64, 10, 2000, 20
+FACTORS, TOPK, GLOBAL_BIAS = 64, 10, -3.0
+GROUPS = {"light": (2000, 20), "heavy": (200, 1000)}  # name -> (users, seen items per user)
+T0 = 1_700_000_000_000  # event time of the seen clicks, ms
+WARMUP = 50
+F32 = npt.NDArray[np.float32]
 
 
-def _pct(samples: list[float]) -> dict[str, float]:
+@dataclass
+class Group:
+    """Known users of one group: ids, rows ``(n, k + 1)`` and seen items as row indices ``(n, seen)``."""
+
+    ids: list[str]
+    rows: F32
+    seen: npt.NDArray[np.int64]
+
+
+def _pct(samples: Sequence[float]) -> dict[str, float]:
     a = np.asarray(samples) * 1000.0
     return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3)}
 
 
-def _timed(fn: Any, args: list[Any]) -> list[float]:
-    out = []
-    for a in args:
-        t = time.perf_counter()
-        fn(a)
-        out.append(time.perf_counter() - t)
+def _rows(rng: np.random.Generator, n: int) -> F32:
+    """``n`` rows of ``k`` latent values (N(0, 0.1^2)) and a bias (N(0, 0.5^2))."""
+    out = (rng.normal(size=(n, FACTORS + 1)) * 0.1).astype(np.float32)
+    out[:, -1] *= 5.0
     return out
 
 
-def build(store: FactorStore, n_items: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def build(store: FactorStore, n_items: int, rng: np.random.Generator) -> tuple[F32, dict[str, Group]]:
+    """Write items (+ the global row and decayed popularity) and both user groups with their seen items."""
     store.ensure_model(FACTORS)
-    items = (rng.normal(size=(n_items, FACTORS)) * 0.1).astype(np.float32)
-    users = (rng.normal(size=(N_USERS, FACTORS)) * 0.1).astype(np.float32)
-    store.write_vectors(1, "item", [f"i{j}" for j in range(n_items)], items)
-    store.write_vectors(1, "user", [f"u{j}" for j in range(N_USERS)], users)
-    store.write_counts(1, {f"i{j}": float(1000 - j) for j in range(1000)})
-    seen = rng.integers(0, n_items, size=(N_USERS, SEEN))
-    store.add_seen((f"u{u}", f"i{j}", 1 + n) for u in range(N_USERS) for n, j in enumerate(seen[u]))
-    return items, users
+    item_ids = [f"i{j}" for j in range(n_items)]
+    items = _rows(rng, n_items)
+    store.write_vectors(1, "item", item_ids, items)
+    glob = np.zeros((1, FACTORS + 1), np.float32)
+    glob[0, -1] = GLOBAL_BIAS
+    store.write_vectors(1, "item", [GLOBAL_ROW], glob)
+    store.write_popularity(1, {i: float(s) for i, s in zip(item_ids, rng.pareto(1.0, n_items))}, T0)
+    groups = {}
+    for name, (n_users, n_seen) in GROUPS.items():
+        ids = [f"{name}{j}" for j in range(n_users)]
+        g = Group(ids, _rows(rng, n_users), np.stack([rng.choice(n_items, n_seen, replace=False) for _ in ids]))
+        store.write_vectors(1, "user", ids, g.rows)
+        for u, seen in zip(ids, g.seen):
+            store.add_seen((u, item_ids[j], T0 + n) for n, j in enumerate(seen.tolist()))
+        groups[name] = g
+    return items, groups
 
 
-def bare_single(items: np.ndarray, p: np.ndarray) -> np.ndarray:
-    s = items @ p
+def _augmented(p: F32) -> F32:
+    """``[p_u, 1]``, so that one product gives ``p_u . q_i + b_i`` against rows ``[q_i, b_i]``."""
+    a = np.array(p, np.float32, copy=True, ndmin=2)
+    a[:, -1] = 1.0
+    return a
+
+
+def bare_single(items: F32, p: F32, seen: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
+    s = items @ _augmented(p)[0]
+    s[seen] = -np.inf
     top = np.argpartition(-s, TOPK - 1)[:TOPK]
     return top[np.argsort(-s[top])]
 
 
-def bare_batch(items: np.ndarray, users: np.ndarray, chunk: int) -> None:
+def bare_batch(items: F32, users: F32, seen: npt.NDArray[np.int64], chunk: int) -> None:
+    aug = _augmented(users)
     for c in range(0, len(users), chunk):
-        s = users[c : c + chunk] @ items.T
+        s = aug[c : c + chunk] @ items.T
+        np.put_along_axis(s, seen[c : c + chunk], -np.inf, axis=1)
         np.argpartition(-s, TOPK - 1, axis=1)[:, :TOPK]
+
+
+def _best_of_3(fns: Sequence[Callable[[], object]]) -> list[float]:
+    best = [float("inf")] * len(fns)
+    for _ in range(3):  # alternating, so both see the same load
+        for n, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[n] = min(best[n], time.perf_counter() - t)
+    return best
+
+
+def run_group(rec: Recommender, items: F32, g: Group, calls: int, batch_users: int,
+              rng: np.random.Generator) -> dict[str, Any]:  # fmt: skip
+    picks = rng.integers(0, len(g.ids), size=calls + WARMUP)
+    single: list[float] = []
+    bare: list[float] = []
+    for n, u in enumerate(picks.tolist()):  # interleaved, so both sides see the same load and caches
+        t0 = time.perf_counter()
+        rec.recommend(g.ids[u], TOPK)
+        t1 = time.perf_counter()
+        bare_single(items, g.rows[u], g.seen[u])
+        t2 = time.perf_counter()
+        if n >= WARMUP:
+            single.append(t1 - t0)
+            bare.append(t2 - t1)
+    nb = min(batch_users, len(g.ids))
+    chunk = max(1, (1 << 22) // len(items))
+    ours_s, bare_s = _best_of_3([lambda: rec.recommend_many(g.ids[:nb], TOPK),
+                                 lambda: bare_batch(items, g.rows[:nb], g.seen[:nb], chunk)])  # fmt: skip
+    s, b = _pct(single), _pct(bare)
+    return {
+        "users": len(g.ids),
+        "seen_per_user": int(g.seen.shape[1]),
+        "single": s,
+        "bare_single": b,
+        "single_ratio_p50": round(s["p50_ms"] / b["p50_ms"], 2),
+        "single_ratio_p99": round(s["p99_ms"] / b["p99_ms"], 2),
+        "batch_users": nb,
+        "batch_users_per_s": round(nb / ours_s),
+        "bare_batch_users_per_s": round(nb / bare_s),
+        "batch_ratio": round(ours_s / bare_s, 2),
+    }
 
 
 def run_size(client: redis.Redis, n_items: int, calls: int, batch_users: int) -> dict[str, Any]:
     rng = np.random.default_rng(n_items)
     store = FactorStore(client, namespace=f"bench{n_items}")
     t = time.perf_counter()
-    items, users = build(store, n_items, rng)
+    items, groups = build(store, n_items, rng)
     write_s = time.perf_counter() - t
     rec = Recommender(store, refresh_s=3600.0)
     t = time.perf_counter()
     rec.refresh(force=True)
     load_s = time.perf_counter() - t
-    picks = [f"u{j}" for j in rng.integers(0, N_USERS, size=calls)]
-    single: list[float] = []
-    bare: list[float] = []
-    for n, u in enumerate(picks):  # interleaved, so both sides see the same machine load and caches
-        t0 = time.perf_counter()
-        rec.recommend(u, TOPK)
-        t1 = time.perf_counter()
-        bare_single(items, users[int(u[1:])])
-        t2 = time.perf_counter()
-        if n >= 50:  # the first 50 warm up
-            single.append(t1 - t0)
-            bare.append(t2 - t1)
-    fallback = _timed(lambda u: rec.recommend(u, TOPK), [f"x{j}" for j in range(min(calls, 300))])
-    batch_ids = [f"u{j}" for j in range(batch_users)]
-    batch_s = bare_batch_s = float("inf")
-    for _ in range(3):  # best of 3, alternating
+    assert rec.n_items == n_items, (rec.n_items, n_items)
+    out: dict[str, Any] = {"items": n_items, "factors": FACTORS, "k": TOPK, "calls": calls}
+    out |= {name: run_group(rec, items, g, calls, batch_users, rng) for name, g in groups.items()}
+    strangers = [f"x{j}" for j in range(min(calls, 300) + WARMUP)]
+    fallback = []
+    for u in strangers:
         t = time.perf_counter()
-        rec.recommend_many(batch_ids, TOPK)
-        batch_s = min(batch_s, time.perf_counter() - t)
-        t = time.perf_counter()
-        bare_batch(items, users[:batch_users], max(1, (1 << 22) // n_items))
-        bare_batch_s = min(bare_batch_s, time.perf_counter() - t)
-    s, b = _pct(single), _pct(bare)
-    return {
-        "items": n_items,
-        "factors": FACTORS,
-        "k": TOPK,
-        "calls": calls,
-        "write_s": round(write_s, 2),
-        "load_s": round(load_s, 3),
-        "single": s,
-        "bare_single": b,
-        "single_ratio_p50": round(s["p50_ms"] / b["p50_ms"], 2),
-        "single_ratio_p99": round(s["p99_ms"] / b["p99_ms"], 2),
-        "fallback": _pct(fallback),
-        "batch_users_per_s": round(batch_users / batch_s),
-        "bare_batch_users_per_s": round(batch_users / bare_batch_s),
-        "batch_ratio": round((batch_users / bare_batch_s) / (batch_users / batch_s), 2),
-    }
+        r = rec.recommend(u, TOPK)
+        fallback.append(time.perf_counter() - t)
+        assert r.fallback, u
+    out["fallback"] = _pct(fallback[WARMUP:])
+    out |= {"load_s": round(load_s, 3), "write_s": round(write_s, 2)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--calls", type=int, default=1000, help="timed single calls per group (after 50 warm-up)")
     ap.add_argument("--batch-users", type=int, default=500)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    load = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="zerocf-bench-") as tmp:
         svc = LocalStack(tmp).start_redis()
         client = redis.Redis(port=svc.port, decode_responses=False)
         try:
-            results = [run_size(client, n, args.calls, args.batch_users) for n in args.items]
+            results = []
+            for n in args.items:
+                results.append(run_size(client, n, args.calls, args.batch_users))
+                client.flushdb()
         finally:
             try:
                 client.shutdown(nosave=True)
@@ -153,11 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             except redis.RedisError:
                 os.killpg(svc.pid, signal.SIGTERM)  # our own redis-server (its own session)
             client.close()
-    print(
-        json.dumps(
-            {"bench": "lookup", "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "results": results}, indent=1
-        )
-    )
+    head = {"bench": "lookup", "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "load_avg_1m_at_start": load}
+    print(json.dumps({**head, "groups": GROUPS, "results": results}, indent=1))
     return 0
 
 

@@ -253,8 +253,18 @@ def env_reference(*classes: type) -> list[tuple[str, str, str, str]]:
     for f in settings_of(*classes):
         flag = f.flag if f.meta.get("cli", True) else ""
         unit = f" {f.meta['unit']}" if f.meta.get("unit") and f.default not in ("", None) else ""
-        rows.append((f.env, f"{f.default!r}{unit}", flag, str(f.meta["help"])))
+        default = f.default if isinstance(f.default, str) else repr(f.default)
+        rows.append((f.env, f"{default}{unit}", flag, str(f.meta["help"])))
     return sorted(rows)
+
+
+def env_markdown(*classes: type) -> str:
+    """The README's configuration table (``zerocf config --markdown`` prints it; a test keeps them equal)."""
+    lines = ["| variable | default | flag | meaning |", "| --- | --- | --- | --- |"]
+    for env, default, flag, help_ in env_reference(*classes):
+        shown = "" if default in ("None", "") else f"`{default}`"
+        lines.append(f"| `{env}` | {shown} | {f'`{flag}`' if flag else ''} | {help_.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
 
 
 def check_unknown_env(env: Mapping[str, str], known: Iterable[str]) -> None:

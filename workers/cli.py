@@ -22,9 +22,11 @@ from stream.config import (
     RuntimeSettings,
     add_flags,
     check_unknown_env,
+    env_markdown,
     flag_overrides,
     known_env_vars,
     load,
+    settings_of,
 )
 from stream.errors import ZerocfError
 
@@ -81,9 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    cfg = sub.add_parser(
+        "config",
+        help="print every ZEROCF_* variable with its value here (or the reference table)",
+        description="Print every ZEROCF_* variable as VAR=value (from the environment, else the default; "
+        "secrets shown as ***), or with --markdown the reference table of the README.",
+    )
+    cfg.add_argument("--markdown", action="store_true", help="print the reference table (variable, default, flag)")
+    cfg.set_defaults(func=_run_config)
     for command in sub.choices.values():
         command.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    classes = all_config_classes()
+    if args.markdown:
+        sys.stdout.write(env_markdown(*classes))
+        return 0
+    for f in sorted(settings_of(*classes), key=lambda f: f.env):
+        value = args.env.get(f.env)
+        shown = "" if value is None and f.default is None else str(f.default if value is None else value)
+        if f.meta.get("secret") and value:
+            shown = "***"
+        sys.stdout.write(f"{f.env}={shown}{'' if value is None else '  # from the environment'}\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `zerocf config | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ Formats
 from __future__ import annotations
 
 import csv
+import gzip
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -144,7 +145,7 @@ def read_interactions(
     on_bad_line: Callable[[BadLine], None] | None = None,
     min_rating: float | None = None,
 ) -> Iterator[Interaction]:
-    """Read a dataset file as interactions, in file order.
+    """Read a dataset file (gzip-compressed if its name ends in ``.gz``) as interactions, in file order.
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp(); f = os.path.join(d, "u.data")
@@ -158,7 +159,8 @@ def read_interactions(
     if fmt not in ("csv", "movielens", "lastfm"):
         raise ValueError(f"fmt {fmt!r} is unknown; use 'csv', 'movielens' or 'lastfm'")
     sep, first = "\t", True
-    with open(path, "rb") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")

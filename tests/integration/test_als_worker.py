@@ -29,6 +29,7 @@ from tests.helpers import (
     assert_published,
     last_offsets,
     produce_clicks,
+    run_zerocf,
     wait_until,
 )
 from workers.batch.worker import ALSWorker
@@ -40,7 +41,11 @@ K = 16
 
 # ------------------------------------------------------------------- helpers
 def _als_cfg(env: dict[str, str], ckpt: Path) -> ALSConfig:
-    return load(ALSConfig, env, {"factors": K, "checkpoint_dir": str(ckpt), "als_iterations": 6, "calib_samples": 2000})
+    return load(
+        ALSConfig,
+        env,
+        {"factors": K, "checkpoint_dir": str(ckpt), "als_iterations": 6, "als_reg": 1.0, "calib_samples": 2000},
+    )
 
 
 def _store(env: dict[str, str]) -> FactorStore:
@@ -69,26 +74,8 @@ def test_als_once_publishes_every_user_and_item_with_snapshot_offsets(
     producer.close()
     last = last_offsets(cfg)
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "als",
-            "--once",
-            "--factors",
-            str(K),
-            "--iterations",
-            "6",
-            "--checkpoint-dir",
-            str(ckpt),
-        ],
-        env=zerocf_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = ["--factors", str(K), "--iterations", "6", "--reg", "1", "--checkpoint-dir", str(ckpt)]
+    proc = run_zerocf(zerocf_env, "als", "--once", *flags)
     store, meta, users, items, U, V = assert_published(zerocf_env, rows, last)
     assert store.generation_meta(1).state == "retired"
     ck = _ckpt_meta(ckpt)
@@ -256,3 +243,27 @@ def test_every_skips_when_nothing_is_new_and_stops_on_the_flag(
     res = ALSWorker(cfg, store).run_once(min_new_events=1)
     assert res.outcome == "skipped" and res.pending == 0 and res.new_events == 0
     assert worker.health()[0]
+
+
+# ------------------------------------------------------------------- (e) upgrading a schema-1 model
+def test_schema_1_model_is_refused_by_name_and_rebuilt_by_als_rebuild(
+    zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path
+) -> None:
+    rows = synthetic_dataset(80, 40, 800, seed=4)
+    produce_clicks(zerocf_env, rows)
+    wait_until("ingest", lambda: ingest_thread.stats.events_out >= len(rows), 30)
+    store = _store(zerocf_env)
+    ns = zerocf_env["ZEROCF_TOPIC_PREFIX"]
+    legacy = {"schema_version": "1", "k": str(K), "dtype": "<f4", "live_gen": "1"}
+    store.r.hset(f"zcf:v1:{{{ns}}}:meta", mapping=legacy)
+    store.r.hset(f"zcf:v1:{{{ns}}}:g:1:user", "u1", b"\0" * 4 * K)
+    lmf = run_zerocf(zerocf_env, "lmf", "--until-idle", "--factors", str(K), check=False)
+    assert lmf.returncode == 2 and "schema-1" in lmf.stderr and "zerocf als --once --rebuild" in lmf.stderr
+    assert not store.r.exists(store.keys.meta)  # refused before creating anything
+    last = last_offsets(als_stream_cfg(zerocf_env))
+    flags = ["--factors", str(K), "--iterations", "4", "--reg", "1", "--checkpoint-dir", str(tmp_path / "ck")]
+    run_zerocf(zerocf_env, "als", "--once", "--rebuild", *flags)
+    assert_published(zerocf_env, rows, last)
+    assert store.meta().schema_version == 2
+    assert store.r.hget(f"zcf:v1:{{{ns}}}:g:1:user", "u1") == b"\0" * 4 * K  # the old keys are left alone
+    run_zerocf(zerocf_env, "lmf", "--until-idle", "--factors", str(K))

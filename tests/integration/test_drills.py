@@ -33,7 +33,7 @@ import redis
 
 from stream import kafka_util
 from stream.config import StreamConfig, load
-from stream.devstack import LocalStack, free_port, redis_binary
+from stream.devstack import LocalStack, free_port, redis_argv
 from stream.events import Event
 from stream.kafka_util import read_topic
 from tests.helpers import (
@@ -255,21 +255,7 @@ def _start_aof_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "redis.log", "ab") as out:
         proc = subprocess.Popen(
-            [
-                redis_binary(),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(directory),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ],
+            redis_argv(port, directory, "--appendonly", "yes", "--appendfsync", "always"),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

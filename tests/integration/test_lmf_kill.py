@@ -37,6 +37,7 @@ from tests.helpers import (
     fresh_group,
     lmf_cmd,
     run_lmf,
+    stop_process,
     truth_of,
 )
 from workers.config import LMFConfig
@@ -95,13 +96,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(
         truth = _wait_for_stream(cfg, N_CLICKS)
     finally:
         for proc in (producer, ingest):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 20)
         ingest_log.close()
     total = sum(o + 1 for o in truth.last_offsets.values())
     assert total == truth.distinct == N_CLICKS  # no ingest replays here: every record is one distinct event

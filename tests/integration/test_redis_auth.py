@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from stream.devstack import free_port, redis_binary
+from stream.devstack import free_port, redis_argv
 from stream.errors import ConfigError
 from workers.store import FactorStore
 
@@ -23,21 +23,7 @@ SECRET = "s3cret-Pa55"
 def auth_redis(tmp_path: Path) -> Iterator[int]:
     port = free_port()
     proc = subprocess.Popen(
-        [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-            "--requirepass",
-            SECRET,
-        ],
+        redis_argv(port, tmp_path, "--requirepass", SECRET),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from stream.devstack import free_port
+from tests.helpers import TS, wait_until
 from workers.serving.lookup import Recommender
 from workers.serving.server import RecommendServer, make_server
-from workers.store import FactorStore
+from workers.store import GLOBAL_ROW, FactorStore
 
 MAX_K = 50
+B = -0.2  # the global bias
 
 
 @pytest.fixture()
@@ -31,7 +34,7 @@ def store(redis_url: str, topic_prefix: str) -> FactorStore:
 @pytest.fixture()
 def server(store: FactorStore) -> Iterator[RecommendServer]:
     srv = make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield srv
@@ -41,20 +44,32 @@ def server(store: FactorStore) -> Iterator[RecommendServer]:
         thread.join(10)
 
 
+def sig(x: list[float]) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
 def build(store: FactorStore) -> None:
+    """Rows are (latent, bias). For u1 = (2, 1; 0.1), b_i + p.q is b 2.5 (by its bias), a 2, c -2."""
     store.ensure_model(2)
-    store.write_vectors(1, "item", ["a", "b", "c"], np.array([[1, 0], [0, 1], [-1, 0]], dtype=np.float32))
-    store.write_vectors(1, "user", ["u1"], np.array([[2, 1]], dtype=np.float32))
+    items = np.array([[1, 0, 0], [0, 1, 1.5], [-1, 0, 0], [0, 0, B]], dtype=np.float32)
+    store.write_vectors(1, "item", ["a", "b", "c", GLOBAL_ROW], items)
+    store.write_vectors(1, "user", ["u1"], np.array([[2, 1, 0.1]], dtype=np.float32))
     store.write_counts(1, {"c": 5, "b": 3})
+    store.write_popularity(1, {"b": 2.0, "c": 1.0}, ref_ms=TS)  # the fallback follows this, not the counts
 
 
-def get(srv: RecommendServer, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(f"http://127.0.0.1:{srv.port}{path}", method=method)
+def get(srv: RecommendServer | int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    port = srv if isinstance(srv, int) else srv.port
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
+
+
+def items_of(body: bytes) -> list[str]:
+    return [e["item"] for e in json.loads(body)["items"]]
 
 
 def test_recommend_contract(server: RecommendServer, store: FactorStore) -> None:
@@ -64,15 +79,41 @@ def test_recommend_contract(server: RecommendServer, store: FactorStore) -> None
     doc = json.loads(body)
     assert set(doc) == {"user", "items", "fallback", "generation"}
     assert (doc["user"], doc["fallback"], doc["generation"]) == ("u1", False, 1)
-    assert [e["item"] for e in doc["items"]] == ["a", "b"]
-    np.testing.assert_allclose(
-        [e["score"] for e in doc["items"]], [1 / (1 + np.exp(-2)), 1 / (1 + np.exp(-1))], rtol=1e-6
-    )
-    store.add_seen([("u1", "a", 1)])
-    assert [e["item"] for e in json.loads(get(server, "/recommend?user=u1&k=2")[2])["items"]] == ["b", "c"]
-    assert [e["item"] for e in json.loads(get(server, "/recommend?user=u1&k=1&exclude_seen=0")[2])["items"]] == ["a"]
+    assert [e["item"] for e in doc["items"]] == ["b", "a"]
+    np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([B + 0.1 + 2.5, B + 0.1 + 2]), rtol=1e-6)
+    store.add_seen([("u1", "b", TS)])
+    assert items_of(get(server, "/recommend?user=u1&k=2")[2]) == ["a", "c"]
+    assert items_of(get(server, "/recommend?user=u1&k=1&exclude_seen=0")[2]) == ["b"]
     doc = json.loads(get(server, "/recommend?user=%C3%A9l%C3%A8ve")[2])
-    assert (doc["user"], doc["fallback"], [e["item"] for e in doc["items"]]) == ("élève", True, ["c", "b"])
+    assert (doc["user"], doc["fallback"], [e["item"] for e in doc["items"]]) == ("élève", True, ["b", "c"])
+    np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([B + 1.5, B]), rtol=1e-6)  # sigmoid(b + b_i)
+    store.add_seen([("élève", "b", TS)])
+    assert items_of(get(server, "/recommend?user=%C3%A9l%C3%A8ve")[2]) == ["c"]
+
+
+def head(srv: RecommendServer, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A raw HEAD: status, headers and every byte sent after them (http.client would discard a body)."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(f"HEAD {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+        raw = b""
+        while chunk := sock.recv(65536):  # HTTP/1.0: the server closes after the response
+            raw += chunk
+    head_, _, rest = raw.partition(b"\r\n\r\n")
+    status, *lines = head_.decode("latin-1").split("\r\n")
+    return int(status.split()[1]), dict(ln.split(": ", 1) for ln in lines), rest
+
+
+def test_head_is_get_without_body(server: RecommendServer, store: FactorStore) -> None:
+    build(store)
+    for path in ("/recommend?user=u1&k=2", "/healthz", "/metrics", "/recommend?user=u1&k=0", "/nope"):
+        code, headers, body = get(server, path)
+        hcode, hheaders, rest = head(server, path)
+        assert (hcode, rest) == (code, b""), path
+        assert hheaders["Content-Type"] == headers["Content-Type"], path
+        if path != "/metrics":  # the metrics body changes with every request
+            assert int(hheaders["Content-Length"]) == len(body) > 0, path
+    text = get(server, "/metrics")[2].decode()
+    assert 'zerocf_serve_requests_total{path="/recommend",status="200"} 2.0' in text  # HEADs are counted too
 
 
 @pytest.mark.parametrize(
@@ -110,8 +151,10 @@ def test_paths_methods_and_health(server: RecommendServer, store: FactorStore) -
     assert code == 200 and json.loads(body)["ok"] is True and json.loads(body)["live_generation"] == 1
     code, _, body = get(server, "/nope")
     assert code == 404 and "use /recommend" in json.loads(body)["error"]
-    code, headers, body = get(server, "/recommend?user=u1", method="POST")
-    assert code == 405 and headers["Allow"] == "GET, HEAD" and "use GET" in json.loads(body)["error"]
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        code, headers, body = get(server, "/recommend?user=u1", method=method)
+        assert code == 405 and headers["Allow"] == "GET, HEAD", method
+        assert f"method {method} not allowed; use GET" in json.loads(body)["error"]
     assert get(server, "/recommend?user=ghost")[0] == 200
     code, headers, body = get(server, "/metrics")
     text = body.decode()
@@ -119,6 +162,7 @@ def test_paths_methods_and_health(server: RecommendServer, store: FactorStore) -
     assert 'zerocf_serve_requests_total{path="/recommend",status="200"} 1.0' in text
     assert 'zerocf_serve_requests_total{path="/recommend",status="503"} 1.0' in text
     assert 'zerocf_serve_requests_total{path="other",status="404"} 1.0' in text
+    assert 'zerocf_serve_requests_total{path="/recommend",status="405"} 5.0' in text
     assert "zerocf_serve_fallbacks_total 1.0" in text
     assert 'zerocf_serve_request_seconds_bucket{le="0.005",path="/recommend"}' in text
     assert "zerocf_serve_cache_refreshes " in text
@@ -137,10 +181,11 @@ def test_internal_error_is_500_json_without_trace(
     assert code == 500 and json.loads(body) == {"error": "internal error; see the server log"}
 
 
-def test_serve_command_stops_on_sigterm(zerocf_env: dict[str, str], store: FactorStore) -> None:
+def test_serve_command_refreshes_and_stops_on_sigterm(zerocf_env: dict[str, str], store: FactorStore) -> None:
     build(store)
     port = free_port()
     env = {**zerocf_env, "ZEROCF_SERVE_HOST": "127.0.0.1", "ZEROCF_SERVE_PORT": str(port)}
+    env["ZEROCF_SERVE_ITEM_REFRESH_S"] = "0.2"
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "serve"],
         env=env,
@@ -148,16 +193,27 @@ def test_serve_command_stops_on_sigterm(zerocf_env: dict[str, str], store: Facto
         stderr=subprocess.PIPE,
         text=True,
     )
+
+    def answer() -> dict[str, Any] | None:
+        try:
+            code, _, body = get(port, "/recommend?user=u1&k=2")
+        except OSError:
+            return None
+        return json.loads(body) if code == 200 else None
+
     try:
-        doc = None
-        for _ in range(100):  # wait until it answers (bounded), not a timing assertion
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/recommend?user=u1&k=1", timeout=5) as r:
-                    doc = json.loads(r.read())
-                break
-            except OSError:
-                time.sleep(0.1)
-        assert doc is not None and doc["items"][0]["item"] == "a"
+        wait_until("serve answers", lambda: answer() is not None, 60, proc)
+        doc = answer()
+        assert doc is not None and (doc["generation"], [e["item"] for e in doc["items"]]) == (1, ["b", "a"])
+        g = store.begin_generation("als")
+        store.write_vectors(g, "user", ["u1"], np.array([[1, 1, 0]], dtype=np.float32))
+        store.write_vectors(g, "item", ["n0", "n1"], np.array([[1, 0, 0], [0, 1, 0.5]], dtype=np.float32))
+        store.publish_generation(g, {}, {}, bias=0.25, n_users=1, n_items=2)
+        # the main loop (not the request path) reloads the item matrix of the new generation
+        wait_until("serve picks up the new generation", lambda: (answer() or {}).get("generation") == g, 30, proc)
+        doc = answer()
+        assert doc is not None and [e["item"] for e in doc["items"]] == ["n1", "n0"]
+        np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([0.25 + 1.5, 0.25 + 1]), rtol=1e-6)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

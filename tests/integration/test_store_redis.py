@@ -1,37 +1,46 @@
-"""Integration tests of workers/store/factor_store.py on a real redis-server (the Lua scripts: struct, ZADD GT, UNLINK).
+"""Integration tests of workers/store/ on a real redis-server: the Lua scripts (struct float32 adds, ZADD GT,
+ZUNIONSTORE, UNLINK) of schema 2.
 
-``redis_client`` (a flushed database) and ``redis_url`` come from the session fixtures in tests/conftest.py.
+A factor row is ``k`` latent values then the bias (width ``k + 1``), accumulators are 2 float32 per row and the
+global bias is the bias of the item row ``GLOBAL_ROW``. ``redis_client`` (a flushed database) and
+``redis_url`` come from the session fixtures in tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
 
+from tests.helpers import wait_until
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
-from workers.store import ApplyStatus, FactorStore
+from workers.store import GLOBAL_ROW, ApplyStatus, BatchWrite, FactorStore
 
 K = 64
+W = K + 1
 NS = "it"
+TTL = 500  # seen_ttl of the fixture store, seconds
+T0 = 1_700_000_000_000  # an event time, ms
+HL = 3_600_000  # a popularity half-life, ms
 
 
 # ------------------------------------------------------------------- helpers
 @pytest.fixture
 def store(redis_client: redis.Redis) -> FactorStore:
-    s = FactorStore(redis_client, NS, seen_cap=3, seen_ttl=500)
+    s = FactorStore(redis_client, NS, seen_cap=3, seen_ttl=TTL)
     s.ensure_model(K)
     return s
 
 
-def _mat(n: int, k: int = K, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+def _mat(n: int, w: int = W, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, w)).astype(np.float32)
 
 
-def _empty(k: int = K) -> np.ndarray:
-    return np.zeros((0, k), np.float32)
+def _acc(n: int, seed: int = 0) -> np.ndarray:
+    return np.abs(_mat(n, 2, seed))
 
 
 def _dump(r: redis.Redis) -> dict[bytes, tuple[bytes, bool]]:
@@ -39,88 +48,215 @@ def _dump(r: redis.Redis) -> dict[bytes, tuple[bytes, bool]]:
     return {key: (r.dump(key), r.ttl(key) > 0) for key in sorted(r.keys("*"))}
 
 
+def _batch(part: int, expected: int | None, new: int, **kw: Any) -> BatchWrite:
+    return BatchWrite(part, expected, new, kw.pop("watermarks", {}), **kw)
+
+
+def _full(part: int, expected: int | None, new: int, seed: int = 0, ref: int = T0) -> BatchWrite:
+    """A batch that writes into every structure (to show that a refusal writes none of them)."""
+    return _batch(part, expected, new, watermarks={"x": 1}, user_ids=["u1"], user_rows=_mat(1, seed=seed),
+                  item_ids=["i1", GLOBAL_ROW], item_deltas=_mat(2, seed=seed + 1), user_acc=_acc(1, seed),
+                  item_acc_deltas=_acc(2, seed + 1), counts={"i1": 1.0}, popularity={"i1": 0.5}, pop_ref_ms=ref,
+                  user_increments={"u1": 1}, seen=[("u9", "i1", T0)])  # fmt: skip
+
+
 # ------------------------------------------------------------------- apply_batch
 def test_apply_batch_writes_everything_atomically(store: FactorStore) -> None:
-    U, D, A = _mat(2, seed=1), _mat(3, seed=2), np.abs(_mat(2, seed=3))
-    store.write_vectors(1, "item", ["i1"], _mat(1, seed=4))
+    base_i, base_acc = _mat(1, seed=4), np.array([[1.0, 2.0]], np.float32)
+    store.write_vectors(1, "item", ["i1"], base_i)
+    store.write_vectors(1, "item_acc", ["i1"], base_acc)
+    store.write_vectors(1, "user", ["u1"], _mat(1, seed=8))  # overwritten: user rows are SET
+    store.write_vectors(1, "user_acc", ["u1"], np.full((1, 2), 9.0, np.float32))
+    U, D, A = _mat(2, seed=1), _mat(3, seed=2), _acc(2, seed=3)
+    DA = np.array([[0.5, 0.25], [1.0, 2.0], [4.0, 8.0]], np.float32)
     st = store.apply_batch(
         1,
-        3,
-        None,
-        100,
-        {"it.clicks/3": [7, 0]},
-        ["u1", "u2"],
-        U,
-        ["i1", "i2", "i3"],
-        D,
-        counts={"i1": 2.0, "i2": 1.0},
-        user_increments={"u1": 5, "u2": 1},
-        seen=[("u1", f"i{t}", 10 + t) for t in range(5)],
-        user_acc=A,
-        item_acc_deltas=np.ones((3, K), np.float32),
+        _batch(
+            3,
+            None,
+            100,
+            watermarks={"it.clicks/3": [7, 0]},
+            user_ids=["u1", "u2"],
+            user_rows=U,
+            item_ids=["i1", "i2", "i3"],
+            item_deltas=D,
+            user_acc=A,
+            item_acc_deltas=DA,
+            counts={"i1": 2.0, "i2": 1.0},
+            popularity={"i1": 0.75, "i3": 1.5},
+            pop_ref_ms=T0,
+            user_increments={"u1": 5, "u2": 1},
+            seen=[("u1", f"i{t}", T0 + t) for t in range(5)],
+        ),
     )
     assert st is ApplyStatus.APPLIED
     u, _ = store.get_vectors(1, "user", ["u1", "u2"])
     np.testing.assert_array_equal(u, U)
     items, found = store.get_vectors(1, "item", ["i1", "i2", "i3"])
-    assert found.all()
-    np.testing.assert_array_equal(items[0], _mat(1, seed=4)[0] + D[0])
+    assert found.all() and items.shape == (3, W)
+    np.testing.assert_array_equal(items[0], base_i[0] + D[0])
     np.testing.assert_array_equal(items[1:], D[1:])  # absent item: zeros + delta
-    np.testing.assert_array_equal(store.get_vectors(1, "user_acc", ["u2"])[0][0], A[1])
-    np.testing.assert_array_equal(store.get_vectors(1, "item_acc", ["i3"])[0][0], np.ones(K, np.float32))
+    ua, _ = store.get_vectors(1, "user_acc", ["u1", "u2"])
+    np.testing.assert_array_equal(ua, A)  # SET, the stored 9s are gone
+    ia, _ = store.get_vectors(1, "item_acc", ["i1", "i2", "i3"])
+    np.testing.assert_array_equal(ia, np.vstack([base_acc + DA[0], DA[1:]]))  # ADDED, width 2
+    assert store.r.hstrlen(store.keys.vectors(1, "item_acc"), "i3") == 8
     assert store.item_counts(1) == {"i1": 2.0, "i2": 1.0}
+    assert store.item_popularity(1) == {"i1": 0.75, "i3": 1.5}
+    assert store.generation_meta(1).pop_ref_ms == T0  # the first popularity sets the reference
     assert store.user_update_counts(1, ["u1", "u2"]) == {"u1": 5, "u2": 1}
     assert store.seen_items("u1") == ["i4", "i3", "i2"]
-    assert 0 < store.r.ttl(store.keys.seen("u1")) <= 500
+    assert 0 < store.r.ttl(store.keys.seen("u1")) <= TTL
     bs = store.read_batch_state(1, [3], [], [])
     assert bs.offsets == {3: 100} and bs.watermarks == {3: {"it.clicks/3": [7, 0]}}
+    # the next batch of the partition: counts, popularity and increments accumulate
+    again = _batch(3, 100, 101, counts={"i1": 1.0}, popularity={"i1": 0.25}, pop_ref_ms=T0, user_increments={"u2": 2})
+    assert store.apply_batch(1, again) is ApplyStatus.APPLIED
+    assert store.item_counts(1) == {"i1": 3.0, "i2": 1.0} and store.item_popularity(1)["i1"] == 1.0
+    assert store.user_update_counts(1, ["u2"]) == {"u2": 3}
+    assert store.popular_items(1, 1) == [("i3", 1.5)] and store.top_items(1, 1) == [("i1", 3.0)]
 
 
 def test_fence_refuses_stale_batches_and_writes_nothing(store: FactorStore) -> None:
-    args = (["u1"], _mat(1), ["i1"], _mat(1, seed=5))
-    assert store.apply_batch(1, 0, None, 10, {}, *args, counts={"i1": 1.0})
+    assert store.apply_batch(1, _full(0, None, 10))
     before = _dump(store.r)
-    kw = dict(counts={"i1": 1.0}, user_increments={"u1": 1}, seen=[("u9", "i1", 5)])
     for expected in (None, 9, 11):  # absent expected while set, a step back, a step ahead
-        assert store.apply_batch(1, 0, expected, 20, {"x": 1}, *args, **kw) is ApplyStatus.STALE
+        assert store.apply_batch(1, _full(0, expected, 20, seed=5)) is ApplyStatus.STALE
     assert _dump(store.r) == before
-    assert store.apply_batch(1, 0, 10, 20, {}, *args) is ApplyStatus.APPLIED
-    assert store.apply_batch(1, 1, None, 3, {}, *args) is ApplyStatus.APPLIED  # fences are per partition
+    assert store.apply_batch(1, _full(0, 10, 20)) is ApplyStatus.APPLIED
+    assert store.apply_batch(1, _full(1, None, 3)) is ApplyStatus.APPLIED  # fences are per partition
+    assert store.read_batch_state(1, [0, 1], [], []).offsets == {0: 20, 1: 3}
 
 
 def test_batch_for_a_retired_generation_writes_nothing(store: FactorStore) -> None:
     g = store.begin_generation()
     store.publish_generation(g, {}, {}, 0.0, 0, 0)
     before = _dump(store.r)
-    st = store.apply_batch(1, 0, None, 5, {}, ["u"], _mat(1), ["i"], _mat(1), counts={"i": 1.0})
+    st = store.apply_batch(1, _full(0, None, 5))
     assert st is ApplyStatus.NEW_GENERATION and not st
     assert _dump(store.r) == before
 
 
-@pytest.mark.parametrize("k", [1, 33, 64, 100, 256])
+def test_popularity_reference_is_enforced(store: FactorStore) -> None:
+    assert store.apply_batch(1, _batch(0, None, 1, popularity={"x": 1.0}, pop_ref_ms=T0))
+    assert store.generation_meta(1).pop_ref_ms == T0
+    before = _dump(store.r)
+    moved = _full(0, 1, 2, ref=T0 + 5)  # another reference: nothing of the batch may land
+    st = store.apply_batch(1, moved)
+    assert st is ApplyStatus.POPULARITY_MOVED and not st
+    assert _dump(store.r) == before
+    # a batch without popularity does not care about the reference
+    assert store.apply_batch(1, _batch(0, 1, 2, counts={"x": 1.0}, pop_ref_ms=T0 + 5))
+    assert store.item_popularity(1) == {"x": 1.0} and store.generation_meta(1).pop_ref_ms == T0
+    # another worker moves the reference forward by one half-life: old scores halve, old-reference batches bounce
+    assert store.rescale_popularity(1, T0, T0 + HL, HL)
+    assert store.item_popularity(1) == {"x": 0.5} and store.generation_meta(1).pop_ref_ms == T0 + HL
+    assert store.apply_batch(1, _batch(0, 2, 3, popularity={"x": 1.0}, pop_ref_ms=T0)) is ApplyStatus.POPULARITY_MOVED
+    assert store.apply_batch(1, _batch(0, 2, 3, popularity={"x": 1.0, "y": 2.0}, pop_ref_ms=T0 + HL))
+    assert store.item_popularity(1) == {"x": 1.5, "y": 2.0}
+    assert not store.rescale_popularity(1, T0, T0 + 2 * HL, HL)  # stale reference: refused, unchanged
+    assert store.item_popularity(1) == {"x": 1.5, "y": 2.0}
+
+
+def test_an_als_popularity_sets_the_reference_batches_must_use(store: FactorStore) -> None:
+    g = store.begin_generation()
+    store.write_popularity(g, {"a": 4.0}, ref_ms=T0 - 10)
+    store.publish_generation(g, {0: 7}, {}, 0.0, 0, 0)
+    assert store.apply_batch(g, _batch(0, 7, 8, popularity={"a": 1.0}, pop_ref_ms=T0)) is ApplyStatus.POPULARITY_MOVED
+    assert store.apply_batch(g, _batch(0, 7, 8, popularity={"a": 1.0}, pop_ref_ms=T0 - 10))
+    assert store.popular_items(g, 5) == [("a", 5.0)]
+
+
+def test_fence_and_generation_are_checked_before_the_popularity_reference(store: FactorStore) -> None:
+    assert store.apply_batch(1, _batch(0, None, 1, popularity={"x": 1.0}, pop_ref_ms=T0))
+    assert store.apply_batch(1, _batch(0, 0, 2, popularity={"x": 1.0}, pop_ref_ms=T0 + 1)) is ApplyStatus.STALE
+    g = store.begin_generation()
+    store.publish_generation(g, {}, {}, 0.0, 0, 0)
+    assert store.apply_batch(1, _batch(0, 1, 2, popularity={"x": 1.0}, pop_ref_ms=T0 + 1)) is ApplyStatus.NEW_GENERATION
+
+
+def test_concurrent_rescales_from_one_reference_apply_once(redis_url: str, store: FactorStore) -> None:
+    store.write_popularity(1, {"a": 8.0, "b": 1.0}, ref_ms=T0)
+    n = 6
+    start, results = threading.Barrier(n), [False] * n
+
+    def rescale(j: int) -> None:
+        s = FactorStore(redis.Redis.from_url(redis_url), NS)
+        start.wait(timeout=10)
+        results[j] = s.rescale_popularity(1, T0, T0 + 3 * HL, HL)
+        s.r.close()
+
+    threads = [threading.Thread(target=rescale, args=(j,)) for j in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sum(results) == 1, results
+    assert store.item_popularity(1) == {"a": 1.0, "b": 0.125} and store.generation_meta(1).pop_ref_ms == T0 + 3 * HL
+
+
+@pytest.mark.parametrize("k", [1, 33, 63, 64, 100, 256])  # widths 2..257, across the Lua 64-float chunks
 def test_lua_delta_add_matches_numpy_float32_bits(redis_client: redis.Redis, k: int) -> None:
     s = FactorStore(redis_client, f"k{k}")
     s.ensure_model(k)
+    w, n = k + 1, 300
     rng = np.random.default_rng(k)
-    base = (rng.standard_normal((300, k)) * 10.0 ** rng.integers(-6, 6, (300, 1))).astype(np.float32)
-    delta = (rng.standard_normal((300, k)) * 10.0 ** rng.integers(-9, 3, (300, 1))).astype(np.float32)
-    ids = [f"i{j}" for j in range(300)]
+    base = (rng.standard_normal((n, w)) * 10.0 ** rng.integers(-6, 6, (n, 1))).astype(np.float32)
+    delta = (rng.standard_normal((n, w)) * 10.0 ** rng.integers(-9, 3, (n, 1))).astype(np.float32)
+    base[0, 0], delta[0, 0] = np.float32(3e-39), np.float32(-1e-45)  # subnormals add exactly too
+    base[1, -1], delta[1, -1] = np.float32(1.0), np.float32(2.0**-24)  # a tie: rounds to even, like numpy
+    base_acc, delta_acc = np.abs(base[:, :2]), np.abs(delta[:, :2])
+    ids = [f"i{j}" for j in range(n - 1)] + [GLOBAL_ROW]  # the global row is added like any other
+    fresh = [f"new{j}" for j in range(5)]
     s.write_vectors(1, "item", ids, base)
-    assert s.apply_batch(1, 0, None, 0, {}, [], np.zeros((0, k), np.float32), ids, delta)
-    got, _ = s.get_vectors(1, "item", ids)
-    assert got.tobytes() == (base + delta).tobytes()
+    s.write_vectors(1, "item_acc", ids, base_acc)
+    fresh_delta = _mat(5, w, seed=k)
+    write = _batch(0, None, 0, item_ids=ids + fresh, item_deltas=np.vstack([delta, fresh_delta]),
+                   item_acc_deltas=np.vstack([delta_acc, np.ones((5, 2), np.float32)]))  # fmt: skip
+    assert s.apply_batch(1, write) is ApplyStatus.APPLIED
+    got, found = s.get_vectors(1, "item", ids + fresh)
+    assert found.all() and got[:n].tobytes() == (base + delta).tobytes()
+    assert got[n:].tobytes() == fresh_delta.tobytes()  # absent rows start at zeros
+    acc, _ = s.get_vectors(1, "item_acc", ids)
+    assert acc.tobytes() == (base_acc + delta_acc).tobytes()
+    assert s.global_bias(1) == float(base[-1, -1] + delta[-1, -1])
+    all_ids, rows, glob = s.get_all_items(1)
+    assert GLOBAL_ROW not in all_ids and len(all_ids) == n - 1 + 5 and s.item_count(1) == n - 1 + 5
+    assert glob == s.global_bias(1) and rows.shape == (n - 1 + 5, w)
+    assert len(s.get_all_accumulators(1)[0]) == n - 1 + 5
 
 
-def test_overflow_and_bad_blob_refuse_the_whole_batch(store: FactorStore) -> None:
-    big = np.full((1, K), 3e38, np.float32)
-    store.write_vectors(1, "item", ["hot"], big)
-    store.r.hset(store.keys.vectors(1, "item"), "short", b"\0" * 8)
+def test_overflow_nan_and_bad_blobs_refuse_the_whole_batch(store: FactorStore) -> None:
+    """Refusals happen before any write: the batch also carries popularity while the generation has no
+    reference yet, seen clicks, counts, users and accumulators."""
+    big = np.full((1, W), 3e38, np.float32)
+    store.write_vectors(1, "item", ["hot", "cold"], np.vstack([big, -big]))
+    store.write_vectors(1, "item_acc", ["hot"], np.full((1, 2), 3e38, np.float32))
+    store.r.hset(store.keys.vectors(1, "item"), "short", b"\0" * 4 * K)  # a schema-1 row: no bias
     before = _dump(store.r)
+    assert store.generation_meta(1).pop_ref_ms == 0
+
+    def batch(ids: list[str], deltas: np.ndarray, acc: np.ndarray | None = None) -> BatchWrite:
+        return _batch(0, None, 1, user_ids=["u"], user_rows=_mat(1), item_ids=ids, item_deltas=deltas,
+                      user_acc=_acc(1), item_acc_deltas=acc, counts={"ok": 1.0}, popularity={"ok": 1.0},
+                      pop_ref_ms=T0, user_increments={"u": 1}, seen=[("u", "ok", T0)])  # fmt: skip
+
     with pytest.raises(ModelDiverged, match="'hot' overflows float32"):
-        store.apply_batch(1, 0, None, 1, {}, ["u"], _mat(1), ["ok", "hot"], np.vstack([_mat(1), big]))
-    with pytest.raises(StoreSchemaError, match="'short' is not 256 bytes"):
-        store.apply_batch(1, 0, None, 1, {}, ["u"], _mat(1), ["short"], _mat(1))
+        store.apply_batch(1, batch(["ok", "hot"], np.vstack([_mat(1), big])))
+    with pytest.raises(ModelDiverged, match="'cold' overflows float32"):
+        store.apply_batch(1, batch(["ok", "cold"], np.vstack([_mat(1), -big])))
+    with pytest.raises(ModelDiverged, match="'hot' overflows float32"):  # in the accumulators (width 2)
+        store.apply_batch(1, batch(["ok", "hot"], np.zeros((2, W), np.float32), np.full((2, 2), 3e38, np.float32)))
+    with pytest.raises(StoreSchemaError, match="'short' is not 260 bytes"):
+        store.apply_batch(1, batch(["ok", "short"], _mat(2)))
+    nan = _mat(2)
+    nan[1, -1] = np.nan
+    with pytest.raises(ModelDiverged, match="'hot'"):  # refused in Python, before the script
+        store.apply_batch(1, batch(["ok", "hot"], nan))
+    with pytest.raises(ModelDiverged, match="popularity"):
+        store.apply_batch(1, _batch(0, None, 1, popularity={"ok": float("nan")}, pop_ref_ms=T0))
     assert _dump(store.r) == before
+    assert store.apply_batch(1, batch(["ok"], _mat(1)))  # the same batch without the bad row applies
 
 
 def test_large_batch_and_noscript_reload(store: FactorStore) -> None:
@@ -129,29 +265,40 @@ def test_large_batch_and_noscript_reload(store: FactorStore) -> None:
     users, items = [f"u{j}" for j in range(n_u)], [f"i{j}" for j in range(n_i)]
     st = store.apply_batch(
         1,
-        0,
-        None,
-        1,
-        {},
-        users,
-        _mat(n_u),
-        items,
-        _mat(n_i, seed=9),
-        counts={i: 1.0 for i in items},
-        user_increments={u: 1 for u in users},
-        seen=[(u, "i0", 1) for u in users],
+        _batch(
+            0,
+            None,
+            1,
+            user_ids=users,
+            user_rows=_mat(n_u),
+            item_ids=items,
+            item_deltas=_mat(n_i, seed=9),
+            user_acc=_acc(n_u),
+            item_acc_deltas=_acc(n_i, seed=9),
+            counts={i: 1.0 for i in items},
+            popularity={i: 0.5 for i in items},
+            pop_ref_ms=T0,
+            user_increments={u: 1 for u in users},
+            seen=[(u, "i0", T0) for u in users],
+        ),
     )
     assert st and store.item_count(1) == n_i and len(store.user_update_counts(1)) == n_u
+    assert len(store.get_all_accumulators(1)[0]) == n_i and len(store.item_popularity(1)) == n_i
+    np.testing.assert_array_equal(store.get_vectors(1, "user_acc", users)[0], _acc(n_u))
+    assert store.seen_items_many(users[-3:]) == {u: ["i0"] for u in users[-3:]}
 
 
 def test_two_workers_add_deltas_concurrently_without_losing_any(redis_url: str, store: FactorStore) -> None:
-    """Two clients/threads, one partition each, hammer the same items; sums are exact (dyadic deltas)."""
-    items = [f"i{j}" for j in range(40)]
-    init = np.round(_mat(40) * 8) / 8
-    store.write_vectors(1, "item", items, init.astype(np.float32))
+    """Two clients/threads, one partition each, hammer the same items (and the global row); sums are exact
+    (dyadic deltas), and both use the same popularity reference, which the first batch sets."""
+    items = [f"i{j}" for j in range(40)] + [GLOBAL_ROW]
+    n_items = len(items)
+    init = (np.round(_mat(n_items) * 8) / 8).astype(np.float32)
+    store.write_vectors(1, "item", items, init)
     n_batches = 60
     rng = np.random.default_rng(7)
-    deltas = (rng.integers(-4, 5, (2, n_batches, 40, K)) / 8).astype(np.float32)
+    deltas = (rng.integers(-4, 5, (2, n_batches, n_items, W)) / 8).astype(np.float32)
+    acc_deltas = (rng.integers(0, 5, (2, n_batches, n_items, 2)) / 8).astype(np.float32)
     errors: list[BaseException] = []
 
     def worker(part: int) -> None:
@@ -159,20 +306,12 @@ def test_two_workers_add_deltas_concurrently_without_losing_any(redis_url: str, 
             s = FactorStore(redis.Redis.from_url(redis_url), NS)
             prev = None
             for b in range(n_batches):
-                st = s.apply_batch(
-                    1,
-                    part,
-                    prev,
-                    b,
-                    {},
-                    [f"w{part}"],
-                    _mat(1),
-                    items,
-                    deltas[part, b],
-                    counts={i: 1.0 for i in items},
-                    user_increments={f"w{part}": 1},
-                )
-                assert st is ApplyStatus.APPLIED
+                write = _batch(part, prev, b, user_ids=[f"w{part}"], user_rows=_mat(1), item_ids=items,
+                               item_deltas=deltas[part, b], item_acc_deltas=acc_deltas[part, b],
+                               counts={i: 1.0 for i in items[:-1]}, popularity={i: 0.5 for i in items[:-1]},
+                               pop_ref_ms=T0, user_increments={f"w{part}": 1})  # fmt: skip
+                st = s.apply_batch(1, write)
+                assert st is ApplyStatus.APPLIED, st
                 prev = b
             s.r.close()
         except BaseException as e:  # surfaced in the main thread
@@ -182,13 +321,68 @@ def test_two_workers_add_deltas_concurrently_without_losing_any(redis_url: str, 
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=60)
     assert not errors, errors
     got, _ = store.get_vectors(1, "item", items)
     np.testing.assert_array_equal(got, init + deltas.sum(axis=(0, 1), dtype=np.float64).astype(np.float32))
+    acc, _ = store.get_vectors(1, "item_acc", items)
+    np.testing.assert_array_equal(acc, acc_deltas.sum(axis=(0, 1), dtype=np.float64).astype(np.float32))
+    assert store.global_bias(1) == float(got[-1, -1])
     assert set(store.item_counts(1).values()) == {2.0 * n_batches}
+    assert set(store.item_popularity(1).values()) == {1.0 * n_batches}
+    assert store.generation_meta(1).pop_ref_ms == T0
     assert store.user_update_counts(1, ["w0", "w1"]) == {"w0": n_batches, "w1": n_batches}
     assert store.read_batch_state(1, [0, 1], [], []).offsets == {0: n_batches - 1, 1: n_batches - 1}
+
+
+# ------------------------------------------------------------------- seen sets
+def test_seen_retention_is_by_event_time_then_capped(redis_client: redis.Redis) -> None:
+    s = FactorStore(redis_client, "seen", seen_cap=4, seen_ttl=TTL)
+    s.ensure_model(K)
+    ttl_ms = TTL * 1000
+    clicks = [("u", "a", T0), ("u", "b", T0 + 1), ("v", "a", T0)]
+    assert s.apply_batch(1, _batch(0, None, 0, seen=clicks))
+    assert s.seen_items("u") == ["b", "a"] and s.seen_items("v") == ["a"]
+    # 'a' was clicked exactly seen_ttl before the newest click: kept; 1 ms more and it goes (for u only)
+    assert s.apply_batch(1, _batch(0, 0, 1, seen=[("u", "c", T0 + ttl_ms)]))
+    assert s.seen_items("u") == ["c", "b", "a"]
+    assert s.apply_batch(1, _batch(0, 1, 2, seen=[("u", "d", T0 + ttl_ms + 1)]))
+    assert s.seen_items("u") == ["d", "c", "b"] and s.seen_items("v") == ["a"]
+    # a replayed click of 'a' at its old time is outside the window: not re-added; re-clicking 'b' now keeps it
+    assert s.apply_batch(1, _batch(0, 2, 3, seen=[("u", "a", T0), ("u", "b", T0 + ttl_ms + 2)]))
+    assert s.seen_items("u") == ["b", "d", "c"]
+    assert redis_client.zscore(s.keys.seen("u"), "b") == T0 + ttl_ms + 2
+    # within the window, the cap keeps the newest seen_cap items
+    assert s.apply_batch(1, _batch(0, 3, 4, seen=[("u", f"n{j}", T0 + ttl_ms + 10 + j) for j in range(3)]))
+    assert s.seen_items("u") == ["n2", "n1", "n0", "b"]
+    assert 0 < redis_client.ttl(s.keys.seen("u")) <= TTL
+
+
+def test_add_seen_and_apply_batch_keep_the_same_sets(redis_client: redis.Redis) -> None:
+    s = FactorStore(redis_client, "same", seen_cap=5, seen_ttl=10)
+    s.ensure_model(K)
+    rng = np.random.default_rng(3)
+    ts = T0 + rng.integers(0, 30_000, 60)
+    items = rng.integers(0, 12, 60)
+    for j, chunk in enumerate(np.array_split(np.arange(60), 6)):
+        s.add_seen([("a", f"i{items[c]}", int(ts[c])) for c in chunk])
+        assert s.apply_batch(
+            1, _batch(0, j - 1 if j else None, j, seen=[("b", f"i{items[c]}", int(ts[c])) for c in chunk])
+        )
+    za = redis_client.zrange(s.keys.seen("a"), 0, -1, withscores=True)
+    assert za == redis_client.zrange(s.keys.seen("b"), 0, -1, withscores=True)
+    newest = int(ts.max())
+    assert 0 < len(za) <= 5 and all(score >= newest - 10_000 for _, score in za)
+
+
+def test_seen_sets_expire(redis_client: redis.Redis) -> None:
+    s = FactorStore(redis_client, "exp", seen_cap=10, seen_ttl=1)
+    s.ensure_model(K)
+    assert s.apply_batch(1, _batch(0, None, 0, seen=[("u", "a", T0)]))
+    key = s.keys.seen("u")
+    assert s.seen_items("u") == ["a"] and 0 < redis_client.pttl(key) <= 1000
+    wait_until("the seen set to expire", lambda: redis_client.exists(key) == 0, timeout=10, every=0.05)
+    assert s.seen_items("u") == []
 
 
 # ------------------------------------------------------------------- generations
@@ -197,8 +391,10 @@ def test_crash_mid_build_keeps_old_generation_live(store: FactorStore) -> None:
     store.write_vectors(1, "user", ["a", "b", "c", "d"], old)
     g = store.begin_generation()
     store.write_vectors(g, "user", ["a", "b"], _mat(2, seed=2))  # ... and the ALS worker dies here
+    before = _dump(store.r)
     with pytest.raises(GenerationError, match="2 user rows, expected n_users=4"):
         store.publish_generation(g, {0: 9}, {}, 0.5, 4, 0)
+    assert _dump(store.r) == before  # no global row, no offsets, no state change
     assert store.live_generation() == 1 and store.generation_meta(g).state == "building"
     live = store.live_generation()
     np.testing.assert_array_equal(store.get_vectors(live, "user", ["a", "b", "c", "d"])[0], old)
@@ -206,29 +402,48 @@ def test_crash_mid_build_keeps_old_generation_live(store: FactorStore) -> None:
 
 
 def test_publish_flips_atomically_and_retires_previous(store: FactorStore) -> None:
-    store.apply_batch(1, 0, None, 50, {}, ["a"], _mat(1), [], _empty())
+    assert store.apply_batch(1, _batch(0, None, 50, user_ids=["a"], user_rows=_mat(1)))
     g = store.begin_generation()
     new_u, new_i = _mat(3, seed=5), _mat(2, seed=6)
     store.write_vectors(g, "user", ["a", "b", "c"], new_u)
     store.write_vectors(g, "item", ["x", "y"], new_i)
     store.write_counts(g, {"x": 4.0})
-    store.publish_generation(g, {0: 40, 1: 7}, {0: {"it.clicks/0": [3, 1]}}, -1.25, 3, 2)
+    before = _dump(store.r)
+    with pytest.raises(GenerationError, match="2 item rows, expected n_items=3"):
+        store.publish_generation(g, {}, {}, 0.0, 3, 3)
+    assert _dump(store.r) == before
+    store.publish_generation(g, {0: 40, 1: 7}, {0: {"it.clicks/0": [3, 1]}}, -1.25, 3, 2, scale=2.5)
     m, gm, old = store.meta(), store.generation_meta(g), store.generation_meta(1)
-    assert (m.live_gen, gm.state, gm.bias, gm.n_users, gm.n_items) == (g, "complete", -1.25, 3, 2)
+    assert (m.live_gen, gm.state, gm.bias, gm.scale, gm.n_users, gm.n_items) == (g, "complete", -1.25, 2.5, 3, 2)
     assert gm.offsets == {0: 40, 1: 7} and gm.watermarks == {0: {"it.clicks/0": [3, 1]}}
-    assert old.state == "retired" and old.retired_at is not None
+    assert old.state == "retired" and old.retired_at is not None and gm.published_at is not None
+    # the global row: zeros then the bias, excluded from the items
+    assert store.get_vectors(g, "item", [GLOBAL_ROW])[0].tolist() == [[0.0] * K + [-1.25]]
+    assert store.global_bias(g) == -1.25 and store.item_count(g) == 2
+    ids, rows, glob = store.get_all_items(g)
+    assert sorted(ids) == ["x", "y"] and glob == -1.25
+    np.testing.assert_array_equal(rows[ids.index("y")], new_i[1])
     bs = store.read_batch_state(g, [0, 1, 2], ["b"], ["y"])
     assert bs.live_gen == g and bs.offsets == {0: 40, 1: 7, 2: None}
     assert bs.watermarks == {0: {"it.clicks/0": [3, 1]}}
-    np.testing.assert_array_equal(bs.user_vecs[0], new_u[1])
+    np.testing.assert_array_equal(bs.user_rows[0], new_u[1])
     assert store.top_items(store.live_generation(), 1) == [("x", 4.0)]
-    # an LMF worker resumes in g behind the snapshot fence; the old generation refuses its writes
-    assert store.apply_batch(g, 0, 40, 41, {}, ["a"], _mat(1), ["x"], _mat(1))
-    assert store.apply_batch(1, 0, 50, 51, {}, ["a"], _mat(1), [], _empty()) is ApplyStatus.NEW_GENERATION
+    # an LMF worker resumes in g behind the snapshot fence, moving the global bias by its deltas;
+    # the old generation refuses its writes
+    glob_delta = np.zeros((1, W), np.float32)
+    glob_delta[0, -1] = 0.5
+    resume = _batch(0, 40, 41, user_ids=["a"], user_rows=_mat(1), item_ids=[GLOBAL_ROW], item_deltas=glob_delta)
+    assert store.apply_batch(g, resume) is ApplyStatus.APPLIED
+    assert store.global_bias(g) == -0.75 and store.generation_meta(g).bias == -1.25 and store.item_count(g) == 2
+    assert store.apply_batch(1, _batch(0, 50, 51, user_ids=["a"], user_rows=_mat(1))) is ApplyStatus.NEW_GENERATION
     with pytest.raises(GenerationError, match="state is complete, not building"):
-        store.publish_generation(g, {}, {}, 0.0, 3, 3)
-    with pytest.raises(ModelDiverged):
-        store.publish_generation(store.begin_generation(), {}, {}, float("nan"), 0, 0)
+        store.publish_generation(g, {}, {}, 0.0, 3, 2)
+    with pytest.raises(GenerationError, match="state is missing"):
+        store.publish_generation(99, {}, {}, 0.0, 0, 0)
+    for bias, scale in ((float("nan"), 1.0), (0.0, float("inf")), (0.0, 0.0)):
+        with pytest.raises(ModelDiverged):
+            store.publish_generation(store.begin_generation(), {}, {}, bias, 0, 0, scale=scale)
+    assert store.live_generation() == g
 
 
 def test_gc_drops_old_retired_and_abandoned_only(redis_client: redis.Redis) -> None:
@@ -236,10 +451,12 @@ def test_gc_drops_old_retired_and_abandoned_only(redis_client: redis.Redis) -> N
     s = FactorStore(redis_client, NS, clock=lambda: now[0])
     s.ensure_model(K)
     s.write_vectors(1, "item", ["i"], _mat(1))
+    assert s.apply_batch(1, _full(0, None, 1))  # every table, counts, popularity, offsets of generation 1
     g2 = s.begin_generation()  # t=1000, will be published at 1100 (retires 1)
     now[0] = 1050.0
     abandoned = s.begin_generation()  # building since 1050, never published
     s.write_vectors(abandoned, "user", ["u"], _mat(1))
+    s.write_popularity(abandoned, {"i": 1.0}, ref_ms=T0)
     now[0] = 1100.0
     s.publish_generation(g2, {}, {}, 0.0, 0, 0)
     now[0] = 1200.0
@@ -249,7 +466,9 @@ def test_gc_drops_old_retired_and_abandoned_only(redis_client: redis.Redis) -> N
     assert s.generations() == [g2, fresh]
     leftovers = [k for k in redis_client.keys("*") if b":g:1:" in k or f":g:{abandoned}:".encode() in k]
     assert leftovers == []
+    assert redis_client.exists(s.keys.seen("u9")) == 1  # seen sets belong to the model, not a generation
     with pytest.raises(GenerationError, match="is live"):
         s.drop_generation(g2)
     s.drop_generation(fresh)
     assert s.generations() == [g2] and s.gc_generations(0, now=10**9) == []
+    assert s.global_bias(g2) == 0.0 and s.item_count(g2) == 0

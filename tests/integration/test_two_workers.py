@@ -11,11 +11,9 @@ Every user's events live on one partition (keyed by user), every item is clicked
 
 from __future__ import annotations
 
-import inspect
 import threading
 import uuid
 from collections import Counter
-from typing import Any
 
 import numpy as np
 
@@ -25,7 +23,7 @@ from stream.events import Event
 from tests.helpers import wait_until
 from workers.config import LMFConfig
 from workers.online.worker import LMFWorker
-from workers.store import ApplyStatus, FactorStore
+from workers.store import ApplyStatus, BatchWrite, FactorStore
 
 K = 16
 N_EVENTS = 12_000
@@ -41,14 +39,12 @@ class _Recorder:
     def __init__(self, store: FactorStore) -> None:
         self.batches: list[tuple[list[str], np.ndarray]] = []
         self._orig = store.apply_batch
-        self._sig = inspect.signature(self._orig)
         store.apply_batch = self.apply_batch  # type: ignore[method-assign]
 
-    def apply_batch(self, *args: Any, **kwargs: Any) -> ApplyStatus:
-        status = self._orig(*args, **kwargs)
-        if status is ApplyStatus.APPLIED:
-            bound = self._sig.bind(*args, **kwargs)
-            self.batches.append((list(bound.arguments["item_ids"]), np.array(bound.arguments["item_deltas"])))
+    def apply_batch(self, g: int, b: BatchWrite) -> ApplyStatus:
+        status = self._orig(g, b)
+        if status is ApplyStatus.APPLIED and b.item_deltas is not None:
+            self.batches.append((list(b.item_ids), np.array(b.item_deltas)))
         return status
 
 
@@ -85,8 +81,8 @@ def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str
     kafka_util.ensure_topics(cfg.kafka, {cfg.topics.events: PARTITIONS})
     seed_store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix)
     seed_store.ensure_model(K)
-    init = (np.random.default_rng(1).standard_normal((len(ITEMS), K)) * 0.1).astype(np.float32)
-    seed_store.write_vectors(1, "item", ITEMS, init)  # a live generation with existing item vectors
+    init = (np.random.default_rng(1).standard_normal((len(ITEMS), K + 1)) * 0.1).astype(np.float32)
+    seed_store.write_vectors(1, "item", ITEMS, init)  # a live generation with existing item rows (+ biases)
 
     workers, recorders, threads, errors = [], [], [], []
     for n in range(2):
@@ -152,7 +148,7 @@ def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str
     # every item was written by both workers; final = initial + the sum of every applied delta
     touched = [set().union(*(ids for ids, _ in r.batches)) for r in recorders]
     assert set(ITEMS) <= touched[0] and set(ITEMS) <= touched[1]
-    total = np.zeros((len(ITEMS), K), np.float64)
+    total = np.zeros((len(ITEMS), K + 1), np.float64)
     row = {i: n for n, i in enumerate(ITEMS)}
     for r in recorders:
         for ids, deltas in r.batches:
@@ -166,3 +162,6 @@ def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str
     np.testing.assert_allclose(final, init + total, rtol=0, atol=5e-6)
     # ... and the check can see a lost batch: every recorded batch moved some item by far more than atol
     assert min(float(np.abs(d).max()) for r in recorders for _, d in r.batches) > 1e-4
+    # the global bias row (reserved id "") is shared the same way: its deltas from both workers add up
+    g_total = sum(float(d[ids.index("")][-1]) for r in recorders for ids, d in r.batches if "" in ids)
+    assert abs(store.global_bias(1) - g_total) < 1e-4 and abs(g_total) > 0.01

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 
 from workers.kernels import als
 from workers.kernels.als import ALSDiverged, als_fit, confidence, fold_in, wmf_loss
+from workers.kernels.als_numba import ALIGN, aligned_empty
 from workers.kernels.topk import recommend_from_factors
 
 
@@ -158,13 +159,33 @@ def test_results_are_deterministic_per_thread_count_and_agree_across_counts() ->
 
 
 def test_divergence_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    def poisoned(indptr, indices, data, X, Y, G, cg_steps):
+    def poisoned(indptr, indices, data, X, Y, G, cg_steps, work):
         X[0, 0] = np.nan
 
     monkeypatch.setattr(als, "cg_sweep", poisoned)
     with pytest.raises(ALSDiverged, match="lower alpha or raise reg"):
         als_fit(_counts(), factors=4, iterations=2)
     assert issubclass(ALSDiverged, ValueError)
+
+
+def test_sweeps_are_bit_reproducible() -> None:
+    """fastmath dot products sum in an order that depends on where their vectors start in memory; the sweeps'
+    scratch and als_fit's matrices are cache-line aligned, so repeating a sweep gives the same bits (with
+    numba's own 32-byte-aligned scratch, every other call differed in the last bits)."""
+    rng = np.random.default_rng(3)
+    conf = confidence(_counts(300, 200, 0.05), 1.0)
+    Y = aligned_empty((200, 16))
+    Y[:] = rng.random((200, 16), dtype=np.float32)
+    X0 = rng.random((300, 16), dtype=np.float32)
+    outs = set()
+    for solver in ("cg", "cg", "cg", "cg"):
+        X = aligned_empty(X0.shape)
+        X[:] = X0
+        als._half_sweep(conf, X, Y, 0.1, solver, 3)
+        outs.add(X.tobytes())
+    assert len(outs) == 1
+    U, V, _ = als_fit(_counts(), factors=16, iterations=1)
+    assert U.ctypes.data % ALIGN == 0 and V.ctypes.data % ALIGN == 0
 
 
 def test_callback_and_no_loss_mode() -> None:

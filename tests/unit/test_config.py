@@ -97,3 +97,19 @@ def test_top_level_flags_configure_logging(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr("stream.runtime.setup_logging", lambda level, json_lines: seen.update(l=level, j=json_lines))
     assert cli.main(["--log-level", "ERROR", "--log-json", "stack", "status", "--dir", "/nonexistent/zerocf"]) == 1
     assert seen == {"l": "ERROR", "j": True}
+
+
+def test_config_command_prints_values_and_hides_secrets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from workers.cli import main
+
+    monkeypatch.setenv("ZEROCF_FACTORS", "16")
+    monkeypatch.setenv("ZEROCF_KAFKA_SASL_PASSWORD", "hunter2")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "ZEROCF_FACTORS=16  # from the environment" in out
+    assert "ZEROCF_KAFKA_SASL_PASSWORD=***" in out and "hunter2" not in out
+    assert f"ZEROCF_LMF_LR={LMFConfig().lr}\n" in out
+    assert main(["config", "--markdown"]) == 0
+    assert "| `ZEROCF_FACTORS` | `64` | `--factors` |" in capsys.readouterr().out

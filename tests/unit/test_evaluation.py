@@ -1,28 +1,27 @@
-"""Metrics and split on hand-computed cases; the offline LMF replay learns a planted structure."""
+"""Metrics and splits on hand-computed cases, and one contract every model of ours obeys.
+
+The contract (in the spirit of implicit's ``RecommenderBaseTestMixin``) runs the models the holdout scores --
+the online LMF (one streaming pass of the production model), the pipeline (LMF + the ALS worker's re-solves and
+handoff), ALS alone and most-popular -- on a planted dataset, each through the same scorer: lists are valid,
+never hold a training item, are reproducible for a seed, and the personalised models find the planted
+structure far better than popularity does.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from workers.evaluation.metrics import (
-    PrequentialLog,
-    holdout_mask,
-    prequential_summary,
-    rank_metrics,
-    ranking_metrics,
-)
-from workers.evaluation.offline import (
-    Stream,
-    lmf_config,
-    popularity,
-    recommend,
-    recommend_popular,
-    replay_lmf,
-)
+from stream.replay.datasets import Interaction
+from workers.config import ALSConfig, LMFConfig
+from workers.evaluation.data import Data, Holdout, Stream
+from workers.evaluation.holdout import _als_alone, _popular
+from workers.evaluation.metrics import PrequentialLog, holdout_mask, prequential_summary, rank_metrics, ranking_metrics
+from workers.evaluation.offline import popularity, recommend, replay_lmf, replay_pipeline
 
 
 def _test_matrix(rows: list[list[int]], n_items: int) -> sp.csr_matrix:
@@ -39,16 +38,12 @@ def test_metrics_by_hand() -> None:
     top = np.array([[0, 5, 1, 6], [3, 4, 7, 5]])
     m = ranking_metrics(top, test, np.array([0, 1]), k=4)
     d = [1 / math.log2(r + 2) for r in range(4)]
-    p0, p1 = 2 / 4, 1 / 4
-    r0, r1 = 2 / 3, 1 / 1  # hits / min(k, |test|)
     n0 = (d[0] + d[2]) / (d[0] + d[1] + d[2])
     n1 = d[2] / d[0]  # ideal DCG over min(4, 1) = 1 position
-    ap0 = (1 / 1 + 2 / 3) / 3  # precision at each hit, over min(k, |test|)
-    ap1 = (1 / 3) / 1
-    assert m["precision"] == pytest.approx((p0 + p1) / 2)
-    assert m["recall"] == pytest.approx((r0 + r1) / 2)
+    assert m["precision"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert m["recall"] == pytest.approx((2 / 3 + 1) / 2)
     assert m["ndcg"] == pytest.approx((n0 + n1) / 2)
-    assert m["map"] == pytest.approx((ap0 + ap1) / 2)
+    assert m["map"] == pytest.approx(((1 + 2 / 3) / 3 + (1 / 3) / 1) / 2)
     assert m["coverage"] == pytest.approx(len({0, 5, 1, 6, 3, 4, 7}) / 10)
     assert m["users"] == 2
 
@@ -58,29 +53,35 @@ def test_recall_caps_at_k_and_users_without_test_are_skipped() -> None:
     m = ranking_metrics(np.array([list(range(10)), list(range(10))]), test, np.array([0, 1]), k=10)
     assert m["users"] == 1
     assert m["recall"] == 1.0 and m["ndcg"] == pytest.approx(1.0) and m["map"] == pytest.approx(1.0)
-    assert m["precision"] == 1.0
 
 
 def test_empty_slots_never_hit() -> None:
-    test = _test_matrix([[0]], 3)
-    m = ranking_metrics(np.array([[-1, -1]]), test, np.array([0]), k=2)
+    m = ranking_metrics(np.array([[-1, -1]]), _test_matrix([[0]], 3), np.array([0]), k=2)
     assert m["precision"] == m["recall"] == m["ndcg"] == 0.0 and m["coverage"] == 0.0
 
 
-def test_rank_metrics_and_windows() -> None:
-    assert rank_metrics([0, 9, 10, -1], k=10) == pytest.approx(
-        {"hr": 0.5, "mrr": (1 + 1 / 10 + 1 / 11) / 4, "clicks": 4, "cold": 0.25}
-    )
-    s = prequential_summary([0, -1, 4, 30], [1, 1, 50, 50], k=5, window=2)
-    # the cold click (-1) is served the popularity fallback, whose rank 1 is a hit at k=5
-    assert [w["model_hr"] for w in s["windows"]] == [1.0, 0.5]
-    assert s["model"]["cold"] == 0.25
-    assert [w["pop_hr"] for w in s["windows"]] == [1.0, 0.0]
-    assert s["warm"]["model"]["clicks"] == 3 and s["warm"]["popularity"]["hr"] == pytest.approx(1 / 3)
+def test_rank_metrics_expect_over_random_tie_breaks() -> None:
+    # 3 ahead and 4 tied: the rank is uniform on 3..7, a hit at k=5 for ranks 3 and 4 (2 of 5)
+    m = rank_metrics([3], [4], k=5)
+    assert m["hr"] == pytest.approx(2 / 5, abs=1e-4)
+    assert m["mrr"] == pytest.approx(np.mean([1 / (r + 1) for r in range(3, 8)]), abs=1e-4)
+    assert rank_metrics([0, 9, 10], k=10)["hr"] == pytest.approx(2 / 3, abs=1e-4)
+    assert rank_metrics([], k=10) == {"hr": 0.0, "mrr": 0.0, "clicks": 0}
+
+
+def test_prequential_summary_serves_the_fallback_to_cold_clicks() -> None:
     log = PrequentialLog()
-    assert log  # an empty log must still count as a hook
-    log([("u", "i", 3, 7)])
-    assert log.model_ranks().tolist() == [3] and log.pop_ranks().tolist() == [7]
+    assert log  # an empty log is still a hook
+    # (user, item, model g/t, count g/t, decayed g/t, warm)
+    log([("a", "x", 0, 0, 30, 0, 40, 0, 1), ("b", "x", 99, 0, 2, 0, 1, 0, 0), ("a", "y", 20, 0, 0, 0, 12, 0, 1)])
+    s = prequential_summary(log, k=10, window=2)
+    assert s["model"]["hr"] == pytest.approx(2 / 3, abs=1e-4)  # cold click b: the decayed rank 1 is served
+    assert s["model"]["cold"] == pytest.approx(1 / 3, abs=1e-4)
+    assert s["popularity"]["hr"] == pytest.approx(2 / 3, abs=1e-4) and s["decayed"]["hr"] == pytest.approx(
+        1 / 3, abs=1e-4
+    )
+    assert s["warm"]["model"]["clicks"] == 2 and s["warm"]["model"]["hr"] == pytest.approx(0.5, abs=1e-4)
+    assert [w["model_hr"] for w in s["windows"]] == [1.0, 0.0]
 
 
 def test_temporal_split_by_hand() -> None:
@@ -88,8 +89,7 @@ def test_temporal_split_by_hand() -> None:
     # user 1: 4 interactions (< 5) -> all train; user 2: 5 -> round(1.0) = 1 test, the latest
     user = np.array([0] * 10 + [1] * 4 + [2] * 5)
     ts = np.concatenate([np.arange(10)[::-1], np.arange(4), [5, 1, 9, 3, 7]])
-    mask = holdout_mask(user, ts, 3)
-    assert np.flatnonzero(mask).tolist() == [0, 1, 16]
+    assert np.flatnonzero(holdout_mask(user, ts, 3)).tolist() == [0, 1, 16]
 
 
 def test_split_without_timestamps_is_seeded_and_per_user() -> None:
@@ -100,50 +100,89 @@ def test_split_without_timestamps_is_seeded_and_per_user() -> None:
     assert np.bincount(user[a], minlength=50).tolist() == [2] * 50
 
 
-def test_popularity_excludes_training_items() -> None:
-    train = sp.csr_matrix(np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], np.float32))
-    pop = popularity(train)
-    assert pop.tolist() == [3, 2, 1, 0]
-    assert recommend_popular(pop, train, [0, 2], k=2).tolist() == [[1, 2], [3, -1]]
+def test_validation_is_carved_out_of_training_only() -> None:
+    rows = [Interaction(f"u{u}", f"i{(u + t) % 30}", 946_684_800_000 + 1000 * t, 1, t) for u in range(20)
+            for t in range(10)]  # fmt: skip
+    h = Holdout(Data.from_rows(rows), seed=0)
+    assert not (h.val & h.test).any() and not (h.fit_mask & (h.val | h.test)).any()
+    assert (h.fit_mask | h.val | h.test).all() and h.val.sum() == h.test.sum() == 40
 
 
-def _planted(
-    n_users: int = 120, n_items: int = 120, groups: int = 4, per_user: int = 12, seed: int = 0
-) -> tuple[Stream, np.ndarray, np.ndarray]:
-    """Each user clicks items of its own group (popular items across groups are not favoured)."""
+# ---------------------------------------------------------------------------------------------- contract
+def _planted(n_users: int = 120, n_items: int = 120, groups: int = 4, per_user: int = 14,
+             seed: int = 0) -> tuple[Data, np.ndarray, np.ndarray]:  # fmt: skip
+    """Each user clicks items of its own group, in a random order over time; no item is globally popular."""
     rng = np.random.default_rng(seed)
-    ug = np.arange(n_users) % groups
-    ig = np.arange(n_items) % groups
-    users, items = [], []
+    ug, ig = np.arange(n_users) % groups, np.arange(n_items) % groups
+    rows = []
     for u in range(n_users):
-        mine = np.flatnonzero(ig == ug[u])
-        users += [u] * per_user
-        items += rng.choice(mine, per_user, replace=False).tolist()
-    order = rng.permutation(len(users))
-    s = Stream(
-        np.array(users, np.int32)[order],
-        np.array(items, np.int32)[order],
-        np.ones(len(users), np.float32),
-        n_users,
-        n_items,
-    )
-    return s, ug, ig
+        for i in rng.choice(np.flatnonzero(ig == ug[u]), per_user, replace=False):
+            rows.append((u, int(i)))
+    order = rng.permutation(len(rows))
+    out = [Interaction(f"u{rows[n][0]:03d}", f"i{rows[n][1]:03d}", 946_684_800_000 + 1000 * t, 1, t)
+           for t, n in enumerate(order)]  # fmt: skip
+    return Data.from_rows(out), ug, ig
 
 
-def test_offline_lmf_learns_planted_groups_better_than_popularity() -> None:
-    s, ug, ig = _planted()
-    n = s.user.size
-    is_test = holdout_mask(s.user, np.arange(n), s.n_users, seed=0)
-    train = Stream(s.user[~is_test], s.item[~is_test], s.count[~is_test], s.n_users, s.n_items)
-    test = sp.csr_matrix(
-        (np.ones(is_test.sum(), np.float32), (s.user[is_test], s.item[is_test])), shape=(s.n_users, s.n_items)
-    )
-    users = np.flatnonzero(np.diff(test.indptr))
-    U, V = replay_lmf(train, lmf_config(16, seed=0, lr=0.2, batch=200), epochs=6, seed=0)
-    tr = train.csr()
-    lmf = ranking_metrics(recommend(U, V, tr, users, 10), test, users, 10)
-    pop = ranking_metrics(recommend_popular(popularity(tr), tr, users, 10), test, users, 10)
-    top = recommend(U, V, tr, users, 10)
-    same_group = np.mean(ig[top] == ug[users][:, None])
-    assert same_group > 0.8
-    assert lmf["ndcg"] > pop["ndcg"] + 0.1
+def _lmf(stream: Stream) -> object:
+    return replay_lmf(stream, LMFConfig(factors=16, seed=1), seed=1)
+
+
+def _pipeline(stream: Stream) -> object:
+    return replay_pipeline(stream, LMFConfig(factors=16, seed=1), ALSConfig(factors=16, als_iterations=10), 600, 1)
+
+
+def _als(stream: Stream) -> object:
+    return _als_alone(stream, ALSConfig(factors=16, als_iterations=10))
+
+
+MODELS: dict[str, tuple[Callable[[Stream], object] | None, bool]] = {
+    "lmf": (_lmf, True),
+    "pipeline": (_pipeline, True),
+    "als": (_als, True),
+    "popularity": (None, False),
+}
+
+
+def _lists(name: str, data: Data, h: Holdout) -> tuple[np.ndarray, sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    tr, train, test, users = h.split(False)
+    fit, _ = MODELS[name]
+    if fit is None:
+        return _popular(popularity(train), train, users, 10), train, test, users
+    return recommend(fit(data.stream(tr, 0)), train, users, 10), train, test, users  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[Data, Holdout, np.ndarray, np.ndarray]:
+    data, ug, ig = _planted()
+    return data, Holdout(data, 0), ug, ig
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lists_are_valid_and_never_hold_a_training_item(name: str, planted: tuple) -> None:
+    data, h, _ug, _ig = planted
+    top, train, _test, users = _lists(name, data, h)
+    assert top.shape == (users.size, 10) and top.max() < data.n_items
+    for r, u in enumerate(users):
+        got = top[r][top[r] >= 0]
+        assert len(set(got.tolist())) == got.size, f"{name}: duplicate item for user {u}"
+        assert not set(got.tolist()) & set(train[u].indices.tolist()), f"{name}: training item recommended"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_seed_reproduces_the_lists(name: str, planted: tuple) -> None:
+    data, h, _ug, _ig = planted
+    assert np.array_equal(_lists(name, data, h)[0], _lists(name, data, h)[0])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_f, personal) in MODELS.items() if personal))
+def test_personalised_models_find_the_planted_groups(name: str, planted: tuple) -> None:
+    data, h, ug, ig = planted
+    top, _train, test, users = _lists(name, data, h)
+    item_group = ig[[int(i[1:]) for i in data.items]]  # dense item index -> planted group
+    user_group = ug[[int(u[1:]) for u in data.users]]
+    own = np.mean([(item_group[top[r][top[r] >= 0]] == user_group[u]).mean() for r, u in enumerate(users)])
+    pop = ranking_metrics(_lists("popularity", data, h)[0], test, users, 10, data.n_items)["ndcg"]
+    ndcg = ranking_metrics(top, test, users, 10, data.n_items)["ndcg"]
+    assert own > 0.9, f"{name}: only {own:.2f} of the recommended items are of the user's own group"
+    assert ndcg > 2 * pop, f"{name}: NDCG {ndcg:.3f} vs popularity {pop:.3f}"

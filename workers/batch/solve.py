@@ -34,8 +34,14 @@ def fit(csr: Any, cfg: ALSConfig, init: tuple[F32, F32] | None,
         callback: Callable[[int, float, float | None], None] | None = None) -> tuple[F32, F32, float]:  # fmt: skip
     """Implicit ALS with the config's solver settings; ``init`` warm-starts (None: cold, seeded by ``als_seed``).
 
-    Returns the raw (uncalibrated) ``U``, ``V`` and the last WMF loss.
+    A warm start adds the cold start's small random rows to ``init``: zero is a fixed point of ALS (a user row
+    solved against zero item rows stays zero), so a previous solve that had shrunk to nearly zero (heavy
+    regularisation on little data) would otherwise never recover. Returns the raw (uncalibrated) ``U``, ``V``
+    and the last WMF loss.
     """
+    if init is not None:
+        rng = np.random.default_rng([cfg.als_seed, 7])
+        init = tuple(a + rng.random(a.shape, dtype=np.float32) * np.float32(0.01) for a in init)  # type: ignore[assignment]
     U, V, hist = als_fit(csr, factors=cfg.factors, reg=cfg.als_reg, alpha=cfg.als_alpha,
                          iterations=cfg.als_iterations, solver=cfg.als_solver, cg_steps=cfg.als_cg_steps, init=init,
                          rng=np.random.default_rng(cfg.als_seed), callback=callback, num_threads=cfg.als_threads,

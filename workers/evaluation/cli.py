@@ -42,6 +42,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_prequential_models(data: Data, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     """``--protocol prequential`` for ``lmf``, ``pipeline`` or both (``all``), each on fresh topics."""
+    if args.model not in ("lmf", "pipeline", "all"):
+        raise ConfigError(f"--protocol prequential evaluates lmf or pipeline (or all), not {args.model!r}; the "
+                          "popularity baselines are ranked next to every click anyway")  # fmt: skip
     models = ["lmf", "pipeline"] if args.model == "all" else [args.model]
     out: dict[str, Any] = {}
     summaries: dict[str, Any] = {}
@@ -93,6 +96,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--factors", type=int, default=None, help="latent dimension (default ZEROCF_FACTORS)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split tie-break and of the models")
     p.add_argument("--validation", action="store_true", help="holdout: score the validation split (tuning)")
+    p.add_argument("--split", default="user", choices=["user", "time"],
+                   help="holdout: last 20%% of each user's clicks, or of all clicks by time")  # fmt: skip
     p.add_argument("--twin", action="store_true", help="holdout: train our models in memory (fast sweeps)")
     p.add_argument("--no-tune", action="store_true",
                    help="accepted for compatibility: the evaluation always runs the production defaults")  # fmt: skip
@@ -128,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
             if args.protocol == "holdout":
                 result = run_holdout(data, [args.model], {**env, **_env_overrides(args)}, k=args.k, seed=args.seed,
                                      resolve_every=args.resolve_every, chunk=args.chunk,
-                                     validation=args.validation, twin=args.twin)  # fmt: skip
+                                     validation=args.validation, twin=args.twin,
+                                     split=args.split)  # fmt: skip
             else:
                 result = run_prequential_models(data, args, env)
         finally:

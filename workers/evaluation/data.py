@@ -1,8 +1,11 @@
 """Datasets as dense arrays, the holdout split every evaluation uses, and the training stream order (pure).
 
-:class:`Holdout` carves the per-user temporal split (:func:`workers.evaluation.metrics.holdout_mask`: the last
-20 % of each user's clicks with at least 5, by time) and a validation split cut the same way out of the
-training part: defaults are tuned on validation only, then measured on test. :meth:`Data.stream` is the order
+:class:`Holdout` carves the test split and a validation split cut the same way out of the training part
+(defaults are tuned on validation only, then measured on test). ``split="user"`` (default) is the per-user
+temporal split (:func:`workers.evaluation.metrics.holdout_mask`: the last 20 % of each user's clicks with at
+least 5, by time); ``split="time"`` holds out the last 20 % of all clicks by time (:func:`time_split_mask`)
+and evaluates the returning users (those with training clicks): the right question for a news stream, where
+most users click a handful of times and tomorrow's articles do not exist today. :meth:`Data.stream` is the order
 clicks are learned in: by time (stable), or a seeded permutation for data without timestamps.
 
 >>> d = Data.from_rows([Interaction("u1", f"i{t}", 946_684_800_000 + t, 1, t) for t in range(10)])
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +32,9 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
 
-__all__ = ["Data", "Holdout", "Stream", "load_data"]
+__all__ = ["Data", "Holdout", "Split", "Stream", "load_data", "time_split_mask"]
+
+Split = Literal["user", "time"]
 
 
 @dataclass(frozen=True)
@@ -120,20 +126,55 @@ def load_data(path: str, fmt: Format) -> Data:
     return Data.from_rows(rows)
 
 
-class Holdout:
-    """Train / validation / test masks of the per-user temporal holdout."""
+def time_split_mask(ts: npt.NDArray[np.int64], test_frac: float = 0.2) -> npt.NDArray[np.bool_]:
+    """Mask of the last ``test_frac`` of the clicks by time (ties at the cut go by row order).
 
-    def __init__(self, data: Data, seed: int = 0) -> None:
-        self.data, self.seed = data, seed
-        self.test = holdout_mask(data.user, data.ts, data.n_users, seed=seed)
+    >>> time_split_mask(np.array([5, 1, 4, 2, 3]), 0.4).tolist()
+    [True, False, True, False, False]
+    """
+    if not 0.0 < test_frac < 1.0:
+        raise ValueError(f"test_frac={test_frac} must be in (0, 1); 0.2 holds out the last 20 % of the clicks")
+    order = np.argsort(ts, kind="stable")
+    out = np.zeros(ts.size, np.bool_)
+    out[order[int(round(ts.size * (1.0 - test_frac))) :]] = True
+    return out
+
+
+class Holdout:
+    """Train / validation / test masks of the holdout (``split`` "user" or "time", see the module doc)."""
+
+    def __init__(self, data: Data, seed: int = 0, split: Split = "user") -> None:
+        if split == "time" and data.ts is None:
+            raise ConfigError("--split time needs timestamps; this dataset has none (use --split user)")
+        self.data, self.seed, self.kind = data, seed, split
+        self.test = self._cut(np.ones(data.user.size, np.bool_))
         train = ~self.test
-        inner = holdout_mask(data.user[train], None if data.ts is None else data.ts[train], data.n_users, seed=seed)
-        self.val = np.zeros_like(train)
-        self.val[np.flatnonzero(train)[inner]] = True
+        self.val = self._cut(train)
         self.fit_mask = train & ~self.val
 
+    def _cut(self, rows: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        idx = np.flatnonzero(rows)
+        ts = None if self.data.ts is None else self.data.ts[idx]
+        if self.kind == "time":
+            assert ts is not None
+            inner = time_split_mask(ts)
+        else:
+            inner = holdout_mask(self.data.user[idx], ts, self.data.n_users, seed=self.seed)
+        out = np.zeros(rows.size, np.bool_)
+        out[idx[inner]] = True
+        return out
+
     def split(self, validation: bool) -> tuple[npt.NDArray[np.bool_], sp.csr_matrix, sp.csr_matrix, I32]:
-        """(train mask, train csr, eval csr, evaluated users)."""
+        """(train mask, train csr, eval csr, evaluated users).
+
+        Pairs the user already clicked in training are dropped from the eval matrix (the lists exclude them, so
+        they could never be hit); evaluated users are those left with eval clicks and at least one training
+        click.
+        """
         tr = self.fit_mask if validation else ~self.test
+        train = self.data.csr(tr)
         ev = self.data.csr(self.val if validation else self.test)
-        return tr, self.data.csr(tr), ev, np.flatnonzero(np.diff(ev.indptr)).astype(np.int32)
+        ev = (ev - ev.multiply(train.astype(np.bool_))).tocsr()
+        ev.eliminate_zeros()
+        users = np.flatnonzero((np.diff(ev.indptr) > 0) & (np.diff(train.indptr) > 0)).astype(np.int32)
+        return tr, train, ev, users

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from workers.config import ALSConfig, LMFConfig
-from workers.evaluation.data import Data, Holdout
+from stream.config import load
+from workers.config import ALSConfig, LMFConfig, ModelSettings
+from workers.evaluation.data import Data, Holdout, Split
 from workers.evaluation.metrics import ranking_metrics
 from workers.evaluation.offline import Factors, popularity, recommend, replay_lmf, replay_pipeline
 from workers.evaluation.realpath import RealPath, stream_rows
@@ -34,7 +35,7 @@ from workers.kernels.topk import recommend_from_factors
 
 log = logging.getLogger(__name__)
 
-OURS = ("lmf", "pipeline", "als", "popularity")
+OURS = ("lmf", "pipeline", "als", "popularity", "recent_popularity")
 REFERENCES = ("implicit_als", "implicit_bpr")
 
 __all__ = ["OURS", "REFERENCES", "run_holdout"]
@@ -42,9 +43,9 @@ __all__ = ["OURS", "REFERENCES", "run_holdout"]
 
 def run_holdout(data: Data, models: Sequence[str], env: dict[str, str], *, k: int = 10, seed: int = 0,
                 resolve_every: int = 25_000, chunk: int = 5000, validation: bool = False,
-                twin: bool = False) -> dict[str, Any]:  # fmt: skip
+                twin: bool = False, split: Split = "user") -> dict[str, Any]:  # fmt: skip
     """Every model of ``models`` (``all`` = ours and the references) on the split; ``{"models": {...}, ...}``."""
-    h = Holdout(data, seed)
+    h = Holdout(data, seed, split)
     tr, train, test, users = h.split(validation)
     want = list(OURS + REFERENCES) if "all" in models else list(models)
     out: dict[str, Any] = {}
@@ -53,20 +54,24 @@ def run_holdout(data: Data, models: Sequence[str], env: dict[str, str], *, k: in
         if name == "popularity":
             ids = _popular(popularity(train), train, users, k)
             out[name] = ranking_metrics(ids, test, users, k, data.n_items)
+        elif name == "recent_popularity":
+            half_life = load(ModelSettings, env).pop_half_life_ms
+            ids = _popular(recent_popularity(data, tr, half_life), train, users, k)
+            out[name] = ranking_metrics(ids, test, users, k, data.n_items)
         elif name in REFERENCES:
             res = _implicit(name, train, seed)
             if res is None:
                 continue
             out[name] = ranking_metrics(recommend(res, train, users, k), test, users, k, data.n_items)
         elif twin:
-            f = _twin(name, data, tr, seed, resolve_every)
+            f = _twin(name, data, tr, env, seed, resolve_every)
             out[name] = ranking_metrics(recommend(f, train, users, k), test, users, k, data.n_items)
         else:
             out[name] = _real(name, data, tr, train, test, users, env, k, seed, resolve_every, chunk)
         out[name]["seconds"] = round(time.perf_counter() - t0, 2)
         log.info("%s: %s", name, out[name])
     params = {"k": k, "seed": seed, "train": int(tr.sum()), "eval": int(test.nnz), "users": int(users.size),
-              "split": "validation" if validation else "test", "path": "twin" if twin else "real",
+              "split": split, "scored": "validation" if validation else "test", "path": "twin" if twin else "real",
               "resolve_every": resolve_every}  # fmt: skip
     return {"protocol": "holdout", "models": out, "params": params}
 
@@ -98,9 +103,10 @@ def _real(name: str, data: Data, tr: np.ndarray, train: sp.csr_matrix, test: sp.
     return metrics
 
 
-def _twin(name: str, data: Data, tr: np.ndarray, seed: int, resolve_every: int) -> Factors:
+def _twin(name: str, data: Data, tr: np.ndarray, env: dict[str, str], seed: int, resolve_every: int) -> Factors:
+    """``name`` trained in memory with the configuration the real path would load from ``env``."""
     stream = data.stream(tr, seed)
-    lcfg, acfg = LMFConfig(seed=seed), ALSConfig(als_seed=seed)
+    lcfg, acfg = load(LMFConfig, env, {"seed": seed}), load(ALSConfig, env, {"als_seed": seed})
     if name == "lmf":
         return replay_lmf(stream, lcfg, seed)
     if name == "pipeline":
@@ -114,6 +120,22 @@ def _als_alone(stream: Any, cfg: ALSConfig) -> Factors:
     U, V, _ = fit(stream.csr(), cfg, None)
     Ur, Vr, cal = handoff_rows(U, V, stream.csr(), cfg)
     return Factors(Ur, Vr, cal.bias)
+
+
+def recent_popularity(data: Data, mask: np.ndarray, half_life_ms: int) -> np.ndarray:
+    """Click weight per item decayed to the last training click (what the lookups' fallback serves); the
+    all-time counts for data without timestamps.
+
+    >>> from stream.replay.datasets import Interaction
+    >>> d = Data.from_rows([Interaction("u", "a", 0, 1, 1), Interaction("v", "b", 1000, 1, 2)])
+    >>> recent_popularity(d, np.ones(2, bool), 1000).tolist()
+    [0.5, 1.0]
+    """
+    w = data.count[mask].astype(np.float64)
+    if data.ts is not None:
+        ts = data.ts[mask]
+        w = w * np.exp2((ts - ts.max()) / half_life_ms)
+    return np.bincount(data.item[mask], weights=w, minlength=data.n_items)
 
 
 def _popular(scores: np.ndarray, train: sp.csr_matrix, users: np.ndarray, k: int) -> np.ndarray:

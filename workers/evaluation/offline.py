@@ -7,8 +7,8 @@
   checks that both give the same NDCG within noise).
 - :func:`replay_pipeline` adds the ALS worker's re-solve after every ``resolve_every`` clicks, through the
   same :mod:`workers.batch.solve` functions the worker calls (warm start from the previous solve's raw
-  factors, calibration), keeping the online biases, step sizes and global bias as the worker does, followed by
-  the generation switch the LMF worker performs.
+  factors, calibration), keeping the online learner's AdaGrad step sizes as the worker does, followed by the
+  generation switch the LMF worker performs.
 
 The models are returned as :class:`Factors`: rows of ``k`` latent values + bias for every dense user and item
 index, and the global bias; :func:`scores` ranks items by ``b_i + p_u · q_i``, as the lookups do.
@@ -187,18 +187,13 @@ def _resolve(r: _Replay, part: Stream, als: ALSConfig, raw: tuple[F32, F32] | No
     clicked = np.flatnonzero(counts)
     users = np.flatnonzero(np.diff(csr.indptr))
     m = r.model
-    keep = {m.items.ids[j]: (m.V[j, -1], m.GV[j].copy()) for j in range(m.n_items)}  # what the handoff carries
-    glob = float(m.glob[0])
-    U_rows[:, -1] = r.U[:, -1]
-    for i, name in enumerate(r.items):
-        if name in keep:
-            V_rows[i, -1] = keep[name][0]
+    keep = {m.items.ids[j]: m.GV[j].copy() for j in range(m.n_items)}  # the handoff keeps the step sizes
     ts = r.ts[: len(part)]
     ref = int(ts.min())
     decay = np.zeros(part.n_items)
     np.add.at(decay, part.item, part.count * np.exp2((ts - ref) / m.half_life_ms))
-    item_acc = np.array([keep[r.items[i]][1] if r.items[i] in keep else np.zeros(2) for i in clicked], np.float32)
-    m.warm([r.items[i] for i in clicked], V_rows[clicked], glob, {r.items[i]: float(counts[i]) for i in clicked},
+    item_acc = np.array([keep.get(r.items[i], np.zeros(2)) for i in clicked], np.float32)
+    m.warm([r.items[i] for i in clicked], V_rows[clicked], cal.bias, {r.items[i]: float(counts[i]) for i in clicked},
            {r.items[i]: float(decay[i]) for i in clicked}, ref, m.half_life_ms, item_acc.reshape(-1, 2))  # fmt: skip
     m.forget_users()
     r.U[users] = U_rows[users]  # user accumulators (r.GU) are kept as they are

@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from workers.kernels.als_numba import cg_sweep, exact_sweep, observed_loss
+from workers.kernels.als_numba import aligned_empty, cg_sweep, exact_sweep, observed_loss, scratch
 
 F32 = npt.NDArray[np.float32]
 Scaling = Literal["linear", "log"]  # how a count becomes confidence (see the module docstring)
@@ -176,7 +176,8 @@ def wmf_loss(conf: sp.csr_matrix, U: F32, V: F32, reg: float) -> float:
 def _init_factors(n: int, k: int, init: F32 | None, rng: np.random.Generator, name: str) -> F32:
     """Return an (n, k) float32 C-contiguous copy of ``init``, seeding missing (new) rows."""
     # small, positive (the first direction ~ popularity), drawn in float32 as implicit draws its own init
-    new = rng.random((n, k), dtype=np.float32) * np.float32(0.01)
+    new = aligned_empty((n, k))
+    new[:] = rng.random((n, k), dtype=np.float32) * np.float32(0.01)
     if init is None:
         return new
     init = np.asarray(init, dtype=np.float32)
@@ -194,9 +195,10 @@ def _init_factors(n: int, k: int, init: F32 | None, rng: np.random.Generator, na
 def _half_sweep(conf: sp.csr_matrix, X: F32, Y: F32, reg: float, solver: str, cg_steps: int) -> None:
     k = X.shape[1]
     if solver == "cg":
-        G = Y.T @ Y
+        G = aligned_empty((k, k))
+        G[:] = Y.T @ Y
         G[np.diag_indices(k)] += np.float32(reg)
-        cg_sweep(conf.indptr, conf.indices, conf.data, X, Y, G, cg_steps)
+        cg_sweep(conf.indptr, conf.indices, conf.data, X, Y, G, cg_steps, scratch(X.shape[0], 4, k))
     else:
         Y64 = Y.astype(np.float64)
         G = Y64.T @ Y64 + reg * np.eye(k)

@@ -381,6 +381,9 @@ def lmf_train(
     _check(U, GU, V, GV, ev_u.astype(np.int32), ev_i.astype(np.int32), n_known)
     fp, ip = params.arrays(seed)
     gneg = np.zeros((0, 0), np.int32) if given_neg is None else np.ascontiguousarray(given_neg, np.int32)
+    if given_neg is not None and (gneg.shape != (E, params.negatives) or (gneg.size and gneg.max() >= V.shape[0])):
+        raise ValueError(f"given_neg must be ({E}, {params.negatives}) item rows < {V.shape[0]} or -1, "
+                         f"got shape {gneg.shape}")  # fmt: skip
     cap = E * (1 + params.negatives)
     first = np.full(V.shape[0], -1, np.int32)
     t_idx = np.zeros(cap, np.int32)

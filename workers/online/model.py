@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,52 @@ def lmf_params(cfg: LMFConfig) -> LMFParams:
                      clip=cfg.clip, negatives=cfg.negatives, hard_share=cfg.hard_share,
                      hard_candidates=cfg.hard_candidates, uniform_mix=cfg.uniform_mix,
                      adagrad=cfg.adagrad)  # fmt: skip
+
+
+class SeenItems:
+    """One user's seen item rows: insertion order for the cap (oldest first), an int32 array for the kernel.
+
+    A re-click moves the item to the newest end and leaves the array alone (a set's content, not its order,
+    is what the sampler needs), so building a batch's positive set is one concatenation of arrays instead of a
+    Python loop over every user's whole history.
+
+    >>> s = SeenItems([3, 5]); s.add(7, cap=3); s.add(3, cap=3); s.add(9, cap=3)
+    >>> list(s), sorted(s.array().tolist())
+    ([7, 3, 9], [3, 7, 9])
+    """
+
+    __slots__ = ("_order", "_buf", "_n")
+
+    def __init__(self, items: Iterable[int] = ()) -> None:
+        self._order: dict[int, None] = dict.fromkeys(items)
+        self._buf = np.fromiter(self._order, np.int32, len(self._order))
+        self._n = self._buf.size
+
+    def add(self, item: int, cap: int) -> None:
+        if item in self._order:
+            del self._order[item]
+            self._order[item] = None
+            return
+        self._order[item] = None
+        if self._n == self._buf.size:
+            self._buf = np.concatenate([self._buf, np.empty(max(8, self._n), np.int32)])
+        self._buf[self._n] = item
+        self._n += 1
+        while len(self._order) > cap:
+            oldest = next(iter(self._order))
+            del self._order[oldest]
+            at = int(np.flatnonzero(self._buf[: self._n] == oldest)[0])
+            self._n -= 1
+            self._buf[at] = self._buf[self._n]
+
+    def array(self) -> npt.NDArray[np.int32]:
+        return self._buf[: self._n]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 @dataclass
@@ -148,8 +194,9 @@ class OnlineModel:
         self.rng = np.random.default_rng(seed)
         # user -> (row (k+1,), accumulators (2,), whether the user had a vector before: found or trained)
         self.user_cache: OrderedDict[str, tuple[F32, F32, bool]] = OrderedDict()
-        self.seen: OrderedDict[str, list[int]] = OrderedDict()  # user -> seen item rows, oldest first
+        self.seen: OrderedDict[str, SeenItems] = OrderedDict()  # user -> seen item rows, oldest first
         self.users = IdMap()  # only for the exposure trackers' integer keys
+        self.exp_items = IdMap()  # likewise (never self.items: a shown item has no row until trained)
         self.clicks_trained = 0
         self.exposure: dict[int, ExposureTracker] = {}
         self.warm([], np.zeros((0, self.k + 1), np.float32), 0.0, {}, {}, 0, 86_400_000)
@@ -232,7 +279,7 @@ class OnlineModel:
             a = acc[n].copy() if (acc is not None and found[n]) else np.zeros(2, np.float32)
             self.user_cache[user] = (row, a, bool(found[n]))
             known = [self.items.get(i) for i in reversed(seen.get(user, []))]
-            self.seen[user] = [j for j in known if j is not None]
+            self.seen[user] = SeenItems(j for j in known if j is not None)
         self._trim_users()
 
     def _fold_in(self, users: Sequence[str], found: npt.NDArray[np.bool_], out: F32, plan: BatchPlan) -> None:
@@ -286,15 +333,13 @@ class OnlineModel:
         shows = [e for e in events if e.type == "impression"]
         if shows:
             tracker.shown(self.users.index_many([e.user for e in shows]),
-                          self.items.index_many([e.item for e in shows]), [e.ts for e in shows])  # fmt: skip
-            self._grow()
+                          self.exp_items.index_many([e.item for e in shows]), [e.ts for e in shows])  # fmt: skip
         if clicks:
             tracker.clicked(self.users.index_many([e.user for e in clicks]),
-                            self.items.index_many([e.item for e in clicks]))  # fmt: skip
-            self._grow()
+                            self.exp_items.index_many([e.item for e in clicks]))  # fmt: skip
         now = max(e.ts for e in events)
         du, di = tracker.due(now, int(self.cfg.exposure_window_s * 1000))
-        return [self.users.ids[u] for u in du], [self.items.ids[i] for i in di], [now] * len(du)
+        return [self.users.ids[u] for u in du], [self.exp_items.ids[i] for i in di], [now] * len(du)
 
     def absorb_items(self, plan: BatchPlan, rows: F32, found: npt.NDArray[np.bool_], acc: F32 | None) -> None:
         """Rows of the plan's new items as Redis holds them (another worker may have created them)."""
@@ -331,13 +376,14 @@ class OnlineModel:
         U = np.empty((n_u, self.k + 1), np.float32)
         GU = np.zeros((n_u, 2), np.float32)
         warm = np.zeros(n_u, np.bool_)
-        pos_u: list[int] = []
-        pos_i: list[int] = []
+        known: list[npt.NDArray[np.int32]] = []
         for n, user in enumerate(plan.users):
             U[n], GU[n], warm[n] = self.user_cache[user]
-            items = self.seen.get(user, [])
-            pos_u += [n] * len(items)
-            pos_i += items
+            got = self.seen.get(user)
+            known.append(got.array() if got is not None else np.empty(0, np.int32))
+        sizes = np.array([a.size for a in known], np.int64)
+        pos_u = np.repeat(np.arange(n_u, dtype=np.int32), sizes)
+        pos_i = np.concatenate(known) if known else np.empty(0, np.int32)
         hs = positive_set(pos_u, pos_i, self.V.shape[0], extra=len(plan.clicks))
         self.sampler.maybe_refresh()
         dw = self.decay_weights(plan.ev_ts)
@@ -369,30 +415,29 @@ class OnlineModel:
                            None if rank_at is None else rank_at[: len(plan.clicks)])  # fmt: skip
 
     def rollback(self, result: TrainResult) -> None:
-        """Undo a refused batch (non-finite values) in the cached rows and popularity."""
+        """Undo a refused batch's factor updates (non-finite values) in the cached item rows and global bias.
+
+        The batch's click statistics (counts, decayed popularity, seen items, reservoir) stand: the worker still
+        records them, so the caches keep matching the store; :meth:`commit` follows as for any batch.
+        """
         t = result.touched
         self.V[t.idx] = t.rows
         self.GV[t.idx] = t.acc
         self.glob[0] = result.glob_before
-        for item, w in result.counts.items():
-            self.count[self.items.index(item)] -= w
-        for item, d in result.popularity.items():
-            self.decayed[self.items.index(item)] -= d
 
     def commit(self, plan: BatchPlan, result: TrainResult) -> None:
-        """The batch was trained: update the user cache, the seen items and the reservoir."""
-        for n, user in enumerate(plan.users):
+        """The batch was recorded: the user cache (trained batches only), the seen items and the reservoir."""
+        for n, user in enumerate(plan.users if result.finite else ()):
             self.user_cache[user] = (result.user_rows[n].copy(), result.user_acc[n].copy(), True)
             self.user_cache.move_to_end(user)
         if plan.clicks:
             pos = plan.ev_item[: len(plan.clicks)]
             self.reservoir.add(pos, self.rng)
+            cap = self.cfg.seen_cap
             for (user, _item, _ts, _w), p in zip(plan.clicks, pos.tolist()):
-                lst = self.seen.setdefault(user, [])
-                if p in lst:
-                    lst.remove(p)
-                lst.append(p)
-                if len(lst) > self.cfg.seen_cap:
-                    del lst[0]
+                got = self.seen.get(user)
+                if got is None:
+                    got = self.seen[user] = SeenItems()
+                got.add(p, cap)
                 self.seen.move_to_end(user)
         self._trim_users()

@@ -277,11 +277,14 @@ class LMFWorker:
     def _train_partition(self, p: int, records: list[Any]) -> bool:
         """Decode, plan, fetch, train and submit one partition's batch; False if the worker restarted.
 
-        The fetch does not wait for the write in flight: it reads only users and items this worker holds no
-        row for (users have one writer, so the cached rows are never older than Redis; an item this worker
-        has not seen yet was not in the write in flight either). The kernel trains on the cached item rows
-        and the write adds each row's change to whatever Redis holds, so no update of another worker is
-        lost; rows are re-read every ``ZEROCF_LMF_ITEM_REFRESH_S`` (bounded staleness, as in Hogwild).
+        The worker does not wait for the write in flight before fetching: it reads only users and items it
+        holds no row for (users have one writer, so the cached rows are never older than Redis; an item this
+        worker has not seen yet was not in the write in flight either). Redis itself runs one script at a
+        time, so the read still queues behind the write on the server (bench/bench_lmf_e2e.py reports the
+        overlap as ``fetch_share_during_write``); what overlaps is the worker's own poll, decode and plan.
+        The kernel trains on the cached item rows and the write adds each row's change to whatever Redis
+        holds, so no update of another worker is lost; rows are re-read every ``ZEROCF_LMF_ITEM_REFRESH_S``
+        (bounded staleness, as in Hogwild).
         """
         if p not in self.dedupers:  # assigned between the poll and now: resume properly first
             if self._settle():
@@ -363,19 +366,19 @@ class LMFWorker:
         for e in events:
             increments[e.user] = increments.get(e.user, 0) + 1
         write = BatchWrite(p, applied, last, self.dedupers[p].state(), counts=result.counts,
-                           user_increments=increments, seen=[(u, i, ts) for u, i, ts, _w in plan.clicks])  # fmt: skip
+                           user_increments=increments, seen=[(u, i, ts) for u, i, ts, _w in plan.clicks],
+                           popularity=result.popularity, pop_ref_ms=self.model.pop_ref_ms)  # fmt: skip
         if result.finite:
             write = replace(write, user_ids=plan.users, user_rows=result.user_rows, item_ids=result.item_ids,
                             item_deltas=result.item_deltas, user_acc=result.user_acc,
-                            item_acc_deltas=result.item_acc_deltas, popularity=result.popularity,
-                            pop_ref_ms=self.model.pop_ref_ms)  # fmt: skip
-            self.model.commit(plan, result)  # optimistic: a refused write reloads every cache (_restart)
+                            item_acc_deltas=result.item_acc_deltas)  # fmt: skip
         else:
             self.metrics.nan_guards.inc()
             self.stats.nan_batches += 1
-            log.error("partition %d offsets ..%d: non-finite factors, batch refused (counts and offsets still "
-                      "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)  # fmt: skip
+            log.error("partition %d offsets ..%d: non-finite factors, batch refused (its clicks, counts and "
+                      "offsets are still recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)  # fmt: skip
             self.model.rollback(result)
+        self.model.commit(plan, result)  # optimistic: a refused write reloads every cache (_restart)
         future = self._writer.submit(self.store.apply_batch, self.g, write)
         self.applied[p] = last
         loss = result.loss / max(1, len(plan.ev_user)) if result.finite else None

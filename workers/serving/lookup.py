@@ -10,7 +10,7 @@ Cache and staleness. At most every ``refresh_s`` seconds a request (or :meth:`Re
 or a changed item count reloads the whole matrix. Existing item vectors also change online (LMF adds item
 deltas), so the matrix is reloaded anyway once it is older than ``max(refresh_s, load_seconds /
 RELOAD_SHARE)``: a reload never takes more than ``RELOAD_SHARE`` (5 %) of wall time. Hence a served item
-vector is at most ``max(refresh_s, load_seconds / RELOAD_SHARE) + load_seconds`` old, and a new
+vector is at most ``max(refresh_s, load_seconds / RELOAD_SHARE) + refresh_s + load_seconds`` old, and a new
 generation or a new item is visible after at most ``refresh_s + load_seconds`` (with ``load_seconds`` the
 duration of the last full load, ~0.1-1 s at 100k items and k=64). User vectors are always read fresh,
 from the cached generation, so ``p``, ``q`` and the biases always come from one generation; a retired
@@ -51,7 +51,7 @@ import numpy.typing as npt
 
 from workers.errors import GenerationError, StoreSchemaError, WorkerError
 from workers.kernels.topk import top_k
-from workers.store import FactorStore
+from workers.store import GLOBAL_ROW, FactorStore
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,7 @@ class Recommender:
         if not pf[0]:
             return out
         q, qf = self.store.get_vectors(cache.gen, "item", ids)
+        qf &= np.array([i != GLOBAL_ROW for i in ids])  # the global bias row is not an item
         k = p.shape[1] - 1
         logits = q[qf, :k] @ p[0, :k] + q[qf, k] + p[0, k] + np.float32(cache.bias)
         out[qf] = sigmoid(logits)

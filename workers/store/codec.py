@@ -1,7 +1,7 @@
 """The store's value encoding: float32 little-endian blobs of exactly ``width`` values, no header (pure).
 
-A factor row is ``k`` latent values then the row's bias (``width = k + 1``); an AdaGrad accumulator is one
-value (``width = 1``).
+A factor row is ``k`` latent values then the row's bias (``width = k + 1``); an AdaGrad accumulator row is two
+values (``width = 2``: the latent block's and the bias's squared-gradient sums).
 
 >>> m, found = decode(encode(np.array([[1.0, -2.0]], dtype=np.float32)) + [None], 2)
 >>> m.tolist(), found.tolist()

@@ -188,9 +188,10 @@ class FactorStore:
         self.r.transaction(create, km.meta)
         m = self.meta()
         ns = self.keys.ns
-        if m.dtype != DTYPE:
+        if m.schema_version != SCHEMA_VERSION or m.dtype != DTYPE:
             raise StoreSchemaError(
-                f"redis model {ns} has dtype={m.dtype}, this zerocf reads {DTYPE}; use another ZEROCF_TOPIC_PREFIX"
+                f"redis model {ns} has schema_version={m.schema_version} dtype={m.dtype}, this zerocf reads "
+                f"schema_version={SCHEMA_VERSION} dtype={DTYPE}; upgrade zerocf or use another ZEROCF_TOPIC_PREFIX"
             )
         if m.k != int(k):
             raise StoreSchemaError(
@@ -444,7 +445,7 @@ class FactorStore:
         chunk: int = _CHUNK,
         pipeline: redis.client.Pipeline | None = None,
     ) -> None:
-        """HSET rows (absolute, ``(n, k + 1)``; ``(n, 1)`` for ``*_acc``) in chunks; on ``pipeline`` if given."""
+        """HSET rows (absolute, ``(n, k + 1)``; ``(n, 2)`` for ``*_acc``) in chunks; on ``pipeline`` if given."""
         ids = [str(i) for i in ids]
         blobs = encode(matrix, self._width(table), ids)
         _same_len("ids", ids, blobs, "matrix")
@@ -650,7 +651,9 @@ def _acc_blob(values: npt.NDArray[np.float32] | None, ids: Sequence[str], name: 
     """The accumulators of ``ids`` (``(n, 2)``) as one joined buffer; b"" when ``values`` is None."""
     if values is None:
         return b""
-    arr = np.asarray(values, np.float32).reshape(-1, ACC_WIDTH)
+    arr = np.asarray(values, np.float32)
+    if arr.ndim != 2 or arr.shape[1] != ACC_WIDTH:
+        raise ValueError(f"{name} must have shape (n, {ACC_WIDTH}), got {arr.shape}")
     _same_len("ids", ids, range(arr.shape[0]), name)
     return encode_joined(arr, ACC_WIDTH, ids)
 
@@ -698,5 +701,10 @@ def _raise_lua(code: int, detail: Any, width: int) -> None:
             f"stored item row {_s(detail)!r} is not {4 * width} bytes (k={width - 1} + bias); the model "
             "was written with another k; set ZEROCF_FACTORS to the model's k or use another "
             "ZEROCF_TOPIC_PREFIX"
+        )
+    if code == -7:
+        raise StoreSchemaError(
+            f"stored item accumulator {_s(detail)!r} is not 8 bytes (2 AdaGrad sums); the model was written "
+            "by another zerocf version; rebuild it with `zerocf als --once --rebuild`"
         )
     raise StoreSchemaError(f"unexpected store script result {code} {detail!r}; check the Redis version (>= 6.2)")

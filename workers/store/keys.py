@@ -1,9 +1,10 @@
 """Every Redis key template of one model (the schema in docs/redis-schema.md); nothing else formats keys.
 
 All keys of one model carry the hash tag ``{<ns>}`` under the versioned prefix ``zcf:v<SCHEMA_VERSION>:``.
-Schema 2 (this one) stores every factor row as ``k`` latent values followed by the row's bias, keeps one
-AdaGrad accumulator value per row, holds the model's global bias in the item table under the reserved id
-:data:`GLOBAL_ROW` (an empty string: never a valid item id), and keeps a time-decayed popularity per generation.
+Schema 2 (this one) stores every factor row as ``k`` latent values followed by the row's bias, keeps two
+AdaGrad accumulator values per row (latent block, bias), holds the model's global bias in the item table under
+the reserved id :data:`GLOBAL_ROW` (an empty string: never a valid item id), and keeps a time-decayed
+popularity per generation.
 
 >>> Keys("zerocf").vectors(3, "item")
 'zcf:v2:{zerocf}:g:3:item'

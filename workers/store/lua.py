@@ -116,9 +116,10 @@ if (expected == '' and stored) or (expected ~= '' and stored ~= expected) then r
 local w, cap, ttl, retention = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local pop_ref = ARGV[10]
 local n_pop = tonumber(ARGV[14])
+local set_ref = false  -- written with the batch, only once every check below has passed
 if n_pop > 0 then  -- the decayed popularity must be relative to the generation's reference time
   local ref = redis.call('HGET', KEYS[10], 'pop_ref_ms')
-  if not ref or ref == '0' then redis.call('HSET', KEYS[10], 'pop_ref_ms', pop_ref)
+  if not ref or ref == '0' then set_ref = true
   elseif ref ~= pop_ref then return {-6, ref} end
 end
 local pos = 19
@@ -141,7 +142,11 @@ local items, err, bad = add_many(KEYS[5], iids, ideltas, w / 4)
 if not items then return {err, bad} end
 local iacc
 iacc, err, bad = add_many(KEYS[7], bids, bdeltas, 2)
-if not iacc then return {err, bad} end
+if not iacc then
+  if err == -3 then err = -7 end
+  return {err, bad}
+end
+if set_ref then redis.call('HSET', KEYS[10], 'pop_ref_ms', pop_ref) end
 hset_many(KEYS[4], uids, ublobs)
 hset_many(KEYS[5], iids, items)
 hset_many(KEYS[6], aids, ablobs)
