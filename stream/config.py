@@ -369,6 +369,9 @@ class RuntimeSettings:
     """Logging and the health/metrics endpoint, shared by every process."""
 
     metrics_port: int = setting(0, "METRICS_PORT", "port of /healthz and /metrics (0 = off)")
+    metrics_host: str = setting(
+        "127.0.0.1", "METRICS_HOST", "interface of /healthz and /metrics (0.0.0.0 = all; the container image's)"
+    )
     log_level: LogLevel = setting("INFO", "LOG_LEVEL", "log level", flag="--log-level")
     log_json: bool = setting(False, "LOG_JSON", "log JSON lines instead of text", flag="--log-json")
 

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from stream import kafka_util
 from stream.config import TOP_LEVEL, StreamConfig, add_flags, flag_overrides, load
-from stream.errors import ConfigError, InvalidEvent
+from stream.errors import InvalidEvent
 from stream.events import parse_record, to_events
 from stream.runtime import Backoff, StopFlag, start_http
 
@@ -192,13 +192,7 @@ class Ingest:
         )
         server = None
         if cfg.runtime.metrics_port:
-            try:
-                server = start_http(cfg.runtime.metrics_port, self.health, self.metrics.registry)
-            except OSError as exc:
-                raise ConfigError(
-                    f"--metrics-port {cfg.runtime.metrics_port}: {exc}; pick a free port "
-                    "(ZEROCF_METRICS_PORT) or 0 to turn the endpoint off"
-                ) from None
+            server = start_http(cfg.runtime.metrics_port, self.health, self.metrics.registry, cfg.runtime.metrics_host)
         consumer = producer = None
         try:
             consumer = kafka_util.consumer(

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from stream.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -188,13 +190,21 @@ class RoutingServer(ThreadingHTTPServer):
         return int(self.server_address[1])
 
 
-def start_http(port: int, health: HealthCheck, registry: Any = None, host: str = "0.0.0.0") -> RoutingServer:
-    """Serve /healthz and /metrics on ``port`` in a daemon thread; returns the server (``.shutdown()``)."""
+def start_http(port: int, health: HealthCheck, registry: Any = None, host: str = "127.0.0.1") -> RoutingServer:
+    """Serve /healthz and /metrics on ``host:port`` in a daemon thread; returns the server (``.shutdown()``).
+
+    Raises :class:`ConfigError` when the address cannot be bound (port in use, no such interface).
+    """
     from prometheus_client import REGISTRY
 
-    server = RoutingServer(
-        (host, port), {"/healthz": health_route(health), "/metrics": metrics_route(registry or REGISTRY)}
-    )
+    routes = {"/healthz": health_route(health), "/metrics": metrics_route(registry or REGISTRY)}
+    try:
+        server = RoutingServer((host, port), routes)
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(
+            f"cannot serve /healthz and /metrics on {host}:{port}: {exc}; pick a free port "
+            "(ZEROCF_METRICS_PORT / --metrics-port, 0 = off) or another interface (ZEROCF_METRICS_HOST)"
+        ) from None
     threading.Thread(target=server.serve_forever, name="zerocf-http", daemon=True).start()
     log.info("health and metrics on http://%s:%d/healthz and /metrics", host, server.port)
     return server

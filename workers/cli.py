@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(Kafka in, factors in Redis). `zerocf COMMAND --help` lists a command's "
         "flags; every flag also has a ZEROCF_* environment variable.",
     )
-    add_flags(parser, RuntimeSettings, skip=("metrics_port",))
+    add_flags(parser, RuntimeSettings, skip=("metrics_port", "metrics_host"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in COMMAND_MODULES:
         try:

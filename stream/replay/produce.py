@@ -39,7 +39,7 @@ from stream.replay.datasets import (
 log = logging.getLogger(__name__)
 
 # ingest-only settings that `zerocf produce` does not use
-PRODUCE_SKIPS = ("ingest_group", "ingest_batch", "poll_timeout_ms", "idle_seconds", "metrics_port")
+PRODUCE_SKIPS = ("ingest_group", "ingest_batch", "poll_timeout_ms", "idle_seconds", "metrics_port", "metrics_host")
 
 
 class Pacer:

@@ -448,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)  # clear errors: unreachable, bad password
     worker = ALSWorker(cfg, store, StopFlag().install(), rebuild=args.rebuild)
     http = (
-        start_http(cfg.runtime.metrics_port, worker.health, worker.metrics.registry)
+        start_http(cfg.runtime.metrics_port, worker.health, worker.metrics.registry, cfg.runtime.metrics_host)
         if cfg.runtime.metrics_port
         else None
     )

@@ -102,7 +102,7 @@ class LMFWorker:
         )
         self.consumer.subscribe([self.cfg.topics.events], listener=_Rebalance(self))
         port = self.cfg.runtime.metrics_port
-        return start_http(port, self.health, self.metrics.registry) if port else None
+        return start_http(port, self.health, self.metrics.registry, self.cfg.runtime.metrics_host) if port else None
 
     def _teardown(self, http: Any) -> None:
         log.info("lmf stopping: %s", self.stats.summary())

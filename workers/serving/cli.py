@@ -90,7 +90,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--users-file", default=None, help="file of user ids, one per line ('-' = stdin)")
     p.add_argument("--json", action="store_true", help='print one JSON object {user: [{"item", "score"}]}')
     p.add_argument("--include-seen", action="store_true", help="do not exclude the users' recent clicks")
-    add_flags(p, ServeConfig, skip=TOP_LEVEL + KAFKA_FIELDS + ("host", "port", "metrics_port"))
+    add_flags(p, ServeConfig, skip=TOP_LEVEL + KAFKA_FIELDS + ("host", "port", "metrics_port", "metrics_host"))
     p.set_defaults(func=run)
 
 
