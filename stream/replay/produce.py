@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from stream.config import TOP_LEVEL, StreamConfig, add_flags, flag_overrides, load
 from stream.errors import ConfigError, InvalidEvent
@@ -84,14 +85,18 @@ def replay(
     rate: float | None,
     seed: int = 0,
     report: Callable[[str], None] = log.warning,
+    progress: bool = False,
 ) -> dict[str, int]:
-    """Send ``rows`` through an :class:`stream.client.producer.EventProducer`; return counts."""
+    """Send ``rows`` through an :class:`stream.client.producer.EventProducer`; return counts.
+
+    ``progress`` shows a bar on a terminal (never in logs or pipes)."""
     counts = {"clicks_sent": 0, "impressions_sent": 0, "rejected": 0}
     pacer = Pacer(rate)
     pairs: list[tuple[Any, Any]] | None = None
     if impressions > 0:
         pairs = synthesize_impressions(rows, impressions, np.random.default_rng(seed))
-    for n, row in enumerate(rows):
+    bar = tqdm(rows, desc="produce", unit="click", disable=None if progress else True)
+    for n, row in enumerate(bar):
         try:
             if pairs is not None:
                 imp, click = pairs[n]
@@ -173,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             args.rate,
             args.seed,
             report=lambda msg: log.warning("%s %s", path.name, msg),
+            progress=True,
         )
     secs = time.monotonic() - t0
     summary = {

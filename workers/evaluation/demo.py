@@ -67,6 +67,13 @@ def _recommendations(env: dict[str, str], prefix: str, users: list[str]) -> dict
     }
 
 
+def quiet_logging() -> None:
+    """The demo's default log level: our warnings and errors only, and none of kafka-python's event-loop and
+    shutdown chatter (a real Kafka failure surfaces as our own error). ``--log-level INFO`` brings it all back."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
 def run(args: argparse.Namespace) -> int:
     from stream.devstack import LocalStack
     from stream.replay.datasets import read_interactions, synthetic_dataset
@@ -83,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         rows = synthetic_dataset(args.users, args.items, args.clicks, seed=args.seed)
         source = f"synthetic ({args.users} users, {args.items} items, {args.clicks} clicks, seed {args.seed})"
     rows = rows[: args.limit] if args.limit else rows
+    if getattr(args, "log_level", None) is None and "ZEROCF_LOG_LEVEL" not in args.env:
+        quiet_logging()
+        print(f"zerocf demo: streaming {len(rows)} clicks from {source} (details: zerocf --log-level INFO demo)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="zerocf-demo-") as stack_dir:

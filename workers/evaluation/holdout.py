@@ -83,7 +83,7 @@ def _real(name: str, data: Data, tr: np.ndarray, train: sp.csr_matrix, test: sp.
     rows = stream_rows(data.users, data.items, data.user[order].tolist(), data.item[order].tolist(),
                        data.count[order].tolist(), None if data.ts is None else data.ts[order].tolist())  # fmt: skip
     every = max(1, -(-resolve_every // chunk)) if name == "pipeline" else 0
-    with RealPath(env, overrides={"seed": seed, "als_seed": seed}) as path:
+    with RealPath(env, overrides={"seed": seed, "als_seed": seed}, progress=len(rows)) as path:
         for n, lo in enumerate(range(0, len(rows), chunk), 1):
             path.send(rows[lo : lo + chunk])
             if every and n % every == 0 and lo + chunk < len(rows):

@@ -29,13 +29,15 @@ __all__ = ["plot_windows", "prequential"]
 
 def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *, chunk: int = 5000,
                 resolve_every: int = 25_000, seed: int = 0, overrides: dict[str, Any] | None = None,
-                prefix: str | None = None, rank_every: int = 1) -> tuple[PrequentialLog, dict[str, Any]]:  # fmt: skip
+                prefix: str | None = None, rank_every: int = 1,
+                progress: bool = True) -> tuple[PrequentialLog, dict[str, Any]]:  # fmt: skip
     """Replay ``rows`` in time order through the real stack; return the ranks and ``info`` (re-solves, time).
 
     ``env`` names the broker and Redis (``ZEROCF_KAFKA_BOOTSTRAP``, ``ZEROCF_REDIS_URL``); the clicks are
     produced ``chunk`` at a time, each chunk waited for until it is applied. ``pipeline`` runs
     ``zerocf als --once``'s worker after every ``resolve_every`` clicks (rounded up to whole chunks), except
     at the end. ``rank_every`` ranks only every n-th click (a ranked click costs a pass over the catalogue).
+    ``progress`` shows a bar on a terminal (never in logs or pipes).
     """
     if model not in ("lmf", "pipeline"):
         raise ConfigError(f"prequential --model {model}: use lmf or pipeline (popularity is reported alongside)")
@@ -45,7 +47,8 @@ def prequential(rows: Sequence[Interaction], model: str, env: dict[str, str], *,
     info: dict[str, Any] = {"resolves": [], "chunk": chunk}
     t0 = time.monotonic()
     settings = {"seed": seed, "als_seed": seed, **(overrides or {})}
-    with RealPath(env, rank_hook=ranks, rank_every=rank_every, overrides=settings, prefix=prefix) as path:
+    with RealPath(env, rank_hook=ranks, rank_every=rank_every, overrides=settings, prefix=prefix,
+                  progress=len(ordered) if progress else None) as path:  # fmt: skip
         info["topic_prefix"] = path.prefix
         for n, lo in enumerate(range(0, len(ordered), chunk), 1):
             path.send(ordered[lo : lo + chunk])

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
+from tqdm import tqdm
+
 from stream import kafka_util
 from stream.client.producer import EventProducer
 from stream.config import StreamConfig, load
@@ -62,11 +64,12 @@ class RealPath:
     rank_hook : passed to the LMF worker (prequential ranks).
     overrides : settings to change for the evaluation's processes, by field name (e.g. ``seed``).
     prefix : the topic prefix (default: a fresh ``eval<random>`` one).
+    progress : the number of clicks that will be sent: a progress bar on a terminal (none in logs or pipes).
     """
 
     def __init__(self, env: dict[str, str], *, online: bool = True, rank_hook: Any = None, rank_every: int = 1,
                  overrides: dict[str, Any] | None = None, prefix: str | None = None,
-                 timeout: float = 180.0) -> None:  # fmt: skip
+                 timeout: float = 180.0, progress: int | None = None) -> None:  # fmt: skip
         self.prefix = prefix or "eval" + uuid.uuid4().hex[:8]
         self._tmp = tempfile.TemporaryDirectory(prefix="zerocf-eval-")
         env = {k: v for k, v in env.items() if k != "ZEROCF_TOPIC_PREFIX"}
@@ -80,6 +83,7 @@ class RealPath:
         self.store = FactorStore.from_url(self.lcfg.redis_url, self.prefix, seen_cap=self.lcfg.seen_cap,
                                           seen_ttl=int(self.lcfg.seen_ttl_days * 86400))  # fmt: skip
         self._als: ALSWorker | None = None
+        self._bar = tqdm(total=progress, desc="streaming", unit="click", disable=True if progress is None else None)
 
     def __enter__(self) -> RealPath:
         kafka_util.ensure_topics(self.scfg.kafka, {t: self.scfg.events_partitions for t in self.scfg.topics.all()})
@@ -100,13 +104,16 @@ class RealPath:
         self.producer.close()
         for t in self.threads:
             t.join(timeout=30)
+        self._bar.close()
         self._tmp.cleanup()
 
     # ------------------------------------------------------------------ streaming
     def send(self, rows: Sequence[Interaction]) -> None:
         """Produce ``rows`` (already in stream order) and wait until every click sent so far is applied."""
-        self.sent += replay(self.producer, rows, 0, None)["clicks_sent"]
+        sent = replay(self.producer, rows, 0, None)["clicks_sent"]
+        self.sent += sent
         self.wait_applied()
+        self._bar.update(sent)
 
     def wait_applied(self) -> None:
         """Block until ingest has normalised, and the LMF worker applied, every click sent (bounded)."""
@@ -136,7 +143,9 @@ class RealPath:
         if self._als is None or alone:
             store = FactorStore.from_url(self.acfg.redis_url, self.prefix)
             self._als = ALSWorker(self.acfg, store, self.stop, rebuild=alone)
+        self._bar.set_postfix_str("ALS re-solve")
         res = self._als.run_once(0)
+        self._bar.set_postfix_str(f"generation {res.generation}")
         if res.outcome != "published":
             raise ConfigError(f"the evaluation's ALS run ended {res.outcome!r}; see the log above")
         if self.worker is not None:  # the next step needs the LMF worker on the new generation
