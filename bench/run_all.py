@@ -27,6 +27,7 @@ BENCHES = {
     "lmf_e2e": ["bench.bench_lmf_e2e"],
     "als": ["bench.bench_als"],
     "lookup": ["bench.bench_lookup"],
+    "serve": ["bench.bench_serve"],
 }
 
 

@@ -11,10 +11,12 @@ that library is a dependency rather than hand-rolled text).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -125,16 +127,84 @@ def metrics_route(registry: Any) -> Route:
     return lambda _query: (200, CONTENT_TYPE_LATEST, generate_latest(registry))
 
 
+class _HeadReader(io.RawIOBase):
+    """Socket reads under one deadline for a whole request head (line + headers), not a timeout per read.
+
+    A per-read timeout lets a client that sends one byte just before each timeout hold a thread forever;
+    here every ``recv`` waits at most until the deadline, after which reads raise :class:`TimeoutError`
+    (``BaseHTTPRequestHandler`` then drops the connection). Between heads (the body-less GETs we serve have
+    nothing else to read) reads fall back to the per-operation timeout.
+    """
+
+    def __init__(self, sock: socket.socket, op_timeout: float) -> None:
+        super().__init__()
+        self._sock, self._op_timeout = sock, op_timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        timeout = self._op_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("the request line and headers did not arrive in time")
+        self._sock.settimeout(timeout)
+        return self._sock.recv_into(buf)
+
+    def disarm(self) -> None:
+        self.deadline = None
+        self._sock.settimeout(self._op_timeout)  # writes of the response get the per-operation timeout
+
+
 class RoutingHandler(BaseHTTPRequestHandler):
     """GET (and HEAD: same headers, no body) by path to ``server.routes``; JSON 404/405/500 otherwise.
 
-    Every response is reported to ``server.observe(path_label, status, seconds)`` (metrics); the stack trace
-    of a failing route goes to the log, never to the client.
+    HTTP/1.1 with keep-alive (HTTP/1.0 clients get one response per connection, as they expect). A client
+    has ``server.request_timeout_s`` from connecting, or from its previous response, to send a complete
+    request line and headers (one deadline for the whole head, so a slow-drip client is cut off; it is also
+    the keep-alive idle limit). Headers and body go out in one write with ``TCP_NODELAY``, so a keep-alive
+    client never waits for a delayed ACK. Every response is reported to ``server.observe(path_label,
+    status, seconds)`` (metrics); the stack trace of a failing route goes to the log, never to the client.
     """
 
     server: RoutingServer
     server_version = "zerocf"
-    timeout = 30  # seconds a client may take to send its request (a stalled client cannot block shutdown)
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    timeout = None  # set per server in setup(); reads are bounded by the request deadline
+    wbufsize = 1 << 16  # headers + body coalesce into one send (flushed after each request)
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.request_timeout_s)  # per socket operation: bounds writes
+        self.rfile.close()
+        self._reader = _HeadReader(self.connection, self.server.request_timeout_s)
+        self.rfile = io.BufferedReader(self._reader)
+        self.busy = False
+        self.server.track(self, True)
+
+    def handle_one_request(self) -> None:
+        self.busy = False
+        self._reader.deadline = time.monotonic() + self.server.request_timeout_s
+        super().handle_one_request()
+        if self.server.closing:
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # reads the headers, under the deadline
+        self.busy = True
+        self._reader.disarm()
+        return ok
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass  # the client went away before its response was flushed
+        finally:
+            self.server.track(self, False)
 
     def _dispatch(self) -> None:
         started = time.perf_counter()
@@ -155,6 +225,10 @@ class RoutingHandler(BaseHTTPRequestHandler):
             log.exception("internal error serving %s", self.path[:300])
             code, ctype, body = json_response(500, {"error": "internal error; see the server log"})
         self.server.observe(path if path in routes else "other", code, time.perf_counter() - started)
+        has_body = self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers
+        if self.server.closing or has_body:  # a request body is never read: it must not become the next request
+            self.close_connection = True
+            headers["Connection"] = "close"
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -171,7 +245,16 @@ class RoutingHandler(BaseHTTPRequestHandler):
 
 
 class RoutingServer(ThreadingHTTPServer):
-    """A threading HTTP server over a path -> :data:`Route` table (see :class:`RoutingHandler`)."""
+    """A threading HTTP server over a path -> :data:`Route` table (see :class:`RoutingHandler`).
+
+    Bounded: at most ``max_connections`` connections are served at once (a thread each); one more is
+    answered ``503`` (JSON, ``Retry-After: 1``) and closed by the accepting thread, without a thread of
+    its own. ``backlog`` is the listen queue (the kernel caps it at ``net.core.somaxconn``), so a burst of
+    new connections waits for ``accept`` instead of having its SYNs dropped (socketserver's default of 5
+    turned a 50-client burst into 1-3 s connect retries). ``request_timeout_s`` bounds the time a client
+    may take to send a request head (see :class:`RoutingHandler`). :meth:`server_close` closes idle
+    keep-alive connections at once and lets in-flight requests finish.
+    """
 
     daemon_threads = True
 
@@ -180,14 +263,96 @@ class RoutingServer(ThreadingHTTPServer):
         address: tuple[str, int],
         routes: dict[str, Route],
         observe: Callable[[str, int, float], None] | None = None,
+        *,
+        max_connections: int = 256,
+        request_timeout_s: float = 10.0,
+        backlog: int = 1024,
     ) -> None:
+        if max_connections < 1 or not request_timeout_s > 0 or backlog < 1:
+            raise ValueError(
+                f"max_connections={max_connections}, backlog={backlog} must be >= 1 and "
+                f"request_timeout_s={request_timeout_s} > 0"
+            )
         self.routes = routes
         self.observe = observe or (lambda _path, _code, _seconds: None)
+        self.max_connections, self.request_timeout_s = int(max_connections), float(request_timeout_s)
+        self.request_queue_size = int(backlog)
+        self.closing = False
+        self._lock = threading.Lock()
+        self._active = 0
+        self._handlers: set[RoutingHandler] = set()
         super().__init__(address, RoutingHandler)
 
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (each holds a thread)."""
+        return self._active
+
+    def track(self, handler: RoutingHandler, alive: bool) -> None:
+        with self._lock:
+            (self._handlers.add if alive else self._handlers.discard)(handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = self._active >= self.max_connections
+            self._active += 0 if full else 1
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # no thread could be started: refuse this one, keep serving the others
+            self._release()
+            self._refuse(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        body = json.dumps(
+            {"error": f"server busy: {self.max_connections} connections open (its limit); retry in a second"}
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            request.settimeout(0.2)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        self.observe("refused", 503, 0.0)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # a client that reset or vanished: routine, not a server fault
+            log.debug("http %s: connection dropped (%s)", client_address, exc)
+        else:
+            log.exception("http %s: unexpected error", client_address)
+
+    def server_close(self) -> None:
+        """Stop accepting, close idle keep-alive connections, then wait for in-flight requests."""
+        self.closing = True
+        with self._lock:
+            idle = [h for h in self._handlers if not h.busy]
+        for h in idle:
+            try:
+                h.connection.shutdown(socket.SHUT_RD)  # its blocked read returns EOF: the thread ends
+            except OSError:
+                pass
+        super().server_close()
 
 
 def start_http(port: int, health: HealthCheck, registry: Any = None, host: str = "127.0.0.1") -> RoutingServer:

@@ -50,6 +50,7 @@ CONFIG_CLASSES = (
     "workers.config:LMFConfig",
     "workers.config:ALSConfig",
     "workers.config:ServeConfig",
+    "workers.serving.settings:ServeSettings",
 )
 
 

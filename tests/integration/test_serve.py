@@ -77,8 +77,8 @@ def test_recommend_contract(server: RecommendServer, store: FactorStore) -> None
     code, headers, body = get(server, "/recommend?user=u1&k=2")
     assert code == 200 and headers["Content-Type"] == "application/json"
     doc = json.loads(body)
-    assert set(doc) == {"user", "items", "fallback", "generation"}
-    assert (doc["user"], doc["fallback"], doc["generation"]) == ("u1", False, 1)
+    assert set(doc) == {"user", "items", "fallback", "generation", "stale"}
+    assert (doc["user"], doc["fallback"], doc["generation"], doc["stale"]) == ("u1", False, 1, False)
     assert [e["item"] for e in doc["items"]] == ["b", "a"]
     np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([B + 0.1 + 2.5, B + 0.1 + 2]), rtol=1e-6)
     store.add_seen([("u1", "b", TS)])

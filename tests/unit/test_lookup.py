@@ -16,7 +16,7 @@ import pytest
 
 from workers.kernels.topk import top_k
 from workers.serving import lookup
-from workers.serving.lookup import RELOAD_SHARE, NoModel, Recommender, sigmoid
+from workers.serving.lookup import RELOAD_SHARE, EmptyModel, NoModel, Recommender, StoreLost, sigmoid
 from workers.store import GLOBAL_ROW, FactorStore
 
 K = 8
@@ -392,15 +392,63 @@ def test_no_model_and_bad_k_raise_instructive_errors() -> None:
         Recommender(store).recommend("u1", k=0)
 
 
-def test_empty_model_returns_no_items() -> None:
+def test_empty_model_is_an_error_not_an_empty_answer() -> None:
+    """Issue 11.4: a model without items used to answer ``items: []`` (a success) to every user."""
     store = FactorStore(fakeredis.FakeRedis(), namespace="m")
     store.ensure_model(2)
     store.write_vectors(1, "user", ["u1"], np.ones((1, 3), dtype=np.float32))
     store.write_vectors(1, "item", [GLOBAL_ROW], bias_row(0.4, k=2))  # a global bias but no item
     rec = Recommender(store)
-    assert rec.recommend("u1").items == [] and not rec.recommend("u1").fallback
-    assert rec.recommend("u2").items == [] and rec.recommend("u2").fallback
+    for user in ("u1", "u2"):  # with and without a vector
+        with pytest.raises(EmptyModel, match="generation 1 has no items yet; feed clicks"):
+            rec.recommend(user)
     assert rec.n_items == 0 and np.isnan(rec.score("u1", [GLOBAL_ROW])).all()
+
+
+def test_a_lost_or_reset_store_is_an_error_for_known_and_unknown_users(model: Model) -> None:
+    """Issue 11.4: after Redis lost its data every user got the (empty) popularity fallback as a success."""
+    store = model.store
+    rec = Recommender(store, refresh_s=3600.0)
+    assert rec.recommend("u0", k=2).items and rec.recommend("ghost", k=2).fallback
+    store.r.flushall()  # an empty restart, as the cache sees it
+    for user in ("u0", "ghost"):
+        with pytest.raises(StoreLost, match="model 'unit' .generation 1 was being served. is gone from Redis"):
+            rec.recommend(user, k=2)
+    with pytest.raises(StoreLost, match="is gone from Redis"):
+        rec.refresh(force=True)
+
+
+def test_a_store_reset_under_a_newer_generation_is_an_error(model: Model) -> None:
+    store = model.store
+    store.write_vectors(3, "item", ids("i", N_ITEMS) + [GLOBAL_ROW], np.vstack([model.items, bias_row(B)]))
+    go_live(store, 3)
+    rec = Recommender(store, refresh_s=3600.0)
+    assert rec.recommend("ghost", k=2).generation == 3
+    store.r.flushall()
+    other = FactorStore(store.r, namespace="unit")  # another process, after Redis restarted empty ...
+    other.ensure_model(K)  # ... starts a new model at generation 1
+    with pytest.raises(StoreLost, match="generation 3"):
+        rec.recommend("u0", k=2)
+
+
+def test_stale_answers_come_from_the_cache_alone(model: Model) -> None:
+    rec = Recommender(model.store, refresh_s=3600.0)
+    with pytest.raises(NoModel, match="no item cache"):
+        rec.recommend_stale("u0")
+    rec.refresh()
+    model.store.r.flushall()
+    r = rec.recommend_stale("u0", k=3)
+    assert (r.items, r.fallback, r.stale, r.generation) == (["i5", "i9", "i1"], True, True, 1)  # by counts
+    close(r.scores, prior(model, r.items))
+
+
+def test_a_generation_without_popularity_falls_back_to_item_bias(model: Model) -> None:
+    store = model.store
+    store.r.delete(store.keys.counts(1), store.keys.popularity(1))
+    r = Recommender(store).recommend("ghost", k=3)
+    by_bias = [f"i{j}" for j in np.argsort(-model.items[:, K], kind="stable")[:3]]
+    assert (r.items, r.fallback) == (by_bias, True)
+    close(r.scores, prior(model, r.items))
 
 
 def test_top_k_ties_and_exclusions() -> None:

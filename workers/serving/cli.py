@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     where = f"namespace {cfg.topic_prefix} at {redact_url(cfg.redis_url)}"
     try:
         recs = Recommender(store, cfg.item_refresh_s).recommend_many(users, args.k, not args.include_seen)
-    except NoModel:
+    except NoModel as exc:
+        if type(exc) is not NoModel:  # an empty or lost model: its own message says what to do
+            raise type(exc)(f"{exc} ({where})") from None
         raise NoModel(f"no model in Redis {where}; run `zerocf lmf` or `zerocf als --once` first") from None
     except redis.RedisError as exc:
         raise ServiceUnavailable(

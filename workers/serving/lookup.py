@@ -17,9 +17,18 @@ from the cached generation, so ``p``, ``q`` and the biases always come from one 
 generation stays readable for the ALS worker's ``gc_grace_s`` (600 s), far longer than ``refresh_s``.
 
 Users without a vector in the cached generation get the generation's most popular items by time-decayed
-popularity (``popular_items``; all-time counts before it has any) with ``fallback=True``; an item's score is
-then ``sigmoid(b + b_i)``, the user-free click probability. Every seen item of a user (all of them within the
-retention window the store keeps) is excluded, for users with and without a vector.
+popularity (``popular_items``; all-time counts before it has any, the item biases before that) with
+``fallback=True``; an item's score is then ``sigmoid(b + b_i)``, the user-free click probability. Every seen
+item of a user (all of them within the retention window the store keeps) is excluded, for users with and
+without a vector.
+
+Lost or empty stores are errors, never empty answers. A user without a vector may mean that Redis lost the
+model (an empty restart, a flushed database): before answering one, the live generation is read (one round
+trip), and a missing model or a live generation older than the cached one raises :class:`StoreLost`; a
+model without a single item raises :class:`EmptyModel` (both are :class:`NoModel`). Known users cost nothing
+extra: their row in the cached generation proves that it is there. :meth:`Recommender.recommend_stale`
+answers from the cache alone (its popular items, seen items not excluded) for a server that chooses to keep
+answering while Redis is away.
 
 >>> import fakeredis, numpy as np
 >>> store = FactorStore(fakeredis.FakeRedis(), namespace="doc")
@@ -40,6 +49,7 @@ retention window the store keeps) is excluded, for users with and without a vect
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -51,18 +61,34 @@ import numpy.typing as npt
 
 from workers.errors import GenerationError, StoreSchemaError, WorkerError
 from workers.kernels.topk import top_k
+from workers.serving.gate import FifoGate
 from workers.store import GLOBAL_ROW, FactorStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NoModel", "Recommendation", "Recommender", "sigmoid"]
+__all__ = ["EmptyModel", "NoModel", "Recommendation", "Recommender", "StoreLost", "sigmoid"]
 
 RELOAD_SHARE = 0.05  # a periodic content reload may use at most this share of wall time
+STALE_POPULAR = 1000  # popular items kept with the cached matrix, for recommend_stale
 _BATCH_CELLS = 1 << 22  # users x items scores per chunk of recommend_many (16 MiB of float32)
 
 
 class NoModel(WorkerError):
     """Redis holds no model under the namespace (nothing trained yet, or a wrong prefix/URL)."""
+
+    reason = "no_model"
+
+
+class StoreLost(NoModel):
+    """The model that was being served is gone from Redis (restarted empty, flushed) or was reset."""
+
+    reason = "store_lost"
+
+
+class EmptyModel(NoModel):
+    """The model exists but its live generation has no item yet: there is nothing to recommend."""
+
+    reason = "empty_model"
 
 
 @dataclass(frozen=True)
@@ -70,7 +96,8 @@ class Recommendation:
     """Top-k items of one user, best first.
 
     ``scores[j]`` is P(click) of ``items[j]``; ``fallback`` is True when the user has no vector and the
-    items are the generation's most clicked ones; ``generation`` is the generation that served it.
+    items are the generation's most clicked ones; ``generation`` is the generation that served it;
+    ``stale`` is True when the answer came from the cache alone (:meth:`Recommender.recommend_stale`).
     """
 
     user: str
@@ -78,6 +105,7 @@ class Recommendation:
     scores: list[float]
     fallback: bool
     generation: int
+    stale: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +119,7 @@ class _ItemCache:
     matrix: npt.NDArray[np.float32]  # (n_items, k)
     loaded_at: float
     load_seconds: float
+    popular: list[str]  # the generation's most popular items at load time, best first (recommend_stale)
 
 
 def sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -118,6 +147,12 @@ class Recommender:
     auto_refresh : bool
         Check the cache on the request path (default). ``zerocf serve`` turns it off and calls
         :meth:`refresh` from its main loop so that no request pays for a reload.
+    reload_store : FactorStore, optional
+        The store full reloads read through (default ``store``): ``zerocf serve`` gives requests a client
+        with a short timeout and reloads one with a longer one.
+    gate : FifoGate, optional
+        Bounds how many threads run the numpy part of a lookup at once, first come first served
+        (:mod:`workers.serving.gate`); Redis reads happen outside it. None: no bound.
 
     Thread-safe: readers take the current cache reference; one thread at a time reloads.
     """
@@ -129,10 +164,14 @@ class Recommender:
         clock: Callable[[], float] = time.monotonic,
         *,
         auto_refresh: bool = True,
+        reload_store: FactorStore | None = None,
+        gate: FifoGate | None = None,
     ) -> None:
         if refresh_s < 0:
             raise ValueError(f"refresh_s={refresh_s} must be >= 0 seconds")
         self.store, self.refresh_s, self._clock, self.auto_refresh = store, float(refresh_s), clock, auto_refresh
+        self._reload_store = reload_store or store
+        self._gate: contextlib.AbstractContextManager[object] = gate or contextlib.nullcontext()
         self._cache: _ItemCache | None = None
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
@@ -148,6 +187,11 @@ class Recommender:
     def n_items(self) -> int:
         """Items in the cached matrix (0 before the first load)."""
         return 0 if self._cache is None else len(self._cache.ids)
+
+    @property
+    def last_checked(self) -> float:
+        """When (on ``clock``) Redis last answered a check of the live generation (-inf: never)."""
+        return self._checked_at
 
     def refresh(self, force: bool = False) -> bool:
         """Reload the item matrix if due (see the module docstring); return True when it was reloaded.
@@ -167,33 +211,40 @@ class Recommender:
         now, cache = self._clock(), self._cache
         if not force and cache is not None and now - self._checked_at < self.refresh_s:
             return False  # reloaded by another thread while we waited
-        live = self._live_generation()
+        live = self._live_generation(self._reload_store)
         self._checked_at = now
         if cache is not None and not force and live == cache.gen:
             age_limit = max(self.refresh_s, cache.load_seconds / RELOAD_SHARE)
-            if self.store.item_count(live) == len(cache.ids) and now - cache.loaded_at < age_limit:
+            if self._reload_store.item_count(live) == len(cache.ids) and now - cache.loaded_at < age_limit:
                 return False
         self._cache = self._load(live)
         self.refreshes += 1
         return True
 
-    def _live_generation(self) -> int:
+    def _lost(self, exc: Exception) -> StoreLost:
+        g = "?" if self._cache is None else self._cache.gen
+        return StoreLost(f"model {self.store.keys.ns!r} (generation {g} was being served) is gone from Redis: {exc}")
+
+    def _live_generation(self, store: FactorStore | None = None) -> int:
         try:
-            return self.store.live_generation()
+            return (store or self.store).live_generation()
         except StoreSchemaError as exc:
+            if self._cache is not None:
+                raise self._lost(exc) from None
             raise NoModel(
                 f"no model in Redis namespace {self.store.keys.ns!r}; run `zerocf lmf` or "
                 "`zerocf als --once` first, or check ZEROCF_TOPIC_PREFIX"
             ) from exc
 
     def _load(self, live: int) -> _ItemCache:
-        started = self._clock()
+        started, store = self._clock(), self._reload_store
         for _ in range(3):
             try:
-                ids, matrix, bias = self.store.get_all_items(live)
+                ids, matrix, bias = store.get_all_items(live)
+                popular = [i for i, _ in store.popular_items(live, STALE_POPULAR)]
                 break
             except GenerationError:  # dropped between reading live_gen and loading it: read again
-                live = self._live_generation()
+                live = self._live_generation(store)
         else:
             raise GenerationError(
                 f"live generation of {self.store.keys.ns!r} kept changing during the item "
@@ -216,6 +267,7 @@ class Recommender:
             np.ascontiguousarray(matrix, dtype=np.float32),
             self._clock(),
             took,
+            popular,
         )
 
     def _current(self) -> _ItemCache:
@@ -230,7 +282,8 @@ class Recommender:
 
         Known users: ``sigmoid(bias + Q p_u)`` over the cached matrix, their recent clicks excluded when
         ``exclude_seen``. Unknown users: the most clicked items (``fallback=True``). Fewer than ``k`` items
-        come back when the model has fewer candidates.
+        come back when the model has fewer candidates. Raises :class:`EmptyModel` when the model has no
+        item and :class:`StoreLost` when Redis lost it (see the module docstring).
         """
         return self.recommend_many([user_id], k, exclude_seen)[str(user_id)]
 
@@ -249,6 +302,11 @@ class Recommender:
         cache = self._current()
         if not users:
             return {}
+        if not cache.ids:
+            raise EmptyModel(
+                f"model {self.store.keys.ns!r} generation {cache.gen} has no items yet; feed clicks through "
+                "`zerocf ingest` and `zerocf lmf`, or publish one with `zerocf als --once`"
+            )
         vecs, found = self.store.get_vectors(cache.gen, "user", users)
         seen = self.store.seen_items_many(users) if exclude_seen else {}
         out: dict[str, Recommendation] = {}
@@ -256,17 +314,56 @@ class Recommender:
         chunk = max(1, _BATCH_CELLS // max(1, len(cache.ids)))
         for c in range(0, len(known), chunk):
             rows = known[c : c + chunk]
-            augmented = vecs[rows].copy()
-            offsets = augmented[:, -1] + np.float32(cache.bias)  # b_u + b: the same for every item of a user
-            augmented[:, -1] = 1.0  # [p_u, 1] . [q_i, b_i] = p_u . q_i + b_i
-            logits = augmented @ cache.matrix.T  # (m, n_items) float32
-            logits += offsets[:, None]
-            for r, i in enumerate(rows):
-                out[users[i]] = self._rank(cache, users[i], logits[r], k, seen.get(users[i], ()))
+            with self._gate:
+                augmented = vecs[rows].copy()
+                offsets = augmented[:, -1] + np.float32(cache.bias)  # b_u + b: the same for every item of a user
+                augmented[:, -1] = 1.0  # [p_u, 1] . [q_i, b_i] = p_u . q_i + b_i
+                logits = augmented @ cache.matrix.T  # (m, n_items) float32
+                logits += offsets[:, None]
+                for r, i in enumerate(rows):
+                    out[users[i]] = self._rank(cache, users[i], logits[r], k, seen.get(users[i], ()))
         missing = [u for u, f in zip(users, found) if not f]
         if missing:
+            self._check_store(cache)
             out.update(self._popular(cache, missing, k, seen))
         return {u: out[u] for u in users}
+
+    def _check_store(self, cache: _ItemCache) -> None:
+        """Raise :class:`StoreLost` unless Redis still holds the cached generation's model (one round trip)."""
+        ns = self.store.keys.ns
+        try:
+            live = self.store.live_generation()
+        except StoreSchemaError as exc:
+            raise self._lost(exc) from None
+        if live < cache.gen:
+            raise StoreLost(
+                f"model {ns!r} went back from generation {cache.gen} to {live}: Redis lost its data and a new "
+                "model was started; restore Redis, or rebuild with `zerocf als --once`"
+            )
+
+    def recommend_stale(self, user_id: str, k: int = 10) -> Recommendation:
+        """The cached generation's most popular items at its load (seen items not excluded), from memory
+        alone: for a server that keeps answering while Redis is away. ``fallback`` and ``stale`` are True.
+
+        Raises :class:`NoModel` before the first load (there is nothing to serve).
+        """
+        cache = self._cache
+        if cache is None:
+            raise NoModel(f"no item cache of model {self.store.keys.ns!r} yet; Redis has not answered since start")
+        items = cache.popular[: int(k)] or self._by_bias(cache, int(k))
+        return Recommendation(str(user_id), items, self._prior(cache, items), True, cache.gen, stale=True)
+
+    @staticmethod
+    def _prior(cache: _ItemCache, items: Sequence[str]) -> list[float]:
+        """``sigmoid(b + b_i)`` of each item (0 for an item without a row): the user-free P(click)."""
+        b_i = np.array([cache.matrix[cache.index[i], -1] if i in cache.index else 0.0 for i in items], np.float32)
+        return sigmoid(b_i + np.float32(cache.bias)).tolist()
+
+    @staticmethod
+    def _by_bias(cache: _ItemCache, n: int) -> list[str]:
+        """The ``n`` items with the largest bias: the fallback of a generation without any popularity."""
+        ids, _ = top_k(cache.matrix[None, :, -1], n)
+        return [cache.ids[j] for j in ids[0] if j >= 0]
 
     def _rank(
         self, cache: _ItemCache, user: str, logits: npt.NDArray[np.float32], k: int, seen: Sequence[str]
@@ -284,9 +381,8 @@ class Recommender:
         self, cache: _ItemCache, users: list[str], k: int, seen: dict[str, list[str]]
     ) -> dict[str, Recommendation]:
         extra = max((len(seen.get(u, ())) for u in users), default=0)
-        top = [item for item, _ in self.store.popular_items(cache.gen, k + extra)]
-        b_i = np.array([cache.matrix[cache.index[i], -1] if i in cache.index else 0.0 for i in top], np.float32)
-        prior = dict(zip(top, sigmoid(b_i + np.float32(cache.bias)).tolist()))
+        top = [item for item, _ in self.store.popular_items(cache.gen, k + extra)] or self._by_bias(cache, k + extra)
+        prior = dict(zip(top, self._prior(cache, top)))
         out = {}
         for u in users:
             skip = set(seen.get(u, ()))

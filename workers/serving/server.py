@@ -1,24 +1,39 @@
 """``zerocf serve``: recommendations over HTTP (``/recommend``, ``/healthz``, ``/metrics``).
 
-Built on :class:`stream.runtime.RoutingServer` (the standard library's ``ThreadingHTTPServer``, the same
-routing every worker's health endpoint uses): it adds no dependency, the
-handler is a few lines of routing and validation, and the work per request is one numpy matrix-vector
-product over the cached item matrix (numpy releases the GIL), so an async framework would buy nothing.
-Put a reverse proxy in front for TLS and connection limits.
+Built on :class:`stream.runtime.RoutingServer` (the standard library's ``ThreadingHTTPServer`` with the
+bounds it lacks: HTTP/1.1 keep-alive, a 1024-deep listen queue, one deadline for a whole request head, a cap
+on connections; the same routing every worker's health endpoint uses). It adds no dependency: the work per
+request is a few ms of numpy over the cached item matrix, which an async framework would not make cheaper,
+and ``bench/bench_serve.py`` shows the server adding ~1-2 ms over the bare lookup below saturation.
+Put a reverse proxy in front for TLS.
 
 - ``GET /recommend?user=U&k=10&exclude_seen=1`` -> 200
-  ``{"user": U, "items": [{"item": id, "score": p}], "fallback": bool, "generation": g}``.
+  ``{"user": U, "items": [{"item": id, "score": p}], "fallback": bool, "generation": g, "stale": bool}``.
   ``k`` is an integer in ``1..max_k`` (default ``min(10, max_k)``), ``user`` 1..256 bytes of UTF-8 without
   control characters, ``exclude_seen`` 0 or 1 (default 1); anything else is a 400 with a JSON ``error``.
-- ``GET /healthz`` -> 200 when Redis answers and a model exists, else 503 (JSON either way).
+- ``GET /healthz`` -> 200 when Redis answers and holds the model being served, else 503 (JSON either way,
+  with a ``reason`` when 503).
 - ``GET /metrics`` -> Prometheus text: requests by path and status, latency histogram, cache refreshes,
-  fallbacks.
+  fallbacks, stale answers, open connections.
 
-HEAD is answered like GET without a body. Unknown paths are 404, other methods 405, Redis or model
-unavailability 503, and any other failure 500
-with a JSON body (the stack trace goes to the log, never to the client). SIGTERM/SIGINT stop the server
-gracefully (in-flight requests finish). :func:`make_server` builds a server in-process (port 0 picks a
-free port) for tests and embedding; the caller runs ``serve_forever`` and later ``shutdown``.
+When the answer cannot come from Redis it is a 503 ``{"error": ..., "reason": R}``, never an empty list:
+``no_model`` (nothing trained under the prefix), ``empty_model`` (a model without items), ``store_lost``
+(Redis lost the model being served: an empty restart or a flush), ``redis_timeout`` (no reply within
+``ZEROCF_SERVE_REDIS_TIMEOUT_S``, 0.25 s, per round trip, no retries), ``redis_unavailable``. With
+``ZEROCF_SERVE_STALE_S`` > 0, for that long after Redis last answered, these are instead a 200 from the
+cached item matrix alone: the generation's popular items at its last load, seen items *not* excluded,
+``"fallback": true, "stale": true`` and the ``reason``.
+
+Limits (:class:`~workers.serving.settings.ServeSettings`): ``ZEROCF_SERVE_MAX_CONNECTIONS`` connections at
+once (one more gets a 503 and is closed), ``ZEROCF_SERVE_REQUEST_TIMEOUT_S`` to send a request head (a
+slow-drip client is cut off; also the keep-alive idle limit), ``ZEROCF_SERVE_COMPUTE_SLOTS`` lookups
+computed at once, the others queued first come first served (:mod:`workers.serving.gate`).
+
+HEAD is answered like GET without a body. Unknown paths are 404, other methods 405, and any other failure
+500 with a JSON body (the stack trace goes to the log, never to the client). SIGTERM/SIGINT stop the server
+gracefully (in-flight requests finish, idle keep-alive connections are closed). :func:`make_server` builds
+a server in-process (port 0 picks a free port) for tests and embedding; the caller runs ``serve_forever``
+and later ``shutdown``.
 """
 
 from __future__ import annotations
@@ -26,19 +41,25 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 import unicodedata
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from stream.config import KAFKA_FIELDS, TOP_LEVEL, add_flags, flag_overrides, load
-from stream.errors import ServiceUnavailable
+from stream.errors import ConfigError, ServiceUnavailable
 from stream.runtime import Response, RoutingServer, health_route, json_response, metrics_route
 from workers.config import ServeConfig
 from workers.errors import StoreSchemaError
-from workers.serving.lookup import NoModel, Recommender
+from workers.serving.gate import FifoGate, usable_cpus
+from workers.serving.lookup import NoModel, Recommendation, Recommender
+from workers.serving.settings import ServeSettings
 from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
@@ -108,6 +129,9 @@ class _Metrics:
         self.fallbacks = Counter(
             "zerocf_serve_fallbacks", "recommendations served by popularity fallback", registry=self.registry
         )
+        self.stale = Counter(
+            "zerocf_serve_stale", "answers from the item cache alone while Redis was away", registry=self.registry
+        )
         Gauge(
             "zerocf_serve_cache_refreshes", "full reloads of the cached item matrix", registry=self.registry
         ).set_function(lambda: rec.refreshes)
@@ -125,15 +149,38 @@ class RecommendServer(RoutingServer):
     daemon_threads = False  # server_close() joins in-flight requests: a graceful stop finishes them
     block_on_close = True
 
-    def __init__(self, address: tuple[str, int], recommender: Recommender, max_k: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        recommender: Recommender,
+        max_k: int,
+        settings: ServeSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.recommender, self.max_k = recommender, int(max_k)
+        self.settings = settings or ServeSettings()
+        self._clock = clock
+        self._last_ok = clock()  # the last moment Redis answered a request or a refresh
         self.metrics = _Metrics(recommender)
+        Gauge(
+            "zerocf_serve_open_connections", "client connections being served", registry=self.metrics.registry
+        ).set_function(lambda: self.open_connections)
         routes = {
             "/recommend": self._recommend,
             "/healthz": health_route(lambda: health(recommender)),
             "/metrics": metrics_route(self.metrics.registry),
         }
-        super().__init__(address, routes, self._observe)
+        super().__init__(
+            address,
+            routes,
+            self._observe,
+            max_connections=self.settings.max_connections,
+            request_timeout_s=self.settings.request_timeout_s,
+        )
+
+    def note_redis_ok(self, at: float) -> None:
+        """Redis answered at ``at`` (a cache check of the main loop, same clock): the stale window restarts."""
+        self._last_ok = max(self._last_ok, at)
 
     def _observe(self, path: str, code: int, seconds: float) -> None:
         self.metrics.requests.labels(path, str(code)).inc()
@@ -146,57 +193,135 @@ class RecommendServer(RoutingServer):
             return json_response(400, {"error": str(exc)})
         try:
             rec = self.recommender.recommend(user, k, exclude)
-        except NoModel as exc:
-            return json_response(503, {"error": str(exc)})
-        except redis.RedisError as exc:
-            log.warning("redis error serving user=%r: %s", user, exc)
-            return json_response(503, {"error": f"Redis unavailable ({type(exc).__name__}); retry later"})
+        except (NoModel, redis.RedisError) as exc:
+            return self._unavailable(user, k, exc)
+        self._last_ok = self._clock()
+        return self._answer(rec)
+
+    def _answer(self, rec: Recommendation, reason: str | None = None) -> Response:
         if rec.fallback:
             self.metrics.fallbacks.inc()
-        return json_response(
-            200,
-            {
-                "user": rec.user,
-                "items": [{"item": i, "score": s} for i, s in zip(rec.items, rec.scores)],
-                "fallback": rec.fallback,
-                "generation": rec.generation,
-            },
+        doc: dict[str, Any] = {
+            "user": rec.user,
+            "items": [{"item": i, "score": s} for i, s in zip(rec.items, rec.scores)],
+            "fallback": rec.fallback,
+            "generation": rec.generation,
+            "stale": rec.stale,
+        }
+        if reason:
+            doc["reason"] = reason
+        return json_response(200, doc)
+
+    def _unavailable(self, user: str, k: int, exc: Exception) -> Response:
+        """503 with the reason, or within ``stale_s`` of Redis last answering, the cache's stale answer."""
+        reason, message = unavailable_reason(exc, self.settings.redis_timeout_s)
+        if isinstance(exc, redis.RedisError):
+            log.warning("redis error serving user=%r: %s", user, exc)
+        since = self._clock() - self._last_ok
+        if self.settings.stale_s > 0 and since <= self.settings.stale_s and self.recommender.generation is not None:
+            self.metrics.stale.inc()
+            return self._answer(self.recommender.recommend_stale(user, k), reason)
+        return json_response(503, {"error": message, "reason": reason})
+
+
+def unavailable_reason(exc: Exception, redis_timeout_s: float) -> tuple[str, str]:
+    """``(reason, message)`` of a 503: ``no_model``, ``store_lost``, ``empty_model``, ``redis_timeout`` or
+    ``redis_unavailable``; the message says what to do.
+
+    >>> unavailable_reason(redis.TimeoutError("Timeout reading from socket"), 0.25)[0]
+    'redis_timeout'
+    """
+    if isinstance(exc, NoModel):
+        return exc.reason, str(exc)
+    if isinstance(exc, redis.TimeoutError):
+        return "redis_timeout", (
+            f"Redis did not answer within {redis_timeout_s:g} s (ZEROCF_SERVE_REDIS_TIMEOUT_S); retry later, "
+            "and check that Redis is up and not blocked"
         )
+    return "redis_unavailable", f"Redis unavailable ({type(exc).__name__}); retry later, and check that Redis is up"
 
 
 def health(rec: Recommender) -> tuple[bool, dict[str, Any]]:
-    """``(ok, detail)``: ok when Redis answers and holds a model."""
+    """``(ok, detail)``: ok when Redis answers, holds a model, and has not lost the one being served."""
+    ns = rec.store.keys.ns
     try:
         live = rec.store.live_generation()
     except StoreSchemaError:
-        return False, {
-            "error": f"no model in Redis namespace {rec.store.keys.ns!r}; run `zerocf lmf` or `zerocf als --once` first"
-        }
+        if rec.generation is not None:
+            lost = f"Redis lost model {ns!r} (generation {rec.generation} was being served)"
+            return False, {"reason": "store_lost", "error": f"{lost}; restore it or run `zerocf als --once`"}
+        fix = "run `zerocf lmf` or `zerocf als --once` first"
+        return False, {"reason": "no_model", "error": f"no model in Redis namespace {ns!r}; {fix}"}
     except redis.RedisError as exc:
-        return False, {"error": f"Redis did not answer ({type(exc).__name__})"}
-    return True, {"live_generation": live, "cached_generation": rec.generation, "cached_items": rec.n_items}
+        reason = "redis_timeout" if isinstance(exc, redis.TimeoutError) else "redis_unavailable"
+        return False, {"reason": reason, "error": f"Redis did not answer ({type(exc).__name__})"}
+    detail = {"live_generation": live, "cached_generation": rec.generation, "cached_items": rec.n_items}
+    if rec.generation is not None and live < rec.generation:
+        return False, {"reason": "store_lost", "error": f"model went back from generation {rec.generation} "
+                       f"to {live}: Redis lost its data", **detail}  # fmt: skip
+    return True, detail
+
+
+def serving_stores(
+    cfg: ServeConfig, settings: ServeSettings, *, check: bool = False
+) -> tuple[FactorStore, FactorStore]:
+    """``(requests, reloads)``: two clients of the model's Redis. Requests wait at most
+    ``redis_timeout_s`` per reply and never retry (a retry would multiply the wait); the full item reloads
+    of the main loop get a longer timeout and one retry. ``check`` PINGs first, so that a wrong password
+    fails at start (:class:`ConfigError`); an unreachable Redis only makes requests 503 until it answers.
+    """
+    t = settings.redis_timeout_s
+    fast: dict[str, Any] = {"socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
+    slow: dict[str, Any] = {"socket_timeout": max(2.0, 8 * t), "socket_connect_timeout": max(1.0, 4 * t)}
+    slow["retry"] = Retry(NoBackoff(), 1)
+    url, ns = cfg.redis_url, cfg.topic_prefix
+    store = None
+    if check:
+        try:
+            store = FactorStore.connect(url, ns, **fast)
+        except ServiceUnavailable as exc:
+            log.warning("%s; serving 503 until it answers", exc)
+    return store or FactorStore.from_url(url, ns, **fast), FactorStore.from_url(url, ns, **slow)
+
+
+def compute_gate(settings: ServeSettings) -> FifoGate:
+    """The first-come-first-served gate of the lookups' numpy part (:mod:`workers.serving.gate`)."""
+    return FifoGate(settings.compute_slots or usable_cpus())
 
 
 def make_server(
-    source: ServeConfig | Recommender, host: str | None = None, port: int | None = None, *, max_k: int | None = None
+    source: ServeConfig | Recommender,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    max_k: int | None = None,
+    settings: ServeSettings | None = None,
 ) -> RecommendServer:
     """Bind a :class:`RecommendServer` (not yet serving: run ``serve_forever`` in a thread).
 
     ``source`` is a config (a store and recommender are built from it, refreshing on the request path)
     or a ready :class:`Recommender`. ``host``/``port`` default to the config's, or ``127.0.0.1``/0 (a
-    free port, read back from ``server.port``) for a recommender; ``max_k`` likewise (1000).
+    free port, read back from ``server.port``) for a recommender; ``max_k`` likewise (1000); ``settings``
+    (timeouts, connection limit, stale serving) default to :class:`ServeSettings`'s defaults.
     """
+    settings = settings or ServeSettings()
     if isinstance(source, ServeConfig):
-        store = FactorStore.from_url(source.redis_url, source.topic_prefix)
-        rec = Recommender(store, source.item_refresh_s)
+        store, reload_store = serving_stores(source, settings)
+        rec = Recommender(store, source.item_refresh_s, reload_store=reload_store, gate=compute_gate(settings))
         host = source.host if host is None else host
         port = source.port if port is None else port
         max_k = source.max_k if max_k is None else max_k
     else:
         rec = source
-    server = RecommendServer((host or "127.0.0.1", int(port or 0)), rec, max_k or 1000)
+    server = RecommendServer((host or "127.0.0.1", int(port or 0)), rec, max_k or 1000, settings)
     log.info(
-        "recommendations on http://%s:%d/recommend (max_k=%d)", server.server_address[0], server.port, server.max_k
+        "recommendations on http://%s:%d/recommend (max_k=%d, max_connections=%d, redis_timeout_s=%g, stale_s=%g)",
+        server.server_address[0],
+        server.port,
+        server.max_k,
+        settings.max_connections,
+        settings.redis_timeout_s,
+        settings.stale_s,
     )
     return server
 
@@ -204,7 +329,7 @@ def make_server(
 def register(subparsers: Any) -> None:
     """Add ``zerocf serve``."""
     p = subparsers.add_parser("serve", help="serve recommendations over HTTP (/recommend, /healthz, /metrics)")
-    add_flags(p, ServeConfig, skip=TOP_LEVEL + KAFKA_FIELDS)
+    add_flags(p, ServeConfig, ServeSettings, skip=TOP_LEVEL + KAFKA_FIELDS)
     p.set_defaults(func=run)
 
 
@@ -213,14 +338,19 @@ def run(args: argparse.Namespace) -> int:
     from stream.runtime import StopFlag, start_http
 
     cfg = load(ServeConfig, args.env, flag_overrides(args, ServeConfig))
-    try:  # a wrong password fails fast; an unreachable Redis only makes /healthz 503 until it answers
-        store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix)
-    except ServiceUnavailable as exc:
-        log.warning("%s; serving 503 until it answers", exc)
-        store = FactorStore.from_url(cfg.redis_url, cfg.topic_prefix, socket_timeout=5)
-    rec = Recommender(store, cfg.item_refresh_s, auto_refresh=False)
+    settings = load(ServeSettings, args.env, flag_overrides(args, ServeSettings))
+    _pin_blas()
+    store, reload_store = serving_stores(cfg, settings, check=True)
+    gate = compute_gate(settings)
+    rec = Recommender(store, cfg.item_refresh_s, auto_refresh=False, reload_store=reload_store, gate=gate)
     last_error = _refresh(rec, "")
-    server = make_server(rec, cfg.host, cfg.port, max_k=cfg.max_k)
+    try:
+        server = make_server(rec, cfg.host, cfg.port, max_k=cfg.max_k, settings=settings)
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(
+            f"cannot serve on {cfg.host}:{cfg.port}: {exc}; pick a free port (ZEROCF_SERVE_PORT / --port) "
+            "or another interface (ZEROCF_SERVE_HOST / --host)"
+        ) from None
     stop = StopFlag().install()
     thread = threading.Thread(target=server.serve_forever, name="zerocf-serve", daemon=True)
     thread.start()
@@ -230,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         while not stop.wait(min(1.0, max(0.05, cfg.item_refresh_s))):
             last_error = _refresh(rec, last_error)
+            server.note_redis_ok(rec.last_checked)
     finally:
         log.info("stopping (%s): finishing in-flight requests", stop.reason or "exit")
         server.shutdown()
@@ -239,13 +370,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pin_blas() -> None:
+    """One BLAS thread per request thread: request threads already use both cores, and OpenBLAS's own pool
+    would make concurrent requests queue for it (as the workers pin it, STYLE 9)."""
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+    except ImportError:
+        log.info("threadpoolctl not installed: BLAS threads not pinned (set OPENBLAS_NUM_THREADS=1)")
+        return
+    threadpool_limits(1, user_api="blas")
+
+
 def _refresh(rec: Recommender, last_error: str) -> str:
     """Refresh the cache if due; log an error only when it changes. Returns the current error ('' if ok)."""
     try:
         rec.refresh()
         err = ""
     except (NoModel, redis.RedisError, StoreSchemaError) as exc:
-        err = str(exc)
+        err = str(exc) or type(exc).__name__
     if err and err != last_error:
         log.warning("item cache not refreshed: %s", err)
     elif last_error and not err:
