@@ -24,7 +24,13 @@ Fields per size (``results[]``) and per group (``light``, ``heavy``):
 ``load_avg_1m_at_start`` is the machine's 1-minute load average when the bench started. Per size also:
 ``fallback`` p50/p99 (ms) of users without a vector and without seen items (the generation's top items by
 time-decayed popularity, ``sigmoid(b + b_i)``), ``load_s`` (one full item-matrix load,
-:meth:`Recommender.refresh` forced) and ``write_s`` (writing the model, not a lookup figure).
+:meth:`Recommender.refresh` forced, the unit matrix of similar items included) and ``write_s`` (writing
+the model, not a lookup figure).
+
+``similar`` per size: ``similar(item, k=10)`` p50/p99 (ms) of random items (one ``live_gen`` read from
+Redis, then the cosine top-k over the unit matrix cached at load) vs ``bare_single`` (the same product
+against an in-memory unit matrix, self masked, argpartition and sort), interleaved call by call, and
+``batch_items_per_s`` of ``similar_many`` over ``--batch-users`` items vs the bare chunked product.
 """
 
 from __future__ import annotations
@@ -168,6 +174,41 @@ def run_group(rec: Recommender, items: F32, g: Group, calls: int, batch_users: i
     }
 
 
+def bare_similar(unit: F32, rows: npt.NDArray[np.int64]) -> None:
+    for c in range(0, len(rows), 1024):
+        s = unit[rows[c : c + 1024]] @ unit.T
+        s[np.arange(len(s)), rows[c : c + 1024]] = -np.inf
+        np.argpartition(-s, TOPK - 1, axis=1)[:, :TOPK]
+
+
+def run_similar(rec: Recommender, items: F32, calls: int, batch: int, rng: np.random.Generator) -> dict[str, Any]:
+    lat = items[:, :-1]
+    unit = (lat / np.linalg.norm(lat, axis=1, keepdims=True)).astype(np.float32)
+    picks = rng.integers(0, len(items), size=calls + WARMUP)
+    ours: list[float] = []
+    bare: list[float] = []
+    for n, j in enumerate(picks.tolist()):
+        t0 = time.perf_counter()
+        r = rec.similar(f"i{j}", TOPK)
+        t1 = time.perf_counter()
+        s = unit @ unit[j]
+        s[j] = -np.inf
+        top = np.argpartition(-s, TOPK - 1)[:TOPK]
+        top[np.argsort(-s[top])]
+        t2 = time.perf_counter()
+        assert not r.fallback and len(r.items) == TOPK, j
+        if n >= WARMUP:
+            ours.append(t1 - t0)
+            bare.append(t2 - t1)
+    rows = np.array(list(dict.fromkeys(picks[:batch].tolist())))  # similar_many collapses duplicates
+    ids = [f"i{j}" for j in rows.tolist()]
+    ours_s, bare_s = _best_of_3([lambda: rec.similar_many(ids, TOPK), lambda: bare_similar(unit, rows)])
+    s, b = _pct(ours), _pct(bare)
+    return {"single": s, "bare_single": b, "single_ratio_p50": round(s["p50_ms"] / b["p50_ms"], 2),
+            "batch_items": len(rows), "batch_items_per_s": round(len(rows) / ours_s),
+            "bare_batch_items_per_s": round(len(rows) / bare_s)}  # fmt: skip
+
+
 def run_size(client: redis.Redis, n_items: int, calls: int, batch_users: int) -> dict[str, Any]:
     rng = np.random.default_rng(n_items)
     store = FactorStore(client, namespace=f"bench{n_items}")
@@ -189,6 +230,7 @@ def run_size(client: redis.Redis, n_items: int, calls: int, batch_users: int) ->
         fallback.append(time.perf_counter() - t)
         assert r.fallback, u
     out["fallback"] = _pct(fallback[WARMUP:])
+    out["similar"] = run_similar(rec, items, calls, batch_users, rng)
     out |= {"load_s": round(load_s, 3), "write_s": round(write_s, 2)}
     return out
 

@@ -205,6 +205,10 @@ def test_serve_command_refreshes_and_stops_on_sigterm(zerocf_env: dict[str, str]
         wait_until("serve answers", lambda: answer() is not None, 60, proc)
         doc = answer()
         assert doc is not None and (doc["generation"], [e["item"] for e in doc["items"]]) == (1, ["b", "a"])
+        code, _, body = get(port, "/similar?item=a&k=2")  # the command serves /similar and its API document
+        assert code == 200 and items_of(body) == ["b", "c"] and json.loads(body)["fallback"] is False
+        code, _, body = get(port, "/openapi.json")
+        assert code == 200 and "/similar" in json.loads(body)["paths"]
         g = store.begin_generation("als")
         store.write_vectors(g, "user", ["u1"], np.array([[1, 1, 0]], dtype=np.float32))
         store.write_vectors(g, "item", ["n0", "n1"], np.array([[1, 0, 0], [0, 1, 0.5]], dtype=np.float32))
@@ -213,6 +217,7 @@ def test_serve_command_refreshes_and_stops_on_sigterm(zerocf_env: dict[str, str]
         wait_until("serve picks up the new generation", lambda: (answer() or {}).get("generation") == g, 30, proc)
         doc = answer()
         assert doc is not None and [e["item"] for e in doc["items"]] == ["n1", "n0"]
+        assert items_of(get(port, "/similar?item=n0")[2]) == ["n1"]  # the new generation's unit matrix
         np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([0.25 + 1.5, 0.25 + 1]), rtol=1e-6)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

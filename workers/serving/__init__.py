@@ -1,2 +1,3 @@
-"""The read side: :class:`~workers.serving.lookup.Recommender`, ``zerocf recommend`` (:mod:`.cli`) and
-``zerocf serve`` (:mod:`.server`)."""
+"""The read side: :class:`~workers.serving.lookup.Recommender` (recommendations and similar items),
+``zerocf recommend`` and ``zerocf similar`` (:mod:`.cli`), ``zerocf serve`` (:mod:`.server`, its query rules in
+:mod:`.queries`, its OpenAPI document in :mod:`.openapi`)."""

@@ -22,6 +22,13 @@ popularity (``popular_items``; all-time counts before it has any, the item biase
 item of a user (all of them within the retention window the store keeps) is excluded, for users with and
 without a vector.
 
+Similar items (:meth:`Recommender.similar`, :meth:`~Recommender.similar_many`) rank the cached matrix by the
+cosine of the latent vectors (biases left out), normalised once per load (:mod:`workers.kernels.similarity`);
+the item itself is never returned. An item without a vector in the cached generation (unknown, not learnt
+yet, or all zeros) gets the same popularity fallback as a user without one, itself excluded, with
+``fallback=True``. Items the ``hidden`` hook names are left out of every answer (no catalogue state exists
+yet, so by default nothing is hidden; a catalogue plugs in there).
+
 Lost or empty stores are errors, never empty answers. A user without a vector may mean that Redis lost the
 model (an empty restart, a flushed database): before answering one, the live generation is read (one round
 trip), and a missing model or a live generation older than the cached one raises :class:`StoreLost`; a
@@ -45,6 +52,11 @@ answering while Redis is away.
 (['c', 'b'], True)
 >>> [round(float(x), 3) for x in rec.score("u1", ["c", "zzz"])]
 [0.119, nan]
+>>> sim = rec.similar("a", k=2)
+>>> sim.items, [round(s, 3) for s in sim.scores], sim.fallback
+(['b', 'c'], [0.0, -1.0], False)
+>>> rec.similar("new-item", k=2).items, rec.similar("new-item", k=2).fallback
+(['c', 'b'], True)
 """
 
 from __future__ import annotations
@@ -53,20 +65,21 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from workers.errors import GenerationError, StoreSchemaError, WorkerError
+from workers.kernels.similarity import cosine_top_k, unit_rows
 from workers.kernels.topk import top_k
 from workers.serving.gate import FifoGate
 from workers.store import GLOBAL_ROW, FactorStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmptyModel", "NoModel", "Recommendation", "Recommender", "StoreLost", "sigmoid"]
+__all__ = ["EmptyModel", "NoModel", "Recommendation", "Recommender", "SimilarItems", "StoreLost", "sigmoid"]
 
 RELOAD_SHARE = 0.05  # a periodic content reload may use at most this share of wall time
 STALE_POPULAR = 1000  # popular items kept with the cached matrix, for recommend_stale
@@ -108,6 +121,25 @@ class Recommendation:
     stale: bool = False
 
 
+@dataclass(frozen=True)
+class SimilarItems:
+    """The items most similar to ``item``, best first (:meth:`Recommender.similar`).
+
+    ``scores[j]`` is the cosine of the latent vectors of ``item`` and ``items[j]``, in [-1, 1]. With
+    ``fallback`` True, ``item`` has no vector in ``generation`` (unknown, not learnt yet, or all zeros) and
+    the items are that generation's most popular ones, scored by their user-free P(click)
+    ``sigmoid(b + b_i)``, exactly as :meth:`Recommender.recommend` answers a user without a vector.
+    ``stale`` is True when the answer came from the cache alone (:meth:`Recommender.similar_stale`).
+    """
+
+    item: str
+    items: list[str]
+    scores: list[float]
+    fallback: bool
+    generation: int
+    stale: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class _ItemCache:
     """One immutable cached item matrix (swapped as a whole, so readers need no lock)."""
@@ -120,6 +152,8 @@ class _ItemCache:
     loaded_at: float
     load_seconds: float
     popular: list[str]  # the generation's most popular items at load time, best first (recommend_stale)
+    unit: npt.NDArray[np.float32]  # (n_items, k - 1): latent parts at unit norm, for similar()
+    has_direction: npt.NDArray[np.bool_]  # (n_items,): False for an all-zero latent vector
 
 
 def sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -153,6 +187,12 @@ class Recommender:
     gate : FifoGate, optional
         Bounds how many threads run the numpy part of a lookup at once, first come first served
         (:mod:`workers.serving.gate`); Redis reads happen outside it. None: no bound.
+    hidden : callable, optional
+        Returns the ids of the items no answer may contain (hidden or expired ones). It is called once per
+        lookup on the request path, so it must answer from memory (a catalogue consumer keeping a set up to
+        date, not a Redis round trip). Every answer applies it: :meth:`recommend`, :meth:`similar`, their
+        popularity fallbacks and their stale forms. None (the default, as there is no catalogue state
+        yet): nothing is hidden.
 
     Thread-safe: readers take the current cache reference; one thread at a time reloads.
     """
@@ -166,12 +206,14 @@ class Recommender:
         auto_refresh: bool = True,
         reload_store: FactorStore | None = None,
         gate: FifoGate | None = None,
+        hidden: Callable[[], Collection[str]] | None = None,
     ) -> None:
         if refresh_s < 0:
             raise ValueError(f"refresh_s={refresh_s} must be >= 0 seconds")
         self.store, self.refresh_s, self._clock, self.auto_refresh = store, float(refresh_s), clock, auto_refresh
         self._reload_store = reload_store or store
         self._gate: contextlib.AbstractContextManager[object] = gate or contextlib.nullcontext()
+        self._hidden_items = hidden
         self._cache: _ItemCache | None = None
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
@@ -250,6 +292,7 @@ class Recommender:
                 f"live generation of {self.store.keys.ns!r} kept changing during the item "
                 "load; retry, and check that the ALS worker is not publishing in a loop"
             )
+        unit, has_direction = unit_rows(matrix[:, :-1])  # once per load, not per similar() call
         took = self._clock() - started
         log.info(
             "item matrix loaded namespace=%s gen=%s items=%d bias=%.4f in %.3fs",
@@ -268,6 +311,8 @@ class Recommender:
             self._clock(),
             took,
             popular,
+            unit,
+            has_direction,
         )
 
     def _current(self) -> _ItemCache:
@@ -302,11 +347,9 @@ class Recommender:
         cache = self._current()
         if not users:
             return {}
-        if not cache.ids:
-            raise EmptyModel(
-                f"model {self.store.keys.ns!r} generation {cache.gen} has no items yet; feed clicks through "
-                "`zerocf ingest` and `zerocf lmf`, or publish one with `zerocf als --once`"
-            )
+        self._require_items(cache)
+        hidden = self._hidden()
+        hidden_rows = self._rows(cache, hidden)
         vecs, found = self.store.get_vectors(cache.gen, "user", users)
         seen = self.store.seen_items_many(users) if exclude_seen else {}
         out: dict[str, Recommendation] = {}
@@ -321,12 +364,29 @@ class Recommender:
                 logits = augmented @ cache.matrix.T  # (m, n_items) float32
                 logits += offsets[:, None]
                 for r, i in enumerate(rows):
-                    out[users[i]] = self._rank(cache, users[i], logits[r], k, seen.get(users[i], ()))
+                    excl = self._rows(cache, seen.get(users[i], ())) + hidden_rows
+                    out[users[i]] = self._rank(cache, users[i], logits[r], k, excl)
         missing = [u for u, f in zip(users, found) if not f]
         if missing:
             self._check_store(cache)
-            out.update(self._popular(cache, missing, k, seen))
+            for u, (items, scores) in self._fallback(cache, missing, k, seen, hidden).items():
+                out[u] = Recommendation(u, items, scores, True, cache.gen)
         return {u: out[u] for u in users}
+
+    def _require_items(self, cache: _ItemCache) -> None:
+        if not cache.ids:
+            raise EmptyModel(
+                f"model {self.store.keys.ns!r} generation {cache.gen} has no items yet; feed clicks through "
+                "`zerocf ingest` and `zerocf lmf`, or publish one with `zerocf als --once`"
+            )
+
+    def _hidden(self) -> Collection[str]:
+        return () if self._hidden_items is None else self._hidden_items()
+
+    @staticmethod
+    def _rows(cache: _ItemCache, items: Collection[str]) -> list[int]:
+        """Row indices of those of ``items`` that the cached matrix holds."""
+        return [j for j in (cache.index.get(i) for i in items) if j is not None]
 
     def _check_store(self, cache: _ItemCache) -> None:
         """Raise :class:`StoreLost` unless Redis still holds the cached generation's model (one round trip)."""
@@ -347,11 +407,66 @@ class Recommender:
 
         Raises :class:`NoModel` before the first load (there is nothing to serve).
         """
-        cache = self._cache
-        if cache is None:
+        cache, user = self._cached(), str(user_id)
+        items, scores = self._fallback(cache, [user], int(k), {}, self._hidden(), stale=True)[user]
+        return Recommendation(user, items, scores, True, cache.gen, stale=True)
+
+    def _cached(self) -> _ItemCache:
+        if self._cache is None:
             raise NoModel(f"no item cache of model {self.store.keys.ns!r} yet; Redis has not answered since start")
-        items = cache.popular[: int(k)] or self._by_bias(cache, int(k))
-        return Recommendation(str(user_id), items, self._prior(cache, items), True, cache.gen, stale=True)
+        return self._cache
+
+    def similar(self, item_id: str, k: int = 10) -> SimilarItems:
+        """The ``k`` items whose latent vectors are most cosine-similar to ``item_id``'s, best first.
+
+        From the cached generation's item matrix, normalised once per load; ``item_id`` itself and hidden
+        items are never returned. An item without a vector gets the popularity fallback
+        (``fallback=True``, see :class:`SimilarItems`). Redis is asked once whether it still holds the
+        cached model: raises :class:`EmptyModel`/:class:`StoreLost` like :meth:`recommend`.
+        """
+        return self.similar_many([item_id], k)[str(item_id)]
+
+    def similar_many(self, item_ids: Sequence[str], k: int = 10) -> dict[str, SimilarItems]:
+        """:meth:`similar` for many items: one check of the store, one matrix product per 1,024 items.
+
+        Returns a dict keyed by item id in first-seen order (duplicates collapse).
+        """
+        if int(k) < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        items = list(dict.fromkeys(str(i) for i in item_ids))
+        cache = self._current()
+        if not items:
+            return {}
+        self._require_items(cache)
+        self._check_store(cache)  # the answer is computed from memory: make sure Redis still holds its model
+        return self._similar(cache, items, int(k), stale=False)
+
+    def similar_stale(self, item_id: str, k: int = 10) -> SimilarItems:
+        """:meth:`similar` from the cache alone (no Redis call, ``stale=True``; a fallback uses the popular
+        items cached at load), for a server that keeps answering while Redis is away.
+
+        Raises :class:`NoModel` before the first load.
+        """
+        return self._similar(self._cached(), [str(item_id)], int(k), stale=True)[str(item_id)]
+
+    def _similar(self, cache: _ItemCache, items: list[str], k: int, stale: bool) -> dict[str, SimilarItems]:
+        hidden = self._hidden()
+        rows = [cache.index.get(i, -1) for i in items]
+        known = [n for n, r in enumerate(rows) if r >= 0 and cache.has_direction[r]]
+        out: dict[str, SimilarItems] = {}
+        if known:
+            with self._gate:
+                ids, top = cosine_top_k(cache.unit, [rows[n] for n in known], k, self._rows(cache, hidden))
+            for n, row_ids, row_scores in zip(known, ids, top):
+                keep = row_ids >= 0
+                best = [cache.ids[j] for j in row_ids[keep]]
+                out[items[n]] = SimilarItems(items[n], best, row_scores[keep].tolist(), False, cache.gen, stale)
+        missing = [i for i in items if i not in out]
+        if missing:
+            own = {i: (i,) for i in missing}
+            for i, (best, scores) in self._fallback(cache, missing, k, own, hidden, stale).items():
+                out[i] = SimilarItems(i, best, scores, True, cache.gen, stale)
+        return {i: out[i] for i in items}
 
     @staticmethod
     def _prior(cache: _ItemCache, items: Sequence[str]) -> list[float]:
@@ -366,9 +481,8 @@ class Recommender:
         return [cache.ids[j] for j in ids[0] if j >= 0]
 
     def _rank(
-        self, cache: _ItemCache, user: str, logits: npt.NDArray[np.float32], k: int, seen: Sequence[str]
+        self, cache: _ItemCache, user: str, logits: npt.NDArray[np.float32], k: int, excl: list[int]
     ) -> Recommendation:
-        excl = [j for j in (cache.index.get(i) for i in seen) if j is not None]
         if excl:
             logits[excl] = -np.inf
         ids, top = top_k(logits[None, :], k)
@@ -377,17 +491,31 @@ class Recommender:
             user, [cache.ids[j] for j in best], sigmoid(top[0][: best.size]).tolist(), False, cache.gen
         )
 
-    def _popular(
-        self, cache: _ItemCache, users: list[str], k: int, seen: dict[str, list[str]]
-    ) -> dict[str, Recommendation]:
-        extra = max((len(seen.get(u, ())) for u in users), default=0)
-        top = [item for item, _ in self.store.popular_items(cache.gen, k + extra)] or self._by_bias(cache, k + extra)
+    def _fallback(
+        self,
+        cache: _ItemCache,
+        keys: list[str],
+        k: int,
+        exclude: Mapping[str, Collection[str]],
+        hidden: Collection[str],
+        stale: bool = False,
+    ) -> dict[str, tuple[list[str], list[float]]]:
+        """``(items, sigmoid(b + b_i))`` per key: the generation's most popular items (read fresh, or those
+        cached at load when ``stale``; the largest item biases without any popularity), minus the key's
+        ``exclude`` items and the ``hidden`` ones."""
+        n = k + max((len(exclude.get(u, ())) for u in keys), default=0) + len(hidden)
+        if stale:
+            top = cache.popular[:n]
+        else:
+            top = [item for item, _ in self.store.popular_items(cache.gen, n)]
+        top = top or self._by_bias(cache, n)
         prior = dict(zip(top, self._prior(cache, top)))
+        hide = set(hidden)
         out = {}
-        for u in users:
-            skip = set(seen.get(u, ()))
-            items = [i for i in top if i not in skip][:k]
-            out[u] = Recommendation(u, items, [prior[i] for i in items], True, cache.gen)
+        for u in keys:
+            own = set(exclude.get(u, ()))
+            items = [i for i in top if i not in hide and i not in own][:k]
+            out[u] = (items, [prior[i] for i in items])
         return out
 
     def score(self, user_id: str, item_ids: Sequence[str]) -> npt.NDArray[np.float32]:

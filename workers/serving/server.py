@@ -1,4 +1,5 @@
-"""``zerocf serve``: recommendations over HTTP (``/recommend``, ``/healthz``, ``/metrics``).
+"""``zerocf serve``: recommendations over HTTP (``/recommend``, ``/similar``, ``/healthz``, ``/metrics``,
+``/openapi.json``).
 
 Built on :class:`stream.runtime.RoutingServer` (the standard library's ``ThreadingHTTPServer`` with the
 bounds it lacks: HTTP/1.1 keep-alive, a 1024-deep listen queue, one deadline for a whole request head, a cap
@@ -10,19 +11,28 @@ Put a reverse proxy in front for TLS.
 - ``GET /recommend?user=U&k=10&exclude_seen=1`` -> 200
   ``{"user": U, "items": [{"item": id, "score": p}], "fallback": bool, "generation": g, "stale": bool}``.
   ``k`` is an integer in ``1..max_k`` (default ``min(10, max_k)``), ``user`` 1..256 bytes of UTF-8 without
-  control characters, ``exclude_seen`` 0 or 1 (default 1); anything else is a 400 with a JSON ``error``.
+  control characters, ``exclude_seen`` 0 or 1 (default 1); anything else is a 400 with a JSON ``error``
+  (the rules live in :mod:`workers.serving.queries`).
+- ``GET /similar?item=I&k=10`` -> 200
+  ``{"item": I, "items": [{"item": id, "score": cosine}], "fallback": bool, "generation": g, "stale": bool}``:
+  the items nearest to ``I`` by cosine of the latent vectors, ``I`` itself excluded
+  (:meth:`Recommender.similar`). ``item`` and ``k`` are validated as ``user`` and ``k`` above. An item
+  without a vector gets the generation's popular items, scored ``sigmoid(b + b_i)``, ``"fallback": true``.
 - ``GET /healthz`` -> 200 when Redis answers and holds the model being served, else 503 (JSON either way,
   with a ``reason`` when 503).
 - ``GET /metrics`` -> Prometheus text: requests by path and status, latency histogram, cache refreshes,
-  fallbacks, stale answers, open connections.
+  fallbacks (of /recommend and, apart, of /similar), stale answers, open connections.
+- ``GET /openapi.json`` -> the OpenAPI 3.1 description of these routes (:mod:`workers.serving.openapi`).
 
 When the answer cannot come from Redis it is a 503 ``{"error": ..., "reason": R}``, never an empty list:
 ``no_model`` (nothing trained under the prefix), ``empty_model`` (a model without items), ``store_lost``
 (Redis lost the model being served: an empty restart or a flush), ``redis_timeout`` (no reply within
 ``ZEROCF_SERVE_REDIS_TIMEOUT_S``, 0.25 s, per round trip, no retries), ``redis_unavailable``. With
 ``ZEROCF_SERVE_STALE_S`` > 0, for that long after Redis last answered, these are instead a 200 from the
-cached item matrix alone: the generation's popular items at its last load, seen items *not* excluded,
-``"fallback": true, "stale": true`` and the ``reason``.
+cached item matrix alone, with ``"stale": true`` and the ``reason``: for /recommend the generation's popular
+items at its last load, seen items *not* excluded, ``"fallback": true``; for /similar the cosine answer of
+the cached matrix (itself computed from memory; a fresh answer also asks Redis whether it still holds the
+model, so that a lost model is a 503, not a silent answer from a model that no longer exists).
 
 Limits (:class:`~workers.serving.settings.ServeSettings`): ``ZEROCF_SERVE_MAX_CONNECTIONS`` connections at
 once (one more gets a 503 and is closed), ``ZEROCF_SERVE_REQUEST_TIMEOUT_S`` to send a request head (a
@@ -42,10 +52,8 @@ import argparse
 import logging
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,57 +66,26 @@ from stream.runtime import Response, RoutingServer, health_route, json_response,
 from workers.config import ServeConfig
 from workers.errors import StoreSchemaError
 from workers.serving.gate import FifoGate, usable_cpus
-from workers.serving.lookup import NoModel, Recommendation, Recommender
+from workers.serving.lookup import NoModel, Recommendation, Recommender, SimilarItems
+from workers.serving.openapi import openapi_document
+from workers.serving.queries import MAX_ID_BYTES, BadRequest, parse_recommend_query, parse_similar_query
 from workers.serving.settings import ServeSettings
 from workers.store import FactorStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BadRequest", "RecommendServer", "make_server", "parse_recommend_query", "register", "run"]
+__all__ = [
+    "BadRequest",
+    "RecommendServer",
+    "make_server",
+    "parse_recommend_query",
+    "parse_similar_query",
+    "register",
+    "run",
+]
 
-MAX_USER_BYTES = 256
+MAX_USER_BYTES = MAX_ID_BYTES
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-class BadRequest(ValueError):
-    """A request parameter is invalid; the message says which and what is accepted (sent as a 400)."""
-
-
-def parse_recommend_query(query: str, max_k: int) -> tuple[str, int, bool]:
-    """Validate the query string of ``/recommend``; return ``(user, k, exclude_seen)``.
-
-    >>> parse_recommend_query("user=u%C3%A9&k=5&exclude_seen=0", 100)
-    ('ué', 5, False)
-    >>> parse_recommend_query("user=u1&k=0", 100)
-    Traceback (most recent call last):
-    ...
-    workers.serving.server.BadRequest: k='0' must be an integer in 1..100
-    """
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict")
-    except UnicodeDecodeError:
-        raise BadRequest("the query string is not valid percent-encoded UTF-8") from None
-    params: dict[str, str] = {}
-    for name, value in pairs:
-        if name not in ("user", "k", "exclude_seen"):
-            raise BadRequest(f"unknown parameter {name!r}; use user, k and exclude_seen")
-        if name in params:
-            raise BadRequest(f"parameter {name!r} given twice; give it once")
-        params[name] = value
-    user = params.get("user")
-    if user is None:
-        raise BadRequest("missing parameter user; call /recommend?user=<id>&k=10")
-    if not 1 <= len(user.encode("utf-8")) <= MAX_USER_BYTES:
-        raise BadRequest(f"user must be 1..{MAX_USER_BYTES} bytes of UTF-8, got {len(user.encode('utf-8'))}")
-    if any(unicodedata.category(c) == "Cc" for c in user):
-        raise BadRequest("user contains control characters; send the id as printable UTF-8")
-    raw_k = params.get("k", str(min(10, max_k)))
-    if not (raw_k.isascii() and raw_k.isdigit() and len(raw_k) <= 9 and 1 <= int(raw_k) <= max_k):
-        raise BadRequest(f"k={raw_k[:20]!r} must be an integer in 1..{max_k}")
-    raw_ex = params.get("exclude_seen", "1")
-    if raw_ex not in ("0", "1"):
-        raise BadRequest(f"exclude_seen={raw_ex[:20]!r} must be 0 or 1")
-    return user, int(raw_k), raw_ex == "1"
 
 
 class _Metrics:
@@ -129,6 +106,11 @@ class _Metrics:
         self.fallbacks = Counter(
             "zerocf_serve_fallbacks", "recommendations served by popularity fallback", registry=self.registry
         )
+        self.similar_fallbacks = Counter(
+            "zerocf_serve_similar_fallbacks",
+            "similar-items answers served by popularity fallback (the item had no vector)",
+            registry=self.registry,
+        )
         self.stale = Counter(
             "zerocf_serve_stale", "answers from the item cache alone while Redis was away", registry=self.registry
         )
@@ -144,7 +126,8 @@ class _Metrics:
 
 
 class RecommendServer(RoutingServer):
-    """The HTTP server: ``/recommend``, ``/healthz`` and ``/metrics`` over one :class:`Recommender`."""
+    """The HTTP server: ``/recommend``, ``/similar``, ``/healthz``, ``/metrics`` and ``/openapi.json`` over
+    one :class:`Recommender`."""
 
     daemon_threads = False  # server_close() joins in-flight requests: a graceful stop finishes them
     block_on_close = True
@@ -165,10 +148,14 @@ class RecommendServer(RoutingServer):
         Gauge(
             "zerocf_serve_open_connections", "client connections being served", registry=self.metrics.registry
         ).set_function(lambda: self.open_connections)
+        self.openapi = openapi_document(self.max_k)
+        openapi_body = json_response(200, self.openapi)  # built once: the document never changes
         routes = {
             "/recommend": self._recommend,
+            "/similar": self._similar,
             "/healthz": health_route(lambda: health(recommender)),
             "/metrics": metrics_route(self.metrics.registry),
+            "/openapi.json": lambda _query: openapi_body,
         }
         super().__init__(
             address,
@@ -198,29 +185,44 @@ class RecommendServer(RoutingServer):
         self._last_ok = self._clock()
         return self._answer(rec)
 
-    def _answer(self, rec: Recommendation, reason: str | None = None) -> Response:
-        if rec.fallback:
-            self.metrics.fallbacks.inc()
-        doc: dict[str, Any] = {
-            "user": rec.user,
-            "items": [{"item": i, "score": s} for i, s in zip(rec.items, rec.scores)],
-            "fallback": rec.fallback,
-            "generation": rec.generation,
-            "stale": rec.stale,
-        }
+    def _similar(self, query: str) -> Response:
+        try:
+            item, k = parse_similar_query(query, self.max_k)
+        except BadRequest as exc:
+            return json_response(400, {"error": str(exc)})
+        try:
+            found = self.recommender.similar(item, k)
+        except (NoModel, redis.RedisError) as exc:
+            return self._unavailable(item, k, exc, similar=True)
+        self._last_ok = self._clock()
+        return self._answer(found)
+
+    def _answer(self, rec: Recommendation | SimilarItems, reason: str | None = None) -> Response:
+        doc: dict[str, Any]
+        if isinstance(rec, SimilarItems):
+            doc = {"item": rec.item}
+            if rec.fallback:
+                self.metrics.similar_fallbacks.inc()
+        else:
+            doc = {"user": rec.user}
+            if rec.fallback:
+                self.metrics.fallbacks.inc()
+        doc["items"] = [{"item": i, "score": s} for i, s in zip(rec.items, rec.scores)]
+        doc.update(fallback=rec.fallback, generation=rec.generation, stale=rec.stale)
         if reason:
             doc["reason"] = reason
         return json_response(200, doc)
 
-    def _unavailable(self, user: str, k: int, exc: Exception) -> Response:
+    def _unavailable(self, key: str, k: int, exc: Exception, *, similar: bool = False) -> Response:
         """503 with the reason, or within ``stale_s`` of Redis last answering, the cache's stale answer."""
         reason, message = unavailable_reason(exc, self.settings.redis_timeout_s)
         if isinstance(exc, redis.RedisError):
-            log.warning("redis error serving user=%r: %s", user, exc)
+            log.warning("redis error serving %s=%r: %s", "item" if similar else "user", key, exc)
         since = self._clock() - self._last_ok
         if self.settings.stale_s > 0 and since <= self.settings.stale_s and self.recommender.generation is not None:
             self.metrics.stale.inc()
-            return self._answer(self.recommender.recommend_stale(user, k), reason)
+            rec = self.recommender
+            return self._answer(rec.similar_stale(key, k) if similar else rec.recommend_stale(key, k), reason)
         return json_response(503, {"error": message, "reason": reason})
 
 
@@ -315,7 +317,8 @@ def make_server(
         rec = source
     server = RecommendServer((host or "127.0.0.1", int(port or 0)), rec, max_k or 1000, settings)
     log.info(
-        "recommendations on http://%s:%d/recommend (max_k=%d, max_connections=%d, redis_timeout_s=%g, stale_s=%g)",
+        "serving http://%s:%d/recommend, /similar and /openapi.json "
+        "(max_k=%d, max_connections=%d, redis_timeout_s=%g, stale_s=%g)",
         server.server_address[0],
         server.port,
         server.max_k,
@@ -328,7 +331,7 @@ def make_server(
 
 def register(subparsers: Any) -> None:
     """Add ``zerocf serve``."""
-    p = subparsers.add_parser("serve", help="serve recommendations over HTTP (/recommend, /healthz, /metrics)")
+    p = subparsers.add_parser("serve", help="serve /recommend, /similar, /healthz, /metrics, /openapi.json")
     add_flags(p, ServeConfig, ServeSettings, skip=TOP_LEVEL + KAFKA_FIELDS)
     p.set_defaults(func=run)
 

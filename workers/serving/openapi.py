@@ -1,0 +1,214 @@
+"""The OpenAPI 3.1 description of ``zerocf serve``, served at ``GET /openapi.json``: a hand-written dict
+(no dependency), whose parameter bounds come from the constants :mod:`workers.serving.queries` validates
+with, and ``max_k`` from the server's configuration.
+
+``tests/integration/test_openapi.py`` keeps it honest: every route the server answers is described, and
+requests built from the document (each bound, each enum value, a missing required parameter, an
+undocumented one) get 200 or 400 exactly as it says; answers match the response schemas.
+
+>>> doc = openapi_document(max_k=50)
+>>> doc["openapi"], sorted(doc["paths"])
+('3.1.0', ['/healthz', '/metrics', '/openapi.json', '/recommend', '/similar'])
+>>> k = [p for p in doc["paths"]["/similar"]["get"]["parameters"] if p["name"] == "k"][0]["schema"]
+>>> k["minimum"], k["maximum"], k["default"]
+(1, 50, 10)
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from workers.serving.lookup import EmptyModel, NoModel, StoreLost
+from workers.serving.queries import MAX_ID_BYTES, default_k
+
+__all__ = ["UNAVAILABLE_REASONS", "openapi_document"]
+
+UNAVAILABLE_REASONS = (NoModel.reason, EmptyModel.reason, StoreLost.reason, "redis_timeout", "redis_unavailable")
+_REF = "#/components/schemas/"
+_NO_CONTROLS = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"  # no character of Unicode category Cc
+
+
+def _package_version() -> str:
+    try:
+        return version("zerocf")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _id_param(name: str, what: str, example: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": True,
+        "description": f"{what} id: 1..{MAX_ID_BYTES} bytes of UTF-8 (maxLength counts characters, so it holds "
+        "for ASCII ids; longer UTF-8 encodings reach the byte limit sooner), no control characters",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROLS},
+        "example": example,
+    }
+
+
+def _k_param(max_k: int) -> dict[str, Any]:
+    return {
+        "name": "k",
+        "in": "query",
+        "required": False,
+        "description": "how many items to return (fewer when the model has fewer candidates)",
+        "schema": {"type": "integer", "minimum": 1, "maximum": max_k, "default": default_k(max_k)},
+        "example": min(5, max_k),
+    }
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": _REF + schema}}}}
+
+
+def _lookup_responses(schema: str) -> dict[str, Any]:
+    return {
+        "200": _json(schema, "the answer; with `stale` true it came from the item cache alone (`reason` says why)"),
+        "400": _json("Error", "a parameter is invalid; `error` names it and what is accepted"),
+        "503": _json("Unavailable", "no answer can come from Redis: no, an empty or a lost model, or Redis away"),
+        "500": _json("Error", "an internal error (the trace is in the server log)"),
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    scored = {
+        "type": "object",
+        "required": ["item", "score"],
+        "additionalProperties": False,
+        "properties": {"item": {"type": "string"}, "score": {"type": "number"}},
+    }
+
+    def answer(key: str, score: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": [key, "items", "fallback", "generation", "stale"],
+            "additionalProperties": False,
+            "properties": {
+                key: {"type": "string", "description": f"the requested {key} id"},
+                "items": {"type": "array", "items": {"$ref": _REF + "ScoredItem"}, "description": score},
+                "fallback": {
+                    "type": "boolean",
+                    "description": f"true when the {key} has no vector: the generation's most popular items, "
+                    "scored sigmoid(b + b_i)",
+                },
+                "generation": {"type": "integer", "minimum": 1, "description": "the generation that answered"},
+                "stale": {"type": "boolean", "description": "true when answered from the item cache alone"},
+                "reason": {"enum": list(UNAVAILABLE_REASONS), "description": "why a stale answer is stale"},
+            },
+        }
+
+    def error(**extra: Any) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["error", *extra],
+            "additionalProperties": False,
+            "properties": {"error": {"type": "string"}, **extra},
+        }
+
+    health = {
+        "type": "object",
+        "required": ["ok"],
+        "properties": {
+            "ok": {"type": "boolean"},
+            "live_generation": {"type": "integer"},
+            "cached_generation": {"type": ["integer", "null"]},
+            "cached_items": {"type": "integer"},
+            "reason": {"enum": list(UNAVAILABLE_REASONS)},
+            "error": {"type": "string"},
+        },
+    }
+    return {
+        "ScoredItem": scored,
+        "Recommendation": answer("user", "best first; score = P(click)"),
+        "SimilarItems": answer("item", "best first, the item itself excluded; score = cosine in [-1, 1]"),
+        "Error": error(),
+        "Unavailable": error(reason={"enum": list(UNAVAILABLE_REASONS)}),
+        "Health": health,
+    }
+
+
+def _paths(max_k: int) -> dict[str, Any]:
+    return {
+        "/recommend": {
+            "get": {
+                "operationId": "recommend",
+                "summary": "top-k items for a user by P(click), seen items excluded",
+                "parameters": [
+                    _id_param("user", "user", "u1"),
+                    _k_param(max_k),
+                    {
+                        "name": "exclude_seen",
+                        "in": "query",
+                        "required": False,
+                        "description": "1: leave out every item the user clicked (within the seen-set retention)",
+                        "schema": {"type": "string", "enum": ["0", "1"], "default": "1"},
+                        "example": "0",
+                    },
+                ],
+                "responses": _lookup_responses("Recommendation"),
+            }
+        },
+        "/similar": {
+            "get": {
+                "operationId": "similar",
+                "summary": "the items most similar to an item (cosine of latent vectors), the item excluded",
+                "parameters": [_id_param("item", "item", "i1"), _k_param(max_k)],
+                "responses": _lookup_responses("SimilarItems"),
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "ready when Redis answers and holds the model being served",
+                "responses": {"200": _json("Health", "ready"), "503": _json("Health", "not ready; `reason` says why")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics: requests, latency, cache refreshes, fallbacks, stale answers",
+                "responses": {
+                    "200": {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {}}}}
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "this document",
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {}}}}},
+            }
+        },
+    }
+
+
+def openapi_document(max_k: int) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of a server whose ``k`` goes up to ``max_k``.
+
+    Every path answers HEAD like GET without a body (described as a ``head`` operation of its own);
+    unknown paths are 404 and other methods 405, with a JSON ``error``.
+    """
+    paths = _paths(int(max_k))
+    for item in paths.values():
+        get = item["get"]
+        item["head"] = {
+            "operationId": get["operationId"] + "_head",
+            "summary": "as GET, headers only",
+            "parameters": copy.deepcopy(get.get("parameters", [])),
+            "responses": {code: {"description": r["description"]} for code, r in get["responses"].items()},
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "zerocf serving API",
+            "version": _package_version(),
+            "description": "Top-k recommendations and similar items from the live generation of a zerocf "
+            "model (`zerocf serve`). Every error is JSON with an `error` that says what to do; a missing, "
+            "empty or lost model is a 503 with a `reason`, never an empty list.",
+        },
+        "paths": paths,
+        "components": {"schemas": _schemas()},
+    }

@@ -1,0 +1,104 @@
+"""Validation of the HTTP query strings of ``zerocf serve`` (pure): one place for the rules that
+:mod:`workers.serving.openapi` documents, so the document and the checks read the same constants.
+
+Rules: every parameter at most once, none but the documented ones; ids (``user``, ``item``) are 1..256 bytes
+of UTF-8 without control characters; ``k`` is a decimal integer in ``1..max_k``, default ``min(10, max_k)``;
+flags are ``0`` or ``1``. A violation raises :class:`BadRequest`, whose message names the parameter, the
+value and what is accepted (the server sends it as a 400).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from urllib.parse import parse_qsl
+
+__all__ = [
+    "DEFAULT_K",
+    "MAX_ID_BYTES",
+    "BadRequest",
+    "default_k",
+    "parse_recommend_query",
+    "parse_similar_query",
+]
+
+MAX_ID_BYTES = 256
+DEFAULT_K = 10
+RECOMMEND_PARAMS = ("user", "k", "exclude_seen")
+SIMILAR_PARAMS = ("item", "k")
+
+
+class BadRequest(ValueError):
+    """A request parameter is invalid; the message says which and what is accepted (sent as a 400)."""
+
+
+def default_k(max_k: int) -> int:
+    """The ``k`` of a request that gives none."""
+    return min(DEFAULT_K, max_k)
+
+
+def parse_recommend_query(query: str, max_k: int) -> tuple[str, int, bool]:
+    """Validate the query string of ``/recommend``; return ``(user, k, exclude_seen)``.
+
+    >>> parse_recommend_query("user=u%C3%A9&k=5&exclude_seen=0", 100)
+    ('ué', 5, False)
+    >>> parse_recommend_query("user=u1&k=0", 100)
+    Traceback (most recent call last):
+    ...
+    workers.serving.queries.BadRequest: k='0' must be an integer in 1..100
+    """
+    params = _params(query, RECOMMEND_PARAMS)
+    user = _id(params, "user", "/recommend?user=<id>&k=10")
+    raw_ex = params.get("exclude_seen", "1")
+    k = _k(params, max_k)
+    if raw_ex not in ("0", "1"):
+        raise BadRequest(f"exclude_seen={raw_ex[:20]!r} must be 0 or 1")
+    return user, k, raw_ex == "1"
+
+
+def parse_similar_query(query: str, max_k: int) -> tuple[str, int]:
+    """Validate the query string of ``/similar``; return ``(item, k)``.
+
+    >>> parse_similar_query("item=i%C3%A9&k=3", 100)
+    ('ié', 3)
+    >>> parse_similar_query("k=3", 100)
+    Traceback (most recent call last):
+    ...
+    workers.serving.queries.BadRequest: missing parameter item; call /similar?item=<id>&k=10
+    """
+    params = _params(query, SIMILAR_PARAMS)
+    item = _id(params, "item", "/similar?item=<id>&k=10")
+    return item, _k(params, max_k)
+
+
+def _params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("the query string is not valid percent-encoded UTF-8") from None
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise BadRequest(f"unknown parameter {name[:40]!r}; use {', '.join(allowed[:-1])} and {allowed[-1]}")
+        if name in params:
+            raise BadRequest(f"parameter {name!r} given twice; give it once")
+        params[name] = value
+    return params
+
+
+def _id(params: dict[str, str], name: str, example: str) -> str:
+    value = params.get(name)
+    if value is None:
+        raise BadRequest(f"missing parameter {name}; call {example}")
+    size = len(value.encode("utf-8"))
+    if not 1 <= size <= MAX_ID_BYTES:
+        raise BadRequest(f"{name} must be 1..{MAX_ID_BYTES} bytes of UTF-8, got {size}")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise BadRequest(f"{name} contains control characters; send the id as printable UTF-8")
+    return value
+
+
+def _k(params: dict[str, str], max_k: int) -> int:
+    raw = params.get("k", str(default_k(max_k)))
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and 1 <= int(raw) <= max_k):
+        raise BadRequest(f"k={raw[:20]!r} must be an integer in 1..{max_k}")
+    return int(raw)
