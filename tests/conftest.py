@@ -8,6 +8,7 @@ stopped at the end. Each test gets fresh topic names (a unique prefix) and a flu
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,21 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DATASETS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """zerocf's default state folder (ALS checkpoints) inside the session's temp dir, never the user's home."""
+    old = os.environ.get("XDG_STATE_HOME")
+    path = tmp_path_factory.mktemp("state")
+    os.environ["XDG_STATE_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("XDG_STATE_HOME", None)
+        else:
+            os.environ["XDG_STATE_HOME"] = old
 
 
 @pytest.fixture(scope="session")

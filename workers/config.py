@@ -16,15 +16,25 @@ stream.errors.ConfigError: ZEROCF_LMF_HARD_SHARE=1.5 must be in [0, 1]
 Traceback (most recent call last):
 ...
 stream.errors.ConfigError: ZEROCF_ALS_SOLVER='lu'; use one of cg, exact
+>>> load(LMFConfig, {"ZEROCF_REDIS_URL": "redis://127.0.0.1:6379/notadb"})  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+stream.errors.ConfigError: ZEROCF_REDIS_URL=redis://127.0.0.1:6379/notadb: the path '/notadb' is not a database ...
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from stream.config import ConsumerSettings, ProcessSettings, check_ranges, setting
+from stream.config import ConsumerSettings, ProcessSettings, check_ranges, redact_url, setting
 from stream.errors import ConfigError
 from workers.kernels.als import Scaling
 
@@ -45,6 +55,47 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+def check_redis_url(url: str) -> None:
+    """Raise :class:`ConfigError` naming ``ZEROCF_REDIS_URL`` unless redis-py can use ``url`` as given.
+
+    The scheme must be redis, rediss or unix; query values (``db``, ``socket_timeout``, ...) must parse; the
+    path of a redis(s) URL must be empty or a database number (redis-py would silently read ``/notadb`` as
+    database 0). The password never appears in the message.
+
+    >>> check_redis_url("rediss://:secret@cache:6380/2?socket_timeout=1.5")
+    >>> check_redis_url("redis://:secret@cache:6379/0?db=x")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    stream.errors.ConfigError: ZEROCF_REDIS_URL=redis://:***@cache:6379/0?db=x: Invalid value for 'db' in ...
+    """
+    from redis.connection import parse_url
+
+    shown = redact_url(url)
+    fix = "use redis://[:PASSWORD@]HOST:PORT/DB with DB an integer (0 by default)"
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"ZEROCF_REDIS_URL must start with redis://, rediss:// or unix://; {fix}")
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"ZEROCF_REDIS_URL={shown}: {exc}; {fix}") from None
+    if not url.startswith("unix://"):
+        path = urlsplit(url).path
+        if path not in ("", "/") and not re.fullmatch(r"/\d+", path):
+            raise ConfigError(f"ZEROCF_REDIS_URL={shown}: the path {path!r} is not a database number; {fix}")
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """zerocf's state directory: ``$XDG_STATE_HOME/zerocf``, else ``~/.local/state/zerocf``.
+
+    >>> str(state_dir({"XDG_STATE_HOME": "/srv/state"}))
+    '/srv/state/zerocf'
+    """
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    return root / "zerocf"
+
+
 @dataclass(frozen=True)
 class ModelSettings(ProcessSettings):
     """What every process that touches the factor store agrees on."""
@@ -61,8 +112,7 @@ class ModelSettings(ProcessSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("ZEROCF_REDIS_URL must start with redis://, rediss:// or unix://")
+        check_redis_url(self.redis_url)
         check_ranges(self, {"factors": (1, 1024), "pop_half_life_s": (1, 86400 * 3650)})
 
     @property
@@ -103,6 +153,8 @@ class LMFConfig(ModelSettings, ConsumerSettings):
     item_refresh_s: float = setting(60.0, "LMF_ITEM_REFRESH_S", "re-read every item row from Redis this often, "
                                     "to see other workers' updates (0 = never)", unit="s")  # fmt: skip
     lmf_group: str = setting("", "LMF_GROUP", "consumer group (default <prefix>-lmf)", flag="--group")
+    idle_timeout_s: float = setting(120.0, "LMF_IDLE_TIMEOUT_S", "--until-idle: exit 1 when partitions of other "
+                                    "members made no progress for this long", unit="s")  # fmt: skip
     seed: int = setting(0, "LMF_SEED", "seed of the sampler and init")
 
     def __post_init__(self) -> None:
@@ -124,6 +176,7 @@ class LMFConfig(ModelSettings, ConsumerSettings):
                 "exposure_weight": (0, 10),
                 "seen_cap": (1, 100_000),
                 "seen_ttl_days": (0.001, 3650),
+                "idle_timeout_s": (1, 86400),
             },
         )
 
@@ -151,7 +204,8 @@ class ALSConfig(ModelSettings):
     )
     als_cg_steps: int = setting(3, "ALS_CG_STEPS", "conjugate-gradient steps per row and sweep", flag="--cg-steps")
     als_threads: int = setting(2, "ALS_THREADS", "solver threads", flag="--threads")
-    checkpoint_dir: str = setting("./zerocf-als", "ALS_CHECKPOINT_DIR", "snapshot checkpoint directory")
+    checkpoint_dir: str = setting("", "ALS_CHECKPOINT_DIR", "snapshot checkpoint directory (empty: $XDG_STATE_HOME"
+                                  "/zerocf/als/<prefix>, else ~/.local/state/zerocf/als/<prefix>)")  # fmt: skip
     gc_grace_s: float = setting(600.0, "ALS_GC_GRACE_S", "retired generations are deleted after this", unit="s")
     calib_samples: int = setting(20_000, "ALS_CALIB_SAMPLES", "clicks used to calibrate scale/bias at the swap")
     calib_negatives: int = setting(10, "ALS_CALIB_NEGATIVES", "negatives per click in the calibration (match "
@@ -173,6 +227,27 @@ class ALSConfig(ModelSettings):
                 "calib_samples": (0, 10**8),
             },
         )
+        if self.als_backend == "spark":
+            _check_spark()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``ZEROCF_ALS_CHECKPOINT_DIR``, or ``<state dir>/als/<prefix>`` (:func:`state_dir`) when empty."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else state_dir() / "als" / self.topic_prefix
+
+
+def _check_spark() -> None:
+    """The Spark backend needs pyspark (the ``spark`` extra) and a Java runtime: say so before any work."""
+    if importlib.util.find_spec("pyspark") is None:
+        raise ConfigError(
+            "ZEROCF_ALS_BACKEND=spark needs pyspark, which is not installed: pip install -e '.[spark]' "
+            "(needs Java 17), or use ZEROCF_ALS_BACKEND=numpy"
+        )
+    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        raise ConfigError(
+            "ZEROCF_ALS_BACKEND=spark needs a Java runtime (Java 17) on PATH or in JAVA_HOME; install one, "
+            "or use ZEROCF_ALS_BACKEND=numpy"
+        )
 
 
 @dataclass(frozen=True)
@@ -180,7 +255,7 @@ class ServeConfig(ModelSettings):
     """``zerocf serve`` and the lookup client."""
 
     host: str = setting("0.0.0.0", "SERVE_HOST", "HTTP bind address")
-    port: int = setting(8080, "SERVE_PORT", "HTTP port of /recommend, /healthz, /metrics")
+    port: int = setting(8080, "SERVE_PORT", "HTTP port of /recommend, /similar, /openapi.json, /healthz, /metrics")
     max_k: int = setting(1000, "SERVE_MAX_K", "largest k a request may ask for")
     item_refresh_s: float = setting(
         5.0, "SERVE_ITEM_REFRESH_S", "how often the cached item matrix checks for new items", unit="s"

@@ -134,7 +134,10 @@ def test_stop_or_crash_before_publish_keeps_the_old_generation(
     monkeypatch.undo()
     after, _ = store.get_vectors(2, "user", users)
     np.testing.assert_array_equal(before, after)
-    assert store.gc_generations(0.0) == [1, 4]  # the retired online generation and the abandoned one
+    assert store.gc_generations(0.0) == [1]  # its builder's lease is still held: never collected meanwhile
+    store.r.pexpire(store.keys.lease(4), 1)  # the lease expires (nobody renews it)
+    wait_until("the lease expires", lambda: store.lease_holder(4) is None, 5)
+    assert store.gc_generations(600.0) == [4]  # abandoned: collected at once, not after the grace period
 
     # 3. a later run works (and retires generation 2)
     ok = ALSWorker(cfg, store).run_once()

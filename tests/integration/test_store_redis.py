@@ -9,6 +9,7 @@ global bias is the bias of the item row ``GLOBAL_ROW``. ``redis_client`` (a flus
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import redis
 
 from tests.helpers import wait_until
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
-from workers.store import GLOBAL_ROW, ApplyStatus, BatchWrite, FactorStore
+from workers.store import GLOBAL_ROW, ApplyStatus, BatchWrite, FactorStore, ModelLost
 
 K = 64
 W = K + 1
@@ -454,16 +455,19 @@ def test_gc_drops_old_retired_and_abandoned_only(redis_client: redis.Redis) -> N
     assert s.apply_batch(1, _full(0, None, 1))  # every table, counts, popularity, offsets of generation 1
     g2 = s.begin_generation()  # t=1000, will be published at 1100 (retires 1)
     now[0] = 1050.0
-    abandoned = s.begin_generation()  # building since 1050, never published
+    abandoned = s.begin_generation(lease_s=0.05)  # building since 1050; its builder dies (no renewal)
     s.write_vectors(abandoned, "user", ["u"], _mat(1))
     s.write_popularity(abandoned, {"i": 1.0}, ref_ms=T0)
     now[0] = 1100.0
     s.publish_generation(g2, {}, {}, 0.0, 0, 0)
+    assert not redis_client.exists(s.keys.lease(g2))  # published: the lease is released
     now[0] = 1200.0
-    fresh = s.begin_generation()  # building since 1200
-    assert s.gc_generations(grace_seconds=120, now=1210.0) == [abandoned]  # 1 retired only 110 s ago
+    fresh = s.begin_generation()  # building since 1200 by a live builder (lease held)
+    time.sleep(0.1)  # the abandoned generation's lease expires
+    assert s.gc_generations(grace_seconds=120, now=1210.0) == [abandoned]  # at once; 1 retired only 110 s ago
     assert s.gc_generations(grace_seconds=120, now=1230.0) == [1]
-    assert s.generations() == [g2, fresh]
+    assert s.gc_generations(grace_seconds=120, now=10**9) == []  # a leased build is never collected
+    assert s.generations() == [g2, fresh] and s.lease_holder(fresh) == s.owner
     leftovers = [k for k in redis_client.keys("*") if b":g:1:" in k or f":g:{abandoned}:".encode() in k]
     assert leftovers == []
     assert redis_client.exists(s.keys.seen("u9")) == 1  # seen sets belong to the model, not a generation
@@ -472,3 +476,47 @@ def test_gc_drops_old_retired_and_abandoned_only(redis_client: redis.Redis) -> N
     s.drop_generation(fresh)
     assert s.generations() == [g2] and s.gc_generations(0, now=10**9) == []
     assert s.global_bias(g2) == 0.0 and s.item_count(g2) == 0
+
+
+def test_a_lease_is_renewed_while_held_and_refused_once_lost(redis_client: redis.Redis) -> None:
+    s = FactorStore(redis_client, NS)
+    s.ensure_model(K)
+    g = s.begin_generation(lease_s=0.2)
+    for _ in range(4):  # renewed faster than it expires: kept alive well past its first expiry
+        time.sleep(0.1)
+        s.renew_lease(g, lease_s=0.2)
+    assert s.lease_holder(g) == s.owner
+    assert s.gc_generations(0) == [] and s.generations() == [1, g]  # 1 is live, g is being built
+    time.sleep(0.3)
+    with pytest.raises(GenerationError, match=f"lease on building generation {g}.*expired"):
+        s.renew_lease(g)
+    assert s.gc_generations(600) == [g]
+
+
+def test_a_building_generation_of_an_older_zerocf_waits_for_the_grace_period(redis_client: redis.Redis) -> None:
+    """A build begun without a lease (older zerocf) cannot be told apart from a live one: grace applies."""
+    now = [1000.0]
+    s = FactorStore(redis_client, NS, clock=lambda: now[0])
+    s.ensure_model(K)
+    g = s.begin_generation()
+    redis_client.hdel(s.keys.gen_meta(g), "lease")
+    redis_client.delete(s.keys.lease(g))
+    assert s.gc_generations(120, now=1100.0) == []
+    assert s.gc_generations(120, now=1121.0) == [g]
+
+
+def test_model_id_is_created_once_and_a_lost_or_replaced_model_is_named(redis_client: redis.Redis) -> None:
+    s = FactorStore(redis_client, NS)
+    s.ensure_model(K)
+    mid = s.model_id
+    assert len(mid) == 32 and FactorStore(redis_client, NS).model_id == mid
+    assert s.ensure_model(K) == 1 and s.model_id == mid  # idempotent
+    redis_client.flushdb()  # Redis restarted empty
+    for call in (s.live_generation, s.meta, lambda: s.read_batch_state(1, [0], [], [])):
+        with pytest.raises(ModelLost, match=f"lost zerocf model {mid} .*zerocf als --once --rebuild"):
+            call()
+    FactorStore(redis_client, NS).ensure_model(K)  # another process creates a new model
+    with pytest.raises(ModelLost, match=f"now holds zerocf model [0-9a-f]{{32}} .*not model {mid}"):
+        s.live_generation()
+    with pytest.raises(ModelLost):
+        s.ensure_model(K)

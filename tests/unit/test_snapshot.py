@@ -11,7 +11,7 @@ import pytest
 
 from stream.events import Event
 from stream.runtime import StopFlag
-from workers.batch.snapshot import Snapshot
+from workers.batch.snapshot import CheckpointMismatch, Snapshot
 
 Rec = namedtuple("Rec", "offset value")
 TOPIC = "t.events"
@@ -144,8 +144,80 @@ def test_load_without_checkpoint_and_wrong_topic(tmp_path: Path) -> None:
     log.append(0, _ev(1, "u", "i"))
     s.catch_up()
     s.save()
-    with pytest.raises(ValueError, match="--rebuild"):
+    with pytest.raises(CheckpointMismatch, match="holds a snapshot of topic 't.events', not 'other.events'.*--rebuild"):
         Snapshot("other.events", tmp_path, log.consumer).load()
+
+
+def _saved(tmp_path: Path, n_partitions: int = 2, cluster: str | None = "c1") -> FakeLog:
+    """A checkpoint of 2 clicks on each of ``n_partitions`` partitions, bound to cluster ``cluster``."""
+    log = FakeLog(n_partitions)
+    for p in range(n_partitions):
+        log.append(p, _ev(2 * p + 1, f"u{p}", "a"))
+        log.append(p, _ev(2 * p + 2, f"u{p}", "b"))
+    s = Snapshot(TOPIC, tmp_path, log.consumer, cluster_id=lambda: cluster)
+    s.model_id = "m1"
+    s.catch_up()
+    s.save()
+    return log
+
+
+def test_checkpoint_records_what_it_was_built_from(tmp_path: Path) -> None:
+    _saved(tmp_path)
+    r = Snapshot(TOPIC, tmp_path, FakeLog(2).consumer)
+    assert r.load()
+    assert r.metadata()["binding"] == {"topic": TOPIC, "partitions": 2, "cluster_id": "c1", "model_id": "m1"}
+
+
+def test_checkpoint_of_another_partition_count_or_cluster_is_refused_before_reading(tmp_path: Path) -> None:
+    _saved(tmp_path)
+    other = FakeLog(3)  # the same topic name with 3 partitions: re-created, or another cluster
+    for p in range(3):
+        other.append(p, _ev(10 + p, "x", "y"))
+        other.append(p, _ev(20 + p, "x", "z"))
+        other.append(p, _ev(30 + p, "x", "w"))
+    r = Snapshot(TOPIC, tmp_path, other.consumer, cluster_id=lambda: "c1")
+    assert r.load()
+    with pytest.raises(CheckpointMismatch, match="with 2 partitions, the topic now has 3.*--rebuild"):
+        r.catch_up()
+    assert r.n_events == 4 and r.matrix.item_ids == ["a", "b"]  # nothing of the other topic folded in
+
+    same = _saved(tmp_path / "b")
+    same.append(0, _ev(99, "u9", "c"))
+    r = Snapshot(TOPIC, tmp_path / "b", same.consumer, cluster_id=lambda: "c2")
+    assert r.load()
+    with pytest.raises(CheckpointMismatch, match="built from Kafka cluster c1, the broker now answering is cluster c2"):
+        r.catch_up()
+    assert r.n_events == 4
+    # an unknown cluster id (a broker that reports none) is not a mismatch
+    r = Snapshot(TOPIC, tmp_path / "b", same.consumer, cluster_id=lambda: None)
+    assert r.load() and r.catch_up() == 1
+
+
+def test_checkpoint_beyond_the_end_of_the_topic_is_refused(tmp_path: Path) -> None:
+    _saved(tmp_path)
+    fresh = FakeLog(2)  # a fresh broker: the topic holds one record per partition
+    fresh.append(0, _ev(50, "v", "x"))
+    fresh.append(1, _ev(51, "v", "y"))
+    r = Snapshot(TOPIC, tmp_path, fresh.consumer)
+    assert r.load()
+    with pytest.raises(CheckpointMismatch, match="partition 0 up to offset 1, but the topic ends at offset 0"):
+        r.catch_up()
+    assert r.n_events == 4 and "x" not in r.matrix.item_ids
+
+
+def test_a_consumer_that_falls_back_to_the_beginning_is_refused(tmp_path: Path) -> None:
+    log = _saved(tmp_path)
+
+    class Resetting(FakeConsumer):  # what auto_offset_reset=earliest does after an out-of-range seek
+        def seek(self, tp: Any, offset: int) -> None:
+            super().seek(tp, 0)
+
+    log.append(0, _ev(77, "u7", "q"))
+    r = Snapshot(TOPIC, tmp_path, lambda: Resetting(log))
+    assert r.load()
+    with pytest.raises(CheckpointMismatch, match="broker served offset 0 after it"):
+        r.catch_up()
+    assert r.n_events == 4 and "q" not in r.matrix.item_ids
 
 
 def test_stop_flag_interrupts_with_consistent_offsets(tmp_path: Path) -> None:

@@ -19,10 +19,18 @@ Checkpoint (:meth:`Snapshot.save`, atomic via :meth:`InteractionMatrix.save`)::
 
     <checkpoint_dir>/CURRENT, ckpt-<seq>/{matrix.npz, ids.json, meta.json}
     meta.json "metadata": {"topic": "<p>.events",
+                           "binding": {"topic", "partitions": count, "cluster_id": Kafka's or null,
+                                       "model_id": the store's model id},
                            "offsets": {"<partition>": last offset included, ...},
                            "watermarks": {"<partition>": Deduper.state(), ...},
                            "n_events": accepted events, "n_clicks": accepted clicks,
                            "n_duplicates": ..., "n_invalid": ...}
+
+**Binding.** A checkpoint belongs to one source and one model: the events topic, its partition count, the
+Kafka cluster id (where the broker reports one) and the store's model id. :meth:`Snapshot.load` refuses a
+checkpoint of another topic, :meth:`Snapshot.catch_up` one whose partition count or cluster differs, or whose
+offsets lie beyond the topic's end (the topic was re-created), with :class:`CheckpointMismatch`; the ALS worker
+refuses one whose model is not the store's (``workers.batch.worker``). Nothing is read into the matrix first.
 
 Memory for N distinct (user, item) pairs, U users and I items (:meth:`InteractionMatrix.estimate_bytes`):
 at most ``40·N + 150·(U + I) + 8·U`` bytes while building a CSR (32 B/pair for the growable COO buffer
@@ -45,6 +53,7 @@ from stream.errors import InvalidEvent, ServiceUnavailable
 from stream.events import Event
 from stream.runtime import StopFlag
 from workers.batch.interactions import InteractionMatrix
+from workers.errors import WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +62,18 @@ MAX_POLL_RECORDS = 20_000
 DISCOVER_S = 10.0  # how long to wait for the events topic's metadata
 POP_RESCALE = 500.0  # half-lives past the reference after which the decayed popularity is rescaled
 
-__all__ = ["Snapshot"]
+__all__ = ["CheckpointMismatch", "Snapshot"]
+
+
+class CheckpointMismatch(WorkerError):
+    """The checkpoint was built from another topic, cluster or model than the one configured; nothing read."""
+
+
+def _start_over(path: Path, topic: str) -> str:
+    return (
+        f"start over with `zerocf als --once --rebuild` (re-reads {topic} from the beginning), or point "
+        f"ZEROCF_ALS_CHECKPOINT_DIR (--checkpoint-dir) at this deployment's checkpoint instead of {path}"
+    )
 
 
 class Snapshot:
@@ -78,10 +98,16 @@ class Snapshot:
     """
 
     def __init__(self, topic: str, checkpoint_dir: str | Path, consumer_factory: Callable[[], Any],
-                 pop_half_life_ms: int = 86_400_000) -> None:  # fmt: skip
+                 pop_half_life_ms: int = 86_400_000,
+                 cluster_id: Callable[[], str | None] | None = None) -> None:  # fmt: skip
         self.topic = topic
         self.path = Path(checkpoint_dir)
         self._factory = consumer_factory
+        self._cluster_id = cluster_id or (lambda: None)
+        self.model_id = ""  # the store's model this snapshot feeds (set by the ALS worker)
+        self.partitions: int | None = None  # the events topic's partition count at the last catch-up
+        self.cluster_id: str | None = None  # the Kafka cluster id at the last catch-up (None: not reported)
+        self._checked = False  # the source was compared with the checkpoint's binding
         self.matrix = InteractionMatrix()
         self.offsets: dict[int, int] = {}
         self.dedupers: dict[int, Deduper] = {}
@@ -103,7 +129,25 @@ class Snapshot:
                 cfg.kafka, group_id=None, client_id="zerocf-als", max_poll_records=MAX_POLL_RECORDS
             )
 
-        return cls(cfg.topics.events, checkpoint_dir or cfg.checkpoint_dir, factory, cfg.pop_half_life_ms)
+        def cluster_id() -> str | None:
+            from kafka import KafkaAdminClient
+
+            try:
+                admin = KafkaAdminClient(**cfg.kafka.client_kwargs(), client_id="zerocf-als")
+            except Exception as exc:  # noqa: BLE001 - the id is a safety check, not required
+                log.info("Kafka cluster id not available (%s); the checkpoint is bound without it", exc)
+                return None
+            try:
+                cid = admin.describe_cluster().get("cluster_id")
+                return str(cid) if cid else None
+            except Exception as exc:  # noqa: BLE001
+                log.info("Kafka cluster id not available (%s); the checkpoint is bound without it", exc)
+                return None
+            finally:
+                admin.close()
+
+        path = checkpoint_dir or cfg.checkpoint_path
+        return cls(cfg.topics.events, path, factory, cfg.pop_half_life_ms, cluster_id)
 
     # ------------------------------------------------------------------ state
     def watermarks(self) -> dict[int, dict[str, list[int]]]:
@@ -115,9 +159,15 @@ class Snapshot:
         m, n = self.matrix.shape
         return InteractionMatrix.estimate_bytes(self.matrix.nnz, m, n)
 
+    def binding(self) -> dict[str, Any]:
+        """What the checkpoint was built from: topic, partition count, Kafka cluster id, the store's model."""
+        return {"topic": self.topic, "partitions": self.partitions, "cluster_id": self.cluster_id,
+                "model_id": self.model_id}  # fmt: skip
+
     def metadata(self) -> dict[str, Any]:
         return {
             "topic": self.topic,
+            "binding": self.binding(),
             "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
             "watermarks": {str(p): w for p, w in self.watermarks().items()},
             "n_events": self.n_events,
@@ -135,7 +185,9 @@ class Snapshot:
     def load(self) -> bool:
         """Restore the checkpoint in ``checkpoint_dir``; False (state left empty) when there is none.
 
-        Raises ValueError when the checkpoint belongs to another topic.
+        Raises :class:`CheckpointMismatch` when the checkpoint belongs to another topic; its partition count,
+        cluster and model are restored into :attr:`partitions`, :attr:`cluster_id` and :attr:`model_id` and
+        checked by :meth:`catch_up` and the ALS worker.
         """
         try:
             m = InteractionMatrix.load(self.path)
@@ -143,10 +195,14 @@ class Snapshot:
             return False
         meta = m.metadata
         if meta.get("topic") != self.topic:
-            raise ValueError(
-                f"checkpoint {self.path} holds a snapshot of {meta.get('topic')!r}, not "
-                f"{self.topic!r}; point --checkpoint-dir elsewhere or pass --rebuild"
+            raise CheckpointMismatch(
+                f"checkpoint {self.path} holds a snapshot of topic {meta.get('topic')!r}, not {self.topic!r} "
+                f"(another ZEROCF_TOPIC_PREFIX or deployment); {_start_over(self.path, self.topic)}"
             )
+        bound = meta.get("binding") or {}
+        self.partitions = bound.get("partitions")
+        self.cluster_id = bound.get("cluster_id")
+        self.model_id = bound.get("model_id") or ""
         self.matrix = m
         self.offsets = {int(p): int(o) for p, o in meta.get("offsets", {}).items()}
         self.dedupers = {int(p): Deduper.from_state(w) for p, w in meta.get("watermarks", {}).items()}
@@ -178,7 +234,27 @@ class Snapshot:
                 f"topic {self.topic} not found; run `zerocf ingest` first or check "
                 "ZEROCF_TOPIC_PREFIX and ZEROCF_KAFKA_BOOTSTRAP"
             )
-        return sorted(int(p) for p in parts)
+        found = sorted(int(p) for p in parts)
+        self._check_source(len(found))
+        return found
+
+    def _check_source(self, n_partitions: int) -> None:
+        """Compare the topic's partition count and the cluster id with the checkpoint's (once), then bind."""
+        if self._checked:
+            return
+        cid = self._cluster_id()
+        resumed = bool(self.offsets)
+        if resumed and self.partitions is not None and self.partitions != n_partitions:
+            raise CheckpointMismatch(
+                f"checkpoint {self.path} was built from {self.topic} with {self.partitions} partitions, the topic "
+                f"now has {n_partitions} (re-created, or another cluster); {_start_over(self.path, self.topic)}"
+            )
+        if resumed and self.cluster_id and cid and self.cluster_id != cid:
+            raise CheckpointMismatch(
+                f"checkpoint {self.path} was built from Kafka cluster {self.cluster_id}, the broker now answering "
+                f"is cluster {cid} (another cluster: ZEROCF_KAFKA_BOOTSTRAP?); {_start_over(self.path, self.topic)}"
+            )
+        self.partitions, self.cluster_id, self._checked = n_partitions, cid or self.cluster_id, True
 
     def catch_up(self, stop: StopFlag | None = None, max_seconds: float | None = None) -> int:
         """Read every partition up to its high watermark; return the number of new accepted events.
@@ -208,6 +284,7 @@ class Snapshot:
                     if records:
                         self._fold(tp.partition, records)
                 if not polled and caught_up(consumer):
+                    self._check_ends(consumer, tps)
                     break
                 if stop is not None and stop.is_set():
                     log.info("snapshot: stop requested, catch-up interrupted")
@@ -230,6 +307,17 @@ class Snapshot:
             self.estimate_bytes() / 2**20,
         )
         return new
+
+    def _check_ends(self, consumer: Any, tps: list[Any]) -> None:
+        """Refuse a checkpoint whose offsets lie beyond the end of the topic (it was re-created since)."""
+        for tp in tps:
+            hw, off = consumer.highwater(tp), self.offsets.get(tp.partition)
+            if hw is not None and off is not None and off >= hw:
+                raise CheckpointMismatch(
+                    f"checkpoint {self.path} covers {self.topic} partition {tp.partition} up to offset {off}, but "
+                    f"the topic ends at offset {hw - 1} (it was deleted and re-created, or this is another "
+                    f"cluster); {_start_over(self.path, self.topic)}"
+                )
 
     def _add_popularity(self, items: list[str], weights: list[float], stamps: list[int]) -> None:
         if not items:
@@ -255,6 +343,14 @@ class Snapshot:
 
     def _fold(self, partition: int, records: list[Any]) -> None:
         """Decode, de-duplicate and add one partition's records; advance its offset."""
+        last = self.offsets.get(partition)
+        if last is not None and records and records[0].offset <= last:
+            # the consumer fell back to the beginning: the checkpoint's offset is out of range of this topic
+            raise CheckpointMismatch(
+                f"checkpoint {self.path} covers {self.topic} partition {partition} up to offset {last}, but the "
+                f"broker served offset {records[0].offset} after it (the topic was re-created or truncated, or "
+                f"this is another cluster); {_start_over(self.path, self.topic)}"
+            )
         dedupe = self.dedupers.setdefault(partition, Deduper())
         users: list[str] = []
         items: list[str] = []

@@ -22,10 +22,18 @@ One run (:meth:`ALSWorker.run_once`):
    atomic flip, after which LMF workers rewind to those offsets + 1 and replay into the new generation.
    Finally ``gc_generations(gc_grace_s)``.
 
+Start-up (:meth:`ALSWorker.start`): the checkpoint must belong to this deployment. It is bound to the events
+topic, its partition count, the Kafka cluster id and the store's model id (``workers.batch.snapshot``); a
+checkpoint next to a store that holds no model means Redis lost the model (or the checkpoint is foreign), one
+that names another model means the store was re-created: both are refused (:class:`CheckpointMismatch`,
+exit 2) until the operator chooses ``--rebuild``. Then building generations abandoned by a killed ALS (their
+lease expired) are collected.
+
 Stopping: SIGTERM sets the stop flag, checked between ALS iterations, between vector chunks and right
 before the flip; a stop publishes nothing and drops the half-built generation. A crash between
-``begin_generation`` and the flip leaves a ``building`` generation that a later gc removes. Either way the
-old generation stays live and untouched.
+``begin_generation`` and the flip leaves a ``building`` generation whose lease expires within
+:data:`~workers.store.LEASE_S`; the next ALS start (or any later gc) removes it. Either way the old generation
+stays live and untouched.
 """
 
 from __future__ import annotations
@@ -45,13 +53,13 @@ import numpy.typing as npt
 
 from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.runtime import StopFlag, start_http
-from workers.batch.snapshot import Snapshot
+from workers.batch.snapshot import CheckpointMismatch, Snapshot
 from workers.batch.solve import fit, handoff_rows
 from workers.config import ALSConfig, parse_duration
 from workers.errors import ModelDiverged
 from workers.kernels.als import ALSDiverged
 from workers.kernels.calibration import Calibration
-from workers.store import FactorStore, Table
+from workers.store import LEASE_S, FactorStore, ModelLost, Table
 
 log = logging.getLogger(__name__)
 
@@ -136,19 +144,46 @@ class ALSWorker:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Check the model (creating it if absent) and restore the checkpoint unless rebuilding."""
+        """Restore the checkpoint unless rebuilding and check it belongs to the store's model; create the model
+        if absent (no checkpoint, or ``--rebuild``); collect abandoned building generations."""
         if self._started:
             return
-        self.store.ensure_model(self.cfg.factors, self.cfg.pop_half_life_ms, replace_legacy=self.cold)
+        store, snap = self.store, self.snapshot
         if self.cold:
-            log.info(
-                "--rebuild: ignoring the checkpoint in %s, reading %s from the beginning",
-                self.snapshot.path,
-                self.snapshot.topic,
-            )
-        elif self.snapshot.load():
-            self._saved = dict(self.snapshot.offsets)
+            log.info("--rebuild: ignoring the checkpoint in %s, reading %s from the beginning", snap.path, snap.topic)
+        elif snap.load():
+            self._check_checkpoint_model()
+            self._saved = dict(snap.offsets)
+        store.ensure_model(self.cfg.factors, self.cfg.pop_half_life_ms, replace_legacy=self.cold)
+        snap.model_id = store.model_id
+        dropped = store.gc_generations(self.cfg.gc_grace_s)
+        if dropped:
+            log.info("garbage-collected generations %s (abandoned builds and retired ones)", dropped)
         self._started = True
+
+    def _check_checkpoint_model(self) -> None:
+        """Refuse a checkpoint next to a store without a model (lost) or with another model (re-created)."""
+        store, snap = self.store, self.snapshot
+        rebuild = f"rebuild explicitly with `zerocf als --once --rebuild` (re-reads {snap.topic} from the beginning; "
+        rebuild += "its retention bounds what comes back), or point ZEROCF_ALS_CHECKPOINT_DIR (--checkpoint-dir) at "
+        rebuild += "this deployment's checkpoint"
+        what = f"checkpoint {snap.path} ({snap.n_events} events of {snap.topic}"
+        what += f", model {snap.model_id})" if snap.model_id else ")"
+        if not store.has_model():
+            store.refuse_legacy()
+            lost = f"lost model {snap.model_id}" if snap.model_id else "holds no zerocf model"
+            raise CheckpointMismatch(
+                f"the store at {store.where} {lost} under namespace {store.keys.ns!r}, but {what} says one was "
+                "built: Redis lost its data (restarted empty?) or the checkpoint belongs to another deployment. "
+                f"Nothing was published; restore Redis, or {rebuild}"
+            )
+        current = store.model_id
+        if snap.model_id and current and snap.model_id != current:
+            raise CheckpointMismatch(
+                f"the store at {store.where} holds model {current} under namespace {store.keys.ns!r}, but {what} "
+                "belongs to another model: the store was re-created after a loss, or the checkpoint comes from "
+                f"another deployment. Nothing was published; {rebuild}"
+            )
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Healthy unless the last run failed (before the first run: healthy, ``last_run`` null)."""
@@ -315,6 +350,7 @@ class ALSWorker:
         for c in range(0, len(ids), WRITE_CHUNK):
             if self.stop.is_set():
                 raise _Stopped()
+            self.store.renew_lease(g)
             self.store.write_vectors(g, table, ids[c : c + WRITE_CHUNK], mat[c : c + WRITE_CHUNK])
 
     def _publish(self, users: list[str], items: list[str], U: npt.NDArray[np.float32], V: npt.NDArray[np.float32],
@@ -331,17 +367,19 @@ class ALSWorker:
             if carried is not None:
                 self._write(g, "user_acc", users, carried.user_acc)
                 self._write(g, "item_acc", items, carried.item_acc)
+            store.renew_lease(g)
             store.write_counts(g, counts)
             store.write_popularity(g, snap.item_popularity(), snap.pop_ref_ms)
             if self.stop.is_set():
                 raise _Stopped()
+            store.renew_lease(g)
             store.publish_generation(g, offsets, watermarks, cal.bias, len(users), len(items), scale=cal.scale)
         except BaseException:
             try:
                 store.drop_generation(g)
-            except Exception as exc:  # Redis gone: gc removes the building generation later
-                log.warning("generation %d left in state building (%s); gc_generations removes it after %.0fs",
-                            g, exc, self.cfg.gc_grace_s)  # fmt: skip
+            except Exception as exc:  # Redis gone: gc removes the building generation once its lease expired
+                log.warning("generation %d left in state building (%s); its lease expires within %.0fs and the "
+                            "next ALS start removes it", g, exc, LEASE_S)  # fmt: skip
             raise
         return g
 
@@ -371,6 +409,8 @@ class ALSWorker:
         while not self.stop.is_set():
             try:
                 self.run_once(min_new_events)
+            except (CheckpointMismatch, ModelLost):  # not cured by waiting: the operator must choose
+                raise
             except Exception as exc:  # loop boundary: keep the schedule, report via health/metrics
                 log.error("ALS run failed (%s: %s); retrying in %.0fs", type(exc).__name__, exc, interval_s)
             self.stop.wait(interval_s)
@@ -434,7 +474,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--rebuild",
         action="store_true",
-        help="ignore the checkpoint and the live vectors: re-read the topic, cold start",
+        help="ignore the checkpoint and the live vectors: re-read the topic, cold start; the explicit choice "
+        "after a lost store or a foreign checkpoint (creates the model if Redis has none)",
     )
     add_flags(p, ALSConfig, skip=TOP_LEVEL)
     p.set_defaults(func=run)

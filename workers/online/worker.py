@@ -12,12 +12,24 @@ When the ALS worker publishes a new generation, the next write returns ``NEW_GEN
 reloads the generation (items, counts, calibration bias) and seeks its partitions to the offsets the
 snapshot covered, replaying everything learned online since into the new generation. A Redis outage is
 the same: once Redis answers again, everything resumes from the offsets Redis holds.
+
+Kafka commits carry the model id and generation as metadata (``{"model": id, "g": g}``), so a group's committed
+offsets say which model it fed. A start that finds no model in Redis while the group has committed offsets
+means Redis lost the model: the worker refuses (:class:`~workers.store.ModelLost`, exit 2) unless ``--rebuild``
+says to start a new one; a store lost while running stops the worker the same way.
+
+``--until-idle`` exits 0 only when every partition of ``<p>.events``, not just this worker's, is applied to
+its end (the applied-offset fence in Redis against the high watermark the broker reports); while other
+members still make progress it waits for them, and it exits 1 when they made none for
+``ZEROCF_LMF_IDLE_TIMEOUT_S``. A missing events topic is refused with ``--until-idle`` (exit 2) and waited for
+otherwise; the worker never subscribes to a topic that does not exist (a subscription could auto-create it).
 """
 
 from __future__ import annotations
 
 import argparse
 import enum
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,17 +38,19 @@ from typing import Any
 
 import numpy as np
 from kafka import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream import kafka_util
 from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.dedupe import Deduper
-from stream.errors import InvalidEvent
+from stream.errors import ConfigError, InvalidEvent
 from stream.events import Event
 from stream.runtime import Backoff, StopFlag, start_http
 from workers.config import LMFConfig
 from workers.online.metrics import LMFMetrics, WorkerStats
 from workers.online.model import BatchPlan, OnlineModel, TrainResult, rank_rows
-from workers.store import ApplyStatus, BatchState, BatchWrite, FactorStore
+from workers.online.progress import TopicEnds
+from workers.store import ApplyStatus, BatchState, BatchWrite, FactorStore, ModelLost
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +59,8 @@ __all__ = ["LMFWorker", "register", "run"]
 PROGRESS_EVERY_S = 10.0
 GENERATION_CHECK_S = 1.0  # while idle, how often the worker looks for a newly published generation
 NO_ASSIGNMENT_EXIT_S = 60.0  # --until-idle gives up after this long without any partition
+PROBE_EVERY_S = 1.0  # --until-idle: how often the other partitions' progress is checked
+TOPIC_WAIT_LOG_S = 60.0  # without --until-idle: how often a missing events topic is reported
 
 
 class Step(enum.Enum):
@@ -66,8 +82,11 @@ class LMFWorker:
     """
 
     def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None, rank_hook: Any = None,
-                 rank_every: int = 1) -> None:  # fmt: skip
+                 rank_every: int = 1, rebuild: bool = False) -> None:  # fmt: skip
         self.cfg, self.store = cfg, store
+        self.rebuild = rebuild  # create a new model even if the group's commits say the store lost one
+        self.exit_code = 0  # 1: --until-idle ended without every partition applied to its end
+        self.model_id = ""
         self.rank_hook, self.rank_every = rank_hook, rank_every
         self.stop = stop or StopFlag()
         self.model = OnlineModel(cfg, seed=cfg.seed)
@@ -82,24 +101,34 @@ class LMFWorker:
         self._needs_resume = False
         self._pending: _Pending | None = None
         self._gen_checked = 0.0
+        self._ends: TopicEnds | None = None  # --until-idle: the end of every partition, whoever owns it
+        self._probed = 0.0
+        self._progress: tuple[int, float] | None = None  # (records behind, since when) of the other partitions
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zerocf-lmf-writer")
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, until_idle: bool = False) -> WorkerStats:
         """Bootstrap, loop until stopped (or caught up and idle with ``until_idle``), tear down."""
-        http = self._bootstrap()
+        http = None
         try:
-            self._work(until_idle)
+            http = self._bootstrap(until_idle)
+            if http is not False:
+                self._work(until_idle)
         finally:
             self._teardown(http)
         return self.stats
 
-    def _bootstrap(self) -> Any:
-        self.store.ensure_model(self.cfg.factors)
-        self.load_generation()
+    def _bootstrap(self, until_idle: bool = False) -> Any:
+        """Connect, check the topic and the store, create the model if absent, subscribe; False if stopped."""
         self.consumer = kafka_util.consumer(
             self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf", max_poll_records=self.cfg.batch
         )
+        if not self._wait_for_topic(until_idle):
+            return False
+        self._check_store()
+        self.store.ensure_model(self.cfg.factors)
+        self.model_id = self.store.model_id
+        self.load_generation()
         self.consumer.subscribe([self.cfg.topics.events], listener=_Rebalance(self))
         port = self.cfg.runtime.metrics_port
         return start_http(port, self.health, self.metrics.registry, self.cfg.runtime.metrics_host) if port else None
@@ -107,9 +136,65 @@ class LMFWorker:
     def _teardown(self, http: Any) -> None:
         log.info("lmf stopping: %s", self.stats.summary())
         self._writer.shutdown(wait=True)
-        self.consumer.close(autocommit=False)
-        if http is not None:
+        if self._ends is not None:
+            self._ends.close()
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+        if http:
             http.shutdown()
+
+    def _wait_for_topic(self, until_idle: bool) -> bool:
+        """True once ``<p>.events`` exists. With ``until_idle`` a missing topic is an error; otherwise the
+        worker waits for it (ingest creates it), never subscribing first: that could auto-create it with
+        the broker's default partition count."""
+        topic, t0, told = self.cfg.topics.events, time.monotonic(), -TOPIC_WAIT_LOG_S
+        while topic not in self.consumer.topics():
+            fix = (f"run `zerocf ingest` first (it creates the topics) or check ZEROCF_TOPIC_PREFIX "
+                   f"(now {self.cfg.topic_prefix!r})")  # fmt: skip
+            if until_idle:
+                raise ConfigError(f"topic {topic} does not exist at {self.cfg.kafka.bootstrap}: {fix}")
+            if time.monotonic() - told >= TOPIC_WAIT_LOG_S:
+                log.warning("topic %s does not exist yet; waiting for it (%s)", topic, fix)
+                told = time.monotonic()
+            if self.stop.wait(2.0):
+                return False
+        if time.monotonic() - t0 > 1.0:
+            log.info("topic %s exists now", topic)
+        return True
+
+    def _check_store(self) -> None:
+        """Refuse to start a new model over a lost one: Redis has no model but the group committed offsets."""
+        store, topic = self.store, self.cfg.topics.events
+        if store.has_model():
+            return
+        store.refuse_legacy()
+        committed = self._committed()
+        if not committed:
+            return  # a first start: ensure_model creates the model
+        where = ", ".join(f"partition {p} at {o.offset}" for p, o in sorted(committed.items())[:6])
+        models = sorted({m for o in committed.values() if (m := _model_of(o.metadata))})
+        lost = f"lost model {', '.join(models)}" if models else "lost its model"
+        msg = (f"the store at {store.where} {lost} under namespace {store.keys.ns!r}: it holds no zerocf model, but "
+               f"consumer group {self.cfg.group!r} committed offsets on {topic} ({where}), so a model was being "
+               "learned")  # fmt: skip
+        if self.rebuild:
+            log.warning("%s; --rebuild: starting a new model from what %s retains", msg, topic)
+            return
+        raise ModelLost(
+            f"{msg}. Redis lost its data (restarted empty?). Nothing was rebuilt; restore Redis, or rebuild "
+            f"explicitly: `zerocf als --once --rebuild` then restart `zerocf lmf`, or `zerocf lmf --rebuild` "
+            f"(a new online model from what {topic} retains)"
+        )
+
+    def _committed(self) -> dict[int, Any]:
+        """The group's committed offsets (with metadata) on the events topic, partitions that have one."""
+        topic = self.cfg.topics.events
+        out = {}
+        for p in sorted(self.consumer.partitions_for_topic(topic) or ()):
+            got = self.consumer.committed(TopicPartition(topic, p), metadata=True)
+            if got is not None and got.offset is not None and got.offset >= 0:
+                out[p] = got
+        return out
 
     def _work(self, until_idle: bool) -> None:
         """One :meth:`_step` per poll; Redis failures back off and resume from Redis; idle exit if asked."""
@@ -167,18 +252,52 @@ class LMFWorker:
         return Step.IDLE
 
     def _idle_exit(self, idle_for: float) -> bool:
-        """``--until-idle``: True once idle long enough and caught up (or never assigned anything)."""
+        """``--until-idle``: True once idle long enough and every partition of the topic is applied to its end
+        (exit 0), or when that cannot happen: nothing assigned after :data:`NO_ASSIGNMENT_EXIT_S`, or the
+        other members' partitions made no progress for ``idle_timeout_s`` (:attr:`exit_code` 1)."""
         if idle_for < self.cfg.idle_seconds:
             return False
-        if kafka_util.caught_up(self.consumer):
-            log.info("caught up and idle for %.1fs: exiting (--until-idle)", self.cfg.idle_seconds)
+        assigned = bool(self.consumer.assignment())
+        if assigned and not kafka_util.caught_up(self.consumer):
+            return False
+        if not assigned and idle_for <= NO_ASSIGNMENT_EXIT_S:
+            return False
+        now = time.monotonic()
+        if now - self._probed < PROBE_EVERY_S:
+            return False
+        self._probed = now
+        return self._every_partition_exit(assigned, now)
+
+    def _every_partition_exit(self, assigned: bool, now: float) -> bool:
+        """The part of :meth:`_idle_exit` that looks at every partition: the fence in Redis against the ends."""
+        topic = self.cfg.topics.events
+        if self._ends is None:
+            self._ends = TopicEnds(self.cfg.kafka, topic)
+        parts = sorted(self.consumer.partitions_for_topic(topic) or ())
+        behind = self._ends.behind(self.store.read_batch_state(self.store.live_generation(), parts, [], []).offsets)
+        if not behind:
+            log.info("every partition of %s is applied to its end and this worker was idle for %.1fs: exiting "
+                     "(--until-idle)", topic, self.cfg.idle_seconds)  # fmt: skip
             return True
-        if not self.consumer.assignment() and idle_for > NO_ASSIGNMENT_EXIT_S:
-            log.warning(
-                "no partition of %s assigned after %.0f s: exiting (--until-idle); does the topic exist?",
-                self.cfg.topics.events,
-                NO_ASSIGNMENT_EXIT_S,
-            )
+        lagging = ", ".join(f"{p}: {n}" for p, n in sorted(behind.items()))
+        if not assigned:
+            log.error("no partition of %s assigned after %.0f s and partitions are behind (partition: records "
+                      "behind %s): exiting 1 (--until-idle); is another member of group %s stuck?", topic,
+                      NO_ASSIGNMENT_EXIT_S, lagging, self.cfg.group)  # fmt: skip
+            self.exit_code = 1
+            return True
+        total = sum(behind.values())
+        if self._progress is None or total < self._progress[0]:
+            if self._progress is None:
+                log.info("own partitions done; waiting for the others of %s (partition: records behind %s)",
+                         topic, lagging)  # fmt: skip
+            self._progress = (total, now)
+            return False
+        if now - self._progress[1] > self.cfg.idle_timeout_s:
+            log.error("partitions of %s owned by other members of group %s made no progress for %.0f s (partition: "
+                      "records behind %s): exiting 1 (--until-idle); restart the stuck member, or raise "
+                      "ZEROCF_LMF_IDLE_TIMEOUT_S", topic, self.cfg.group, self.cfg.idle_timeout_s, lagging)  # fmt: skip
+            self.exit_code = 1
             return True
         return False
 
@@ -383,7 +502,7 @@ class LMFWorker:
         self.applied[p] = last
         loss = result.loss / max(1, len(plan.ev_user)) if result.finite else None
         ranks = rank_rows(plan, result) if self.rank_hook is not None else None
-        self._pending = _Pending(future, p, len(events), dups, len(plan.clicks), ranks, loss, t0)
+        self._pending = _Pending(future, p, last, len(events), dups, len(plan.clicks), ranks, loss, t0)
 
     def _settle(self, restart: bool = True) -> bool:
         """Wait for the write in flight and account for it.
@@ -398,7 +517,7 @@ class LMFWorker:
         status = pending.future.result()
         if status is ApplyStatus.APPLIED:
             self._account(pending)
-            self.consumer.commit_async()  # a hint only: Redis holds the truth
+            self._commit_hint(pending.partition, pending.offset)
             return True
         if status is ApplyStatus.NEW_GENERATION:
             self.metrics.batches.labels("new_generation").inc()
@@ -412,6 +531,13 @@ class LMFWorker:
         if restart:
             self._restart(why)
         return False
+
+    def _commit_hint(self, p: int, offset: int) -> None:
+        """Commit the applied offset + 1 to Kafka with the model's identity as metadata. Only a hint for
+        positions (Redis holds the truth) but it survives a Redis loss, which :meth:`_check_store` detects."""
+        meta = json.dumps({"model": self.model_id, "g": self.g}, separators=(",", ":"))
+        tp = TopicPartition(self.cfg.topics.events, p)
+        self.consumer.commit_async({tp: OffsetAndMetadata(offset + 1, meta, -1)})
 
     def _account(self, pending: _Pending) -> None:
         st, m = self.stats, self.metrics
@@ -466,12 +592,22 @@ class _Pending:
 
     future: Any
     partition: int
+    offset: int  # the batch's last offset (applied once the write lands)
     events: int
     dups: int
     clicks: int
     ranks: Any
     loss: float | None
     t0: float
+
+
+def _model_of(metadata: str | None) -> str:
+    """The model id in a commit's metadata (``{"model": id, ...}``); "" when absent or not ours."""
+    try:
+        got = json.loads(metadata or "")
+    except ValueError:
+        return ""
+    return str(got.get("model") or "") if isinstance(got, dict) else ""
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -484,7 +620,18 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 def register(subparsers: Any) -> None:
     """Add ``zerocf lmf``."""
     p = subparsers.add_parser("lmf", help="online logistic-MF worker: <p>.events -> factors in Redis")
-    p.add_argument("--until-idle", action="store_true", help="exit 0 once caught up and idle")
+    p.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="exit 0 once every partition of <p>.events is applied to its end and this worker is idle; 1 when "
+        "other members' partitions stop making progress (ZEROCF_LMF_IDLE_TIMEOUT_S)",
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="start a new model even though this group's committed offsets show the store lost one (Redis "
+        "restarted empty); it learns from what <p>.events still retains",
+    )
     add_flags(p, LMFConfig, skip=TOP_LEVEL)
     p.set_defaults(func=run)
 
@@ -495,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
     store = FactorStore.connect(
         cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap, seen_ttl=int(cfg.seen_ttl_days * 86400)
     )
-    worker = LMFWorker(cfg, store, StopFlag().install())
+    worker = LMFWorker(cfg, store, StopFlag().install(), rebuild=args.rebuild)
     stats = worker.run(until_idle=args.until_idle)
     log.info("lmf done: %s", stats.summary())
-    return 0
+    return worker.exit_code

@@ -6,7 +6,7 @@ them. Callers import from here.
 """
 
 from workers.store.codec import DTYPE, decode, encode, encode_joined
-from workers.store.factor_store import FactorStore
+from workers.store.factor_store import LEASE_S, FactorStore, ModelLost
 from workers.store.keys import GLOBAL_ROW, KEY_PREFIX, SCHEMA_VERSION, TABLES, Keys, Table
 from workers.store.records import ApplyStatus, BatchState, BatchWrite, GenerationMeta, ModelMeta
 
@@ -14,6 +14,7 @@ __all__ = [
     "DTYPE",
     "GLOBAL_ROW",
     "KEY_PREFIX",
+    "LEASE_S",
     "SCHEMA_VERSION",
     "TABLES",
     "ApplyStatus",
@@ -22,6 +23,7 @@ __all__ = [
     "FactorStore",
     "GenerationMeta",
     "Keys",
+    "ModelLost",
     "ModelMeta",
     "Table",
     "decode",

@@ -27,7 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -55,8 +58,14 @@ log = logging.getLogger(__name__)
 _CHUNK = 1000
 DAY_MS = 86_400_000
 ACC_WIDTH = 2  # AdaGrad accumulators per row: the latent vector's (one per row) and the bias's
+LEASE_S = 60.0  # a building generation whose builder renewed nothing for this long is abandoned
 
-__all__ = ["FactorStore"]
+__all__ = ["LEASE_S", "FactorStore", "ModelLost"]
+
+
+class ModelLost(StoreSchemaError):
+    """The model this process (or its checkpoint, or its consumer group) worked on is gone from Redis, or
+    was replaced by another one: Redis lost its data. Nothing is rebuilt without an explicit ``--rebuild``."""
 
 
 class FactorStore:
@@ -97,6 +106,9 @@ class FactorStore:
         self.keys = Keys(namespace)
         self.seen_cap, self.seen_ttl, self._clock = int(seen_cap), int(seen_ttl), clock
         self._k: int | None = None
+        self._model_id: str | None = None  # the model this store object has seen (a change = a lost store)
+        self.where = _where(client)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"  # written into the leases this process takes
         self._apply = client.register_script(APPLY_BATCH_LUA)
         self._publish = client.register_script(PUBLISH_LUA)
         self._drop = client.register_script(DROP_LUA)
@@ -114,7 +126,9 @@ class FactorStore:
         own = {n: kw.pop(n) for n in ("seen_cap", "seen_ttl", "clock") if n in kw}
         log.info("connecting factor store %s namespace=%s", redact_url(url), namespace)
         client = redis.Redis.from_url(url, decode_responses=False, **kw)
-        return cls(client, namespace, **own)
+        store = cls(client, namespace, **own)
+        store.where = redact_url(url)
+        return store
 
     @classmethod
     def connect(cls, url: str, namespace: str = "zerocf", **kw: Any) -> FactorStore:
@@ -180,12 +194,14 @@ class FactorStore:
                 return
             pipe.multi()
             meta: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "k": int(k), "dtype": DTYPE, "live_gen": 1}
-            meta["next_gen"] = 1
+            meta |= {"next_gen": 1, "model_id": uuid.uuid4().hex}
             pipe.hset(km.meta, mapping={**meta, "created_at": now, "updated_at": now})
             pipe.hset(km.gen_meta(1), mapping=_new_generation("online", now, pop_half_life_ms, complete=True))
             pipe.zadd(km.gens, {"1": 1})
 
         self.r.transaction(create, km.meta)
+        if self.r.hsetnx(km.meta, "model_id", uuid.uuid4().hex):  # a model created before ids existed
+            log.info("model %s had no model_id; gave it one", km.ns)
         m = self.meta()
         ns = self.keys.ns
         if m.schema_version != SCHEMA_VERSION or m.dtype != DTYPE:
@@ -201,6 +217,19 @@ class FactorStore:
             )
         self._k = m.k
         return m.live_gen
+
+    def has_model(self) -> bool:
+        """True when Redis holds this namespace's (current-schema) model meta."""
+        return bool(self.r.exists(self.keys.meta))
+
+    @property
+    def model_id(self) -> str:
+        """The id of the model in Redis (see :class:`~workers.store.records.ModelMeta`)."""
+        return self.meta().model_id
+
+    def refuse_legacy(self) -> None:
+        """Raise :class:`StoreSchemaError` naming the rebuild when only an older schema's model is stored."""
+        self._refuse_legacy()
 
     def _refuse_legacy(self) -> None:
         for version in range(1, SCHEMA_VERSION):
@@ -218,10 +247,12 @@ class FactorStore:
         raw = {_s(a): b for a, b in self.r.hgetall(self.keys.meta).items()}
         if not raw:
             self._refuse_legacy()
+            self._check_model(None)
             raise StoreSchemaError(
                 f"no zerocf model in Redis under namespace {self.keys.ns!r}; start "
                 "`zerocf lmf` or run `zerocf als --once` first, or check ZEROCF_TOPIC_PREFIX"
             )
+        self._check_model(raw.get("model_id"))
         return ModelMeta(
             int(raw["schema_version"]),
             int(raw["k"]),
@@ -230,13 +261,36 @@ class FactorStore:
             int(raw["next_gen"]),
             float(raw["created_at"]),
             float(raw["updated_at"]),
+            (_s(raw.get("model_id")) or ""),
+        )
+
+    def _check_model(self, stored: bytes | None) -> None:
+        """Remember the first model id seen; raise :class:`ModelLost` when it is gone or another one."""
+        now = _s(stored)
+        if self._model_id is None:
+            self._model_id = now
+            return
+        if now == self._model_id:
+            return
+        ns, was = self.keys.ns, self._model_id
+        if now is None:
+            raise ModelLost(
+                f"the store at {self.where} lost zerocf model {was} (namespace {ns!r}) while this process was "
+                "using it: Redis was flushed or restarted without its data. Nothing was rebuilt; restore Redis "
+                "or rebuild explicitly with `zerocf als --once --rebuild`, then restart `zerocf lmf`"
+            )
+        raise ModelLost(
+            f"the store at {self.where} now holds zerocf model {now} under namespace {ns!r}, not model {was} "
+            "that this process was using: Redis lost its data and another process created a new model; "
+            "restart this process"
         )
 
     def live_generation(self) -> int:
-        """The live generation number (one HGET)."""
-        v = self.r.hget(self.keys.meta, "live_gen")
+        """The live generation number (one round trip; also notices a lost or replaced model)."""
+        v, mid = self.r.hmget(self.keys.meta, ["live_gen", "model_id"])
         if v is None:
             self.meta()  # raises the instructive error
+        self._check_model(mid)
         return int(v)
 
     def generation_meta(self, g: int) -> GenerationMeta:
@@ -324,7 +378,7 @@ class FactorStore:
         accumulators, + the seen items of ``seen_users``, read by one Lua call)."""
         km = self.keys
         p = self.r.pipeline(transaction=False)
-        p.hget(km.meta, "live_gen")
+        p.hmget(km.meta, ["live_gen", "model_id"])
         parts = [str(int(x)) for x in partitions]
         tables: list[Table] = ["user", "item", "user_acc", "item_acc"] if accumulators else ["user", "item"]
         idlists = [list(users), list(items)] * (2 if accumulators else 1)
@@ -338,9 +392,10 @@ class FactorStore:
         if seen_users:
             self._seen_many(keys=[km.seen(u) for u in seen_users], args=[-1], client=p)
         res = iter(p.execute())
-        live = next(res)
+        live, mid = next(res)
         if live is None:
             self.meta()
+        self._check_model(mid)
         mats = {t: decode(next(res) if ids else [], self._width(t), ids) for t, ids in zip(tables, idlists)}
         offs = next(res) if parts else []
         wms = next(res) if parts else []
@@ -424,17 +479,39 @@ class FactorStore:
         return bool(code == 1)
 
     # ------------------------------------------------------------------ bulk writes (ALS, tools)
-    def begin_generation(self, source: Literal["als", "online"] = "als", pop_half_life_ms: int = DAY_MS) -> int:
-        """Allocate generation ``next_gen + 1`` in state ``building`` and return its number."""
+    def begin_generation(
+        self, source: Literal["als", "online"] = "als", pop_half_life_ms: int = DAY_MS, lease_s: float = LEASE_S
+    ) -> int:
+        """Allocate generation ``next_gen + 1`` in state ``building`` and return its number.
+
+        The builder holds a lease on it (``g:<g>:lease``, expiring after ``lease_s``) that it renews with
+        :meth:`renew_lease` while it writes; a building generation whose lease expired was abandoned (its
+        builder was killed) and :meth:`gc_generations` drops it at once.
+        """
         self.meta()
         km, now = self.keys, _num(self._clock())
         g = int(self.r.hincrby(km.meta, "next_gen", 1))
         p = self.r.pipeline(transaction=True)
-        p.hset(km.gen_meta(g), mapping=_new_generation(source, now, pop_half_life_ms, complete=False))
+        p.hset(km.gen_meta(g), mapping={**_new_generation(source, now, pop_half_life_ms, complete=False), "lease": 1})
+        p.set(km.lease(g), self.owner, px=int(lease_s * 1000))
         p.zadd(km.gens, {str(g): g})
         p.execute()
-        log.info("generation %s begun (source=%s) namespace=%s", g, source, km.ns)
+        log.info("generation %s begun (source=%s, lease %.0fs held by %s) namespace=%s", g, source, lease_s,
+                 self.owner, km.ns)  # fmt: skip
         return g
+
+    def renew_lease(self, g: int, lease_s: float = LEASE_S) -> None:
+        """Extend the lease on building generation ``g``; :class:`GenerationError` if it already expired
+        (another process may have collected the generation as abandoned: stop building it)."""
+        if not self.r.set(self.keys.lease(g), self.owner, px=int(lease_s * 1000), xx=True):
+            raise GenerationError(
+                f"the lease on building generation {g} of model {self.keys.ns!r} expired (nothing renewed it for "
+                f"{lease_s:.0f}s); it may have been collected as abandoned: nothing is published from it"
+            )
+
+    def lease_holder(self, g: int) -> str | None:
+        """Who holds the lease on building generation ``g`` (``host:pid``), None when nobody does."""
+        return _s(self.r.get(self.keys.lease(g)))
 
     def write_vectors(
         self,
@@ -534,6 +611,7 @@ class FactorStore:
             if code == 1:
                 log.info("generation %s published (was %s) namespace=%s n_users=%s n_items=%s",
                          g, prev, km.ns, n_users, n_items)  # fmt: skip
+                self.r.unlink(km.lease(g))
                 return
             if code != -1:
                 break
@@ -556,7 +634,12 @@ class FactorStore:
         log.info("generation %s dropped namespace=%s", g, km.ns)
 
     def gc_generations(self, grace_seconds: float, now: float | None = None) -> list[int]:
-        """Drop retired generations retired, and building ones created, more than ``grace_seconds`` ago."""
+        """Drop retired generations retired more than ``grace_seconds`` ago and abandoned building ones.
+
+        A building generation begun with a lease is abandoned once its lease has expired (its builder died)
+        and is dropped at once; one with a live lease is never dropped (another ALS is writing it). A building
+        generation without a lease (begun by an older zerocf) is dropped ``grace_seconds`` after it was begun.
+        """
         now = self._clock() if now is None else now
         live, dropped = self.live_generation(), []
         for g in self.generations():
@@ -567,6 +650,12 @@ class FactorStore:
             except GenerationError:
                 continue
             since = gm.retired_at if gm.state == "retired" else gm.created_at
+            if gm.state == "building" and self.r.hexists(self.keys.gen_meta(g), "lease"):
+                holder = self.lease_holder(g)
+                if holder is not None:
+                    log.info("generation %s is being built by %s (lease held): not collected", g, holder)
+                    continue
+                since = -math.inf  # abandoned: its builder's lease expired
             if gm.state in ("retired", "building") and since is not None and now - since >= grace_seconds:
                 try:
                     self.drop_generation(g)
@@ -636,6 +725,14 @@ class FactorStore:
         for u in users:
             p.zrevrange(self.keys.seen(str(u)), 0, _end(limit))
         return {str(u): [i.decode() for i in rows] for u, rows in zip(users, p.execute())}
+
+
+def _where(client: Any) -> str:
+    """Where a client connects, for messages (never with a password)."""
+    kw = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
 
 
 def _new_generation(source: str, now: str, pop_half_life_ms: int, *, complete: bool) -> dict[str, Any]:

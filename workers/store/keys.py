@@ -86,6 +86,10 @@ class Keys:
     def updates(self, g: int) -> str:
         return f"{self.base}:g:{int(g)}:nupd"
 
+    def lease(self, g: int) -> str:
+        """The builder's lease on a ``building`` generation (a string with a TTL, renewed while it writes)."""
+        return f"{self.base}:g:{int(g)}:lease"
+
     def seen(self, user: str) -> str:
         return f"{self.base}:seen:{user}"
 
@@ -99,4 +103,5 @@ class Keys:
             self.counts(g),
             self.popularity(g),
             self.updates(g),
+            self.lease(g),
         ]

@@ -21,7 +21,11 @@ __all__ = ["ApplyStatus", "BatchState", "BatchWrite", "GenerationMeta", "ModelMe
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """The model meta hash."""
+    """The model meta hash.
+
+    ``model_id``: a random id given to the model when it is first created in Redis; a model re-created after
+    Redis lost its data gets a new one, so a checkpoint or a consumer group that names the old id can tell.
+    """
 
     schema_version: int
     k: int
@@ -30,6 +34,7 @@ class ModelMeta:
     next_gen: int
     created_at: float
     updated_at: float
+    model_id: str = ""
 
 
 @dataclass(frozen=True)
