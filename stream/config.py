@@ -502,10 +502,17 @@ class StreamConfig(ConsumerSettings):
         "", "INGEST_GROUP", "consumer group of ingest (default <prefix>-ingest)", flag="--group"
     )
     ingest_batch: int = setting(5000, "INGEST_BATCH", "max records per ingest batch", flag="--batch")
+    message_max_bytes: int = setting(
+        1_048_588,
+        "MESSAGE_MAX_BYTES",
+        "the brokers' message.max.bytes: dead letters and events stay below it",
+        unit="B",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ranges(self, {"events_partitions": (1, 10_000), "ingest_batch": (1, 1_000_000)})
+        check_ranges(self, {"events_partitions": (1, 10_000), "ingest_batch": (1, 1_000_000),
+                            "message_max_bytes": (16_384, 1 << 30)})  # fmt: skip
 
     @property
     def group(self) -> str:

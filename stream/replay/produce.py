@@ -40,7 +40,15 @@ from stream.replay.datasets import (
 log = logging.getLogger(__name__)
 
 # ingest-only settings that `zerocf produce` does not use
-PRODUCE_SKIPS = ("ingest_group", "ingest_batch", "poll_timeout_ms", "idle_seconds", "metrics_port", "metrics_host")
+PRODUCE_SKIPS = (
+    "ingest_group",
+    "ingest_batch",
+    "message_max_bytes",
+    "poll_timeout_ms",
+    "idle_seconds",
+    "metrics_port",
+    "metrics_host",
+)
 
 
 class Pacer:

@@ -165,7 +165,14 @@ def test_mixed_stream_routes_valid_events_and_dead_letters_the_rest(
         assert dkey == key and d["reason"].startswith(reason), d["reason"]
         assert base64.b64decode(d["value_b64"]) == value
         assert d["key_b64"] == (None if key is None else base64.b64encode(key).decode())
-        assert set(d) == {"reason", "topic", "partition", "offset", "key_b64", "value_b64", "ts"}
+        assert set(d) == {"reason", "topic", "partition", "offset", "key_b64", "value_b64", "ts"} | {
+            "key_len",
+            "value_len",
+            "key_sha256",
+            "value_sha256",
+            "payload",
+        }
+        assert d["payload"] == "complete" and d["value_len"] == len(value)
 
     # counts reconcile: records in = event-producing records + dlq; impressions expand per item
     assert stats.records_in == len(records) == len(valid) + stats.dlq

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         "warm_popularity_hr10": round(s["warm"]["popularity"]["hr"], 4),
         "als_swaps": info["resolves"],
         "dead_letters": [
-            {"reason": d["reason"], "value": base64.b64decode(d["value_b64"])[:60].decode("utf-8", "replace")}
+            {"reason": d["reason"], "value": base64.b64decode(d["value_b64"] or "")[:60].decode("utf-8", "replace")}
             for d in dlq
         ],
         "recommendations": recs,

@@ -120,9 +120,11 @@ class LMFWorker:
 
     def _bootstrap(self, until_idle: bool = False) -> Any:
         """Connect, check the topic and the store, create the model if absent, subscribe; False if stopped."""
-        self.consumer = kafka_util.consumer(
-            self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf", max_poll_records=self.cfg.batch
-        )
+        # Auto-creation only after the topic was seen (checked next, before subscribing): a broker that lost it
+        # (the dev broker's memory storage after a restart) gets it back, and the group its partitions; Tansu
+        # never assigns a topic to a member that joined before the topic existed.
+        self.consumer = kafka_util.consumer(self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf",
+                                            max_poll_records=self.cfg.batch, allow_auto_create_topics=True)  # fmt: skip
         if not self._wait_for_topic(until_idle):
             return False
         self._check_store()
