@@ -139,7 +139,7 @@ def test_every_route_the_server_answers_is_documented(server: RecommendServer, s
     assert get(server, "/undocumented")[0] == 404
 
 
-@pytest.mark.parametrize("path", ["/recommend", "/similar"])
+@pytest.mark.parametrize("path", ["/recommend", "/similar", "/api/dashboard"])
 def test_documented_parameters_are_what_the_handler_validates(
     server: RecommendServer, store: FactorStore, path: str
 ) -> None:

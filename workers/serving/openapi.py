@@ -8,7 +8,7 @@ undocumented one) get 200 or 400 exactly as it says; answers match the response 
 
 >>> doc = openapi_document(max_k=50)
 >>> doc["openapi"], sorted(doc["paths"])
-('3.1.0', ['/healthz', '/metrics', '/openapi.json', '/recommend', '/similar'])
+('3.1.0', ['/', '/api/dashboard', '/healthz', '/metrics', '/openapi.json', '/recommend', '/similar'])
 >>> k = [p for p in doc["paths"]["/similar"]["get"]["parameters"] if p["name"] == "k"][0]["schema"]
 >>> k["minimum"], k["maximum"], k["default"]
 (1, 50, 10)
@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from workers.serving.lookup import EmptyModel, NoModel, StoreLost
-from workers.serving.queries import MAX_ID_BYTES, default_k
+from workers.serving.queries import DASHBOARD_MAX_TOP, DASHBOARD_TOP, MAX_ID_BYTES, default_k
 
 __all__ = ["UNAVAILABLE_REASONS", "openapi_document"]
 
@@ -122,6 +122,7 @@ def _schemas() -> dict[str, Any]:
     }
     return {
         "ScoredItem": scored,
+        "Dashboard": _dashboard_schema(),
         "Recommendation": answer("user", "best first; score = P(click)"),
         "SimilarItems": answer("item", "best first, the item itself excluded; score = cosine in [-1, 1]"),
         "Error": error(),
@@ -130,8 +131,111 @@ def _schemas() -> dict[str, Any]:
     }
 
 
+def _obj(props: dict[str, Any], description: str = "") -> dict[str, Any]:
+    """An object with exactly these properties, all required."""
+    out = {"type": "object", "required": list(props), "additionalProperties": False, "properties": props}
+    return {**out, "description": description} if description else out
+
+
+def _dashboard_schema() -> dict[str, Any]:
+    num, integer, text = {"type": "number"}, {"type": "integer"}, {"type": "string"}
+    maybe_num, flag = {"type": ["number", "null"]}, {"type": "boolean"}
+    scored = {"type": "array", "items": {"$ref": _REF + "ScoredItem"}}
+    generation = _obj(
+        {
+            "generation": integer,
+            "state": {"enum": ["building", "complete", "retired"]},
+            "source": text,
+            "live": flag,
+            "created_at": num,
+            "published_at": maybe_num,
+            "retired_at": maybe_num,
+            "n_users": integer,
+            "n_items": integer,
+            "scale": num,
+            "bias": num,
+        },
+        "times in epoch seconds; scale and bias: the calibration the generation was published with",
+    )
+    applied = _obj(
+        {
+            "generation": integer,
+            "partitions": {"type": "array", "items": _obj({"partition": integer, "offset": integer})},
+            "total": {"type": "integer", "description": "sum over partitions of (last applied offset + 1)"},
+            "rate_per_s": {
+                "type": ["number", "null"],
+                "description": "applied-offsets rate: change of `total` per second between the last two samples "
+                "(taken when the dashboard is read, at least 1 s apart; null before two)",
+            },
+            "history": {"type": "array", "items": _obj({"t": num, "total": integer})},
+            "note": text,
+        },
+        "the live generation's offset fence of <p>.events, as the LMF workers applied it (no Kafka lag: serve "
+        "has no Kafka connection)",
+    )
+    request = _obj(
+        {"path": text, "requests": integer, "errors": integer, "mean_ms": maybe_num, "p95_ms_at_most": maybe_num}
+    )
+    return _obj(
+        {
+            "namespace": text,
+            "now": num,
+            "model": _obj({"k": integer, "live_generation": integer, "model_id": text, "updated_at": num}),
+            "serving": _obj(
+                {
+                    "cached_generation": {"type": ["integer", "null"]},
+                    "cached_items": integer,
+                    "cache_refreshes": integer,
+                    "max_k": integer,
+                }
+            ),
+            "generations": {"type": "array", "items": generation},
+            "applied": applied,
+            "requests": {"type": "array", "items": request, "description": "serve's own requests by path"},
+            "top_clicked": {**scored, "description": "most clicked items of the live generation (all-time counts)"},
+            "trending": {**scored, "description": "highest decayed popularity, relative to popularity.ref_ms"},
+            "popularity": _obj({"ref_ms": integer, "half_life_ms": integer}),
+        },
+        "what serve knows: generations Redis still holds, the applied offsets, its own requests, top items",
+    )
+
+
 def _paths(max_k: int) -> dict[str, Any]:
     return {
+        "/": {
+            "get": {
+                "operationId": "dashboard_page",
+                "summary": "the dashboard page (HTML, no external resources); its data is /api/dashboard",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {}}}}},
+            }
+        },
+        "/api/dashboard": {
+            "get": {
+                "operationId": "dashboard",
+                "summary": "the dashboard's data: generations, applied offsets and their rate, requests, top items",
+                "parameters": [
+                    {
+                        "name": "top",
+                        "in": "query",
+                        "required": False,
+                        "description": "how many items in the most-clicked and trending lists",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": DASHBOARD_MAX_TOP,
+                            "default": DASHBOARD_TOP,
+                        },
+                        "example": 5,
+                    }
+                ],
+                "responses": {
+                    "200": _json("Dashboard", "the data"),
+                    "400": _json("Error", "`top` is invalid"),
+                    "503": _json("Unavailable", "no model in Redis, or Redis away"),
+                    "500": _json("Error", "an internal error (the trace is in the server log)"),
+                },
+            }
+        },
         "/recommend": {
             "get": {
                 "operationId": "recommend",

@@ -17,6 +17,7 @@ __all__ = [
     "MAX_ID_BYTES",
     "BadRequest",
     "default_k",
+    "parse_dashboard_query",
     "parse_recommend_query",
     "parse_similar_query",
 ]
@@ -25,6 +26,8 @@ MAX_ID_BYTES = 256
 DEFAULT_K = 10
 RECOMMEND_PARAMS = ("user", "k", "exclude_seen")
 SIMILAR_PARAMS = ("item", "k")
+DASHBOARD_PARAMS = ("top",)
+DASHBOARD_TOP, DASHBOARD_MAX_TOP = 10, 100  # items in each list of /api/dashboard: default, most
 
 
 class BadRequest(ValueError):
@@ -70,6 +73,23 @@ def parse_similar_query(query: str, max_k: int) -> tuple[str, int]:
     return item, _k(params, max_k)
 
 
+def parse_dashboard_query(query: str) -> int:
+    """Validate the query string of ``/api/dashboard``; return ``top`` (items in each list).
+
+    >>> parse_dashboard_query(""), parse_dashboard_query("top=3")
+    (10, 3)
+    >>> parse_dashboard_query("top=101")
+    Traceback (most recent call last):
+    ...
+    workers.serving.queries.BadRequest: top='101' must be an integer in 1..100
+    """
+    params = _params(query, DASHBOARD_PARAMS)
+    raw = params.get("top", str(DASHBOARD_TOP))
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9 and 1 <= int(raw) <= DASHBOARD_MAX_TOP):
+        raise BadRequest(f"top={raw[:20]!r} must be an integer in 1..{DASHBOARD_MAX_TOP}")
+    return int(raw)
+
+
 def _params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="strict")
@@ -78,7 +98,8 @@ def _params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in pairs:
         if name not in allowed:
-            raise BadRequest(f"unknown parameter {name[:40]!r}; use {', '.join(allowed[:-1])} and {allowed[-1]}")
+            use = f"{', '.join(allowed[:-1])} and {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+            raise BadRequest(f"unknown parameter {name[:40]!r}; use {use}")
         if name in params:
             raise BadRequest(f"parameter {name!r} given twice; give it once")
         params[name] = value

@@ -1,5 +1,5 @@
 """``zerocf serve``: recommendations over HTTP (``/recommend``, ``/similar``, ``/healthz``, ``/metrics``,
-``/openapi.json``).
+``/openapi.json``) and a dashboard (``/``, ``/api/dashboard``).
 
 Built on :class:`stream.runtime.RoutingServer` (the standard library's ``ThreadingHTTPServer`` with the
 bounds it lacks: HTTP/1.1 keep-alive, a 1024-deep listen queue, one deadline for a whole request head, a cap
@@ -23,6 +23,8 @@ Put a reverse proxy in front for TLS.
 - ``GET /metrics`` -> Prometheus text: requests by path and status, latency histogram, cache refreshes,
   fallbacks (of /recommend and, apart, of /similar), stale answers, open connections.
 - ``GET /openapi.json`` -> the OpenAPI 3.1 description of these routes (:mod:`workers.serving.openapi`).
+- ``GET /`` -> the dashboard page; ``GET /api/dashboard?top=10`` -> its data (:mod:`workers.serving.dashboard`):
+  generations, the applied offsets of ``<p>.events`` and their rate, serve's requests, top and trending items.
 
 When the answer cannot come from Redis it is a 503 ``{"error": ..., "reason": R}``, never an empty list:
 ``no_model`` (nothing trained under the prefix), ``empty_model`` (a model without items), ``store_lost``
@@ -65,6 +67,7 @@ from stream.errors import ConfigError, ServiceUnavailable
 from stream.runtime import Response, RoutingServer, health_route, json_response, metrics_route
 from workers.config import ServeConfig
 from workers.errors import StoreSchemaError
+from workers.serving.dashboard import Dashboard, dashboard_page
 from workers.serving.gate import FifoGate, usable_cpus
 from workers.serving.lookup import NoModel, Recommendation, Recommender, SimilarItems
 from workers.serving.openapi import openapi_document
@@ -126,8 +129,8 @@ class _Metrics:
 
 
 class RecommendServer(RoutingServer):
-    """The HTTP server: ``/recommend``, ``/similar``, ``/healthz``, ``/metrics`` and ``/openapi.json`` over
-    one :class:`Recommender`."""
+    """The HTTP server: ``/recommend``, ``/similar``, ``/healthz``, ``/metrics``, ``/openapi.json`` and the
+    dashboard (``/``, ``/api/dashboard``) over one :class:`Recommender`."""
 
     daemon_threads = False  # server_close() joins in-flight requests: a graceful stop finishes them
     block_on_close = True
@@ -150,12 +153,16 @@ class RecommendServer(RoutingServer):
         ).set_function(lambda: self.open_connections)
         self.openapi = openapi_document(self.max_k)
         openapi_body = json_response(200, self.openapi)  # built once: the document never changes
+        page: Response = (200, "text/html; charset=utf-8", dashboard_page())
+        self.dashboard = Dashboard(recommender, self.metrics.registry, self.max_k)
         routes = {
             "/recommend": self._recommend,
             "/similar": self._similar,
             "/healthz": health_route(lambda: health(recommender)),
             "/metrics": metrics_route(self.metrics.registry),
             "/openapi.json": lambda _query: openapi_body,
+            "/": lambda _query: page,
+            "/api/dashboard": self.dashboard.route,
         }
         super().__init__(
             address,
@@ -317,7 +324,7 @@ def make_server(
         rec = source
     server = RecommendServer((host or "127.0.0.1", int(port or 0)), rec, max_k or 1000, settings)
     log.info(
-        "serving http://%s:%d/recommend, /similar and /openapi.json "
+        "serving http://%s:%d/ (dashboard), /recommend, /similar and /openapi.json "
         "(max_k=%d, max_connections=%d, redis_timeout_s=%g, stale_s=%g)",
         server.server_address[0],
         server.port,
@@ -331,7 +338,7 @@ def make_server(
 
 def register(subparsers: Any) -> None:
     """Add ``zerocf serve``."""
-    p = subparsers.add_parser("serve", help="serve /recommend, /similar, /healthz, /metrics, /openapi.json")
+    p = subparsers.add_parser("serve", help="serve /recommend, /similar, the dashboard (/), /healthz, /metrics")
     add_flags(p, ServeConfig, ServeSettings, skip=TOP_LEVEL + KAFKA_FIELDS)
     p.set_defaults(func=run)
 
