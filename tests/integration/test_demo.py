@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import health_status, wait_until
+
 DEMO = ("demo", "--users", "300", "--items", "200", "--clicks", "6000", "--resolve-every", "3000", "--chunk", "1500")
 
 
@@ -34,3 +36,35 @@ def test_log_level_info_brings_the_detail_back(tmp_path: Path) -> None:
     done = run_demo(tmp_path, "--log-level", "INFO")
     assert done.returncode == 0, done.stderr[-3000:]
     assert " INFO stream.ingest" in done.stderr and " INFO workers.batch.worker" in done.stderr
+
+
+def test_serve_keeps_the_dashboard_up_until_ctrl_c(tmp_path: Path) -> None:
+    import json as json_
+    import re
+    import signal
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEROCF_")}
+    argv = [sys.executable, "-m", "workers.cli", *DEMO, "--out", str(tmp_path), "--serve"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        url = None
+        assert proc.stdout is not None
+        for line in proc.stdout:  # blocks until the demo prints the URL (bounded by the timeout below)
+            m = re.match(r"dashboard\s+(http://127\.0\.0\.1:\d+/)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "the demo never printed the dashboard URL"
+        wait_until("the demo's serve answers", lambda: health_status(int(url.rsplit(":", 1)[1].strip("/"))) == 200, 60)
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200 and b"<html" in resp.read().lower()
+        with urllib.request.urlopen(url + "api/dashboard", timeout=10) as resp:
+            data = json_.loads(resp.read())
+        assert len(data["generations"]) >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -77,8 +77,7 @@ def quiet_logging() -> None:
 def run(args: argparse.Namespace) -> int:
     from stream.devstack import LocalStack
     from stream.replay.datasets import read_interactions, synthetic_dataset
-    from workers.evaluation.metrics import prequential_summary
-    from workers.evaluation.prequential import plot_windows, prequential
+    from workers.evaluation.prequential import prequential
 
     if args.dataset:
         bad: list[Any] = []
@@ -121,8 +120,39 @@ def run(args: argparse.Namespace) -> int:
             dlq = _dead_letters(env, "demo")
             users = sorted({r.user_id for r in rows[-200:]})[:3]
             recs = _recommendations(env, "demo", users)
+            if args.serve:
+                _report_and_serve(env, _summary(args, source, ranks, info, dlq, recs, out_dir))
+                return 0
         finally:
             stack.down()
+    print(_report(_summary(args, source, ranks, info, dlq, recs, out_dir)))
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _report_and_serve(env: dict[str, str], summary: dict[str, Any]) -> None:
+    """``--serve``: print the summary, then keep the stack up and ``zerocf serve`` on it until Ctrl-C."""
+    from workers.serving.server import run as serve
+
+    port = _free_port()
+    print(_report(summary))
+    print(f"dashboard       http://127.0.0.1:{port}/  (zerocf serve on the demo's stack; Ctrl-C stops it)", flush=True)
+    serve(argparse.Namespace(env={**env, "ZEROCF_SERVE_HOST": "127.0.0.1", "ZEROCF_SERVE_PORT": str(port)}))
+
+
+def _summary(args: argparse.Namespace, source: str, ranks: Any, info: dict[str, Any], dlq: list[dict[str, Any]],
+             recs: dict[str, Any], out_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Score the run, write the plot and summary.json; the summary as a dict."""
+    from workers.evaluation.metrics import prequential_summary
+    from workers.evaluation.prequential import plot_windows
+
     s = prequential_summary(ranks, 10, args.window)
     plot = out_dir / "prequential.png"
     plot_windows({"zerocf (lmf + periodic als)": s}, str(plot), f"zerocf demo: {source}")
@@ -148,8 +178,7 @@ def run(args: argparse.Namespace) -> int:
         "plot": str(plot),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(_report(summary))
-    return 0
+    return summary
 
 
 def _report(s: dict[str, Any]) -> str:
@@ -191,4 +220,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--factors", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="zerocf-demo", help="directory for summary.json and prequential.png")
+    p.add_argument("--serve", action="store_true", help="then keep the stack up with the dashboard (Ctrl-C stops)")
     p.set_defaults(func=run)
