@@ -14,7 +14,10 @@ Fields (``load_avg_1m_at_start``: the machine's 1-minute load average when the b
   sends it: 2,000 events by 2,000 users on 3,000 items, i.e. 2,000 user rows + accumulators (SET), 3,000
   item deltas + accumulator deltas and the global row (ADDED in Lua), 2,000 counts and decayed-popularity
   increments, 2,000 update counters and 2,000 seen adds (with retention and cap), fenced on the previous
-  offset. ``events_per_s`` = 2,000 / median. ``cumulative_sections_ms``: the same batches cut down to their
+  offset; the item rows carry their stored versions and ``stored + delta`` (read right before each call,
+  untimed, as the worker holds them), so Redis SETs them. ``all_rows_added_*``: the same batches without
+  versions (every item row added in Lua: the cost when every version moved). ``events_per_s`` = 2,000 /
+  median. ``cumulative_sections_ms``: the same batches cut down to their
   first sections (``rows``: user rows and item deltas; ``+ accumulators``; ``+ counts, popularity, update
   counters``; ``+ seen adds``), so successive differences are what each section costs; ``server_*`` is the
   time Redis spent executing the script (``INFO commandstats``), the rest is the client (encoding, argument
@@ -161,19 +164,39 @@ def _sections(b: BatchWrite, level: int, partition: int) -> BatchWrite:
 APPLY_SECTIONS = ("rows", "accumulators", "counts_popularity_updates", "seen")
 
 
-def _interleaved(r: Any, calls: dict[str, Callable[[int], object]], repeats: int) -> dict[str, tuple[float, float]]:
+def _interleaved(
+    r: Any,
+    calls: dict[str, Callable[[int], object]],
+    repeats: int,
+    prepare: dict[str, Callable[[int], object]] | None = None,
+) -> dict[str, tuple[float, float]]:
     """Median wall and Redis script seconds of each ``calls[name](i)``, ``i`` in ``range(repeats)``, the calls
-    interleaved (``i`` = 0 of every name, then 1, ...) so that every one sees the same load."""
+    interleaved (``i`` = 0 of every name, then 1, ...) so that every one sees the same load; ``prepare[name](i)``
+    runs right before, untimed."""
     wall: dict[str, list[float]] = {name: [] for name in calls}
     server: dict[str, list[float]] = {name: [] for name in calls}
     for i in range(repeats):
         for name, call in calls.items():
+            if prepare and name in prepare:
+                prepare[name](i)
             usec = _script_usec(r)
             t0 = time.perf_counter()
             call(i)
             wall[name].append(time.perf_counter() - t0)
             server[name].append((_script_usec(r) - usec) / 1e6)
     return {name: (statistics.median(wall[name]), statistics.median(server[name])) for name in calls}
+
+
+def _absolute(store: FactorStore, writes: list[BatchWrite], i: int) -> None:
+    """Give ``writes[i]`` what the worker sends with its deltas: the stored versions (read first, as the worker
+    does), stored rows + deltas and accumulators + deltas (the global row: unknown, added)."""
+    b = writes[i]
+    st = store.read_batch_state(G, [], [], b.item_ids, accumulators=True)
+    vers = st.item_versions if st.item_versions is not None else np.zeros(0, np.int64)
+    assert b.item_deltas is not None and st.item_acc is not None
+    acc = None if b.item_acc_deltas is None else st.item_acc + b.item_acc_deltas
+    writes[i] = replace(b, item_versions=np.where(np.array(b.item_ids) == GLOBAL_ROW, -1, vers),
+                        item_rows=st.item_rows + b.item_deltas, item_acc=acc)  # fmt: skip
 
 
 def _throughput(store: FactorStore, k: int, users: list[str], items: list[str], repeats: int,
@@ -185,10 +208,14 @@ def _throughput(store: FactorStore, k: int, users: list[str], items: list[str], 
     def batches() -> list[BatchWrite]:  # every variant its own batches: every seen add is a new click
         return [_lmf_batch(rng, users, items, k, i) for i in range(repeats)]
 
-    calls: dict[str, Callable[[int], object]] = {"full": partial(apply, batches())}
+    full, added = batches(), [replace(b, partition=999) for b in batches()]  # fenced on their own partition
+    calls: dict[str, Callable[[int], object]] = {"full": partial(apply, full), "added": partial(apply, added)}
+    prepare: dict[str, Callable[[int], object]] = {"full": partial(_absolute, store, full)}
     for level, name in enumerate(APPLY_SECTIONS, 1):  # unfenced, one partition per call
-        calls[name] = partial(apply, [_sections(b, level, 1000 * level + i) for i, b in enumerate(batches())])
-    writes = _interleaved(store.r, calls, repeats)
+        cut = [_sections(b, level, 1000 * level + i) for i, b in enumerate(batches())]
+        calls[name], prepare[name] = partial(apply, cut), partial(_absolute, store, cut)
+    writes = _interleaved(store.r, calls, repeats, prepare)
+    added_s, added_server_s = writes.pop("added")
 
     cold = batches()  # other users and items than the writes'
 
@@ -216,6 +243,8 @@ def _throughput(store: FactorStore, k: int, users: list[str], items: list[str], 
             "median_ms": round(1000 * apply_s, 1),
             "events_per_s": round(N_EVENTS / apply_s),
             "server_median_ms": round(1000 * server_s, 1),
+            "all_rows_added_median_ms": round(1000 * added_s, 1),
+            "all_rows_added_server_median_ms": round(1000 * added_server_s, 1),
             "cumulative_sections_ms": {name: round(1000 * t, 1) for name, (t, _) in writes.items()},
             "cumulative_sections_server_ms": {name: round(1000 * t, 1) for name, (_, t) in writes.items()},
         },

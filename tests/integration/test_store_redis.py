@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -225,6 +226,106 @@ def test_lua_delta_add_matches_numpy_float32_bits(redis_client: redis.Redis, k: 
     assert GLOBAL_ROW not in all_ids and len(all_ids) == n - 1 + 5 and s.item_count(1) == n - 1 + 5
     assert glob == s.global_bias(1) and rows.shape == (n - 1 + 5, w)
     assert len(s.get_all_accumulators(1)[0]) == n - 1 + 5
+
+
+# ------------------------------------------------------------------- versioned (absolute) item rows
+def _versioned(b: BatchWrite, vers: Any, rows: np.ndarray, acc: np.ndarray | None) -> BatchWrite:
+    return replace(b, item_versions=vers, item_rows=rows, item_acc=acc)
+
+
+def test_absolute_rows_are_the_bits_of_the_add(redis_client: redis.Redis) -> None:
+    """The same batches applied with versions (rows SET to stored + delta computed in numpy) and without
+    (added in Lua) leave identical bytes: rows, accumulators, versions; only the fast path skips the add."""
+    stores = [FactorStore(redis_client, ns) for ns in ("plain", "versioned")]
+    for s in stores:
+        s.ensure_model(K)
+    rng = np.random.default_rng(3)
+    ids = [f"i{j}" for j in range(300)] + [GLOBAL_ROW]
+    base = (rng.standard_normal((len(ids), W)) * 10.0 ** rng.integers(-6, 6, (len(ids), 1))).astype(np.float32)
+    for s in stores:
+        s.write_vectors(1, "item", ids[:200], base[:200])  # 100 items and the global row are new
+    for b in range(3):
+        delta = (rng.standard_normal((len(ids), W)) * 10.0 ** rng.integers(-9, 3, (len(ids), 1))).astype(np.float32)
+        acc_delta = np.abs(delta[:, :2])
+        write = _batch(0, b - 1 if b else None, b, item_ids=ids, item_deltas=delta, item_acc_deltas=acc_delta)
+        assert stores[0].apply_batch(1, write)
+        st = stores[1].read_batch_state(1, [], [], ids, accumulators=True)
+        assert st.item_acc is not None and st.item_versions is not None
+        assert st.item_versions.tolist() == [b] * len(ids)  # absent rows and versions read as 0
+        vers = st.item_versions.copy()
+        vers[-1] = -1  # unknown: added
+        assert stores[1].apply_batch(1, _versioned(write, vers, st.item_rows + delta, st.item_acc + acc_delta))
+    for table in ("item", "item_acc"):
+        plain, versioned = (s.get_vectors(1, table, ids)[0] for s in stores)
+        assert plain.tobytes() == versioned.tobytes(), table
+    assert stores[0].rows_added == 3 * len(ids) and stores[1].rows_added == 3  # the global row only
+    vers = [redis_client.hgetall(s.keys.item_versions(1)) for s in stores]
+    assert vers[0] == vers[1] and set(vers[0].values()) == {b"3"} and len(vers[0]) == len(ids)
+
+
+def test_a_row_written_since_is_added_not_overwritten(store: FactorStore) -> None:
+    """The conflict path: worker A read rows at some versions, worker B wrote two of them since. A's batch
+    (with deliberately wrong absolute values for every row) SETs only the rows whose version did not move and
+    adds its delta to B's rows: B's write survives and A's delta lands once."""
+    ids = ["a", "b", "c", "d"]
+    init = (np.round(_mat(4) * 8) / 8).astype(np.float32)
+    store.write_vectors(1, "item", ids, init)
+    a_view = store.read_batch_state(1, [], [], ids, accumulators=True)  # what worker A holds
+    assert a_view.item_versions is not None and a_view.item_versions.tolist() == [0, 0, 0, 0]
+    b_delta = np.full((2, W), 0.5, np.float32)
+    assert store.apply_batch(1, _batch(1, None, 0, item_ids=["b", "d"], item_deltas=b_delta,
+                                       item_acc_deltas=np.ones((2, 2), np.float32)))  # fmt: skip
+    a_delta, a_acc = np.full((4, W), 0.25, np.float32), np.full((4, 2), 0.125, np.float32)
+    wrong = np.full((4, W), 99.0, np.float32)  # as if A's copy were stale: must never reach Redis for b, d
+    wrong[[0, 2]] = (a_view.item_rows + a_delta)[[0, 2]]
+    wrong_acc = np.full((4, 2), 99.0, np.float32)
+    wrong_acc[[0, 2]] = (a_view.item_acc + a_acc)[[0, 2]]  # type: ignore[operator]
+    added = store.rows_added
+    write = _batch(0, None, 0, item_ids=ids, item_deltas=a_delta, item_acc_deltas=a_acc)
+    assert store.apply_batch(1, _versioned(write, a_view.item_versions, wrong, wrong_acc))
+    assert store.rows_added - added == 2
+    got, _ = store.get_vectors(1, "item", ids)
+    expect = init + a_delta
+    expect[[1, 3]] += b_delta
+    assert got.tobytes() == expect.tobytes()
+    acc, _ = store.get_vectors(1, "item_acc", ids)
+    np.testing.assert_array_equal(acc, np.array([[0.125] * 2, [1.125] * 2, [0.125] * 2, [1.125] * 2], np.float32))
+    st = store.read_batch_state(1, [], [], ids)
+    assert st.item_versions is not None and st.item_versions.tolist() == [1, 2, 1, 2]
+    # a version that is ahead, unknown (-1) or a replay of an old one never matches either
+    for vers in ([5, 5, 5, 5], [-1, -1, -1, -1], [0, 0, 0, 0]):
+        before = store.get_vectors(1, "item", ids)[0]
+        write = _batch(2, None, 0, item_ids=ids, item_deltas=a_delta)
+        store.r.hdel(store.keys.offsets(1), "2")
+        assert store.apply_batch(1, _versioned(write, vers, wrong, None))
+        assert store.get_vectors(1, "item", ids)[0].tobytes() == (before + a_delta).tobytes()
+
+
+def test_versions_and_absolute_rows_are_checked(store: FactorStore) -> None:
+    store.write_vectors(1, "item", ["hot"], np.full((1, W), 3e38, np.float32))
+    write = _batch(0, None, 0, item_ids=["x", "y"], item_deltas=_mat(2))
+    with pytest.raises(StoreSchemaError, match="one entry per item id"):
+        store.apply_batch(1, _versioned(write, [0], _mat(2), None))
+    with pytest.raises(StoreSchemaError, match="one entry per item id"):  # accumulators without absolute ones
+        store.apply_batch(1, _versioned(replace(write, item_acc_deltas=_acc(2)), [0, 0], _mat(2), None))
+    # an absolute row that overflows goes to the add, which refuses the batch as before
+    big = np.full((1, W), 3e38, np.float32)
+    hot = _batch(0, None, 0, item_ids=["hot"], item_deltas=big)
+    with pytest.raises(ModelDiverged, match="'hot' overflows float32"):
+        store.apply_batch(1, _versioned(hot, [0], np.full((1, W), np.inf, np.float32), None))
+
+
+def test_a_model_written_before_versions_loads_and_takes_the_fast_path(store: FactorStore) -> None:
+    """No ``iver`` hash (an older zerocf, or ALS rows): every row is version 0, and writes create it."""
+    store.write_vectors(1, "item", ["a"], _mat(1))
+    assert not store.r.exists(store.keys.item_versions(1)) and store.item_versions(1) == {}
+    st = store.read_batch_state(1, [], [], ["a", "new"])
+    assert st.item_versions is not None and st.item_versions.tolist() == [0, 0]
+    d = _mat(2, seed=4)
+    assert store.apply_batch(1, _versioned(_batch(0, None, 0, item_ids=["a", "new"], item_deltas=d),
+                                           [0, 0], st.item_rows + d, None))  # fmt: skip
+    assert store.rows_added == 0 and store.item_versions(1) == {"a": 1, "new": 1}
+    assert store.get_vectors(1, "item", ["a", "new"])[0].tobytes() == (st.item_rows + d).tobytes()
 
 
 def test_overflow_nan_and_bad_blobs_refuse_the_whole_batch(store: FactorStore) -> None:

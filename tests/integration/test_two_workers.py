@@ -6,7 +6,9 @@ The store-level property (two writers on disjoint partitions adding float32 delt
 worker level: two :class:`workers.online.worker.LMFWorker` objects run in threads of this process, each with
 its own consumer in the same group (the broker splits the partitions between them) and its own Redis
 connection; each store's ``apply_batch`` is wrapped to record the item deltas of every batch Redis applied.
-Every user's events live on one partition (keyed by user), every item is clicked on every partition.
+Every user's events live on one partition (keyed by user), every item is clicked on every partition, so each
+worker's copy of a row goes stale whenever the other writes it: the versioned write's conflict path (the delta
+added in Redis instead of the worker's absolute row) runs alongside its fast path.
 """
 
 from __future__ import annotations
@@ -162,6 +164,11 @@ def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str
     np.testing.assert_allclose(final, init + total, rtol=0, atol=5e-6)
     # ... and the check can see a lost batch: every recorded batch moved some item by far more than atol
     assert min(float(np.abs(d).max()) for r in recorders for _, d in r.batches) > 1e-4
+    # both paths of the versioned write ran: rows SET from a worker's own copy (versions unchanged since it
+    # read them) and rows the other worker wrote since, whose delta Redis added (the conflict path)
+    written = sum(len(ids) for r in recorders for ids, _ in r.batches)
+    added = sum(w.store.rows_added for w in workers)
+    assert 0 < added < written, (added, written)
     # the global bias row (reserved id "") is shared the same way: its deltas from both workers add up
     g_total = sum(float(d[ids.index("")][-1]) for r in recorders for ids, d in r.batches if "" in ids)
     assert abs(store.global_bias(1) - g_total) < 1e-4 and abs(g_total) > 0.01

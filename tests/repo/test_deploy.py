@@ -510,6 +510,7 @@ def test_k8s_replicas_disruption_budgets_and_als_volume() -> None:
     serve_labels = deployments["zerocf-serve"]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= serve_labels.items()
 
+    assert deployments["zerocf-lmf"]["spec"]["strategy"]["type"] == "Recreate"  # no mixed-version writers
     als = deployments["zerocf-als"]["spec"]
     assert als["replicas"] == 1 and als["strategy"]["type"] == "Recreate"
     pod = als["template"]["spec"]

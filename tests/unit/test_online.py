@@ -495,3 +495,79 @@ def test_non_finite_user_accumulator_is_detected() -> None:
     m.user_cache["u"] = (row, np.array([np.inf, 0.0], np.float32), warm)
     res = m.train(plan)
     assert not res.finite and np.isfinite(res.user_rows).all()
+
+
+# ------------------------------------------------------------------- versioned item writes (workers/online/stored.py)
+class _ItemTable:
+    """The batch script's item-row semantics in numpy: a row whose stored version equals the one sent is SET to
+    the sent absolute row, any other row gets the delta added; every written row's version goes up by one."""
+
+    def __init__(self, ids: Sequence[str], rows: np.ndarray) -> None:
+        self.rows = {i: rows[n].copy() for n, i in enumerate(ids)}
+        self.acc = {i: np.zeros(2, np.float32) for i in ids}
+        self.ver: dict[str, int] = {}
+        self.added = 0
+
+    def apply(self, res: TrainResult, versioned: bool = True) -> None:
+        assert res.item_versions is not None and res.item_rows is not None and res.item_acc is not None
+        zero = np.zeros(K + 1, np.float32)
+        for n, i in enumerate(res.item_ids):
+            v = self.ver.get(i, 0)
+            if versioned and res.item_versions[n] == v:
+                self.rows[i], self.acc[i] = res.item_rows[n].copy(), res.item_acc[n].copy()
+            else:
+                self.added += 1
+                self.rows[i] = self.rows.get(i, zero) + res.item_deltas[n]
+                self.acc[i] = self.acc.get(i, zero[:2]) + res.item_acc_deltas[n]
+            self.ver[i] = v + 1
+
+    def read(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        zero = np.zeros(K + 1, np.float32)
+        return (np.array([self.rows.get(i, zero) for i in ids], np.float32),
+                np.array([self.acc.get(i, zero[:2]) for i in ids], np.float32),
+                np.array([self.ver.get(i, 0) for i in ids], np.int64))  # fmt: skip
+
+
+def test_absolute_item_rows_give_the_bits_of_the_add_under_two_writers() -> None:
+    """Two models write the same items (one of them refreshes midway, one creates new items the other then
+    fetches); the versioned table ends bit-identical to a table that added every delta, and both paths ran."""
+    ids = [f"i{j}" for j in range(30)]
+    init = _rows(30)
+    versioned, plain = _ItemTable(ids, init), _ItemTable(ids, init)
+    models = []
+    for seed in (0, 1):
+        m = OnlineModel(_cfg(), seed=seed)
+        m.warm(ids, init, 0.0, {i: 1.0 for i in ids}, {}, TS - HOUR, HOUR, versions={})
+        models.append(m)
+    rng = np.random.default_rng(0)
+    for b in range(12):
+        w = b % 3 % 2  # writers 0, 1, 0, 0, 1, 0, ...: some rows stay current, some go stale
+        m = models[w]
+        items = [f"i{j}" for j in rng.integers(0, 30, 20)] + ([f"n{b}"] if b % 4 == 0 else [])
+        plan = m.plan(0, [_click(f"u{w}-{n}", it, TS + b) for n, it in enumerate(items)])
+        rows, acc, vers = versioned.read(plan.new_items)
+        m.absorb_items(plan, rows, vers > 0, acc, vers)
+        _load(m, plan)
+        res = m.train(plan)
+        assert res.finite and res.item_versions is not None and res.item_versions[-1] == -1  # the global row
+        versioned.apply(res)
+        plain.apply(res, versioned=False)
+        m.commit(plan, res)
+        if b == 6:  # writer 0 re-reads every row (versions first): its copy is current again
+            vers_now = dict(versioned.ver)
+            all_ids = list(versioned.rows)
+            rows, acc, _ = versioned.read(all_ids)
+            models[0].refresh_items(all_ids, rows, 0.0, all_ids, acc, vers_now)
+    for table in ("rows", "acc"):
+        a, p = getattr(versioned, table), getattr(plain, table)
+        assert a.keys() == p.keys() and all(a[i].tobytes() == p[i].tobytes() for i in a), table
+    written = sum(versioned.ver.values())
+    assert 0 < versioned.added < written  # rows SET and rows added (stale copies, the global row)
+
+
+def test_stored_rows_without_versions_are_always_added() -> None:
+    m = _warm_model(n_items=3)  # warmed without versions: every row unknown
+    plan, res = _batch(m, [_click("u", "i1"), _click("u", "n")])
+    assert res.item_versions is not None and (res.item_versions == -1).all()
+    m.commit(plan, res)
+    assert (m.stored.ver[: m.n_items] == -1).all()

@@ -146,7 +146,7 @@ def test_every_key_carries_the_v2_prefix_and_hash_tag() -> None:
     )
     km = Keys("shop")
     keys = [km.meta, km.gens, km.seen("u:{weird}"), *km.generation_keys(7)]
-    assert len(set(keys)) == len(keys) == 14
+    assert len(set(keys)) == len(keys) == 15
     for key in keys:
         assert key.startswith("zcf:v2:{shop}:"), key
     gen = set(km.generation_keys(7))

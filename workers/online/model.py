@@ -36,6 +36,7 @@ from workers.config import LMFConfig
 from workers.kernels.exposure import ExposureTracker
 from workers.kernels.lmf import LMFParams, Touched, check_finite, event_weights, init_rows, lmf_train, positive_set
 from workers.kernels.sampling import PopularitySampler, Reservoir
+from workers.online.stored import StoredRows
 from workers.store import GLOBAL_ROW
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,10 @@ class TrainResult:
     glob_before: float
     ranks: npt.NDArray[np.int64] | None = None  # (clicks, 7), see lmf_train
     ranked: npt.NDArray[np.bool_] | None = None  # which clicks were ranked
+    # per item id: the stored version the write is based on (-1 unknown) and stored row (accumulators) + delta
+    item_versions: npt.NDArray[np.int64] | None = None
+    item_rows: F32 | None = None
+    item_acc: F32 | None = None
 
 
 def rank_rows(plan: BatchPlan, result: TrainResult) -> list[tuple[Any, ...]]:
@@ -218,12 +223,16 @@ class OnlineModel:
                 grown = np.zeros(cap)
                 grown[: getattr(self, name).shape[0]] = getattr(self, name)
                 setattr(self, name, grown)
+            self.stored.grow(cap)
 
     def warm(self, item_ids: Sequence[str], rows: F32, glob: float, counts: dict[str, float],
              popularity: dict[str, float], pop_ref_ms: int, half_life_ms: int,
-             item_acc: F32 | None = None) -> None:  # fmt: skip
+             item_acc: F32 | None = None, versions: dict[str, int] | None = None) -> None:  # fmt: skip
         """Reset from a generation: its item rows (+ accumulators), global bias, all-time counts (they seed the
-        sampler's reservoir) and decayed popularity with its reference time and half-life."""
+        sampler's reservoir) and decayed popularity with its reference time and half-life.
+
+        ``versions``: the item rows' stored versions, read before the rows (:class:`StoredRows`); without
+        them every row is unknown and the first write of each adds its delta in Redis."""
         self.items = IdMap(item_ids)
         for item in counts:
             self.items.index(item)
@@ -235,6 +244,9 @@ class OnlineModel:
             self.V[: len(item_ids)] = rows
             if item_acc is not None:
                 self.GV[: len(item_ids)] = item_acc
+        self.stored = StoredRows(self.k + 1, cap)
+        self.stored.set(np.arange(len(self.items)), self.V[: len(self.items)], self.GV[: len(self.items)],
+                        _versions(self.items.ids, versions))  # fmt: skip
         self.glob = np.array([glob], np.float64)
         for item, n in counts.items():
             self.count[self.items.index(item)] = n
@@ -250,14 +262,19 @@ class OnlineModel:
         log.debug("online model warmed: %d items, %d clicks, global bias %.3f", len(self.items), int(c.sum()), glob)
 
     def refresh_items(self, item_ids: Sequence[str], rows: F32, glob: float, acc_ids: Sequence[str],
-                      acc: F32) -> None:  # fmt: skip
-        """Replace the rows and accumulators of known items by what Redis holds now (other workers' deltas)."""
+                      acc: F32, versions: dict[str, int] | None = None) -> None:  # fmt: skip
+        """Replace the rows and accumulators of known items by what Redis holds now (other workers' deltas);
+        ``versions`` as in :meth:`warm` (read before the rows)."""
         for ids, values, target in ((item_ids, rows, self.V), (acc_ids, acc, self.GV)):
             for n, item in enumerate(ids):
                 j = self.items.get(item)
                 if j is not None:
                     target[j] = values[n]
         self.glob[0] = glob
+        got = np.array([j for j in map(self.items.get, item_ids) if j is not None], np.int64)
+        with_acc = np.array([j for j in map(self.items.get, acc_ids) if j is not None], np.int64)
+        acc_rows = np.where(np.isin(got, with_acc)[:, None], self.GV[got], np.float32(0))  # absent: zeros
+        self.stored.set(got, self.V[got], acc_rows, _versions([self.items.ids[j] for j in got], versions))
 
     def forget_users(self) -> None:
         """Drop per-user caches (after a rebalance or a refused write: another writer may have run)."""
@@ -341,14 +358,20 @@ class OnlineModel:
         du, di = tracker.due(now, int(self.cfg.exposure_window_s * 1000))
         return [self.users.ids[u] for u in du], [self.exp_items.ids[i] for i in di], [now] * len(du)
 
-    def absorb_items(self, plan: BatchPlan, rows: F32, found: npt.NDArray[np.bool_], acc: F32 | None) -> None:
-        """Rows of the plan's new items as Redis holds them (another worker may have created them)."""
+    def absorb_items(self, plan: BatchPlan, rows: F32, found: npt.NDArray[np.bool_], acc: F32 | None,
+                     versions: npt.NDArray[np.int64] | None = None) -> None:  # fmt: skip
+        """Rows of the plan's new items as Redis holds them (another worker may have created them), with their
+        stored ``versions`` (read before the rows) when given."""
         for n, item in enumerate(plan.new_items):
             if found[n]:
                 j = self.items.index(item)
                 self.V[j] = rows[n]
                 if acc is not None:
                     self.GV[j] = acc[n]
+        if versions is not None and acc is not None and plan.new_items:
+            idx = self.items.index_many(plan.new_items)
+            self.stored.set(idx, np.where(found[:, None], rows, np.float32(0)),
+                            np.where(found[:, None], acc, np.float32(0)), versions)  # fmt: skip
 
     # -------------------------------------------------------------- training
     def decay_weights(self, ts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
@@ -409,10 +432,14 @@ class OnlineModel:
             counts[item] = counts.get(item, 0.0) + w
             popularity[item] = popularity.get(item, 0.0) + w * float(d)
         ids = [self.items.ids[j] for j in idx] + [GLOBAL_ROW]
-        return TrainResult(U, GU, ids, deltas.astype(np.float32), acc_deltas.astype(np.float32), counts, popularity,
+        deltas, acc_deltas = deltas.astype(np.float32), acc_deltas.astype(np.float32)
+        vers, rows, acc = self.stored.absolute(idx, deltas[:-1], acc_deltas[:-1])
+        rows, acc = np.vstack([rows, deltas[-1:]]), np.vstack([acc, acc_deltas[-1:]])  # the global row: added
+        return TrainResult(U, GU, ids, deltas, acc_deltas, counts, popularity,
                            float(loss.sum()) if finite else float("nan"), finite, touched, glob_before,
                            ranks[: len(plan.clicks)] if ranks is not None else None,
-                           None if rank_at is None else rank_at[: len(plan.clicks)])  # fmt: skip
+                           None if rank_at is None else rank_at[: len(plan.clicks)],
+                           np.append(vers, -1), rows, acc)  # fmt: skip
 
     def rollback(self, result: TrainResult) -> None:
         """Undo a refused batch's factor updates (non-finite values) in the cached item rows and global bias.
@@ -426,7 +453,12 @@ class OnlineModel:
         self.glob[0] = result.glob_before
 
     def commit(self, plan: BatchPlan, result: TrainResult) -> None:
-        """The batch was recorded: the user cache (trained batches only), the seen items and the reservoir."""
+        """The batch was recorded: the user cache (trained batches only), the seen items and the reservoir; the
+        stored item rows as the write leaves them (trained batches only)."""
+        if result.finite and result.item_versions is not None and result.item_rows is not None \
+                and result.item_acc is not None:  # fmt: skip
+            idx = result.touched.idx
+            self.stored.wrote(idx, result.item_versions[:-1], result.item_rows[:-1], result.item_acc[:-1])
         for n, user in enumerate(plan.users if result.finite else ()):
             self.user_cache[user] = (result.user_rows[n].copy(), result.user_acc[n].copy(), True)
             self.user_cache.move_to_end(user)
@@ -441,3 +473,10 @@ class OnlineModel:
                 got.add(p, cap)
                 self.seen.move_to_end(user)
         self._trim_users()
+
+
+def _versions(ids: Sequence[str], versions: dict[str, int] | None) -> npt.NDArray[np.int64]:
+    """Stored versions of ``ids`` (absent: 0, the row was never written); all -1 (unknown) without them."""
+    if versions is None:
+        return np.full(len(ids), -1, np.int64)
+    return np.fromiter((versions.get(i, 0) for i in ids), np.int64, len(ids))

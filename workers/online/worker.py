@@ -314,6 +314,7 @@ class LMFWorker:
         store = self.store
         self.g = g = store.live_generation()
         meta = store.generation_meta(g)
+        versions = store.item_versions(g)  # before the rows (see workers.online.stored)
         ids, rows, glob = store.get_all_items(g)
         acc_ids, acc = store.get_all_accumulators(g)
         acc_of = dict(zip(acc_ids, range(len(acc_ids))))
@@ -322,7 +323,7 @@ class LMFWorker:
             if item in acc_of:
                 item_acc[n] = acc[acc_of[item]]
         self.model.warm(ids, rows, glob, store.item_counts(g), store.item_popularity(g), meta.pop_ref_ms,
-                        meta.pop_half_life_ms, item_acc)  # fmt: skip
+                        meta.pop_half_life_ms, item_acc, versions)  # fmt: skip
         self.model.forget_users()
         self.metrics.generation.set(g)
         self._items_read = time.monotonic()
@@ -330,8 +331,9 @@ class LMFWorker:
 
     def _refresh_items(self) -> None:
         """Re-read every item row (other workers' deltas), after the write in flight has landed."""
+        versions = self.store.item_versions(self.g)  # before the rows (see workers.online.stored)
         ids, rows, glob = self.store.get_all_items(self.g)
-        self.model.refresh_items(ids, rows, glob, *self.store.get_all_accumulators(self.g))
+        self.model.refresh_items(ids, rows, glob, *self.store.get_all_accumulators(self.g), versions)
         self._items_read = time.monotonic()
         log.debug("item rows refreshed from Redis (%d items)", len(ids))
 
@@ -405,7 +407,9 @@ class LMFWorker:
         overlap as ``fetch_share_during_write``); what overlaps is the worker's own poll, decode and plan.
         The kernel trains on the cached item rows and the write adds each row's change to whatever Redis
         holds, so no update of another worker is lost; rows are re-read every ``ZEROCF_LMF_ITEM_REFRESH_S``
-        (bounded staleness, as in Hogwild).
+        (bounded staleness, as in Hogwild). Redis does the add only for rows another worker wrote since this
+        one read or wrote them: the others are sent as ``stored + delta`` with their version and SET
+        (:mod:`workers.online.stored`, the same bits).
         """
         if p not in self.dedupers:  # assigned between the poll and now: resume properly first
             if self._settle():
@@ -461,7 +465,7 @@ class LMFWorker:
         state = self.store.read_batch_state(self.g, [], plan.fetch_users, plan.new_items, accumulators=True,
                                             seen_users=plan.fetch_users)  # fmt: skip
         if state.live_gen == self.g:
-            self.model.absorb_items(plan, state.item_rows, state.item_found, state.item_acc)
+            self.model.absorb_items(plan, state.item_rows, state.item_found, state.item_acc, state.item_versions)
             self.model.load_users(plan.fetch_users, state.user_rows, state.user_found, state.user_acc,
                                   state.seen or {}, plan)  # fmt: skip
         return state
@@ -492,7 +496,8 @@ class LMFWorker:
         if result.finite:
             write = replace(write, user_ids=plan.users, user_rows=result.user_rows, item_ids=result.item_ids,
                             item_deltas=result.item_deltas, user_acc=result.user_acc,
-                            item_acc_deltas=result.item_acc_deltas)  # fmt: skip
+                            item_acc_deltas=result.item_acc_deltas, item_versions=result.item_versions,
+                            item_rows=result.item_rows, item_acc=result.item_acc)  # fmt: skip
         else:
             self.metrics.nan_guards.inc()
             self.stats.nan_batches += 1

@@ -109,6 +109,7 @@ class FactorStore:
         self._model_id: str | None = None  # the model this store object has seen (a change = a lost store)
         self.where = _where(client)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"  # written into the leases this process takes
+        self.rows_added = 0  # item rows apply_batch added in Redis (versions moved or unknown) instead of SET
         self._apply = client.register_script(APPLY_BATCH_LUA)
         self._publish = client.register_script(PUBLISH_LUA)
         self._drop = client.register_script(DROP_LUA)
@@ -382,6 +383,9 @@ class FactorStore:
         parts = [str(int(x)) for x in partitions]
         tables: list[Table] = ["user", "item", "user_acc", "item_acc"] if accumulators else ["user", "item"]
         idlists = [list(users), list(items)] * (2 if accumulators else 1)
+        items = list(items)
+        if items:  # before the rows: a version read with a row is never newer than the row (see item_versions)
+            p.hmget(km.item_versions(g), items)
         for table, ids in zip(tables, idlists):
             if ids:
                 p.hmget(km.vectors(g, table), ids)
@@ -396,6 +400,7 @@ class FactorStore:
         if live is None:
             self.meta()
         self._check_model(mid)
+        vers = _versions(next(res)) if items else np.zeros(0, np.int64)
         mats = {t: decode(next(res) if ids else [], self._width(t), ids) for t, ids in zip(tables, idlists)}
         offs = next(res) if parts else []
         wms = next(res) if parts else []
@@ -411,13 +416,24 @@ class FactorStore:
             user_acc=mats["user_acc"][0] if accumulators else None,
             item_acc=mats["item_acc"][0] if accumulators else None,
             seen=seen,
+            item_versions=vers,
         )
+
+    def item_versions(self, g: int) -> dict[str, int]:
+        """Every item row's version in generation ``g`` (absent rows are version 0).
+
+        Read it **before** the rows it goes with (:meth:`get_all_items`, :meth:`get_all_accumulators`): a row
+        read later is at least that new, so a worker that sends a version with ``stored row + delta`` can only
+        be wrong in the safe direction (the row is then added in Redis, see :meth:`apply_batch`)."""
+        return {i.decode(): int(v) for i, v in self.r.hscan_iter(self.keys.item_versions(g), count=_CHUNK)}
 
     # ------------------------------------------------------------------ hot-path write (Lua)
     def apply_batch(self, g: int, b: BatchWrite) -> ApplyStatus:
         """Atomically apply one LMF batch (:class:`~workers.store.records.BatchWrite`) to generation ``g``.
 
-        One EVALSHA. Writes happen only if ``live_gen == g`` (else ``NEW_GENERATION``), the partition's
+        One EVALSHA. Item rows whose ``b.item_versions`` entry is the stored version are SET to ``b.item_rows``
+        (``item_acc``); the others get ``item_deltas`` added in Redis; every written row's version goes up
+        by one. Writes happen only if ``live_gen == g`` (else ``NEW_GENERATION``), the partition's
         stored applied offset equals ``b.expected_offset`` (absent when None; else ``STALE``) and, when the
         batch carries popularity, the generation's popularity reference is ``b.pop_ref_ms`` or not set yet
         (else ``POPULARITY_MOVED``). Raises :class:`ModelDiverged` for NaN/inf input or a float32 overflow
@@ -432,24 +448,49 @@ class FactorStore:
         _same_len("item_ids", iids, range(len(iblob) // (4 * w)), "item_deltas")
         uacc = _acc_blob(b.user_acc, uids, "user_acc")
         iacc = _acc_blob(b.item_acc_deltas, iids, "item_acc_deltas")
+        absolute = self._absolute(b, iids, w, len(iacc) // (4 * ACC_WIDTH))
         for name, values in (("count", b.counts), ("popularity", b.popularity)):
             if not all(math.isfinite(c) for c in values.values()):
                 raise ModelDiverged(f"batch for partition {b.partition} has a non-finite item {name}; refused")
-        seen_keys, seen_args = self._seen_args(b.seen, first_key=12)
+        seen_keys, seen_args = self._seen_args(b.seen, first_key=13)
         keys = [km.meta, km.offsets(g), km.watermarks(g), *(km.vectors(g, t) for t in TABLES), km.counts(g)]
-        keys += [km.updates(g), km.gen_meta(g), km.popularity(g), *seen_keys]
+        keys += [km.updates(g), km.gen_meta(g), km.popularity(g), km.item_versions(g), *seen_keys]
         n_uacc, n_iacc = len(uacc) // (4 * ACC_WIDTH), len(iacc) // (4 * ACC_WIDTH)
         head: list[Any] = [g, b.partition, "" if b.expected_offset is None else b.expected_offset, b.new_offset]
         head += [json.dumps(dict(b.watermarks), sort_keys=True), 4 * w, self.seen_cap, self.seen_ttl]
         head += [self.seen_ttl * 1000, int(b.pop_ref_ms), len(uids), len(iids), len(b.counts)]
         head += [len(b.popularity), len(b.user_increments), len(seen_args) // 3, n_uacc, n_iacc]
+        head += [len(absolute) and len(iids)]
         args = [*head, *uids, ublob, *iids, iblob]
         args += _pairs(list(b.counts), [_num(c) for c in b.counts.values()])
         args += _pairs(list(b.popularity), [_num(c) for c in b.popularity.values()])
         args += _pairs(list(b.user_increments), [int(n) for n in b.user_increments.values()]) + seen_args
-        args += [*uids[:n_uacc], uacc, *iids[:n_iacc], iacc]
-        code, detail = self._apply(keys=keys, args=args)
+        args += [uacc, iacc, *absolute]
+        code, detail, *added = self._apply(keys=keys, args=args)
+        if added:
+            self.rows_added += int(added[0])
         return self._status(int(code), detail, g, b)
+
+    def _absolute(self, b: BatchWrite, iids: Sequence[str], w: int, n_acc: int) -> list[Any]:
+        """The versions, absolute rows and absolute accumulators of ``b`` as script arguments ([] without)."""
+        if b.item_versions is None or not iids:
+            return []
+        vers = np.asarray(b.item_versions, np.int64).copy()
+        rows = np.asarray(b.item_rows if b.item_rows is not None else (), np.float32).reshape(-1, w)
+        acc = np.asarray(b.item_acc if b.item_acc is not None else np.zeros((0, ACC_WIDTH)), np.float32)
+        if vers.shape != (len(iids),) or rows.shape[0] != len(iids) or acc.shape != (n_acc, ACC_WIDTH):
+            raise StoreSchemaError(
+                f"item_versions ({vers.size}), item_rows ({rows.shape[0]}) and item_acc ({len(acc)}) must have "
+                f"one entry per item id ({len(iids)}; {n_acc} accumulators); pass them together or not at all"
+            )
+        # a row whose sum overflows: left to the add (which refuses it)
+        bad = np.asarray(~np.isfinite(rows).all(axis=1), np.bool_)
+        bad[:n_acc] |= np.asarray(~np.isfinite(acc).all(axis=1), np.bool_)
+        if bad.any():
+            zero = np.float32(0)
+            vers[bad], rows, acc = -1, np.where(bad[:, None], zero, rows), np.where(bad[:n_acc, None], zero, acc)
+        rows_blob, acc_blob = encode_joined(rows, w, iids), encode_joined(acc, ACC_WIDTH, iids[:n_acc])
+        return [",".join(map(str, vers.tolist())), rows_blob, acc_blob]
 
     def _status(self, code: int, detail: Any, g: int, b: BatchWrite) -> ApplyStatus:
         if code == 1:
@@ -753,6 +794,10 @@ def _acc_blob(values: npt.NDArray[np.float32] | None, ids: Sequence[str], name: 
         raise ValueError(f"{name} must have shape (n, {ACC_WIDTH}), got {arr.shape}")
     _same_len("ids", ids, range(arr.shape[0]), name)
     return encode_joined(arr, ACC_WIDTH, ids)
+
+
+def _versions(values: Sequence[bytes | None]) -> npt.NDArray[np.int64]:
+    return np.array([0 if v is None else int(v) for v in values], np.int64)
 
 
 def _s(v: bytes | str | None) -> str | None:

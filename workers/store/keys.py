@@ -86,6 +86,11 @@ class Keys:
     def updates(self, g: int) -> str:
         return f"{self.base}:g:{int(g)}:nupd"
 
+    def item_versions(self, g: int) -> str:
+        """Write count per item row (HASH, item_id -> integer): bumped by every ``apply_batch`` that writes the
+        row, so a worker can tell whether the row it holds is still the stored one (absent = 0)."""
+        return f"{self.base}:g:{int(g)}:iver"
+
     def lease(self, g: int) -> str:
         """The builder's lease on a ``building`` generation (a string with a TTL, renewed while it writes)."""
         return f"{self.base}:g:{int(g)}:lease"
@@ -103,5 +108,6 @@ class Keys:
             self.counts(g),
             self.popularity(g),
             self.updates(g),
+            self.item_versions(g),
             self.lease(g),
         ]

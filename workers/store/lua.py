@@ -54,22 +54,93 @@ local function add_many(key, ids, deltas, n)
   end
   return out
 end
-local function hset_many(key, ids, vals)
-  for c = 1, #ids, 256 do
+local function hset_many(key, ids, vals, n)
+  n = n or #ids  -- the first n ids
+  for c = 1, n, 256 do
     local args = {}
-    for i = c, math.min(c + 255, #ids) do args[#args + 1] = ids[i]; args[#args + 1] = vals[i] end
+    for i = c, math.min(c + 255, n) do args[#args + 1] = ids[i]; args[#args + 1] = vals[i] end
     redis.call('HSET', key, unpack(args))
   end
 end
-local function take_ids_blob(pos, n, w)
-  -- n ids, then ONE argument holding their n blobs of w bytes back to back (fewer, larger arguments:
-  -- the client packs 2 instead of 2n values)
-  local ids, vals = {}, {}
+local function row(blob, i, w) return string.sub(blob, (i - 1) * w + 1, i * w) end
+local function split(blob, n, w)
+  -- ONE argument holding n blobs of w bytes back to back (fewer, larger arguments: the client packs 1 instead
+  -- of n values); nil when its size is not n * w
+  if #blob ~= n * w then return nil end
+  local vals = {}
+  for i = 1, n do vals[i] = row(blob, i, w) end
+  return vals
+end
+local function take_ids(pos, n)
+  local ids = {}
   for i = 1, n do ids[i] = ARGV[pos + i - 1] end
-  local blob = ARGV[pos + n]
-  if #blob ~= n * w then return nil, nil, pos end
-  for i = 1, n do vals[i] = string.sub(blob, (i - 1) * w + 1, i * w) end
-  return ids, vals, pos + n + 1
+  return ids, pos + n
+end
+-- Item rows (and their accumulators, the first n_acc of ids) as the batch writes them, with each row's next
+-- version. A row whose stored version (absent = 0) equals the one the worker sent is SET to the worker's
+-- absolute value (that worker computed stored + delta itself: the bits the add below would give); every
+-- other row is stored + delta, added here. Either way the row's version goes up by one. Deltas, absolute rows
+-- and accumulators come as joined blobs (rows of w and 8 bytes), sliced only where used.
+local function item_sums(ikey, akey, vkey, ids, deltas, n_acc, adeltas, vers, abs, aabs, w)
+  local rows, accs, newv, slow, sdel, sacc, sadel = {}, {}, {}, {}, {}, {}, {}
+  for c = 1, #ids, 256 do
+    local e = math.min(c + 255, #ids)
+    local cur = redis.call('HMGET', vkey, unpack(ids, c, e))
+    for i = c, e do
+      local v = cur[i - c + 1] or '0'
+      newv[i] = string.format('%d', tonumber(v) + 1)
+      if vers[i] == v then
+        rows[i] = row(abs, i, w)
+        if i <= n_acc then accs[i] = row(aabs, i, 8) end
+      else
+        slow[#slow + 1] = i
+        sdel[#slow] = row(deltas, i, w)
+        if i <= n_acc then sacc[#sacc + 1] = i; sadel[#sacc] = row(adeltas, i, 8) end
+      end
+    end
+  end
+  local function ids_of(idx)
+    local out = {}
+    for j = 1, #idx do out[j] = ids[idx[j]] end
+    return out
+  end
+  local got, err, bad = add_many(ikey, ids_of(slow), sdel, w / 4)
+  if not got then return nil, nil, nil, err, bad end
+  for j = 1, #slow do rows[slow[j]] = got[j] end
+  got, err, bad = add_many(akey, ids_of(sacc), sadel, 2)
+  if not got then
+    if err == -3 then err = -7 end
+    return nil, nil, nil, err, bad
+  end
+  for j = 1, #sacc do accs[sacc[j]] = got[j] end
+  return rows, accs, newv, #slow
+end
+-- score += inc per member (ZMSCORE, then one ZADD per 256): the doubles ZINCRBY would store (scores come back
+-- as %.17g and go in as %.17g, both exact)
+local function zincr_many(key, ids, incs)
+  for c = 1, #ids, 256 do
+    local e = math.min(c + 255, #ids)
+    local cur = redis.call('ZMSCORE', key, unpack(ids, c, e))
+    local args = {}
+    for i = c, e do
+      args[#args + 1] = string.format('%.17g', (tonumber(cur[i - c + 1]) or 0) + tonumber(incs[i]))
+      args[#args + 1] = ids[i]
+    end
+    redis.call('ZADD', key, unpack(args))
+  end
+end
+-- field += inc (integers) per field: HMGET, then one HSET per 256
+local function hincr_many(key, ids, incs)
+  for c = 1, #ids, 256 do
+    local e = math.min(c + 255, #ids)
+    local cur = redis.call('HMGET', key, unpack(ids, c, e))
+    local args = {}
+    for i = c, e do
+      args[#args + 1] = ids[i]
+      args[#args + 1] = string.format('%d', (tonumber(cur[i - c + 1]) or 0) + tonumber(incs[i]))
+    end
+    redis.call('HSET', key, unpack(args))
+  end
 end
 local function take_pairs(pos, n)
   local a, b = {}, {}
@@ -100,9 +171,9 @@ local function add_seen(pos, n, cap, ttl, retention)
 end
 """
 
-# KEYS: meta offsets wm user item user_acc item_acc counts nupd gen_meta pop seen...
+# KEYS: meta offsets wm user item user_acc item_acc counts nupd gen_meta pop iver seen...
 # ARGV: g part expected new_offset wm_json row_bytes cap ttl retention_ms pop_ref
-#       n_users n_items n_counts n_pop n_incr n_seen n_uacc n_iacc, then the sections in that order
+#       n_users n_items n_counts n_pop n_incr n_seen n_uacc n_iacc n_abs, then the sections in that order
 #       (see FactorStore.apply_batch).
 APPLY_BATCH_LUA = (
     _LUA_LIB
@@ -122,42 +193,52 @@ if n_pop > 0 then  -- the decayed popularity must be relative to the generation'
   if not ref or ref == '0' then set_ref = true
   elseif ref ~= pop_ref then return {-6, ref} end
 end
-local pos = 19
-local uids, ublobs, iids, ideltas, aids, ablobs, bids, bdeltas
-uids, ublobs, pos = take_ids_blob(pos, tonumber(ARGV[11]), w)
-if not uids then return {-5, 'user'} end
-iids, ideltas, pos = take_ids_blob(pos, tonumber(ARGV[12]), w)
-if not iids then return {-5, 'item'} end
+local pos = 20
+local n_users, n_items, n_uacc, n_iacc = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[17]), tonumber(ARGV[18])
+local uids, iids, ublobs, uacc
+uids, pos = take_ids(pos, n_users)
+ublobs = split(ARGV[pos], n_users, w)
+if not ublobs then return {-5, 'user'} end
+iids, pos = take_ids(pos + 1, n_items)
+local ideltas = ARGV[pos]
+if #ideltas ~= n_items * w then return {-5, 'item'} end
+pos = pos + 1
 local cids, cinc, pids, pinc, xids, xinc
 cids, cinc, pos = take_pairs(pos, tonumber(ARGV[13]))
 pids, pinc, pos = take_pairs(pos, n_pop)
 xids, xinc, pos = take_pairs(pos, tonumber(ARGV[15]))
 local seen_pos, nseen = pos, tonumber(ARGV[16])
 pos = pos + 3 * nseen
-aids, ablobs, pos = take_ids_blob(pos, tonumber(ARGV[17]), 8)
-if not aids then return {-5, 'user_acc'} end
-bids, bdeltas, pos = take_ids_blob(pos, tonumber(ARGV[18]), 8)
-if not bids then return {-5, 'item_acc'} end
-local items, err, bad = add_many(KEYS[5], iids, ideltas, w / 4)
-if not items then return {err, bad} end
-local iacc
-iacc, err, bad = add_many(KEYS[7], bids, bdeltas, 2)
-if not iacc then
-  if err == -3 then err = -7 end
-  return {err, bad}
+-- accumulators of the first n_uacc users and n_iacc items, one blob each
+uacc = split(ARGV[pos], math.min(n_uacc, n_users), 8)
+if not uacc or n_uacc > n_users then return {-5, 'user_acc'} end
+local bdeltas = ARGV[pos + 1]
+if n_iacc > n_items or #bdeltas ~= n_iacc * 8 then return {-5, 'item_acc'} end
+pos = pos + 2
+local n_abs, vers, iabs, babs = tonumber(ARGV[19]), {}, '', ''
+if n_abs > 0 then  -- the worker's absolute rows: versions (one comma-joined string), rows, accumulators
+  if n_abs ~= n_items then return {-5, 'item_rows'} end
+  for v in string.gmatch(ARGV[pos], '[^,]+') do vers[#vers + 1] = v end
+  iabs, babs = ARGV[pos + 1], ARGV[pos + 2]
+  if #vers ~= n_abs or #iabs ~= n_abs * w then return {-5, 'item_rows'} end
+  if #babs ~= n_iacc * 8 then return {-5, 'item_acc_rows'} end
 end
+local items, iacc, iver, err, bad = item_sums(KEYS[5], KEYS[7], KEYS[12], iids, ideltas, n_iacc, bdeltas, vers,
+                                             iabs, babs, w)
+if not items then return {err, bad} end
 if set_ref then redis.call('HSET', KEYS[10], 'pop_ref_ms', pop_ref) end
 hset_many(KEYS[4], uids, ublobs)
 hset_many(KEYS[5], iids, items)
-hset_many(KEYS[6], aids, ablobs)
-hset_many(KEYS[7], bids, iacc)
-for i = 1, #cids do redis.call('ZINCRBY', KEYS[8], cinc[i], cids[i]) end
-for i = 1, #pids do redis.call('ZINCRBY', KEYS[11], pinc[i], pids[i]) end
-for i = 1, #xids do redis.call('HINCRBY', KEYS[9], xids[i], xinc[i]) end
+hset_many(KEYS[12], iids, iver)
+hset_many(KEYS[6], uids, uacc, n_uacc)
+hset_many(KEYS[7], iids, iacc, n_iacc)
+zincr_many(KEYS[8], cids, cinc)
+zincr_many(KEYS[11], pids, pinc)
+hincr_many(KEYS[9], xids, xinc)
 add_seen(seen_pos, nseen, cap, ttl, retention)
 redis.call('HSET', KEYS[2], part, ARGV[4])
 redis.call('HSET', KEYS[3], part, ARGV[5])
-return {1, ARGV[4]}
+return {1, ARGV[4], err}  -- err: here the number of item rows added (not SET)
 """
 )
 

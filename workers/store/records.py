@@ -82,6 +82,7 @@ class BatchState:
     user_acc: npt.NDArray[np.float32] | None = None
     item_acc: npt.NDArray[np.float32] | None = None
     seen: dict[str, list[str]] | None = None  # seen items (newest first) of the ``seen_users`` asked for
+    item_versions: npt.NDArray[np.int64] | None = None  # (n,) the items' row versions, read before the rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +92,10 @@ class BatchWrite:
     - ``user_rows`` (absolute, one writer per user) and ``user_acc`` (absolute) are SET;
     - ``item_deltas`` and ``item_acc_deltas`` are ADDED in float32 to the stored rows; an absent row starts
       at zeros, so workers that create the same item concurrently both add to zero and the row stays exact;
+    - optionally ``item_versions`` with ``item_rows`` (and ``item_acc`` with accumulator deltas): the version
+      of each row the caller last knew and that row plus its delta, computed by the caller in float32. A row
+      whose stored version is still the one sent is SET to it (the same bits, without the add in Redis); any
+      other row falls back to the add. Version -1: unknown, always added;
     - ``counts`` (all-time clicks) and ``popularity`` (decayed click weight relative to ``pop_ref_ms``)
       are added per item, ``user_increments`` per user;
     - ``seen`` ``(user, item, ts_ms)`` enter the users' seen sets;
@@ -107,6 +112,9 @@ class BatchWrite:
     item_deltas: F32 | None = None
     user_acc: npt.NDArray[np.float32] | None = None
     item_acc_deltas: npt.NDArray[np.float32] | None = None
+    item_versions: Sequence[int] | npt.NDArray[np.int64] | None = None
+    item_rows: F32 | None = None
+    item_acc: npt.NDArray[np.float32] | None = None
     counts: Mapping[str, float] = field(default_factory=dict)
     popularity: Mapping[str, float] = field(default_factory=dict)
     pop_ref_ms: int = 0
