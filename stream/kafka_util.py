@@ -341,8 +341,11 @@ def producer(settings: KafkaSettings, *, client_id: str, **extra: Any) -> Any:
     return _connect(KafkaProducer, settings, {**kw, **extra})
 
 
-def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> None:
-    """Create each missing topic with its partition count (replication 1 here; production sets its own).
+def ensure_topics(
+    settings: KafkaSettings, partitions: Mapping[str, int], configs: Mapping[str, Mapping[str, str]] | None = None
+) -> None:
+    """Create each missing topic with its partition count and topic configs, e.g. ``{"<p>.items":
+    {"cleanup.policy": "compact"}}`` (replication 1 here; production sets its own).
 
     Existing topics are left alone; a partition count that differs is logged, not changed.
     """
@@ -357,7 +360,8 @@ def ensure_topics(settings: KafkaSettings, partitions: Mapping[str, int]) -> Non
         raise ServiceUnavailable(f"no Kafka broker answers at {settings.bootstrap}") from None
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(name, n, 1) for name, n in partitions.items() if name not in existing]
+        missing = [NewTopic(name, n, 1, topic_configs=dict((configs or {}).get(name, {})))
+                   for name, n in partitions.items() if name not in existing]  # fmt: skip
         if missing:
             try:
                 admin.create_topics(missing)

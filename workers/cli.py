@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "workers.batch.worker",
     "workers.serving.cli",
     "workers.serving.server",
+    "workers.serving.items_cli",
     "workers.evaluation.cli",
     "workers.evaluation.demo",
 )

@@ -140,7 +140,7 @@ def test_a_dead_letter_the_producer_rejects_becomes_a_minimal_one(
     records = [("clicks", b"u1", encode_click("u1", "i1", TS)), ("clicks", b"u1", over)]
     records += [("clicks", b"u2", encode_click("u2", f"i{i}", TS + i)) for i in range(20)]
     metas = _produce(cfg, records)
-    monkeypatch.setattr(ingest_mod, "dead_letter_budget", lambda max_request_size: 64 << 20)
+    monkeypatch.setattr(ingest_mod, "dead_letter_budget", lambda *_limits: 64 << 20)
 
     ing = Ingest(cfg, StopFlag())
     stats = _run_bounded(ing)

@@ -468,7 +468,9 @@ def test_topics_job_creates_the_four_topics(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     creates = [line.split() for line in log.read_text().splitlines() if "--create" in line]
     topics = {a[a.index("--topic") + 1]: a for a in creates}
-    assert set(topics) == {"shop.impressions", "shop.clicks", "shop.events", "shop.dlq"}
+    assert set(topics) == {"shop.impressions", "shop.clicks", "shop.events", "shop.dlq", "shop.items"}
+    items = topics.pop("shop.items")  # the catalogue: one partition, compacted
+    assert items[items.index("--partitions") + 1] == "1" and "cleanup.policy=compact" in items
     for argv in topics.values():
         assert argv[argv.index("--partitions") + 1] == "3" and "--if-not-exists" in argv
     events = topics["shop.events"]

@@ -26,8 +26,10 @@ Similar items (:meth:`Recommender.similar`, :meth:`~Recommender.similar_many`) r
 cosine of the latent vectors (biases left out), normalised once per load (:mod:`workers.kernels.similarity`);
 the item itself is never returned. An item without a vector in the cached generation (unknown, not learnt
 yet, or all zeros) gets the same popularity fallback as a user without one, itself excluded, with
-``fallback=True``. Items the ``hidden`` hook names are left out of every answer (no catalogue state exists
-yet, so by default nothing is hidden; a catalogue plugs in there).
+``fallback=True``. Items the ``hidden`` hook names are left out of every answer (nothing by default;
+``zerocf serve`` plugs the catalogue in there: :class:`stream.catalog.CatalogView`). A lookup's ``only``
+(the items of a category) restricts an answer further: nothing outside it is returned (an empty ``only``
+gives an empty list).
 
 Lost or empty stores are errors, never empty answers. A user without a vector may mean that Redis lost the
 model (an empty restart, a flushed database): before answering one, the live generation is read (one round
@@ -191,8 +193,8 @@ class Recommender:
         Returns the ids of the items no answer may contain (hidden or expired ones). It is called once per
         lookup on the request path, so it must answer from memory (a catalogue consumer keeping a set up to
         date, not a Redis round trip). Every answer applies it: :meth:`recommend`, :meth:`similar`, their
-        popularity fallbacks and their stale forms. None (the default, as there is no catalogue state
-        yet): nothing is hidden.
+        popularity fallbacks and their stale forms. None (the default): nothing is hidden;
+        ``zerocf serve`` passes :meth:`stream.catalog.CatalogView.hidden_now`.
 
     Thread-safe: readers take the current cache reference; one thread at a time reloads.
     """
@@ -322,18 +324,26 @@ class Recommender:
         return self._cache
 
     # ------------------------------------------------------------------ queries
-    def recommend(self, user_id: str, k: int = 10, exclude_seen: bool = True) -> Recommendation:
+    def recommend(
+        self, user_id: str, k: int = 10, exclude_seen: bool = True, *, only: Collection[str] | None = None
+    ) -> Recommendation:
         """Top-``k`` items for one user by P(click), best first.
 
         Known users: ``sigmoid(bias + Q p_u)`` over the cached matrix, their recent clicks excluded when
         ``exclude_seen``. Unknown users: the most clicked items (``fallback=True``). Fewer than ``k`` items
         come back when the model has fewer candidates. Raises :class:`EmptyModel` when the model has no
-        item and :class:`StoreLost` when Redis lost it (see the module docstring).
+        item and :class:`StoreLost` when Redis lost it (see the module docstring). With ``only`` (e.g. the
+        items of a category) nothing outside it is returned; an empty ``only`` gives empty lists.
         """
-        return self.recommend_many([user_id], k, exclude_seen)[str(user_id)]
+        return self.recommend_many([user_id], k, exclude_seen, only=only)[str(user_id)]
 
     def recommend_many(
-        self, user_ids: Sequence[str], k: int = 10, exclude_seen: bool = True
+        self,
+        user_ids: Sequence[str],
+        k: int = 10,
+        exclude_seen: bool = True,
+        *,
+        only: Collection[str] | None = None,
     ) -> dict[str, Recommendation]:
         """:meth:`recommend` for many users: one HMGET of their vectors, one pipelined read of their recent
         clicks, and one matrix product per chunk of users (chunks bound memory to 16 MiB of scores).
@@ -349,7 +359,7 @@ class Recommender:
             return {}
         self._require_items(cache)
         hidden = self._hidden()
-        hidden_rows = self._rows(cache, hidden)
+        hidden_rows = self._excluded_rows(cache, hidden, only)
         vecs, found = self.store.get_vectors(cache.gen, "user", users)
         seen = self.store.seen_items_many(users) if exclude_seen else {}
         out: dict[str, Recommendation] = {}
@@ -369,7 +379,7 @@ class Recommender:
         missing = [u for u, f in zip(users, found) if not f]
         if missing:
             self._check_store(cache)
-            for u, (items, scores) in self._fallback(cache, missing, k, seen, hidden).items():
+            for u, (items, scores) in self._fallback(cache, missing, k, seen, hidden, only=only).items():
                 out[u] = Recommendation(u, items, scores, True, cache.gen)
         return {u: out[u] for u in users}
 
@@ -388,6 +398,16 @@ class Recommender:
         """Row indices of those of ``items`` that the cached matrix holds."""
         return [j for j in (cache.index.get(i) for i in items) if j is not None]
 
+    @classmethod
+    def _excluded_rows(cls, cache: _ItemCache, hidden: Collection[str], only: Collection[str] | None) -> list[int]:
+        """Rows no answer may hold: the hidden items, and with ``only`` every item outside it."""
+        if only is None:
+            return cls._rows(cache, hidden)
+        out = np.ones(len(cache.ids), dtype=bool)
+        out[cls._rows(cache, only)] = False
+        out[cls._rows(cache, hidden)] = True
+        return np.flatnonzero(out).tolist()
+
     def _check_store(self, cache: _ItemCache) -> None:
         """Raise :class:`StoreLost` unless Redis still holds the cached generation's model (one round trip)."""
         ns = self.store.keys.ns
@@ -401,14 +421,14 @@ class Recommender:
                 "model was started; restore Redis, or rebuild with `zerocf als --once`"
             )
 
-    def recommend_stale(self, user_id: str, k: int = 10) -> Recommendation:
+    def recommend_stale(self, user_id: str, k: int = 10, *, only: Collection[str] | None = None) -> Recommendation:
         """The cached generation's most popular items at its load (seen items not excluded), from memory
         alone: for a server that keeps answering while Redis is away. ``fallback`` and ``stale`` are True.
 
         Raises :class:`NoModel` before the first load (there is nothing to serve).
         """
         cache, user = self._cached(), str(user_id)
-        items, scores = self._fallback(cache, [user], int(k), {}, self._hidden(), stale=True)[user]
+        items, scores = self._fallback(cache, [user], int(k), {}, self._hidden(), stale=True, only=only)[user]
         return Recommendation(user, items, scores, True, cache.gen, stale=True)
 
     def _cached(self) -> _ItemCache:
@@ -416,17 +436,20 @@ class Recommender:
             raise NoModel(f"no item cache of model {self.store.keys.ns!r} yet; Redis has not answered since start")
         return self._cache
 
-    def similar(self, item_id: str, k: int = 10) -> SimilarItems:
+    def similar(self, item_id: str, k: int = 10, *, only: Collection[str] | None = None) -> SimilarItems:
         """The ``k`` items whose latent vectors are most cosine-similar to ``item_id``'s, best first.
 
         From the cached generation's item matrix, normalised once per load; ``item_id`` itself and hidden
         items are never returned. An item without a vector gets the popularity fallback
         (``fallback=True``, see :class:`SimilarItems`). Redis is asked once whether it still holds the
-        cached model: raises :class:`EmptyModel`/:class:`StoreLost` like :meth:`recommend`.
+        cached model: raises :class:`EmptyModel`/:class:`StoreLost` like :meth:`recommend`. ``only``
+        restricts the answer as in :meth:`recommend`.
         """
-        return self.similar_many([item_id], k)[str(item_id)]
+        return self.similar_many([item_id], k, only=only)[str(item_id)]
 
-    def similar_many(self, item_ids: Sequence[str], k: int = 10) -> dict[str, SimilarItems]:
+    def similar_many(
+        self, item_ids: Sequence[str], k: int = 10, *, only: Collection[str] | None = None
+    ) -> dict[str, SimilarItems]:
         """:meth:`similar` for many items: one check of the store, one matrix product per 1,024 items.
 
         Returns a dict keyed by item id in first-seen order (duplicates collapse).
@@ -439,24 +462,27 @@ class Recommender:
             return {}
         self._require_items(cache)
         self._check_store(cache)  # the answer is computed from memory: make sure Redis still holds its model
-        return self._similar(cache, items, int(k), stale=False)
+        return self._similar(cache, items, int(k), stale=False, only=only)
 
-    def similar_stale(self, item_id: str, k: int = 10) -> SimilarItems:
+    def similar_stale(self, item_id: str, k: int = 10, *, only: Collection[str] | None = None) -> SimilarItems:
         """:meth:`similar` from the cache alone (no Redis call, ``stale=True``; a fallback uses the popular
         items cached at load), for a server that keeps answering while Redis is away.
 
         Raises :class:`NoModel` before the first load.
         """
-        return self._similar(self._cached(), [str(item_id)], int(k), stale=True)[str(item_id)]
+        return self._similar(self._cached(), [str(item_id)], int(k), stale=True, only=only)[str(item_id)]
 
-    def _similar(self, cache: _ItemCache, items: list[str], k: int, stale: bool) -> dict[str, SimilarItems]:
+    def _similar(
+        self, cache: _ItemCache, items: list[str], k: int, stale: bool, only: Collection[str] | None = None
+    ) -> dict[str, SimilarItems]:
         hidden = self._hidden()
         rows = [cache.index.get(i, -1) for i in items]
         known = [n for n, r in enumerate(rows) if r >= 0 and cache.has_direction[r]]
         out: dict[str, SimilarItems] = {}
         if known:
             with self._gate:
-                ids, top = cosine_top_k(cache.unit, [rows[n] for n in known], k, self._rows(cache, hidden))
+                excl = self._excluded_rows(cache, hidden, only)
+                ids, top = cosine_top_k(cache.unit, [rows[n] for n in known], k, excl)
             for n, row_ids, row_scores in zip(known, ids, top):
                 keep = row_ids >= 0
                 best = [cache.ids[j] for j in row_ids[keep]]
@@ -464,7 +490,7 @@ class Recommender:
         missing = [i for i in items if i not in out]
         if missing:
             own = {i: (i,) for i in missing}
-            for i, (best, scores) in self._fallback(cache, missing, k, own, hidden, stale).items():
+            for i, (best, scores) in self._fallback(cache, missing, k, own, hidden, stale, only).items():
                 out[i] = SimilarItems(i, best, scores, True, cache.gen, stale)
         return {i: out[i] for i in items}
 
@@ -473,6 +499,15 @@ class Recommender:
         """``sigmoid(b + b_i)`` of each item (0 for an item without a row): the user-free P(click)."""
         b_i = np.array([cache.matrix[cache.index[i], -1] if i in cache.index else 0.0 for i in items], np.float32)
         return sigmoid(b_i + np.float32(cache.bias)).tolist()
+
+    @classmethod
+    def _by_bias_of(cls, cache: _ItemCache, items: Collection[str], n: int) -> list[str]:
+        """The ``n`` items of ``items`` (those with a row) with the largest bias, best first."""
+        rows = np.array(cls._rows(cache, items), dtype=np.intp)
+        if not rows.size:
+            return []
+        ids, _ = top_k(cache.matrix[None, rows, -1], n)
+        return [cache.ids[rows[j]] for j in ids[0] if j >= 0]
 
     @staticmethod
     def _by_bias(cache: _ItemCache, n: int) -> list[str]:
@@ -499,16 +534,23 @@ class Recommender:
         exclude: Mapping[str, Collection[str]],
         hidden: Collection[str],
         stale: bool = False,
+        only: Collection[str] | None = None,
     ) -> dict[str, tuple[list[str], list[float]]]:
         """``(items, sigmoid(b + b_i))`` per key: the generation's most popular items (read fresh, or those
         cached at load when ``stale``; the largest item biases without any popularity), minus the key's
-        ``exclude`` items and the ``hidden`` ones."""
+        ``exclude`` items and the ``hidden`` ones. With ``only``, items outside it are dropped and the list
+        is topped up with ``only``'s items of the largest bias (popular ones first)."""
         n = k + max((len(exclude.get(u, ())) for u in keys), default=0) + len(hidden)
         if stale:
             top = cache.popular[:n]
         else:
             top = [item for item, _ in self.store.popular_items(cache.gen, n)]
         top = top or self._by_bias(cache, n)
+        if only is not None:
+            allowed = only if isinstance(only, (set, frozenset)) else set(only)
+            top = [i for i in top if i in allowed]
+            have = set(top)
+            top += [i for i in self._by_bias_of(cache, allowed, n) if i not in have]
         prior = dict(zip(top, self._prior(cache, top)))
         hide = set(hidden)
         out = {}

@@ -21,13 +21,14 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from workers.serving.lookup import EmptyModel, NoModel, StoreLost
-from workers.serving.queries import DASHBOARD_MAX_TOP, DASHBOARD_TOP, MAX_ID_BYTES, default_k
+from workers.serving.queries import DASHBOARD_MAX_TOP, DASHBOARD_TOP, MAX_CATEGORY_BYTES, MAX_ID_BYTES, default_k
 
 __all__ = ["UNAVAILABLE_REASONS", "openapi_document"]
 
 UNAVAILABLE_REASONS = (NoModel.reason, EmptyModel.reason, StoreLost.reason, "redis_timeout", "redis_unavailable")
 _REF = "#/components/schemas/"
 _NO_CONTROLS = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"  # no character of Unicode category Cc
+_NO_COMMA = "^[^\\x00-\\x1f\\x7f-\\x9f,]+$"  # ... and no comma (a category name)
 
 
 def _package_version() -> str:
@@ -46,6 +47,20 @@ def _id_param(name: str, what: str, example: str) -> dict[str, Any]:
         "for ASCII ids; longer UTF-8 encodings reach the byte limit sooner), no control characters",
         "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROLS},
         "example": example,
+    }
+
+
+def _category_param() -> dict[str, Any]:
+    return {
+        "name": "category",
+        "in": "query",
+        "required": False,
+        "description": "only items whose catalogue state (<prefix>.items) lists this category: "
+        f"1..{MAX_CATEGORY_BYTES} "
+        "bytes of UTF-8, no control characters, no comma. A category no item has gives an empty `items` list "
+        "(200), not an error; so does any category while the catalogue is off (see /healthz `catalog`)",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_CATEGORY_BYTES, "pattern": _NO_COMMA},
+        "example": "books",
     }
 
 
@@ -118,6 +133,35 @@ def _schemas() -> dict[str, Any]:
             "cached_items": {"type": "integer"},
             "reason": {"enum": list(UNAVAILABLE_REASONS)},
             "error": {"type": "string"},
+            "catalog": {
+                "type": "object",
+                "required": ["state"],
+                "description": "the catalogue follower (never makes /healthz fail): state off, starting, "
+                "unavailable (no broker: nothing hidden), waiting_for_topic, loading, following or stopped; "
+                "its items with state, items hidden now, categories, records applied, bad records skipped",
+                "properties": {
+                    "state": {
+                        "enum": [
+                            "off",
+                            "starting",
+                            "unavailable",
+                            "waiting_for_topic",
+                            "loading",
+                            "following",
+                            "stopped",
+                        ]
+                    },
+                    "topic": {"type": "string"},
+                    "loaded": {"type": "boolean"},
+                    "items": {"type": "integer"},
+                    "hidden_now": {"type": "integer"},
+                    "categories": {"type": "integer"},
+                    "records": {"type": "integer"},
+                    "bad_records": {"type": "integer"},
+                    "last_bad_record": {"type": "string"},
+                    "error": {"type": "string"},
+                },
+            },
         },
     }
     return {
@@ -239,7 +283,7 @@ def _paths(max_k: int) -> dict[str, Any]:
         "/recommend": {
             "get": {
                 "operationId": "recommend",
-                "summary": "top-k items for a user by P(click), seen items excluded",
+                "summary": "top-k items for a user by P(click), seen, hidden and expired items excluded",
                 "parameters": [
                     _id_param("user", "user", "u1"),
                     _k_param(max_k),
@@ -251,6 +295,7 @@ def _paths(max_k: int) -> dict[str, Any]:
                         "schema": {"type": "string", "enum": ["0", "1"], "default": "1"},
                         "example": "0",
                     },
+                    _category_param(),
                 ],
                 "responses": _lookup_responses("Recommendation"),
             }
@@ -258,8 +303,9 @@ def _paths(max_k: int) -> dict[str, Any]:
         "/similar": {
             "get": {
                 "operationId": "similar",
-                "summary": "the items most similar to an item (cosine of latent vectors), the item excluded",
-                "parameters": [_id_param("item", "item", "i1"), _k_param(max_k)],
+                "summary": "the items most similar to an item (cosine of latent vectors), the item, hidden and "
+                "expired items excluded",
+                "parameters": [_id_param("item", "item", "i1"), _k_param(max_k), _category_param()],
                 "responses": _lookup_responses("SimilarItems"),
             }
         },

@@ -18,6 +18,13 @@ Put a reverse proxy in front for TLS.
   the items nearest to ``I`` by cosine of the latent vectors, ``I`` itself excluded
   (:meth:`Recommender.similar`). ``item`` and ``k`` are validated as ``user`` and ``k`` above. An item
   without a vector gets the generation's popular items, scored ``sigmoid(b + b_i)``, ``"fallback": true``.
+- ``&category=C`` (both routes, optional): only items whose catalogue state lists ``C``; a category no item
+  has (or any category while the catalogue is off) gives an empty ``items`` list, not an error.
+- Catalogue: ``zerocf serve`` follows ``<p>.items`` (:class:`stream.catalog.CatalogView`, on unless
+  ``ZEROCF_SERVE_CATALOG=0``) and never returns an item that is hidden or expired now (user top-k, similar
+  items, both fallbacks, stale answers). The view connects in the background: without a reachable broker
+  serve still serves (nothing hidden, no categories), logs it once and shows it in ``/healthz``'s
+  ``catalog`` detail (which never makes ``/healthz`` fail: the model is still served).
 - ``GET /healthz`` -> 200 when Redis answers and holds the model being served, else 503 (JSON either way,
   with a ``reason`` when 503).
 - ``GET /metrics`` -> Prometheus text: requests by path and status, latency histogram, cache refreshes,
@@ -62,7 +69,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stream.config import KAFKA_FIELDS, TOP_LEVEL, add_flags, flag_overrides, load
+from stream.catalog import CatalogView, catalog_consumer, items_topic
+from stream.config import KAFKA_FIELDS, TOP_LEVEL, KafkaSettings, add_flags, flag_overrides, load
 from stream.errors import ConfigError, ServiceUnavailable
 from stream.runtime import Response, RoutingServer, health_route, json_response, metrics_route
 from workers.config import ServeConfig
@@ -94,8 +102,19 @@ _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class _Metrics:
     """Per-server registry, so several in-process servers (tests) never clash."""
 
-    def __init__(self, rec: Recommender) -> None:
+    def __init__(self, rec: Recommender, catalog: CatalogView | None = None) -> None:
         self.registry = CollectorRegistry()
+        if catalog is not None:
+            view = catalog
+            Gauge("zerocf_serve_catalog_records", "catalogue records applied", registry=self.registry).set_function(
+                lambda: view.records
+            )
+            Gauge(
+                "zerocf_serve_catalog_bad_records", "catalogue records skipped as invalid", registry=self.registry
+            ).set_function(lambda: view.bad_records)
+            Gauge(
+                "zerocf_serve_catalog_hidden_items", "items hidden or expired now", registry=self.registry
+            ).set_function(lambda: len(view.hidden_now()))
         self.requests = Counter(
             "zerocf_serve_requests", "HTTP requests by path and status", ["path", "status"], registry=self.registry
         )
@@ -142,12 +161,14 @@ class RecommendServer(RoutingServer):
         max_k: int,
         settings: ServeSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        catalog: CatalogView | None = None,
     ) -> None:
         self.recommender, self.max_k = recommender, int(max_k)
         self.settings = settings or ServeSettings()
+        self.catalog = catalog
         self._clock = clock
         self._last_ok = clock()  # the last moment Redis answered a request or a refresh
-        self.metrics = _Metrics(recommender)
+        self.metrics = _Metrics(recommender, catalog)
         Gauge(
             "zerocf_serve_open_connections", "client connections being served", registry=self.metrics.registry
         ).set_function(lambda: self.open_connections)
@@ -158,7 +179,7 @@ class RecommendServer(RoutingServer):
         routes = {
             "/recommend": self._recommend,
             "/similar": self._similar,
-            "/healthz": health_route(lambda: health(recommender)),
+            "/healthz": health_route(lambda: health(recommender, catalog)),
             "/metrics": metrics_route(self.metrics.registry),
             "/openapi.json": lambda _query: openapi_body,
             "/": lambda _query: page,
@@ -180,27 +201,35 @@ class RecommendServer(RoutingServer):
         self.metrics.requests.labels(path, str(code)).inc()
         self.metrics.latency.labels(path).observe(seconds)
 
+    def _only(self, category: str | None) -> frozenset[str] | None:
+        """The items of ``category`` (None: no filter); no catalogue means no item has a category."""
+        if category is None:
+            return None
+        return frozenset() if self.catalog is None else self.catalog.items_of(category)
+
     def _recommend(self, query: str) -> Response:
         try:
-            user, k, exclude = parse_recommend_query(query, self.max_k)
+            user, k, exclude, category = parse_recommend_query(query, self.max_k)
         except BadRequest as exc:
             return json_response(400, {"error": str(exc)})
+        only = self._only(category)
         try:
-            rec = self.recommender.recommend(user, k, exclude)
+            rec = self.recommender.recommend(user, k, exclude, only=only)
         except (NoModel, redis.RedisError) as exc:
-            return self._unavailable(user, k, exc)
+            return self._unavailable(user, k, exc, only=only)
         self._last_ok = self._clock()
         return self._answer(rec)
 
     def _similar(self, query: str) -> Response:
         try:
-            item, k = parse_similar_query(query, self.max_k)
+            item, k, category = parse_similar_query(query, self.max_k)
         except BadRequest as exc:
             return json_response(400, {"error": str(exc)})
+        only = self._only(category)
         try:
-            found = self.recommender.similar(item, k)
+            found = self.recommender.similar(item, k, only=only)
         except (NoModel, redis.RedisError) as exc:
-            return self._unavailable(item, k, exc, similar=True)
+            return self._unavailable(item, k, exc, similar=True, only=only)
         self._last_ok = self._clock()
         return self._answer(found)
 
@@ -220,7 +249,9 @@ class RecommendServer(RoutingServer):
             doc["reason"] = reason
         return json_response(200, doc)
 
-    def _unavailable(self, key: str, k: int, exc: Exception, *, similar: bool = False) -> Response:
+    def _unavailable(
+        self, key: str, k: int, exc: Exception, *, similar: bool = False, only: frozenset[str] | None = None
+    ) -> Response:
         """503 with the reason, or within ``stale_s`` of Redis last answering, the cache's stale answer."""
         reason, message = unavailable_reason(exc, self.settings.redis_timeout_s)
         if isinstance(exc, redis.RedisError):
@@ -229,7 +260,8 @@ class RecommendServer(RoutingServer):
         if self.settings.stale_s > 0 and since <= self.settings.stale_s and self.recommender.generation is not None:
             self.metrics.stale.inc()
             rec = self.recommender
-            return self._answer(rec.similar_stale(key, k) if similar else rec.recommend_stale(key, k), reason)
+            stale = rec.similar_stale(key, k, only=only) if similar else rec.recommend_stale(key, k, only=only)
+            return self._answer(stale, reason)
         return json_response(503, {"error": message, "reason": reason})
 
 
@@ -250,8 +282,22 @@ def unavailable_reason(exc: Exception, redis_timeout_s: float) -> tuple[str, str
     return "redis_unavailable", f"Redis unavailable ({type(exc).__name__}); retry later, and check that Redis is up"
 
 
-def health(rec: Recommender) -> tuple[bool, dict[str, Any]]:
-    """``(ok, detail)``: ok when Redis answers, holds a model, and has not lost the one being served."""
+def catalog_detail(catalog: CatalogView | None) -> dict[str, Any]:
+    """``/healthz``'s ``catalog`` entry: the view's status, or ``{"state": "off"}``."""
+    return {"state": "off"} if catalog is None else catalog.status()
+
+
+def health(rec: Recommender, catalog: CatalogView | None = None) -> tuple[bool, dict[str, Any]]:
+    """``(ok, detail)``: ok when Redis answers, holds a model, and has not lost the one being served.
+
+    ``detail["catalog"]`` tells how the catalogue follower is doing; it never makes the answer not ok (the
+    model is served either way, without hiding anything when the catalogue is away).
+    """
+    ok, detail = _model_health(rec)
+    return ok, {**detail, "catalog": catalog_detail(catalog)}
+
+
+def _model_health(rec: Recommender) -> tuple[bool, dict[str, Any]]:
     ns = rec.store.keys.ns
     try:
         live = rec.store.live_generation()
@@ -305,24 +351,30 @@ def make_server(
     *,
     max_k: int | None = None,
     settings: ServeSettings | None = None,
+    catalog: CatalogView | None = None,
 ) -> RecommendServer:
     """Bind a :class:`RecommendServer` (not yet serving: run ``serve_forever`` in a thread).
 
     ``source`` is a config (a store and recommender are built from it, refreshing on the request path)
     or a ready :class:`Recommender`. ``host``/``port`` default to the config's, or ``127.0.0.1``/0 (a
     free port, read back from ``server.port``) for a recommender; ``max_k`` likewise (1000); ``settings``
-    (timeouts, connection limit, stale serving) default to :class:`ServeSettings`'s defaults.
+    (timeouts, connection limit, stale serving) default to :class:`ServeSettings`'s defaults. ``catalog``
+    (a started :class:`CatalogView`) serves ``category`` and ``/healthz``'s catalogue detail; a recommender
+    built here from a config also hides its ``hidden_now()`` (a ready recommender brings its own hook).
     """
     settings = settings or ServeSettings()
     if isinstance(source, ServeConfig):
         store, reload_store = serving_stores(source, settings)
-        rec = Recommender(store, source.item_refresh_s, reload_store=reload_store, gate=compute_gate(settings))
+        hidden = None if catalog is None else catalog.hidden_now
+        rec = Recommender(
+            store, source.item_refresh_s, reload_store=reload_store, gate=compute_gate(settings), hidden=hidden
+        )
         host = source.host if host is None else host
         port = source.port if port is None else port
         max_k = source.max_k if max_k is None else max_k
     else:
         rec = source
-    server = RecommendServer((host or "127.0.0.1", int(port or 0)), rec, max_k or 1000, settings)
+    server = RecommendServer((host or "127.0.0.1", int(port or 0)), rec, max_k or 1000, settings, catalog=catalog)
     log.info(
         "serving http://%s:%d/ (dashboard), /recommend, /similar and /openapi.json "
         "(max_k=%d, max_connections=%d, redis_timeout_s=%g, stale_s=%g)",
@@ -352,10 +404,14 @@ def run(args: argparse.Namespace) -> int:
     _pin_blas()
     store, reload_store = serving_stores(cfg, settings, check=True)
     gate = compute_gate(settings)
-    rec = Recommender(store, cfg.item_refresh_s, auto_refresh=False, reload_store=reload_store, gate=gate)
+    catalog = start_catalog(args.env, cfg.topic_prefix) if settings.catalog else None
+    hidden = None if catalog is None else catalog.hidden_now
+    rec = Recommender(
+        store, cfg.item_refresh_s, auto_refresh=False, reload_store=reload_store, gate=gate, hidden=hidden
+    )
     last_error = _refresh(rec, "")
     try:
-        server = make_server(rec, cfg.host, cfg.port, max_k=cfg.max_k, settings=settings)
+        server = make_server(rec, cfg.host, cfg.port, max_k=cfg.max_k, settings=settings, catalog=catalog)
     except (OSError, OverflowError) as exc:
         raise ConfigError(
             f"cannot serve on {cfg.host}:{cfg.port}: {exc}; pick a free port (ZEROCF_SERVE_PORT / --port) "
@@ -366,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     thread.start()
     extra = None
     if cfg.runtime.metrics_port and cfg.runtime.metrics_port != server.port:
-        extra = start_http(cfg.runtime.metrics_port, lambda: health(rec), server.metrics.registry, cfg.host)
+        extra = start_http(cfg.runtime.metrics_port, lambda: health(rec, catalog), server.metrics.registry, cfg.host)
     try:
         while not stop.wait(min(1.0, max(0.05, cfg.item_refresh_s))):
             last_error = _refresh(rec, last_error)
@@ -377,7 +433,18 @@ def run(args: argparse.Namespace) -> int:
         server.server_close()
         if extra is not None:
             extra.shutdown()
+        if catalog is not None:
+            catalog.stop()
     return 0
+
+
+def start_catalog(env: Any, prefix: str) -> CatalogView:
+    """Follow ``<prefix>.items`` in the background with the Kafka settings of the environment (serve has no
+    Kafka flags): returns at once; a broker that does not answer only leaves the catalogue empty."""
+    kafka = load(KafkaSettings, env)
+    topic = items_topic(prefix)
+    log.info("catalogue: following %s at %s (ZEROCF_SERVE_CATALOG=0 turns it off)", topic, kafka.bootstrap)
+    return CatalogView(lambda: catalog_consumer(kafka, "zerocf-serve-catalog"), topic).start()
 
 
 def _pin_blas() -> None:

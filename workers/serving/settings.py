@@ -57,6 +57,13 @@ class ServeSettings:
         unit="s",
     )
 
+    catalog: bool = setting(
+        True,
+        "SERVE_CATALOG",
+        "follow the catalogue topic <prefix>.items (hidden/expired items, categories; Kafka settings from "
+        "ZEROCF_KAFKA_*); without a reachable broker serve still serves, hiding nothing",
+    )
+
     def __post_init__(self) -> None:
         check_ranges(
             self,
