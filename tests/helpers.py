@@ -13,8 +13,11 @@ import json
 import random
 import re
 import signal
+import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -36,7 +39,7 @@ from stream.errors import InvalidEvent
 from stream.events import Event
 from stream.kafka_util import read_topic
 from stream.replay.datasets import Interaction
-from workers.store import FactorStore
+from workers.store import GLOBAL_ROW, FactorStore
 
 TS = 1_700_000_000_000  # a valid event time (2023-11-14)
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # ../shared beside the checkout
@@ -133,6 +136,59 @@ def health_status(port: int) -> int | None:
         return int(exc.code)
     except OSError:
         return None
+
+
+S = TypeVar("S", bound=socketserver.BaseServer)
+
+
+@contextmanager
+def serving_in_thread(server: S) -> Iterator[S]:
+    """Run an in-process HTTP server in a thread; shut it down and close it on exit."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+TINY_BIAS = -0.2  # the global bias of :func:`tiny_model`
+
+
+def tiny_model(store: FactorStore) -> None:
+    """A k = 2 generation 1 for the serving tests. Rows are (latent, bias). For u1 = (2, 1; 0.1),
+    b_i + p.q is b 2.5 (by its bias), a 2, c -2."""
+    store.ensure_model(2)
+    items = np.array([[1, 0, 0], [0, 1, 1.5], [-1, 0, 0], [0, 0, TINY_BIAS]], dtype=np.float32)
+    store.write_vectors(1, "item", ["a", "b", "c", GLOBAL_ROW], items)
+    store.write_vectors(1, "user", ["u1"], np.array([[2, 1, 0.1]], dtype=np.float32))
+    store.write_counts(1, {"c": 5, "b": 3})
+    store.write_popularity(1, {"b": 2.0, "c": 1.0}, ref_ms=TS)  # the fallback follows this, not the counts
+
+
+def http_get(srv: Any, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of ``method path`` on a local server (or port); HTTP errors are returned."""
+    port = srv if isinstance(srv, int) else srv.port
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def http_head(srv: Any, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A raw HEAD: status, headers and every byte sent after them (http.client would discard a body)."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(f"HEAD {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+        raw = b""
+        while chunk := sock.recv(65536):  # HTTP/1.0: the server closes after the response
+            raw += chunk
+    head_, _, rest = raw.partition(b"\r\n\r\n")
+    status, *lines = head_.decode("latin-1").split("\r\n")
+    return int(status.split()[1]), dict(ln.split(": ", 1) for ln in lines), rest
 
 
 # ------------------------------------------------------------------- waiting

@@ -23,8 +23,7 @@ from stream import kafka_util
 from stream.catalog import CatalogView, catalog_consumer, items_topic
 from stream.config import KafkaSettings, load
 from stream.devstack import free_port
-from tests.helpers import wait_until
-from tests.integration.test_serve import build, get
+from tests.helpers import http_get, tiny_model, wait_until
 from workers.serving import items_cli
 from workers.serving.lookup import Recommender
 from workers.serving.server import RecommendServer, make_server
@@ -59,7 +58,7 @@ def serving(store: FactorStore, env: dict[str, str]) -> Iterator[tuple[Recommend
 
 @pytest.fixture()
 def served(store: FactorStore, zerocf_env: dict[str, str]) -> Iterator[tuple[RecommendServer, CatalogView]]:
-    build(store)  # u1 ranks b, a, c; similar(a) is b, c; the fallback (popularity) is b, c
+    tiny_model(store)  # u1 ranks b, a, c; similar(a) is b, c; the fallback (popularity) is b, c
     with serving(store, zerocf_env) as pair:
         yield pair
 
@@ -82,7 +81,7 @@ def answers(srv: RecommendServer | int, category: str | None = None) -> dict[str
     extra = f"&category={category}" if category else ""
     out = {}
     for name, path in (("user", "/recommend?user=u1"), ("similar", "/similar?item=a"), ("ghost", "/recommend?user=g")):
-        code, _, body = get(srv, f"{path}&k=10{extra}")
+        code, _, body = http_get(srv, f"{path}&k=10{extra}")
         assert code == 200, body
         out[name] = [e["item"] for e in json.loads(body)["items"]]
     return out
@@ -97,12 +96,12 @@ def test_hide_then_show_through_the_topic(served: tuple[RecommendServer, Catalog
                        "categories": []}  # fmt: skip
     wait_until("b disappears", lambda: "b" not in sum(answers(srv).values(), []), WAIT_S)
     assert answers(srv) == {"user": ["a", "c"], "similar": ["c"], "ghost": ["c"]}
-    code, _, body = get(srv, "/recommend?user=u1&exclude_seen=0")
+    code, _, body = http_get(srv, "/recommend?user=u1&exclude_seen=0")
     assert "b" not in [e["item"] for e in json.loads(body)["items"]]
-    health = json.loads(get(srv, "/healthz")[2])
+    health = json.loads(http_get(srv, "/healthz")[2])
     assert health["ok"] is True and health["catalog"]["state"] == "following"
     assert (health["catalog"]["hidden_now"], health["catalog"]["bad_records"]) == (1, 0)
-    assert "zerocf_serve_catalog_hidden_items 1.0" in get(srv, "/metrics")[2].decode()
+    assert "zerocf_serve_catalog_hidden_items 1.0" in http_get(srv, "/metrics")[2].decode()
     items(zerocf_env, "show", "b")
     wait_until("b is back", lambda: answers(srv)["user"] == ["b", "a", "c"], WAIT_S)
     assert answers(srv) == {"user": ["b", "a", "c"], "similar": ["b", "c"], "ghost": ["b", "c"]}
@@ -140,7 +139,7 @@ def test_categories_filter(served: tuple[RecommendServer, CatalogView], zerocf_e
     wait_until("c hidden", lambda: "c" in view.hidden_now(), WAIT_S)
     assert answers(srv, "books") == {"user": ["a"], "similar": [], "ghost": ["a"]}
     assert view.items_of("sale") == {"a"}  # c's new state has no 'sale': the record is the whole state
-    code, _, body = get(srv, "/recommend?user=u1&category=a,b")
+    code, _, body = http_get(srv, "/recommend?user=u1&category=a,b")
     assert code == 400 and "category" in json.loads(body)["error"]
 
 
@@ -171,18 +170,18 @@ def test_malformed_record_is_skipped_and_counted(served: tuple[RecommendServer, 
         producer.close(timeout=5)
     wait_until("the good record after the bad ones applies", lambda: "b" in view.hidden_now(), WAIT_S)
     assert view.hidden_now() == {"b"} and (view.bad_records, view.records) == (3, 1)
-    detail = json.loads(get(srv, "/healthz")[2])["catalog"]
+    detail = json.loads(http_get(srv, "/healthz")[2])["catalog"]
     assert detail["bad_records"] == 3 and "send true or false" in detail["last_bad_record"]
-    assert "zerocf_serve_catalog_bad_records 3.0" in get(srv, "/metrics")[2].decode()
+    assert "zerocf_serve_catalog_bad_records 3.0" in http_get(srv, "/metrics")[2].decode()
 
 
 def test_serve_without_a_broker_still_serves(store: FactorStore, zerocf_env: dict) -> None:
-    build(store)
+    tiny_model(store)
     env = {**zerocf_env, "ZEROCF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}  # nothing listens there
     with serving(store, env) as (srv, view):
         assert answers(srv) == {"user": ["b", "a", "c"], "similar": ["b", "c"], "ghost": ["b", "c"]}
         wait_until("the view reports the broker away", lambda: view.status()["state"] == "unavailable", 90)
-        code, _, body = get(srv, "/healthz")
+        code, _, body = http_get(srv, "/healthz")
         health = json.loads(body)
         assert code == 200 and health["ok"] is True and health["catalog"]["state"] == "unavailable"
         assert "no Kafka broker answers" in health["catalog"]["error"]
@@ -190,7 +189,7 @@ def test_serve_without_a_broker_still_serves(store: FactorStore, zerocf_env: dic
 
 
 def test_serve_command_follows_the_catalogue(zerocf_env: dict[str, str], store: FactorStore) -> None:
-    build(store)
+    tiny_model(store)
     port = free_port()
     env = {**zerocf_env, "ZEROCF_SERVE_HOST": "127.0.0.1", "ZEROCF_SERVE_PORT": str(port)}
     proc = subprocess.Popen(
@@ -200,7 +199,7 @@ def test_serve_command_follows_the_catalogue(zerocf_env: dict[str, str], store: 
 
     def users_items() -> list[str] | None:
         try:
-            code, _, body = get(port, "/recommend?user=u1&k=10")
+            code, _, body = http_get(port, "/recommend?user=u1&k=10")
         except OSError:
             return None
         return [e["item"] for e in json.loads(body)["items"]] if code == 200 else None
@@ -209,7 +208,7 @@ def test_serve_command_follows_the_catalogue(zerocf_env: dict[str, str], store: 
         wait_until("serve answers", lambda: users_items() is not None, 60, proc)
         items(zerocf_env, "hide", "a")
         wait_until("serve hides a", lambda: users_items() == ["b", "c"], WAIT_S, proc)
-        health = json.loads(get(port, "/healthz")[2])
+        health = json.loads(http_get(port, "/healthz")[2])
         assert health["catalog"]["state"] == "following" and health["catalog"]["hidden_now"] == 1
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

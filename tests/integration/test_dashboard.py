@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +21,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 
-from tests.helpers import TS, wait_until
-from tests.integration.test_serve import get
+from tests.helpers import TS, http_get, serving_in_thread, wait_until
 from workers.serving.dashboard import dashboard_page
 from workers.serving.lookup import Recommender
 from workers.serving.server import RecommendServer, make_server
@@ -71,15 +69,8 @@ def store(zerocf_env: dict[str, str]) -> FactorStore:
 
 @pytest.fixture()
 def server(store: FactorStore) -> Iterator[RecommendServer]:
-    srv = make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(10)
 
 
 def build(store: FactorStore) -> None:
@@ -98,7 +89,7 @@ def build(store: FactorStore) -> None:
 
 
 def api(srv: RecommendServer, path: str) -> dict[str, Any]:
-    code, _, body = get(srv, path)
+    code, _, body = http_get(srv, path)
     assert code == 200, body
     doc: dict[str, Any] = json.loads(body)
     return doc
@@ -210,7 +201,7 @@ def test_dashboard_in_chromium(browser: Any, server: RecommendServer, store: Fac
 
 
 def test_dashboard_without_a_model_says_so(browser: Any, server: RecommendServer) -> None:
-    code, _, body = get(server, "/api/dashboard")
+    code, _, body = http_get(server, "/api/dashboard")
     assert code == 503 and json.loads(body)["reason"] == "no_model"
     browser.get_log("browser")
     browser.get(f"http://127.0.0.1:{server.port}/")
@@ -232,5 +223,5 @@ def test_dashboard_api_validation_and_rate(server: RecommendServer, store: Facto
     rate = api(server, "/api/dashboard")["applied"]["rate_per_s"]
     assert 0 < rate <= 1000 / 1.05
     for query, fragment in (("top=0", "top='0'"), ("top=101", "1..100"), ("n=3", "unknown parameter 'n'; use top")):
-        code, _, body = get(server, "/api/dashboard?" + query)
+        code, _, body = http_get(server, "/api/dashboard?" + query)
         assert code == 400 and fragment in json.loads(body)["error"], query

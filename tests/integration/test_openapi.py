@@ -6,7 +6,6 @@ documented response schemas (checked by a small validator of the JSON Schema sub
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
@@ -14,7 +13,7 @@ from urllib.parse import urlencode
 import pytest
 import redis
 
-from tests.integration.test_serve import build, get, head
+from tests.helpers import http_get, http_head, serving_in_thread, tiny_model
 from workers.serving.lookup import EmptyModel, NoModel, Recommender, StoreLost
 from workers.serving.openapi import UNAVAILABLE_REASONS, openapi_document
 from workers.serving.server import RecommendServer, make_server, unavailable_reason
@@ -30,15 +29,8 @@ def store(redis_url: str, topic_prefix: str) -> FactorStore:
 
 @pytest.fixture()
 def server(store: FactorStore) -> Iterator[RecommendServer]:
-    srv = make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(10)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -89,7 +81,7 @@ def conforms(doc: dict[str, Any], schema: dict[str, Any], value: Any, where: str
 
 def call(srv: RecommendServer, doc: dict[str, Any], path: str, params: dict[str, str]) -> tuple[int, Any]:
     """GET ``path`` with ``params``; assert the answer matches the schema documented for its status."""
-    code, headers, body = get(srv, path + ("?" + urlencode(params) if params else ""))
+    code, headers, body = http_get(srv, path + ("?" + urlencode(params) if params else ""))
     responses = doc["paths"][path]["get"]["responses"]
     assert str(code) in responses, f"{path} {params}: status {code} is not documented"
     content = responses[str(code)]["content"]
@@ -120,7 +112,7 @@ def probes(param: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def test_every_route_the_server_answers_is_documented(server: RecommendServer, store: FactorStore) -> None:
-    build(store)
+    tiny_model(store)
     code, doc = call(server, server.openapi, "/openapi.json", {})
     assert code == 200 and doc == openapi_document(MAX_K) == server.openapi
     assert doc["openapi"].startswith("3.1.") and doc["info"]["title"] and doc["info"]["version"]
@@ -133,17 +125,17 @@ def test_every_route_the_server_answers_is_documented(server: RecommendServer, s
         query = path + ("?" + urlencode(params) if params else "")
         code, _ = call(server, doc, path, params)
         assert code == 200, path
-        hcode, _, rest = head(server, query)
+        hcode, _, rest = http_head(server, query)
         assert hcode == code and str(hcode) in item["head"]["responses"] and rest == b"", path
         assert item["head"]["parameters"] == item["get"].get("parameters", [])
-    assert get(server, "/undocumented")[0] == 404
+    assert http_get(server, "/undocumented")[0] == 404
 
 
 @pytest.mark.parametrize("path", ["/recommend", "/similar", "/api/dashboard"])
 def test_documented_parameters_are_what_the_handler_validates(
     server: RecommendServer, store: FactorStore, path: str
 ) -> None:
-    build(store)
+    tiny_model(store)
     doc = server.openapi
     params = doc["paths"][path]["get"]["parameters"]
     assert all(p["in"] == "query" for p in params)
@@ -172,7 +164,7 @@ def test_unavailable_answers_match_the_document(server: RecommendServer, store: 
     for path, params in (("/recommend", {"user": "u1"}), ("/similar", {"item": "a"})):
         code, body = call(server, doc, path, params)
         assert (code, body["reason"]) == (503, "no_model")
-    code, _, body = get(server, "/healthz")
+    code, _, body = http_get(server, "/healthz")
     assert code == 503
     conforms(doc, doc["paths"]["/healthz"]["get"]["responses"]["503"]["content"]["application/json"]["schema"],
              json.loads(body))  # fmt: skip

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,13 +13,13 @@ import numpy as np
 import pytest
 
 from stream.devstack import free_port
-from tests.helpers import TS, wait_until
+from tests.helpers import TINY_BIAS, TS, http_get, http_head, serving_in_thread, tiny_model, wait_until
 from workers.serving.lookup import Recommender
 from workers.serving.server import RecommendServer, make_server
-from workers.store import GLOBAL_ROW, FactorStore
+from workers.store import FactorStore
 
 MAX_K = 50
-B = -0.2  # the global bias
+B = TINY_BIAS  # the global bias
 
 
 @pytest.fixture()
@@ -33,39 +29,12 @@ def store(redis_url: str, topic_prefix: str) -> FactorStore:
 
 @pytest.fixture()
 def server(store: FactorStore) -> Iterator[RecommendServer]:
-    srv = make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(10)
 
 
 def sig(x: list[float]) -> np.ndarray:
     return 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
-def build(store: FactorStore) -> None:
-    """Rows are (latent, bias). For u1 = (2, 1; 0.1), b_i + p.q is b 2.5 (by its bias), a 2, c -2."""
-    store.ensure_model(2)
-    items = np.array([[1, 0, 0], [0, 1, 1.5], [-1, 0, 0], [0, 0, B]], dtype=np.float32)
-    store.write_vectors(1, "item", ["a", "b", "c", GLOBAL_ROW], items)
-    store.write_vectors(1, "user", ["u1"], np.array([[2, 1, 0.1]], dtype=np.float32))
-    store.write_counts(1, {"c": 5, "b": 3})
-    store.write_popularity(1, {"b": 2.0, "c": 1.0}, ref_ms=TS)  # the fallback follows this, not the counts
-
-
-def get(srv: RecommendServer | int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    port = srv if isinstance(srv, int) else srv.port
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
 
 
 def items_of(body: bytes) -> list[str]:
@@ -73,8 +42,8 @@ def items_of(body: bytes) -> list[str]:
 
 
 def test_recommend_contract(server: RecommendServer, store: FactorStore) -> None:
-    build(store)
-    code, headers, body = get(server, "/recommend?user=u1&k=2")
+    tiny_model(store)
+    code, headers, body = http_get(server, "/recommend?user=u1&k=2")
     assert code == 200 and headers["Content-Type"] == "application/json"
     doc = json.loads(body)
     assert set(doc) == {"user", "items", "fallback", "generation", "stale"}
@@ -82,37 +51,25 @@ def test_recommend_contract(server: RecommendServer, store: FactorStore) -> None
     assert [e["item"] for e in doc["items"]] == ["b", "a"]
     np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([B + 0.1 + 2.5, B + 0.1 + 2]), rtol=1e-6)
     store.add_seen([("u1", "b", TS)])
-    assert items_of(get(server, "/recommend?user=u1&k=2")[2]) == ["a", "c"]
-    assert items_of(get(server, "/recommend?user=u1&k=1&exclude_seen=0")[2]) == ["b"]
-    doc = json.loads(get(server, "/recommend?user=%C3%A9l%C3%A8ve")[2])
+    assert items_of(http_get(server, "/recommend?user=u1&k=2")[2]) == ["a", "c"]
+    assert items_of(http_get(server, "/recommend?user=u1&k=1&exclude_seen=0")[2]) == ["b"]
+    doc = json.loads(http_get(server, "/recommend?user=%C3%A9l%C3%A8ve")[2])
     assert (doc["user"], doc["fallback"], [e["item"] for e in doc["items"]]) == ("élève", True, ["b", "c"])
     np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([B + 1.5, B]), rtol=1e-6)  # sigmoid(b + b_i)
     store.add_seen([("élève", "b", TS)])
-    assert items_of(get(server, "/recommend?user=%C3%A9l%C3%A8ve")[2]) == ["c"]
-
-
-def head(srv: RecommendServer, path: str) -> tuple[int, dict[str, str], bytes]:
-    """A raw HEAD: status, headers and every byte sent after them (http.client would discard a body)."""
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
-        sock.sendall(f"HEAD {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
-        raw = b""
-        while chunk := sock.recv(65536):  # HTTP/1.0: the server closes after the response
-            raw += chunk
-    head_, _, rest = raw.partition(b"\r\n\r\n")
-    status, *lines = head_.decode("latin-1").split("\r\n")
-    return int(status.split()[1]), dict(ln.split(": ", 1) for ln in lines), rest
+    assert items_of(http_get(server, "/recommend?user=%C3%A9l%C3%A8ve")[2]) == ["c"]
 
 
 def test_head_is_get_without_body(server: RecommendServer, store: FactorStore) -> None:
-    build(store)
+    tiny_model(store)
     for path in ("/recommend?user=u1&k=2", "/healthz", "/metrics", "/recommend?user=u1&k=0", "/nope"):
-        code, headers, body = get(server, path)
-        hcode, hheaders, rest = head(server, path)
+        code, headers, body = http_get(server, path)
+        hcode, hheaders, rest = http_head(server, path)
         assert (hcode, rest) == (code, b""), path
         assert hheaders["Content-Type"] == headers["Content-Type"], path
         if path != "/metrics":  # the metrics body changes with every request
             assert int(hheaders["Content-Length"]) == len(body) > 0, path
-    text = get(server, "/metrics")[2].decode()
+    text = http_get(server, "/metrics")[2].decode()
     assert 'zerocf_serve_requests_total{path="/recommend",status="200"} 2.0' in text  # HEADs are counted too
 
 
@@ -135,28 +92,28 @@ def test_head_is_get_without_body(server: RecommendServer, store: FactorStore) -
     ],
 )
 def test_recommend_validation(server: RecommendServer, store: FactorStore, query: str, fragment: str) -> None:
-    build(store)
-    code, headers, body = get(server, "/recommend?" + query)
+    tiny_model(store)
+    code, headers, body = http_get(server, "/recommend?" + query)
     assert code == 400 and headers["Content-Type"] == "application/json"
     assert fragment in json.loads(body)["error"]
 
 
 def test_paths_methods_and_health(server: RecommendServer, store: FactorStore) -> None:
-    code, _, body = get(server, "/healthz")
+    code, _, body = http_get(server, "/healthz")
     assert code == 503 and json.loads(body)["ok"] is False and "no model" in json.loads(body)["error"]
-    code, _, body = get(server, "/recommend?user=u1")
+    code, _, body = http_get(server, "/recommend?user=u1")
     assert code == 503 and "zerocf als --once" in json.loads(body)["error"]
-    build(store)
-    code, _, body = get(server, "/healthz")
+    tiny_model(store)
+    code, _, body = http_get(server, "/healthz")
     assert code == 200 and json.loads(body)["ok"] is True and json.loads(body)["live_generation"] == 1
-    code, _, body = get(server, "/nope")
+    code, _, body = http_get(server, "/nope")
     assert code == 404 and "use /recommend" in json.loads(body)["error"]
     for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
-        code, headers, body = get(server, "/recommend?user=u1", method=method)
+        code, headers, body = http_get(server, "/recommend?user=u1", method=method)
         assert code == 405 and headers["Allow"] == "GET, HEAD", method
         assert f"method {method} not allowed; use GET" in json.loads(body)["error"]
-    assert get(server, "/recommend?user=ghost")[0] == 200
-    code, headers, body = get(server, "/metrics")
+    assert http_get(server, "/recommend?user=ghost")[0] == 200
+    code, headers, body = http_get(server, "/metrics")
     text = body.decode()
     assert code == 200 and headers["Content-Type"].startswith("text/plain")
     assert 'zerocf_serve_requests_total{path="/recommend",status="200"} 1.0' in text
@@ -171,18 +128,18 @@ def test_paths_methods_and_health(server: RecommendServer, store: FactorStore) -
 def test_internal_error_is_500_json_without_trace(
     server: RecommendServer, store: FactorStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    build(store)
+    tiny_model(store)
 
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(server.recommender, "recommend", boom)
-    code, _, body = get(server, "/recommend?user=u1")
+    code, _, body = http_get(server, "/recommend?user=u1")
     assert code == 500 and json.loads(body) == {"error": "internal error; see the server log"}
 
 
 def test_serve_command_refreshes_and_stops_on_sigterm(zerocf_env: dict[str, str], store: FactorStore) -> None:
-    build(store)
+    tiny_model(store)
     port = free_port()
     env = {**zerocf_env, "ZEROCF_SERVE_HOST": "127.0.0.1", "ZEROCF_SERVE_PORT": str(port)}
     env["ZEROCF_SERVE_ITEM_REFRESH_S"] = "0.2"
@@ -196,7 +153,7 @@ def test_serve_command_refreshes_and_stops_on_sigterm(zerocf_env: dict[str, str]
 
     def answer() -> dict[str, Any] | None:
         try:
-            code, _, body = get(port, "/recommend?user=u1&k=2")
+            code, _, body = http_get(port, "/recommend?user=u1&k=2")
         except OSError:
             return None
         return json.loads(body) if code == 200 else None
@@ -205,9 +162,9 @@ def test_serve_command_refreshes_and_stops_on_sigterm(zerocf_env: dict[str, str]
         wait_until("serve answers", lambda: answer() is not None, 60, proc)
         doc = answer()
         assert doc is not None and (doc["generation"], [e["item"] for e in doc["items"]]) == (1, ["b", "a"])
-        code, _, body = get(port, "/similar?item=a&k=2")  # the command serves /similar and its API document
+        code, _, body = http_get(port, "/similar?item=a&k=2")  # the command serves /similar and its API document
         assert code == 200 and items_of(body) == ["b", "c"] and json.loads(body)["fallback"] is False
-        code, _, body = get(port, "/openapi.json")
+        code, _, body = http_get(port, "/openapi.json")
         assert code == 200 and "/similar" in json.loads(body)["paths"]
         g = store.begin_generation("als")
         store.write_vectors(g, "user", ["u1"], np.array([[1, 1, 0]], dtype=np.float32))
@@ -217,7 +174,7 @@ def test_serve_command_refreshes_and_stops_on_sigterm(zerocf_env: dict[str, str]
         wait_until("serve picks up the new generation", lambda: (answer() or {}).get("generation") == g, 30, proc)
         doc = answer()
         assert doc is not None and [e["item"] for e in doc["items"]] == ["n1", "n0"]
-        assert items_of(get(port, "/similar?item=n0")[2]) == ["n1"]  # the new generation's unit matrix
+        assert items_of(http_get(port, "/similar?item=n0")[2]) == ["n1"]  # the new generation's unit matrix
         np.testing.assert_allclose([e["score"] for e in doc["items"]], sig([0.25 + 1.5, 0.25 + 1]), rtol=1e-6)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

@@ -20,8 +20,7 @@ import pytest
 import redis
 
 from stream.devstack import free_port
-from tests.helpers import wait_until
-from tests.integration.test_serve import build, get
+from tests.helpers import http_get, tiny_model, wait_until
 from workers.serving.lookup import Recommender
 from workers.serving.server import make_server
 from workers.store import FactorStore
@@ -60,7 +59,7 @@ def serve(env: dict[str, str], *flags: str) -> Iterator[int]:
 
 def _status(port: int, path: str) -> int | None:
     try:
-        return get(port, path)[0]
+        return http_get(port, path)[0]
     except OSError:
         return None
 
@@ -86,7 +85,7 @@ def test_an_empty_model_is_503_not_an_empty_list(store: FactorStore) -> None:
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        code, _, body = get(srv, "/recommend?user=u1")
+        code, _, body = http_get(srv, "/recommend?user=u1")
         doc = json.loads(body)
         assert code == 503 and doc["reason"] == "empty_model" and "has no items yet" in doc["error"], doc
     finally:
@@ -96,7 +95,7 @@ def test_an_empty_model_is_503_not_an_empty_list(store: FactorStore) -> None:
 
 def test_a_lost_store_is_503_with_a_reason(zerocf_env: dict[str, str], store: FactorStore) -> None:
     """Before: after Redis lost its data every user got 200 {"items": [], "fallback": true}, /healthz 503."""
-    build(store)
+    tiny_model(store)
     with serve(zerocf_env) as port:
         assert timed_get(port, "/recommend?user=u1&k=2", 5)[0] == 200
         store.r.flushdb()  # what an empty restart leaves: the server's connections survive, the data does not
@@ -112,7 +111,7 @@ def test_a_redis_pause_is_a_quick_503_or_a_flagged_stale_answer(
     zerocf_env: dict[str, str], store: FactorStore, redis_client: redis.Redis
 ) -> None:
     """Before: each request during a Redis pause hung until Redis answered (15 s socket timeout)."""
-    build(store)
+    tiny_model(store)
     with serve(zerocf_env) as strict, serve(zerocf_env, "--stale-s", "60") as lenient:
         for port in (strict, lenient):
             code, doc, _ = timed_get(port, "/recommend?user=u1&k=2", 5)

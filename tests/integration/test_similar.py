@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.test_serve import get, head
+from tests.helpers import http_get, http_head, serving_in_thread
 from workers.serving.lookup import Recommender
 from workers.serving.server import RecommendServer, make_server
 from workers.serving.settings import ServeSettings
@@ -48,15 +47,10 @@ def store(redis_url: str, topic_prefix: str) -> FactorStore:
 
 @contextmanager
 def serving(store: FactorStore, settings: ServeSettings | None = None) -> Iterator[RecommendServer]:
-    srv = make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K, settings=settings)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(
+        make_server(Recommender(store, refresh_s=0.0), "127.0.0.1", 0, max_k=MAX_K, settings=settings)
+    ) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(10)
 
 
 @pytest.fixture()
@@ -66,7 +60,7 @@ def server(store: FactorStore) -> Iterator[RecommendServer]:
 
 
 def doc_of(srv: RecommendServer, path: str) -> tuple[int, dict]:
-    code, headers, body = get(srv, path)
+    code, headers, body = http_get(srv, path)
     assert headers["Content-Type"] == "application/json", path
     return code, json.loads(body)
 
@@ -153,22 +147,22 @@ def test_stale_similar_within_stale_s(store: FactorStore) -> None:
         code, doc = doc_of(srv, "/similar?item=ghost&k=2")
         assert code == 200 and (doc["stale"], doc["fallback"]) == (True, True)
         assert [e["item"] for e in doc["items"]] == ["c", "a"]
-        text = get(srv, "/metrics")[2].decode()
+        text = http_get(srv, "/metrics")[2].decode()
         assert "zerocf_serve_stale_total 2.0" in text
 
 
 def test_head_and_metrics(server: RecommendServer, store: FactorStore) -> None:
     build(store)
     for path in ("/similar?item=a&k=2", "/similar?item=ghost", "/similar?k=0", "/openapi.json"):
-        code, headers, body = get(server, path)
-        hcode, hheaders, rest = head(server, path)
+        code, headers, body = http_get(server, path)
+        hcode, hheaders, rest = http_head(server, path)
         assert (hcode, rest) == (code, b""), path
         assert hheaders["Content-Type"] == headers["Content-Type"], path
         assert int(hheaders["Content-Length"]) == len(body) > 0, path
     for method in ("POST", "DELETE"):
-        code, headers, _ = get(server, "/similar?item=a", method=method)
+        code, headers, _ = http_get(server, "/similar?item=a", method=method)
         assert code == 405 and headers["Allow"] == "GET, HEAD"
-    text = get(server, "/metrics")[2].decode()
+    text = http_get(server, "/metrics")[2].decode()
     assert 'zerocf_serve_requests_total{path="/similar",status="200"} 4.0' in text  # 2 GETs + 2 HEADs
     assert 'zerocf_serve_requests_total{path="/similar",status="400"} 2.0' in text
     assert 'zerocf_serve_requests_total{path="/similar",status="405"} 2.0' in text

@@ -19,6 +19,7 @@ import pytest
 from stream.config import RuntimeSettings, load
 from stream.errors import ConfigError
 from stream.runtime import Response, RoutingServer, json_response, start_http
+from tests.helpers import serving_in_thread
 
 
 def test_metrics_bind_loopback_by_default_and_the_image_opens_them() -> None:
@@ -58,15 +59,8 @@ def _ok(_query: str) -> Response:
 
 @contextmanager
 def serving(**kw: Any) -> Iterator[RoutingServer]:
-    srv = RoutingServer(("127.0.0.1", 0), {"/ok": _ok}, **kw)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(RoutingServer(("127.0.0.1", 0), {"/ok": _ok}, **kw)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(10)
 
 
 def _get(port: int, path: str = "/ok") -> tuple[int, bytes]:
