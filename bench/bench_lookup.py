@@ -47,8 +47,10 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -235,22 +237,14 @@ def run_size(client: redis.Redis, n_items: int, calls: int, batch_users: int) ->
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--calls", type=int, default=1000, help="timed single calls per group (after 50 warm-up)")
-    ap.add_argument("--batch-users", type=int, default=500)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    load = round(os.getloadavg()[0], 2)
+@contextmanager
+def private_redis() -> Iterator[tuple[redis.Redis, int, Path]]:
+    """A redis-server of the benchmark's own in a temporary folder: (client, port, folder); shut down on exit."""
     with tempfile.TemporaryDirectory(prefix="zerocf-bench-") as tmp:
         svc = LocalStack(tmp).start_redis()
         client = redis.Redis(port=svc.port, decode_responses=False)
         try:
-            results = []
-            for n in args.items:
-                results.append(run_size(client, n, args.calls, args.batch_users))
-                client.flushdb()
+            yield client, svc.port, Path(tmp)
         finally:
             try:
                 client.shutdown(nosave=True)
@@ -259,6 +253,21 @@ def main(argv: list[str] | None = None) -> int:
             except redis.RedisError:
                 os.killpg(svc.pid, signal.SIGTERM)  # our own redis-server (its own session)
             client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--calls", type=int, default=1000, help="timed single calls per group (after 50 warm-up)")
+    ap.add_argument("--batch-users", type=int, default=500)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    load = round(os.getloadavg()[0], 2)
+    with private_redis() as (client, _port, _folder):
+        results = []
+        for n in args.items:
+            results.append(run_size(client, n, args.calls, args.batch_users))
+            client.flushdb()
     head = {"bench": "lookup", "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "load_avg_1m_at_start": load}
     print(json.dumps({**head, "groups": GROUPS, "results": results}, indent=1))
     return 0

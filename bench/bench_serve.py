@@ -49,7 +49,6 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
@@ -61,8 +60,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
 
-from bench.bench_lookup import build  # noqa: E402
-from stream.devstack import LocalStack, free_port  # noqa: E402
+from bench.bench_lookup import build, private_redis  # noqa: E402
+from stream.devstack import free_port  # noqa: E402
 from workers.serving.lookup import Recommender  # noqa: E402
 from workers.store import FactorStore  # noqa: E402
 
@@ -348,19 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     load = round(os.getloadavg()[0], 2)
-    with tempfile.TemporaryDirectory(prefix="zerocf-bench-") as tmp:
-        svc = LocalStack(tmp).start_redis()
-        client = redis.Redis(port=svc.port, decode_responses=False)
-        try:
-            result = measure(args, client, svc.port, Path(tmp))
-        finally:
-            try:
-                client.shutdown(nosave=True)
-            except redis.ConnectionError:
-                pass  # the server closed the connection as it shut down
-            except redis.RedisError:
-                os.killpg(svc.pid, signal.SIGTERM)  # our own redis-server (its own session)
-            client.close()
+    with private_redis() as (client, port, folder):
+        result = measure(args, client, port, folder)
     text = json.dumps({"bench": "serve", "load_avg_1m_at_start": load, **result}, indent=1)
     print(text)
     if args.out:
