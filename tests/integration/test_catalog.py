@@ -208,8 +208,13 @@ def test_serve_command_follows_the_catalogue(zerocf_env: dict[str, str], store: 
         wait_until("serve answers", lambda: users_items() is not None, 60, proc)
         items(zerocf_env, "hide", "a")
         wait_until("serve hides a", lambda: users_items() == ["b", "c"], WAIT_S, proc)
-        health = json.loads(http_get(port, "/healthz")[2])
-        assert health["catalog"]["state"] == "following" and health["catalog"]["hidden_now"] == 1
+
+        def catalog() -> dict[str, object]:
+            return dict(json.loads(http_get(port, "/healthz")[2])["catalog"])
+
+        # the view marks itself "following" once a poll found it at the end of every partition
+        wait_until("healthz says following", lambda: catalog()["state"] == "following", WAIT_S, proc)
+        assert catalog()["hidden_now"] == 1
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
