@@ -46,10 +46,12 @@ import scipy.sparse as sp  # noqa: E402
 
 from bench.tune_lmf import (  # noqa: E402
     Split,
+    Variant,
     als_alone,
     defaults_record,
     load_split,
     run_seeds,
+    run_variants,
     tune_parser,
     tune_setup,
 )
@@ -173,19 +175,9 @@ def bench_implicit(split: Split, seeds: Sequence[int], quick: bool) -> dict[str,
     }
 
 
-def bench_dataset(split: Split, variants: Sequence[tuple[str, str, Overrides]], seeds: Sequence[int],
-                  quick: bool) -> dict[str, Any]:  # fmt: skip
-    out: dict[str, Any] = {"train_clicks": int(split.train_mask.sum()), "validation_clicks": int(split.valid.nnz),
-                           "users": int(split.users.size), "items": split.data.n_items}  # fmt: skip
-    res: dict[str, Any] = {}
-    for name, knob, ov in variants:
-        r = run_seeds(split, seeds, ours_trainer(split, ov))
-        res[name] = {"knob": knob, "overrides": ov, **r}
-        log.info("%s %-52s NDCG %.4f HR %.4f (%.1f s)", split.name, name, r["ndcg"], r["hr"], r["seconds"])
-    base = res["default"]["ndcg"]
-    for r in res.values():
-        r["delta"] = round(r["ndcg"] - base, 4)
-    out["variants"] = res
+def bench_dataset(split: Split, variants: Sequence[Variant], seeds: Sequence[int], quick: bool) -> dict[str, Any]:
+    out = run_variants(split, variants, seeds, ours_trainer)
+    res, base = out["variants"], out["variants"]["default"]["ndcg"]
     imp = bench_implicit(split, seeds, quick)
     out["implicit"] = imp
     if imp is not None:

@@ -219,19 +219,27 @@ def warm_up() -> None:
         replay_pipeline(s, LMFConfig(factors=4), ALSConfig(factors=4, als_iterations=2, als_solver=solver), 2)
 
 
-def bench_dataset(split: Split, variants: Sequence[tuple[str, str, Overrides]], seeds: Sequence[int],
-                  resolve_every: int) -> dict[str, Any]:  # fmt: skip
+def run_variants(split: Split, variants: Sequence[Variant], seeds: Sequence[int],
+                 trainer: Callable[[Split, Overrides], Callable[[int], Factors]]) -> dict[str, Any]:  # fmt: skip
+    """The split's sizes and, under ``variants``, each variant's scores and its delta against ``default``."""
     out: dict[str, Any] = {"train_clicks": int(split.train_mask.sum()), "validation_clicks": int(split.valid.nnz),
                            "users": int(split.users.size), "items": split.data.n_items}  # fmt: skip
     res: dict[str, Any] = {}
     for name, knob, ov in variants:
-        r = run_seeds(split, seeds, lmf_trainer(split, ov))
+        r = run_seeds(split, seeds, trainer(split, ov))
         res[name] = {"knob": knob, "overrides": ov, **r}
-        log.info("%s %-44s NDCG %.4f HR %.4f (%.1f s)", split.name, name, r["ndcg"], r["hr"], r["seconds"])
+        log.info("%s %-52s NDCG %.4f HR %.4f (%.1f s)", split.name, name, r["ndcg"], r["hr"], r["seconds"])
     base = res["default"]["ndcg"]
     for r in res.values():
         r["delta"] = round(r["ndcg"] - base, 4)
     out["variants"] = res
+    return out
+
+
+def bench_dataset(
+    split: Split, variants: Sequence[Variant], seeds: Sequence[int], resolve_every: int
+) -> dict[str, Any]:
+    out = run_variants(split, variants, seeds, lmf_trainer)
     refs: dict[str, Any] = {}
     refs["popularity"] = run_seeds(split, seeds[:1], lambda s: popular_factors(split.train))
     refs["als_alone"] = run_seeds(split, seeds, lambda s: als_alone(split.stream(s), ALSConfig(als_seed=s)))
