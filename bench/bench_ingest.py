@@ -12,6 +12,7 @@ fresh topic set, then in the same run measures
 and ``ratio`` = ingest / raw, each the median of ``--repeat`` alternating passes (ingest in a fresh group
 each time); unless ``--no-verify``, it counts ``<p>.events`` with
 :func:`stream.ingest.read_topic` (``events_read_rps`` includes that helper's start-up).
+``--pack``: events per record of ``<p>.events`` (ingest's default).
 Usage: ``python -m bench.bench_ingest [--records 200000] [--batch 5000] [--repeat 3]``.
 """
 
@@ -30,7 +31,7 @@ from typing import Any
 from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.devstack import LocalStack
-from stream.events import encode_click
+from stream.events import decode_events, encode_click
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
 
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=5000, help="ingest batch / raw max_poll_records")
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=3, help="raw + ingest passes (medians are reported)")
+    parser.add_argument(
+        "--pack",
+        type=int,
+        default=StreamConfig().events_pack,
+        help="events per record of <p>.events (ZEROCF_EVENTS_PACK; 1 = one event per record)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip counting <p>.events afterwards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "partitions": args.partitions,
         "repeat": args.repeat,
+        "events_pack": args.pack,
     }
     with tempfile.TemporaryDirectory(prefix="zerocf-bench-") as tmp:
         stack = LocalStack(tmp)
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ZEROCF_IDLE_SECONDS": "1",
                 "ZEROCF_EVENTS_PARTITIONS": str(args.partitions),
                 "ZEROCF_INGEST_BATCH": str(args.batch),
+                "ZEROCF_EVENTS_PACK": str(args.pack),
             }
             cfg = load(StreamConfig, env)
             topics = cfg.topics
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.kafka, {t: args.partitions for t in (topics.clicks, topics.impressions, topics.events, topics.dlq)}
             )
             out["produce_rps"] = round(produce_clicks(cfg, args.records))
-            raws, ingests = [], []
+            raws, ingests, singles = [], [], []
             for rep in range(args.repeat):  # alternate, so load from other processes hits both alike
                 raws.append(raw_consume(cfg, args.records, args.batch))
                 run_cfg = load(StreamConfig, {**env, "ZEROCF_INGEST_GROUP": f"bench-ingest-{rep}"})
@@ -121,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                 if stats.records_in != args.records or stats.seconds <= 0:
                     raise RuntimeError(f"ingest read {stats.records_in} of {args.records} records")
                 ingests.append(stats.records_in / stats.seconds)
+                if args.pack > 1:  # the layout before packs, same run: one event per record
+                    one = load(
+                        StreamConfig, {**env, "ZEROCF_INGEST_GROUP": f"bench-one-{rep}", "ZEROCF_EVENTS_PACK": "1"}
+                    )
+                    single = Ingest(one).run(until_idle=True)
+                    singles.append(single.records_in / single.seconds)
             raw, ingest = statistics.median(raws), statistics.median(ingests)
             out.update(
                 raw_consume_rps=round(raw),
@@ -130,12 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                 ingest_runs=[round(r) for r in ingests],
                 last_ingest=stats.summary(),
             )
+            if singles:
+                one_rps = statistics.median(singles)
+                out.update(
+                    ingest_rps_one_event_per_record=round(one_rps), ratio_one_event_per_record=round(one_rps / raw, 3)
+                )
             if not args.no_verify:  # also: how fast a consumer reads the (gzip) events back
                 t0 = time.perf_counter()
-                out["events_on_topic"] = n_events = len(read_topic(cfg.kafka, topics.events, 300))
+                records = read_topic(cfg.kafka, topics.events, 300)
+                out["records_on_topic"] = len(records)
+                out["events_on_topic"] = n_events = sum(len(decode_events(r.value)[0]) for r in records)
                 out["events_read_rps"] = round(n_events / (time.perf_counter() - t0))
-                if n_events != args.records * args.repeat:
-                    raise RuntimeError(f"{n_events} events on {topics.events}, expected {args.records * args.repeat}")
+                want = args.records * (len(ingests) + len(singles))
+                if n_events != want:
+                    raise RuntimeError(f"{n_events} events on {topics.events}, expected {want}")
         finally:
             stack.down()
     print(json.dumps(out))

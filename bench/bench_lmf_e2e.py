@@ -1,6 +1,7 @@
 """End-to-end online LMF throughput and click-to-visible latency; prints one JSON object.
 
-Usage: ``python -m bench.bench_lmf_e2e [--events 200000] [--rate 2000 5000] [--latency-seconds 10] [--profile]``.
+Usage: ``python -m bench.bench_lmf_e2e [--events 200000] [--rate 5000 20000] [--latency-seconds 10] [--pack 64]
+[--set ZEROCF_X=V] [--profile]``.
 
 Starts its own :class:`stream.devstack.LocalStack` (broker + Redis) in a temporary directory, stopped at the
 end, and puts ``--events`` normalised click events on ``<p>.events`` (6 partitions, ``--users`` users,
@@ -16,12 +17,12 @@ retention and cap) on a store connected as ``zerocf lmf`` connects it. Then, in 
    beforehand), events/s from its first non-empty poll until Redis holds every partition's last offset;
    ``ratio`` = lmf / raw. ``mean_write_user_rows``/``mean_write_item_rows``: rows per batch write.
    ``split_per_batch``: per-call mean (ms), total (s), calls and ``share`` of the pass's wall time of the
-   methods the worker calls, wrapped: ``poll`` (non-empty polls), ``decode`` (JSON + de-duplication),
-   ``plan``, ``fetch`` (:meth:`FactorStore.read_batch_state`: rows, accumulators and seen sets of users and
-   items the worker does not hold), ``load`` (caching what ``fetch`` read), ``train`` (positive set + the
-   kernel + deltas), ``commit`` (caches, reservoir), ``settle`` (the main thread waiting for the write in
-   flight) and ``write`` (:meth:`FactorStore.apply_batch` on the writer thread, meant to overlap the next
-   batch); ``refresh_items`` if the periodic item re-read ran.
+   methods the worker calls, wrapped: ``poll`` (non-empty polls), ``parse`` (JSON of the records: an event
+   or a pack each), ``decode`` (de-duplication), ``plan``, ``fetch`` (:meth:`FactorStore.read_batch_state`:
+   rows, accumulators and seen sets of users and items the worker does not hold), ``load`` (caching what
+   ``fetch`` read), ``train`` (positive set + the kernel + deltas), ``commit`` (caches, reservoir), ``settle``
+   (the main thread waiting for the write in flight) and ``write`` (:meth:`FactorStore.apply_batch` on the
+   writer thread, meant to overlap the next batch); ``refresh_items`` if the periodic item re-read ran.
    ``fetch_share_during_write``: the share of the fetch time during which a write was in flight (Redis runs
    one command at a time: a read issued during the write's Lua script waits for it).
    ``redis_script_ms_per_batch`` / ``redis_busy_ms_per_batch``: Redis's own time per applied batch in scripts
@@ -29,7 +30,7 @@ retention and cap) on a store connected as ``zerocf lmf`` connects it. Then, in 
    ``item_rows_added_share``: the share of written item rows Redis added (their version had moved, or was
    unknown: the global row) instead of SETting the worker's ``stored + delta``. With ``--profile``: the top
    cProfile entries of the worker's thread (not the writer thread).
-3. ``latency`` (one phase per rate of ``--rate``, default 2,000 and 5,000 events/s): a child process sends
+3. ``latency`` (one phase per rate of ``--rate``, default 5,000 and 20,000 events/s): a child process sends
    clicks at that rate for ``--latency-seconds``, each with ``ts`` = its send time (epoch ms); a fresh worker
    resumes behind the stored offsets and, when each batch's write returns, records ``now - ts`` for its
    clicks: p50/p90/p99/max ms, with the same split (``share`` of the window). ``drain_s``: how long after
@@ -63,12 +64,13 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
+from kafka.partitioner.default import murmur2
 
 from bench.bench_lmf_kernel import first_calls
 from stream import kafka_util
-from stream.config import load
+from stream.config import StreamConfig, load
 from stream.devstack import LocalStack
-from stream.events import Event
+from stream.events import Event, pack_json
 from workers.config import LMFConfig
 from workers.online.worker import LMFWorker
 from workers.store import ApplyStatus, BatchWrite, FactorStore
@@ -91,24 +93,40 @@ def _item(rng: np.random.Generator, n_items: int) -> str:
     return f"i{min(int(rng.zipf(ZIPF)) - 1, n_items - 1)}"
 
 
-def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int = 0) -> dict[int, int]:
-    """Send ``n`` click events; returns the last offset per events partition."""
+def _partition(user: str) -> int:
+    """The events partition ingest writes a user's events to (Kafka's default partitioner on the key)."""
+    return (murmur2(user.encode()) & 0x7FFFFFFF) % PARTITIONS
+
+
+def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, pack: int, seed: int = 0,
+                   topic: str | None = None) -> dict[int, int]:  # fmt: skip
+    """Send ``n`` click events as ``zerocf ingest`` writes them (packs of ``pack`` events per record of a
+    partition; ``pack`` 1: one event per record keyed by user); returns the last offset per events partition."""
     rng = np.random.default_rng(seed)
     users = rng.integers(0, n_users, n)
     ts0 = int(time.time() * 1000) - 3_600_000
     offsets = [0] * PARTITIONS
     producer = kafka_util.producer(cfg.kafka, client_id="bench-lmf-produce", compression_type="gzip")
     last: dict[int, int] = {}
+    topic = topic or cfg.topics.events
 
     def done(meta: Any) -> None:
         last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
 
     try:
-        for seq, u in enumerate(users.tolist()):
-            src, user = u % PARTITIONS, f"u{u}"
-            value = _event(cfg.topic_prefix, src, offsets[src], user, _item(rng, n_items), ts0 + seq)
-            producer.send(cfg.topics.events, key=user.encode(), value=value).add_callback(done)
-            offsets[src] += 1
+        for start in range(0, n, 5000):  # ingest packs what one poll of up to 5,000 raw records gives
+            parts: dict[int, list[bytes]] = defaultdict(list)
+            for seq, u in enumerate(users[start : start + 5000].tolist(), start):
+                src, user = u % PARTITIONS, f"u{u}"
+                value = _event(cfg.topic_prefix, src, offsets[src], user, _item(rng, n_items), ts0 + seq)
+                offsets[src] += 1
+                if pack == 1:
+                    producer.send(topic, key=user.encode(), value=value).add_callback(done)
+                else:
+                    parts[_partition(user)].append(value)
+            for p, values in parts.items():
+                for rec in pack_json(values, pack, 1 << 20):
+                    producer.send(topic, value=rec, partition=p).add_callback(done)
         producer.flush()
     finally:
         producer.close()
@@ -116,7 +134,7 @@ def produce_events(cfg: LMFConfig, n: int, n_users: int, n_items: int, seed: int
 
 
 def _paced_producer(env: dict[str, str], rate: float, seconds: float, n_users: int, n_items: int,
-                    start_offset: int, out: Any) -> None:  # fmt: skip
+                    start_offset: int, pack: int, out: Any) -> None:  # fmt: skip
     """Child process: clicks at ``rate``/s with ts = send time (ms); puts the number sent on ``out``."""
     cfg = load(LMFConfig, env)
     rng = np.random.default_rng(1)
@@ -126,13 +144,20 @@ def _paced_producer(env: dict[str, str], rate: float, seconds: float, n_users: i
     try:
         while time.monotonic() - t0 < seconds:
             due = int((time.monotonic() - t0) * rate)
-            for _ in range(due - sent):
+            parts: dict[int, list[bytes]] = defaultdict(list)
+            for _ in range(due - sent):  # what is due now, packed per partition as ingest packs one poll
                 u = int(rng.integers(0, n_users))
                 src, user = u % PARTITIONS, f"u{u}"
                 value = _event(cfg.topic_prefix, src, offsets[src], user, _item(rng, n_items), int(time.time() * 1000))
-                producer.send(cfg.topics.events, key=user.encode(), value=value)
                 offsets[src] += 1
                 sent += 1
+                if pack == 1:
+                    producer.send(cfg.topics.events, key=user.encode(), value=value)
+                else:
+                    parts[_partition(user)].append(value)
+            for p, values in parts.items():
+                for rec in pack_json(values, pack, 1 << 20):
+                    producer.send(cfg.topics.events, value=rec, partition=p)
             time.sleep(0.002)
         producer.flush()
     finally:
@@ -141,13 +166,15 @@ def _paced_producer(env: dict[str, str], rate: float, seconds: float, n_users: i
 
 
 # ------------------------------------------------------------------- raw consume
-def raw_consume(cfg: LMFConfig, n: int) -> float:
-    """Group consumer with the worker's settings, json.loads per value; events/s first record -> last."""
+def raw_consume(cfg: LMFConfig, n: int, topic: str | None = None) -> tuple[float, float]:
+    """Group consumer with the worker's settings, json.loads per value: (events/s, records/s), first record to
+    last (a record is one event or a pack of them)."""
     consumer = kafka_util.consumer(
         cfg.kafka, group_id=f"bench-raw-{uuid.uuid4().hex[:8]}", client_id="bench-raw", max_poll_records=cfg.batch
     )
-    consumer.subscribe([cfg.topics.events])
-    got, t_first = 0, None
+    consumer.subscribe([topic or cfg.topics.events])
+    got = records_read = 0
+    t_first = None
     try:
         deadline = time.monotonic() + 300
         while got < n and time.monotonic() < deadline:
@@ -156,11 +183,13 @@ def raw_consume(cfg: LMFConfig, n: int) -> float:
                 t_first = time.perf_counter()
             for records in polled.values():
                 for r in records:
-                    json.loads(r.value)
-                got += len(records)
+                    obj = json.loads(r.value)
+                    got += len(obj) if type(obj) is list else 1
+                records_read += len(records)
         if t_first is None or got < n:
             raise RuntimeError(f"raw consumer read {got} of {n} events in 300 s")
-        return n / (time.perf_counter() - t_first)
+        secs = time.perf_counter() - t_first
+        return n / secs, records_read / secs
     finally:
         consumer.close()
 
@@ -184,8 +213,9 @@ class Probe:
         self._lock = threading.Lock()
         self._patched: list[tuple[Any, str, Any]] = []  # (object, attribute, original) to restore
         m = worker.model
-        for name, obj, attr in (("decode", worker, "_decode"), ("settle", worker, "_settle"),
-                                ("refresh_items", worker, "_refresh_items"), ("plan", m, "plan"),
+        for name, obj, attr in (("parse", worker, "_parse"), ("decode", worker, "_decode"),
+                                ("settle", worker, "_settle"), ("refresh_items", worker, "_refresh_items"),
+                                ("plan", m, "plan_many"),
                                 ("load", m, "load_users"), ("load", m, "absorb_items"), ("train", m, "train"),
                                 ("commit", m, "commit"), ("fetch", worker.store, "read_batch_state")):  # fmt: skip
             self._wrap(name, obj, attr)
@@ -250,6 +280,8 @@ class Probe:
             self.write_rows.append((len(write.user_ids), len(write.item_ids)))
             self.latencies_ms.extend(now_ms - ts for _u, _i, ts in write.seen)
             self.applied[write.partition] = write.new_offset
+            for f in write.more:  # the other partitions of the same poll, fenced by the same write
+                self.applied[f.partition] = f.new_offset
             target = self.target
             if (
                 target is not None
@@ -344,7 +376,7 @@ def latency_phase(cfg: LMFConfig, store: FactorStore, env: dict[str, str], args:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         proc = ctx.Process(target=_paced_producer, args=(env, rate, args.latency_seconds, args.users, args.items,
-                                                          start_offset, q))  # fmt: skip
+                                                          start_offset, args.pack, q))  # fmt: skip
         proc.start()
         sent = q.get(timeout=args.latency_seconds + 60)
         t_sent = time.perf_counter()
@@ -400,33 +432,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=200_000, help="events of the throughput pass (>= 1)")
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--items", type=int, default=20_000)
-    ap.add_argument("--rate", type=float, nargs="+", default=[2000.0, 5000.0], help="events/s of the latency "
+    ap.add_argument("--rate", type=float, nargs="+", default=[5000.0, 20000.0], help="events/s of the latency "
                     "phases (one phase per rate, each with a fresh worker)")  # fmt: skip
     ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--pack", type=int, default=StreamConfig().events_pack, help="events per record of <p>.events, "
+                    "as ingest writes them (ZEROCF_EVENTS_PACK; 1 = one event per record)")  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="ZEROCF_X=V", help="override a setting "
+                    "(repeatable), e.g. --set ZEROCF_LMF_BATCH=8000; the defaults are the production ones")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="cProfile the worker thread of the throughput pass")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     out: dict[str, Any] = {"events": args.events, "users": args.users, "items": args.items, "partitions": PARTITIONS}
     out["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
+    out["events_pack"] = args.pack
     with tempfile.TemporaryDirectory(prefix="zerocf-bench-lmf-") as tmp:
         stack = LocalStack(tmp)
         stack.up()
         try:
             env = {**stack.env(), "ZEROCF_TOPIC_PREFIX": f"b{uuid.uuid4().hex[:8]}"}
+            env |= dict(kv.split("=", 1) for kv in args.set)
+            out["overrides"] = args.set
             cfg = load(LMFConfig, env)
             out["config"] = {name: v for name, v in asdict(cfg).items() if name in REPORTED_CONFIG}
             out["raw_includes_json_loads"] = True
             kafka_util.ensure_topics(cfg.kafka, {cfg.topics.events: PARTITIONS})
             t0 = time.perf_counter()
-            last = produce_events(cfg, args.events, args.users, args.items)
+            last = produce_events(cfg, args.events, args.users, args.items, args.pack)
             out["produce_eps"] = round(args.events / (time.perf_counter() - t0))
-            out["raw_consume_eps"] = round(raw_consume(cfg, args.events))
+            eps, rps = raw_consume(cfg, args.events)
+            out["raw_consume_eps"], out["raw_consume_records_per_s"] = round(eps), round(rps)
+            if args.pack > 1:  # the same events one per record (ZEROCF_EVENTS_PACK=1, the layout before packs)
+                single = f"{cfg.topic_prefix}.events-single"
+                kafka_util.ensure_topics(cfg.kafka, {single: PARTITIONS})
+                produce_events(cfg, args.events, args.users, args.items, 1, topic=single)
+                out["raw_consume_eps_one_event_per_record"] = round(raw_consume(cfg, args.events, single)[0])
             first_calls()  # load the compiled kernels first, as a running worker has them: a steady-state pass
             store = FactorStore.connect(cfg.redis_url, cfg.topic_prefix, seen_cap=cfg.seen_cap,
                                         seen_ttl=int(cfg.seen_ttl_days * 86400))  # fmt: skip
             out |= throughput_phase(cfg, store, last, args.events, args.profile)
             out["ratio"] = round(out["lmf_eps"] / out["raw_consume_eps"], 3)
+            if "raw_consume_eps_one_event_per_record" in out:
+                out["ratio_to_one_event_per_record"] = round(
+                    out["lmf_eps"] / out["raw_consume_eps_one_event_per_record"], 3
+                )
             out["targets"] = {"ratio>=0.5": out["ratio"] >= 0.5, "lmf_eps>=40000": out["lmf_eps"] >= 40_000}
             out["applied_events_in_redis"] = sum(store.user_update_counts(store.live_generation()).values())
             # a fresh worker resumes behind the stored offsets; once it owns its partitions a paced producer

@@ -1,6 +1,8 @@
 """Benchmark :class:`workers.serving.lookup.Recommender` against the bare numpy limit; prints one JSON object.
 
-Run: ``python -m bench.bench_lookup [--items 10000 100000] [--calls 1000] [--batch-users 500]``.
+Run: ``python -m bench.bench_lookup [--items 10000 100000] [--calls 1000] [--batch-users 500]``, and the
+million-item case of the approximate index: ``python -m bench.bench_lookup --million [--ann-items 1000000]``
+(writes ``bench/results/lookup_1m.json`` as well as printing it).
 
 For each catalogue size it writes a random schema-2 model (rows of k = 64 latent values + bias, a global
 bias row, decayed popularity of every item) into a private redis-server (started here with
@@ -31,6 +33,18 @@ the model, not a lookup figure).
 Redis, then the cosine top-k over the unit matrix cached at load) vs ``bare_single`` (the same product
 against an in-memory unit matrix, self masked, argpartition and sort), interleaved call by call, and
 ``batch_items_per_s`` of ``similar_many`` over ``--batch-users`` items vs the bare chunked product.
+
+``--million`` (:func:`run_million`): the same model and user groups at ``--ann-items`` (1M) items, served by
+two recommenders over the same Redis data: ``exact`` (``ann_min_items=0``, the full product) and ``ann``
+(the default threshold: the faiss IVF index of :mod:`workers.kernels.ann`, candidates re-scored exactly).
+Per group, ``recommend(user, k=10)`` of both for the same users, in alternating blocks of ``BLOCK`` (250)
+calls: call by call, each exact scan of 260 MB would evict the index from the caches, which a server that
+only runs indexed lookups never does (4 of the 1,000 timed calls still follow a switch). p50/p99 (ms), and
+``recall_at_10`` = mean overlap of the two answers / 10 (seen items excluded on both sides). Also
+``load_s`` of each (the ANN one without its build), ``index`` (build seconds with 2 OpenMP threads, cells,
+nprobe, bytes of the index, RSS growth of the process across the build), and ``add_new_items``: 1,000 new
+items written to the live generation, the forced reload that adds them to the index without retraining
+(seconds) and whether an item made to be a user's best comes back first after it.
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ import redis  # noqa: E402
 
 from stream.devstack import LocalStack  # noqa: E402
 from workers.serving.lookup import Recommender  # noqa: E402
+from workers.serving.settings import ServeSettings  # noqa: E402
 from workers.store import GLOBAL_ROW, FactorStore  # noqa: E402
 
 log = logging.getLogger("bench.lookup")
@@ -66,6 +81,7 @@ FACTORS, TOPK, GLOBAL_BIAS = 64, 10, -3.0
 GROUPS = {"light": (2000, 20), "heavy": (200, 1000)}  # name -> (users, seen items per user)
 T0 = 1_700_000_000_000  # event time of the seen clicks, ms
 WARMUP = 50
+BLOCK = 250  # --million: calls of one recommender in a row (a 260 MB exact scan evicts the other's caches)
 F32 = npt.NDArray[np.float32]
 
 
@@ -237,6 +253,82 @@ def run_size(client: redis.Redis, n_items: int, calls: int, batch_users: int) ->
     return out
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def run_ann_group(ann: Recommender, exact: Recommender, g: Group, calls: int, rng: np.random.Generator
+                  ) -> dict[str, Any]:  # fmt: skip
+    picks = rng.integers(0, len(g.ids), size=calls + WARMUP).tolist()
+    times: dict[int, list[float]] = {0: [], 1: []}
+    answers: dict[int, list[list[str]]] = {0: [], 1: []}
+    for lo in range(0, len(picks), BLOCK):  # alternating blocks: both see the same load over the run
+        for side, rec in enumerate((ann, exact)):
+            for n in range(lo, min(lo + BLOCK, len(picks))):
+                t = time.perf_counter()
+                r = rec.recommend(g.ids[picks[n]], TOPK)
+                if n >= WARMUP:
+                    times[side].append(time.perf_counter() - t)
+                    answers[side].append(r.items)
+    t_ann, t_exact = times[0], times[1]
+    overlap = [len(set(a) & set(e)) / TOPK for a, e in zip(answers[0], answers[1])]
+    return {"users": len(g.ids), "seen_per_user": int(g.seen.shape[1]), "calls": len(t_ann),
+            "ann": _pct(t_ann), "exact": _pct(t_exact), "recall_at_10": round(float(np.mean(overlap)), 4),
+            "recall_at_10_min": round(float(np.min(overlap)), 2)}  # fmt: skip
+
+
+def _add_new_items(store: FactorStore, ann: Recommender, g: Group, rng: np.random.Generator) -> dict[str, Any]:
+    """1,000 new items (one made the best of user 0 of ``g``), then a forced reload of ``ann``."""
+    new = _rows(rng, 1000)
+    new[0, :-1], new[0, -1] = g.rows[0, :-1] * 10, 10.0
+    store.write_vectors(1, "item", [f"new{j}" for j in range(len(new))], new)
+    t = time.perf_counter()
+    ann.refresh(force=True)
+    took = time.perf_counter() - t
+    cache = ann._cache
+    assert cache is not None and cache.ann is not None
+    return {"items": len(new), "reload_s": round(took, 2), "indexed": cache.ann.n,
+            "retrained": cache.ann.trained_n != cache.ann.n - len(new),
+            "new_best_first": ann.recommend(g.ids[0], TOPK).items[0] == "new0"}  # fmt: skip
+
+
+def run_million(client: redis.Redis, n_items: int, calls: int) -> dict[str, Any]:
+    """Exact vs approximate ``recommend()`` at ``n_items`` items (see the module docstring)."""
+    rng = np.random.default_rng(n_items)
+    store = FactorStore(client, namespace=f"bench{n_items}")
+    t = time.perf_counter()
+    _items, groups = build(store, n_items, rng)
+    write_s = time.perf_counter() - t
+    exact = Recommender(store, refresh_s=3600.0, ann_min_items=0)
+    t = time.perf_counter()
+    exact.refresh(force=True)
+    exact_load_s = time.perf_counter() - t
+    threshold = ServeSettings().ann_min_items
+    assert n_items >= threshold, f"--ann-items {n_items} is below ZEROCF_SERVE_ANN_MIN_ITEMS' default {threshold}"
+    ann = Recommender(store, refresh_s=3600.0, ann_threads=2)
+    rss, t = _rss_bytes(), time.perf_counter()
+    ann.refresh(force=True)
+    ann_total_s, rss_after = time.perf_counter() - t, _rss_bytes()
+    cache = ann._cache
+    assert cache is not None and cache.ann is not None and exact.n_items == ann.n_items == n_items
+    idx = cache.ann
+    out: dict[str, Any] = {"items": n_items, "factors": FACTORS, "k": TOPK, "ann_min_items": threshold}
+    out["index"] = {"kind": "faiss IVF-Flat, inner product", "build_s": round(idx.build_seconds, 1),
+                    "build_threads": 2, "cells": idx.nlist, "nprobe": idx.nprobe,
+                    "index_bytes": idx.memory_bytes, "rss_growth_bytes_at_load": rss_after - rss,
+                    "matrix_bytes": int(cache.matrix.nbytes)}  # fmt: skip
+    out |= {name: run_ann_group(ann, exact, g, calls, rng) for name, g in groups.items()}
+    out["add_new_items"] = _add_new_items(store, ann, groups["light"], rng)
+    out |= {"exact_load_s": round(exact_load_s, 2), "ann_load_s": round(ann_total_s - idx.build_seconds, 2),
+            "write_s": round(write_s, 1)}  # fmt: skip
+    return out
+
+
 @contextmanager
 def private_redis() -> Iterator[tuple[redis.Redis, int, Path]]:
     """A redis-server of the benchmark's own in a temporary folder: (client, port, folder); shut down on exit."""
@@ -260,9 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--calls", type=int, default=1000, help="timed single calls per group (after 50 warm-up)")
     ap.add_argument("--batch-users", type=int, default=500)
+    ap.add_argument("--million", action="store_true", help="only the exact-vs-index case at --ann-items items")
+    ap.add_argument("--ann-items", type=int, default=1_000_000)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lookup_1m.json"),
+                    help="where --million writes its JSON too")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     load = round(os.getloadavg()[0], 2)
+    if args.million:
+        with private_redis() as (client, _port, _folder):
+            result = run_million(client, args.ann_items, args.calls)
+        head = {"bench": "lookup_1m", "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+                "load_avg_1m_at_start": load, "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}  # fmt: skip
+        text = json.dumps({**head, "groups": GROUPS, "result": result}, indent=1)
+        Path(args.out).write_text(text + "\n")
+        print(text)
+        return 0
     with private_redis() as (client, _port, _folder):
         results = []
         for n in args.items:

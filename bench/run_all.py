@@ -28,12 +28,16 @@ BENCHES = {
     "als": ["bench.bench_als"],
     "lookup": ["bench.bench_lookup"],
     "serve": ["bench.bench_serve"],
+    "cluster": ["bench.bench_cluster"],
+    # on request only (--only als_10m,lookup_1m): tens of minutes and GBs of memory each
+    "als_10m": ["bench.bench_als", "--case", "10m"],
 }
+DEFAULT = [name for name in BENCHES if name not in ("als_10m",)]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ", ".join(BENCHES))
+    ap.add_argument("--only", default=",".join(DEFAULT), help="comma-separated subset of " + ", ".join(BENCHES))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

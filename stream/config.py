@@ -457,9 +457,14 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}.dlq"
 
-    def all(self) -> tuple[str, str, str, str]:
-        """Every topic of the prefix: impressions, clicks, events, dlq."""
-        return self.impressions, self.clicks, self.events, self.dlq
+    @property
+    def erasures(self) -> str:
+        """Raw user-erasure requests (``zerocf forget-user``, :mod:`stream.erasure`), read by ingest."""
+        return f"{self.prefix}.erasures"
+
+    def all(self) -> tuple[str, ...]:
+        """Every topic of the prefix: impressions, clicks, events, dlq, erasures."""
+        return self.impressions, self.clicks, self.events, self.dlq, self.erasures
 
 
 @dataclass(frozen=True)
@@ -502,6 +507,10 @@ class StreamConfig(ConsumerSettings):
         "", "INGEST_GROUP", "consumer group of ingest (default <prefix>-ingest)", flag="--group"
     )
     ingest_batch: int = setting(5000, "INGEST_BATCH", "max records per ingest batch", flag="--batch")
+    events_pack: int = setting(
+        64, "EVENTS_PACK", "events per record of <p>.events: a JSON array (1 = one event object per record, "
+        "keyed by user, as before packs)", flag="--pack", unit="events"
+    )  # fmt: skip
     message_max_bytes: int = setting(
         1_048_588,
         "MESSAGE_MAX_BYTES",
@@ -512,7 +521,7 @@ class StreamConfig(ConsumerSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ranges(self, {"events_partitions": (1, 10_000), "ingest_batch": (1, 1_000_000),
-                            "message_max_bytes": (16_384, 1 << 30)})  # fmt: skip
+                            "events_pack": (1, 10_000), "message_max_bytes": (16_384, 1 << 30)})  # fmt: skip
 
     @property
     def group(self) -> str:

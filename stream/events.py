@@ -21,15 +21,21 @@ Rules (every violation raises :class:`~stream.errors.InvalidEvent` naming the fi
 - ``item_ids`` holds 1..500 distinct ids, in display order (position 0 first).
 - ``count`` (optional, default 1) is an integer 1..10^6; ``impression_id`` is optional. ``null`` for
   an optional field means "absent".
+
+A user-erasure request on ``<p>.erasures`` (written by ``zerocf forget-user``, :mod:`stream.erasure`) is
+``{"user_id": "u42", "ts": 1700000000000}`` (both required, same rules); it becomes one ``"erase"`` event.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NoReturn
+
+import orjson
 
 from stream.errors import InvalidEvent
 
@@ -153,17 +159,31 @@ def _load_object(value: bytes) -> dict[str, Any]:
         raise InvalidEvent(f"message is a {type(value).__name__}, expected bytes")
     if len(value) > MAX_MESSAGE_BYTES:
         raise InvalidEvent(f"message is {len(value)} bytes; the limit is {MAX_MESSAGE_BYTES} (1 MiB)")
+    obj = _loads(value)
+    if type(obj) is not dict:
+        raise InvalidEvent(f"message is a JSON {type(obj).__name__}, expected an object: {_show(value.decode())}")
+    return obj
+
+
+def _loads(value: bytes) -> Any:
+    """Parse UTF-8 JSON bytes with orjson (3-4x :func:`json.loads`); failures become ``InvalidEvent``.
+
+    orjson is strict where the rules are: no ``NaN``/``Infinity``, valid UTF-8. Where it refuses what
+    :func:`json.loads` accepts (integers beyond 64 bits, lone surrogate escapes), the record was invalid
+    under the rules anyway; the standard parser then names the reason.
+    """
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        pass
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidEvent(f"message is not valid UTF-8 (byte {e.start}); encode JSON as UTF-8") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise InvalidEvent(f"message is not valid JSON ({_show(str(e), 100)}): {_show(text)}") from None
-    if type(obj) is not dict:
-        raise InvalidEvent(f"message is a JSON {type(obj).__name__}, expected an object: {_show(text)}")
-    return obj
 
 
 def _required(obj: dict[str, Any], field: str, kind: str) -> Any:
@@ -256,8 +276,34 @@ def parse_impression(value: bytes, now_ms: int) -> RawImpression:
     return RawImpression(imp, user, items, ts)
 
 
-def parse_record(topic_kind: Literal["clicks", "impressions"], value: bytes, now_ms: int) -> RawClick | RawImpression:
-    """Parse a record of the ``clicks`` or ``impressions`` topic (dispatch on *topic_kind*).
+@dataclass(frozen=True, slots=True)
+class RawErasure:
+    """A validated user-erasure request: forget ``user_id`` and every event of it up to ``ts``.
+
+    >>> RawErasure("u1", 1700000000000).user_id
+    'u1'
+    """
+
+    user_id: str
+    ts: int
+
+
+def parse_erasure(value: bytes, now_ms: int) -> RawErasure:
+    """Parse and validate a record of ``<p>.erasures``: ``{"user_id", "ts"}``, both required.
+
+    >>> parse_erasure(b'{"user_id": 42, "ts": "2023-11-14T22:13:20Z"}', 1700000000000)
+    RawErasure(user_id='42', ts=1700000000000)
+    """
+    obj = _load_object(value)
+    user = check_id(_required(obj, "user_id", "user erasure"), "user_id")
+    return RawErasure(user, parse_ts(_required(obj, "ts", "user erasure"), now_ms))
+
+
+RawKind = Literal["clicks", "impressions", "erasures"]
+
+
+def parse_record(topic_kind: RawKind, value: bytes, now_ms: int) -> RawClick | RawImpression | RawErasure:
+    """Parse a record of the ``clicks``, ``impressions`` or ``erasures`` topic (dispatch on *topic_kind*).
 
     >>> parse_record("clicks", b'{"user_id": "u", "item_id": "i", "ts": 1700000000000}', 1700000000000).item_id
     'i'
@@ -266,7 +312,9 @@ def parse_record(topic_kind: Literal["clicks", "impressions"], value: bytes, now
         return parse_click(value, now_ms)
     if topic_kind == "impressions":
         return parse_impression(value, now_ms)
-    raise ValueError(f"topic_kind {topic_kind!r} is unknown; use 'clicks' or 'impressions'")
+    if topic_kind == "erasures":
+        return parse_erasure(value, now_ms)
+    raise ValueError(f"topic_kind {topic_kind!r} is unknown; use 'clicks' or 'impressions' (raw events) or 'erasures'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +329,7 @@ class Event:
     """
 
     id: str
-    type: Literal["click", "impression"]
+    type: Literal["click", "impression", "erase"]  # erase: forget the user (item "", weight 0.0), stream.erasure
     user: str
     item: str
     ts: int
@@ -303,7 +351,7 @@ class Event:
 
     def to_json(self) -> bytes:
         """Compact JSON, keys exactly ``id,type,user,item,ts,weight,pos,imp,src``."""
-        return _ENCODER.encode(
+        return orjson.dumps(
             {
                 "id": self.id,
                 "type": self.type,
@@ -315,7 +363,7 @@ class Event:
                 "imp": self.imp,
                 "src": self.src,
             }
-        ).encode("utf-8")
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> Event:
@@ -340,7 +388,9 @@ def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
         obj["imp"],
     )
     user = check_id(obj["user"], "user") if type(obj["user"]) is str else _bad("user", obj["user"], "a string")
-    item = check_id(obj["item"], "item") if type(obj["item"]) is str else _bad("item", obj["item"], "a string")
+    item = obj["item"]
+    if not (kind == "erase" and item == ""):  # an erasure names no item
+        item = check_id(item, "item") if type(item) is str else _bad("item", item, "a string")
     if type(ts) is not int or ts < MIN_TS_MS:
         _bad("ts", ts, f"an integer epoch ms >= {MIN_TS_MS}")
     if type(weight) is int:
@@ -361,8 +411,11 @@ def _check_event_fields(obj: dict[str, Any]) -> tuple[Any, ...]:
     elif kind == "impression":
         if type(pos) is not int or pos != index or weight != 0.0 or imp is None:
             _bad("impression", (pos, index, weight, imp), "pos == index, weight 0.0, imp set")
+    elif kind == "erase":
+        if item != "" or pos is not None or index != 0 or weight != 0.0 or imp is not None:
+            _bad("erase", (item, pos, index, weight, imp), "item '', pos null, index 0, weight 0.0, imp null")
     else:
-        _bad("type", kind, "'click' or 'impression'")
+        _bad("type", kind, "'click', 'impression' or 'erase'")
     return eid, kind, user, item, ts, weight, pos, imp, src
 
 
@@ -370,17 +423,22 @@ def _bad(field: str, value: Any, rule: str) -> NoReturn:
     raise InvalidEvent(f"event {field} {_show(value)} is invalid; it must be {rule}")
 
 
-def to_events(raw: RawClick | RawImpression, topic: str, partition: int, offset: int) -> list[Event]:
+def to_events(raw: RawClick | RawImpression | RawErasure, topic: str, partition: int, offset: int) -> list[Event]:
     """Normalise a raw record read at (*topic*, *partition*, *offset*) into events.
 
     A click gives one event (index 0, ``weight = count``); an impression one event per shown item
-    (index = display position, ``weight = 0.0``, ``pos`` = position).
+    (index = display position, ``weight = 0.0``, ``pos`` = position); an erasure one ``"erase"`` event
+    (index 0, item ``""``, ``weight = 0.0``).
 
     >>> [e.id for e in to_events(RawImpression("m", "u", ("a", "b"), 1700000000000), "p.impressions", 0, 5)]
     ['p.impressions:0:5:0', 'p.impressions:0:5:1']
+    >>> to_events(RawErasure("u", 1700000000000), "p.erasures", 1, 3)[0].type
+    'erase'
     """
     head = f"{topic}:{partition}:{offset}:"
     src = f"{topic}/{partition}/{offset}"
+    if isinstance(raw, RawErasure):
+        return [Event(head + "0", "erase", raw.user_id, "", raw.ts, 0.0, None, None, src)]
     if isinstance(raw, RawClick):
         return [
             Event(head + "0", "click", raw.user_id, raw.item_id, raw.ts, float(raw.count), None, raw.impression_id, src)
@@ -425,3 +483,71 @@ def encode_impression(
     b'{"impression_id":"m","user_id":"u","item_ids":["a","b"],"ts":1700000000000}'
     """
     return _dumps({"impression_id": impression_id, "user_id": user_id, "item_ids": list(item_ids), "ts": ts})
+
+
+# ---------------------------------------------------------------------- records of <p>.events
+def encode_events(events: Sequence[Event]) -> bytes:
+    """One record value of ``<p>.events`` carrying *events*: a **pack**, the JSON array of their
+    :meth:`Event.to_json` objects, in stream order (``zerocf ingest`` packs up to ``ZEROCF_EVENTS_PACK``
+    events of one partition per record; docs/architecture.md).
+
+    >>> e = to_events(RawClick("u42", "i7", 1700000000000), "z.clicks", 0, 5)[0]
+    >>> encode_events([e, e])[:30]
+    b'[{"id":"z.clicks:0:5:0","type"'
+    """
+    return b"[" + b",".join([e.to_json() for e in events]) + b"]"
+
+
+def pack_json(values: Sequence[bytes], pack: int, limit: int) -> Iterator[bytes]:
+    """Record values of ``<p>.events`` for one partition's event JSON *values* (each below *limit*), in order:
+    JSON arrays of at most *pack* events and *limit* bytes.
+
+    >>> list(pack_json([b'{"a":1}', b'{"b":2}', b'{"c":3}'], 2, 100))
+    [b'[{"a":1},{"b":2}]', b'[{"c":3}]']
+    >>> list(pack_json([b'{"a":1}', b'{"b":2}'], 10, 16))
+    [b'[{"a":1}]', b'[{"b":2}]']
+    """
+    start, size = 0, 2
+    for n, v in enumerate(values):
+        if n > start and (n - start >= pack or size + len(v) + 1 > limit):
+            yield b"[" + b",".join(values[start:n]) + b"]"
+            start, size = n, 2
+        size += len(v) + 1
+    if start < len(values):
+        yield b"[" + b",".join(values[start:]) + b"]"
+
+
+def decode_events(value: bytes) -> tuple[list[Event], list[str]]:
+    """The events of one ``<p>.events`` record and the reasons for any element refused.
+
+    A record is one event (a JSON object: one event per record, keyed by its user, as ``ZEROCF_EVENTS_PACK=1``
+    and every release before packs write) or a pack (a JSON array of them). A pack with a bad element keeps
+    its good ones; a record that is neither gives no events and one reason.
+
+    >>> e = to_events(RawClick("u42", "i7", 1700000000000), "z.clicks", 0, 5)[0]
+    >>> decode_events(e.to_json()) == decode_events(encode_events([e])) == ([e], [])
+    True
+    >>> decode_events(b'[{"id": 1}]')[1]
+    ["event has keys ['id']; expected exactly ['id', 'type', 'user', 'item', 'ts', 'weight', 'pos', 'imp', 'src']"]
+    """
+    try:
+        if type(value) is not bytes:
+            raise InvalidEvent(f"message is a {type(value).__name__}, expected bytes")
+        obj = _loads(value)
+    except InvalidEvent as exc:
+        return [], [exc.reason]
+    if type(obj) is dict:
+        obj = [obj]
+    elif type(obj) is not list or not all(type(o) is dict for o in obj):
+        what = type(obj).__name__ if type(obj) is not list else "array with a non-object element"
+        return [], [f"record is a JSON {what}; expected an event object or an array of them"]
+    events: list[Event] = []
+    bad: list[str] = []
+    for o in obj:
+        try:
+            if o.keys() != _EVENT_KEYSET:
+                raise InvalidEvent(f"event has keys {_show(sorted(o), 120)}; expected exactly {list(_EVENT_KEYS)}")
+            events.append(Event(*_check_event_fields(o)))
+        except InvalidEvent as exc:
+            bad.append(exc.reason)
+    return events, bad

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,7 @@ import redis
 from stream import kafka_util
 from stream.client.producer import EventProducer
 from stream.config import StreamConfig, load
-from stream.errors import InvalidEvent
-from stream.events import Event
+from stream.events import Event, decode_events
 from stream.kafka_util import read_topic
 from stream.replay.datasets import Interaction
 from workers.store import GLOBAL_ROW, FactorStore
@@ -234,22 +233,32 @@ def truth_of(settings: Any, topic: str) -> Truth:
     for rec in read_topic(settings, topic, timeout=60):
         t.records += 1
         t.last_offsets[rec.partition] = max(rec.offset, t.last_offsets.get(rec.partition, -1))
-        try:
-            ev = Event.from_json(rec.value)
-        except InvalidEvent:
-            t.invalid += 1
-            continue
-        if ev.id in ids:
-            t.repeated += 1
-            continue
-        ids.add(ev.id)
-        t.distinct += 1
-        t.user_events[ev.user] += 1
-        if ev.type == "click":
-            t.item_clicks[ev.item] += int(ev.weight)
-            seen = t.last_click_ts.setdefault(ev.user, {})
-            seen[ev.item] = max(ev.ts, seen.get(ev.item, 0))
+        events, bad = decode_events(rec.value)
+        t.invalid += len(bad)
+        for ev in events:
+            if ev.id in ids:
+                t.repeated += 1
+                continue
+            ids.add(ev.id)
+            t.distinct += 1
+            t.user_events[ev.user] += 1
+            if ev.type == "click":
+                t.item_clicks[ev.item] += int(ev.weight)
+                seen = t.last_click_ts.setdefault(ev.user, {})
+                seen[ev.item] = max(ev.ts, seen.get(ev.item, 0))
     return t
+
+
+def record_events(rec: Any) -> list[Event]:
+    """The events of one ``<p>.events`` record (one event, or a pack of them); an undecodable one fails."""
+    events, bad = decode_events(rec.value)
+    assert not bad, f"offset {rec.offset}: {bad[0]}"
+    return events
+
+
+def events_of(records: Iterable[Any]) -> list[Event]:
+    """The events of ``<p>.events`` records in order (see :func:`record_events`)."""
+    return [ev for rec in records for ev in record_events(rec)]
 
 
 def assert_store_matches(store: FactorStore, truth: Truth, seen_cap: int) -> None:

@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "workers.serving.cli",
     "workers.serving.server",
     "workers.serving.items_cli",
+    "stream.erasure",
     "workers.evaluation.cli",
     "workers.evaluation.demo",
 )

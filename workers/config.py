@@ -72,8 +72,14 @@ def check_redis_url(url: str) -> None:
 
     shown = redact_url(url)
     fix = "use redis://[:PASSWORD@]HOST:PORT/DB with DB an integer (0 by default)"
+    from workers.store.connect import cluster_startup, is_cluster_url
+
+    if is_cluster_url(url):  # redis+cluster://HOST:PORT[,HOST:PORT...]: the nodes, then the first as redis://
+        url = cluster_startup(url)[0]
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"ZEROCF_REDIS_URL must start with redis://, rediss:// or unix://; {fix}")
+        raise ConfigError(
+            f"ZEROCF_REDIS_URL must start with redis://, rediss://, unix:// or redis+cluster:// (a cluster); {fix}"
+        )
     try:
         parse_url(url)
     except ValueError as exc:
@@ -103,7 +109,8 @@ class ModelSettings(ProcessSettings):
     redis_url: str = setting(
         "redis://127.0.0.1:6379/0",
         "REDIS_URL",
-        "Redis URL (redis:// or rediss:// for TLS; password in the URL, never logged)",
+        "Redis URL (redis:// or rediss:// for TLS, redis+cluster://h:p[,h:p] for a Redis Cluster; password in the "
+        "URL, never logged)",
         secret=True,
     )
     factors: int = setting(64, "FACTORS", "latent dimension k of the model")
@@ -135,7 +142,8 @@ class LMFConfig(ModelSettings, ConsumerSettings):
     hard_share: float = setting(0.5, "LMF_HARD_SHARE", "share of negatives chosen as hard (DNS) negatives")
     hard_candidates: int = setting(8, "LMF_HARD_CANDIDATES", "candidates scored per hard negative")
     reservoir: int = setting(100_000, "LMF_RESERVOIR", "size of the reservoir of recent clicks", unit="clicks")
-    batch: int = setting(2000, "LMF_BATCH", "events per mini-batch (one Redis round trip each way)", unit="events")
+    batch: int = setting(8000, "LMF_BATCH", "most events per mini-batch (one Redis round trip each way; under "
+                         "backlog a hot item row is written once for more clicks)", unit="events")  # fmt: skip
     adagrad: bool = setting(True, "LMF_ADAGRAD", "AdaGrad learning-rate scaling (factors row-wise, biases)")
     clip: float = setting(5.0, "LMF_CLIP", "gradient norm clip")
     init_scale: float = setting(0.05, "LMF_INIT_SCALE", "std of the random init of new user rows")

@@ -27,6 +27,7 @@ from stream.runtime import StopFlag
 from tests.helpers import (
     als_stream_cfg,
     assert_published,
+    events_of,
     last_offsets,
     produce_clicks,
     run_zerocf,
@@ -79,7 +80,7 @@ def test_als_once_publishes_every_user_and_item_with_snapshot_offsets(
     store, meta, users, items, U, V = assert_published(zerocf_env, rows, last)
     assert store.generation_meta(1).state == "retired"
     ck = _ckpt_meta(ckpt)
-    assert ck["n_events"] == len(rows) and ck["n_duplicates"] == len(dup)
+    assert ck["n_events"] == len(rows) and ck["n_duplicates"] == len(events_of(dup))
     assert {int(p): o for p, o in ck["offsets"].items()} == last
     assert {int(p): w for p, w in ck["watermarks"].items()} == meta.watermarks
     # calibrated logits rank the clicked pairs above random pairs
@@ -148,6 +149,7 @@ def test_stop_or_crash_before_publish_keeps_the_old_generation(
 
 
 # ------------------------------------------------------------------- (c) the handoff
+@pytest.mark.redis_cluster  # also on a three-primary Redis Cluster
 def test_handoff_lmf_replays_after_swap_and_checkpoint_resumes(
     zerocf_env: dict[str, str], ingest_thread: Ingest, tmp_path: Path
 ) -> None:

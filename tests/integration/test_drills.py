@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,8 +42,10 @@ from tests.helpers import (
     Workload,
     assert_store_matches,
     background,
+    events_of,
     fresh_group,
     health_status,
+    record_events,
     tail,
     truth_of,
     wait_until,
@@ -411,13 +414,13 @@ def _applied_by_stale_offsets(
         for rec in sorted(recs, key=lambda r: r.offset):
             if stored is not None and rec.offset <= stored:
                 continue
-            ev = Event.from_json(rec.value)
-            topic, sp, so, idx = ev.id.rsplit(":", 3)
-            src, pos = f"{topic}/{sp}", (int(so), int(idx))
-            if src in wm and pos <= wm[src]:
-                continue
-            wm[src] = pos
-            out.append(ev)
+            for ev in record_events(rec):
+                topic, sp, so, idx = ev.id.rsplit(":", 3)
+                src, pos = f"{topic}/{sp}", (int(so), int(idx))
+                if src in wm and pos <= wm[src]:
+                    continue
+                wm[src] = pos
+                out.append(ev)
     return out
 
 
@@ -455,7 +458,8 @@ def test_broker_restart_memory_storage_workers_reconnect_stale_offsets_skip_new_
         def rejoined() -> bool:  # both groups are gone with the broker: wait for the second assignment
             codes.update([(health_status(ip), health_status(lp))])
             return (
-                tail(tmp_path / "ingest.log", 10**6).count("ingest: assigned 8 partitions") >= 2
+                # clicks, impressions and erasures: 3 x 4 partitions, before and after the restart
+                tail(tmp_path / "ingest.log", 10**6).count("ingest: assigned 12 partitions") >= 2
                 and tail(tmp_path / "lmf.log", 10**6).count("partition 0 resumes at offset") >= 2
                 and health_status(ip) == 200
                 and health_status(lp) == 200
@@ -523,7 +527,9 @@ def test_ingest_survives_broker_restart_that_brings_back_fewer_partitions(
             kafka_util.ensure_topics(load(StreamConfig, env).kafka, {cfg.topics.events: 4})
             work = Workload.make(31, 300, impressions=False)
             work.send(env["ZEROCF_KAFKA_BOOTSTRAP"], prefix)  # auto-creates the raw topics (4 partitions)
-            wait_until("ingest rejoined", lambda: "assigned 8 partitions" in tail(log_path, 10**6), 30, ingest)
+            # 4 + 4 auto-created raw partitions, plus <p>.erasures (re-created by ingest with 6, or auto-created)
+            rejoined = re.compile(r"assigned 1[24] partitions")
+            wait_until("ingest rejoined", lambda: bool(rejoined.search(tail(log_path, 10**6))), 30, ingest)
         except AssertionError as exc:
             pytest.fail(f"drill precondition: {exc}")
 
@@ -531,7 +537,7 @@ def test_ingest_survives_broker_restart_that_brings_back_fewer_partitions(
 
         def delivered() -> bool:
             assert ingest.poll() is None, f"ingest exited {ingest.returncode}: {tail(log_path, 400)}"
-            got[0] = len({Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 10)})
+            got[0] = len({e.id for e in events_of(read_topic(cfg.kafka, cfg.topics.events, 10))})
             return got[0] >= work.n_events
 
         try:
@@ -591,13 +597,13 @@ def test_lmf_sigterm_mid_batch_exits_0_with_no_partial_batch(
     want_users: Counter[str] = Counter()
     want_items: Counter[str] = Counter()
     for rec in records:
-        ev = Event.from_json(rec.value)
-        if stored.get(rec.partition) is None or rec.offset > stored[rec.partition] or ev.id in ids:
-            continue
-        ids.add(ev.id)
-        want_users[ev.user] += 1
-        if ev.type == "click":
-            want_items[ev.item] += ev.weight
+        for ev in record_events(rec):
+            if stored.get(rec.partition) is None or rec.offset > stored[rec.partition] or ev.id in ids:
+                continue
+            ids.add(ev.id)
+            want_users[ev.user] += 1
+            if ev.type == "click":
+                want_items[ev.item] += ev.weight
     found = {
         "events": total,
         "applied_at_sigterm": at_signal,
@@ -678,9 +684,7 @@ def test_ingest_sigterm_mid_stream_commits_and_restart_loses_nothing(
     committed = _committed(scfg, group, [scfg.topics.clicks, scfg.topics.impressions])
     produced_from = {
         (t, int(p), int(o))
-        for t, p, o in (
-            Event.from_json(r.value).id.rsplit(":", 3)[:3] for r in read_topic(scfg.kafka, scfg.topics.events, 30)
-        )
+        for t, p, o in (e.id.rsplit(":", 3)[:3] for e in events_of(read_topic(scfg.kafka, scfg.topics.events, 30)))
     }
     dlq_from = {
         (d["topic"], d["partition"], d["offset"])

@@ -20,9 +20,10 @@ from stream import kafka_util
 from stream.config import StreamConfig, load
 from stream.dedupe import Deduper
 from stream.devstack import free_port
-from stream.events import Event, encode_click, encode_impression
+from stream.events import encode_click, encode_impression
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
+from tests.helpers import events_of, record_events
 
 log = logging.getLogger(__name__)
 TS = 1_700_000_000_000
@@ -61,7 +62,7 @@ def _expected_ids(
 
 
 def _wait_for_events(cfg: StreamConfig, at_least: int, timeout: float) -> int:
-    """Count records on <p>.events (no group) until at least ``at_least`` are there."""
+    """Count events on <p>.events (no group) until at least ``at_least`` are there."""
     from kafka.structs import TopicPartition
 
     consumer = kafka_util.consumer(cfg.kafka, group_id=None, client_id="test-watch")
@@ -75,7 +76,7 @@ def _wait_for_events(cfg: StreamConfig, at_least: int, timeout: float) -> int:
         consumer.assign([TopicPartition(cfg.topics.events, p) for p in parts])
         seen = 0
         while seen < at_least and time.monotonic() < deadline:
-            seen += sum(len(r) for r in consumer.poll(timeout_ms=100).values())
+            seen += sum(len(record_events(r)) for recs in consumer.poll(timeout_ms=100).values() for r in recs)
         return seen
     finally:
         consumer.close()
@@ -99,9 +100,9 @@ def _dedupe(events: list[Any]) -> tuple[list[str], list[str]]:
     dedupers: dict[int, Deduper] = {}
     accepted, dropped = [], []
     for rec in events:
-        ev = Event.from_json(rec.value)
-        assert rec.key == ev.key
-        (accepted if dedupers.setdefault(rec.partition, Deduper()).accept(ev) else dropped).append(ev.id)
+        for ev in record_events(rec):
+            assert rec.key in (None, ev.key)  # a pack has no key; a single event is keyed by its user
+            (accepted if dedupers.setdefault(rec.partition, Deduper()).accept(ev) else dropped).append(ev.id)
     return accepted, dropped
 
 
@@ -136,7 +137,7 @@ def test_mixed_stream_routes_valid_events_and_dead_letters_the_rest(
     monkeypatch.setattr(ingest_mod, "parse_record", buggy_parse)
     stats = Ingest(cfg).run(until_idle=True)
 
-    events = [Event.from_json(r.value) for r in read_topic(cfg.kafka, cfg.topics.events, 20)]
+    events = events_of(read_topic(cfg.kafka, cfg.topics.events, 20))
     by_id = {e.id: e for e in events}
     assert len(by_id) == len(events) == 1 + 3 + 1
     click = by_id[f"{metas[0].topic}:{metas[0].partition}:{metas[0].offset}:0"]
@@ -217,7 +218,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_dedupe_removes_replays
             proc.wait()
         log_file.close()
     assert seen >= 2000, "ingest produced no events before the kill"
-    before = len(read_topic(cfg.kafka, cfg.topics.events, 20))
+    before = len(events_of(read_topic(cfg.kafka, cfg.topics.events, 20)))
     assert before < len(expected), "ingest finished before the kill; the test needs a bigger stream"
 
     done = subprocess.run(_ingest_cmd("--until-idle"), env=env, capture_output=True, timeout=60)
@@ -226,7 +227,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_dedupe_removes_replays
     raw = read_topic(cfg.kafka, cfg.topics.events, 30)
     accepted, dropped = _dedupe(raw)
     assert len(accepted) == len(set(accepted)) and set(accepted) == expected  # each exactly once, none missing
-    assert set(dropped) <= set(accepted) and len(raw) == len(expected) + len(dropped)
+    assert set(dropped) <= set(accepted) and len(events_of(raw)) == len(expected) + len(dropped)
     record_property("events_before_kill", before)
     record_property("raw_duplicates", len(dropped))
     log.warning(
@@ -272,7 +273,7 @@ def test_sigterm_finishes_batch_commits_and_exits_0(zerocf_env: dict[str, str], 
     done = subprocess.run(_ingest_cmd("--until-idle"), env=env, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     raw = read_topic(cfg.kafka, cfg.topics.events, 20)
-    ids = [Event.from_json(r.value).id for r in raw]
+    ids = [e.id for e in events_of(raw)]
     # everything produced before the stop was committed: the restart adds only the rest, no replays
     assert not [i for i, c in Counter(ids).items() if c > 1]
     assert set(ids) == expected and len(raw) >= len(first)

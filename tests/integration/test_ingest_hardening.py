@@ -15,11 +15,11 @@ import pytest
 import stream.ingest as ingest_mod
 from stream import kafka_util
 from stream.config import StreamConfig, load
-from stream.events import MAX_MESSAGE_BYTES, Event, encode_click
+from stream.events import MAX_MESSAGE_BYTES, encode_click
 from stream.ingest import Ingest, IngestStats
 from stream.kafka_util import read_topic
 from stream.runtime import StopFlag
-from tests.helpers import fresh_group, run_zerocf, wait_until
+from tests.helpers import events_of, fresh_group, run_zerocf, wait_until
 
 TS = 1_700_000_000_000
 #: Apache Kafka's default ``message.max.bytes``: every dead letter must fit it, whatever the raw record was.
@@ -113,7 +113,7 @@ def test_poison_records_are_dead_lettered_within_the_broker_limit_and_never_wedg
     stats = _run_bounded(Ingest(cfg, StopFlag()))
 
     assert stats.produce_failures == 0 and stats.clean_exit, stats.summary()  # no retry loop
-    events = [Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 30)]
+    events = [e.id for e in events_of(read_topic(cfg.kafka, cfg.topics.events, 30))]
     assert not [i for i, c in Counter(events).items() if c > 1]  # each valid event exactly once
     assert set(events) == valid
     dlq = read_topic(cfg.kafka, cfg.topics.dlq, 30)
@@ -154,7 +154,7 @@ def test_a_dead_letter_the_producer_rejects_becomes_a_minimal_one(
     assert d["reason"].startswith("message is")
     reg = ing.metrics.registry
     assert reg.get_sample_value("zerocf_ingest_dlq_payload_total", {"payload": "omitted"}) == 1
-    assert len({Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 30)}) == 21
+    assert len({e.id for e in events_of(read_topic(cfg.kafka, cfg.topics.events, 30))}) == 21
 
 
 def _hold_partitions(cfg: StreamConfig, stop: threading.Event, ready: threading.Event) -> None:
@@ -189,7 +189,7 @@ def test_until_idle_exits_0_only_when_every_partition_of_the_group_is_caught_up(
         monkeypatch.setattr(ingest_mod, "UNTIL_IDLE_STALL_S", 8.0)
         ing = Ingest(cfg, StopFlag())
         stats = _run_bounded(ing)
-        events = {Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 30)}
+        events = {e.id for e in events_of(read_topic(cfg.kafka, cfg.topics.events, 30))}
         assert ing.stats.unfinished, f"--until-idle ended as done with {len(events)} of {len(expected)} events"
         assert "without progress" in stats.unfinished and cfg.group in stats.unfinished
         assert events < expected  # it did its own share, and the held one is still to do
@@ -210,7 +210,7 @@ def test_until_idle_exits_0_only_when_every_partition_of_the_group_is_caught_up(
         run.join(30)
         pytest.fail(f"the second run did not finish: {second.stats.summary()}")
     assert box["stats"].unfinished == "" and box["stats"].clean_exit
-    ids = [Event.from_json(r.value).id for r in read_topic(cfg.kafka, cfg.topics.events, 30)]
+    ids = [e.id for e in events_of(read_topic(cfg.kafka, cfg.topics.events, 30))]
     assert set(ids) == expected and len(ids) == len(expected)  # no partition done twice, none missing
 
 

@@ -98,8 +98,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice(
         for proc in (producer, ingest):
             stop_process(proc, 20)
         ingest_log.close()
-    total = sum(o + 1 for o in truth.last_offsets.values())
-    assert total == truth.distinct == N_CLICKS  # no ingest replays here: every record is one distinct event
+    total = sum(o + 1 for o in truth.last_offsets.values())  # records (packs of events), the unit of offsets
+    assert total == truth.records and truth.distinct == N_CLICKS and truth.repeated == 0  # no ingest replays here
     for k in kills:
         k["mid_stream"] = k["running"] > k["start"] and k["after"] < total
     mid = sum(k["mid_stream"] for k in kills)

@@ -19,7 +19,16 @@ import redis
 
 from tests.helpers import wait_until
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
-from workers.store import GLOBAL_ROW, ApplyStatus, BatchWrite, FactorStore, ModelLost
+from workers.store import (
+    GLOBAL_ROW,
+    SEEN_EXPIRE,
+    SEEN_PRUNE,
+    ApplyStatus,
+    BatchWrite,
+    FactorStore,
+    Fence,
+    ModelLost,
+)
 
 K = 64
 W = K + 1
@@ -27,6 +36,8 @@ NS = "it"
 TTL = 500  # seen_ttl of the fixture store, seconds
 T0 = 1_700_000_000_000  # an event time, ms
 HL = 3_600_000  # a popularity half-life, ms
+
+pytestmark = pytest.mark.redis_cluster  # every test also runs on a three-primary Redis Cluster
 
 
 # ------------------------------------------------------------------- helpers
@@ -130,6 +141,22 @@ def test_fence_refuses_stale_batches_and_writes_nothing(store: FactorStore) -> N
     assert store.read_batch_state(1, [0, 1], [], []).offsets == {0: 20, 1: 3}
 
 
+def test_one_batch_fences_and_advances_several_partitions_or_writes_nothing(store: FactorStore) -> None:
+    def multi(b: BatchWrite, *more: Fence) -> BatchWrite:
+        return replace(b, more=more)
+
+    assert store.apply_batch(1, multi(_full(0, None, 10), Fence(1, None, 4, {"s/1": [4, 0]}), Fence(2, None, 7, {})))
+    state = store.read_batch_state(1, [0, 1, 2], [], [])
+    assert state.offsets == {0: 10, 1: 4, 2: 7} and state.watermarks[1] == {"s/1": [4, 0]}
+    before = _dump(store.r)
+    # any one partition's fence failing refuses the whole batch, whichever position it has
+    for bad in ((Fence(1, 3, 9, {}), Fence(2, 7, 9, {})), (Fence(1, 4, 9, {}), Fence(2, None, 9, {}))):
+        assert store.apply_batch(1, multi(_full(0, 10, 20, seed=5), *bad)) is ApplyStatus.STALE
+    assert _dump(store.r) == before
+    assert store.apply_batch(1, multi(_full(0, 10, 20), Fence(2, 7, 8, {})))
+    assert store.read_batch_state(1, [0, 1, 2], [], []).offsets == {0: 20, 1: 4, 2: 8}
+
+
 def test_batch_for_a_retired_generation_writes_nothing(store: FactorStore) -> None:
     g = store.begin_generation()
     store.publish_generation(g, {}, {}, 0.0, 0, 0)
@@ -183,7 +210,7 @@ def test_concurrent_rescales_from_one_reference_apply_once(redis_url: str, store
     start, results = threading.Barrier(n), [False] * n
 
     def rescale(j: int) -> None:
-        s = FactorStore(redis.Redis.from_url(redis_url), NS)
+        s = FactorStore.from_url(redis_url, NS)
         start.wait(timeout=10)
         results[j] = s.rescale_popularity(1, T0, T0 + 3 * HL, HL)
         s.r.close()
@@ -405,7 +432,7 @@ def test_two_workers_add_deltas_concurrently_without_losing_any(redis_url: str, 
 
     def worker(part: int) -> None:
         try:
-            s = FactorStore(redis.Redis.from_url(redis_url), NS)
+            s = FactorStore.from_url(redis_url, NS)
             prev = None
             for b in range(n_batches):
                 write = _batch(part, prev, b, user_ids=[f"w{part}"], user_rows=_mat(1), item_ids=items,
@@ -485,6 +512,23 @@ def test_seen_sets_expire(redis_client: redis.Redis) -> None:
     assert s.seen_items("u") == ["a"] and 0 < redis_client.pttl(key) <= 1000
     wait_until("the seen set to expire", lambda: redis_client.exists(key) == 0, timeout=10, every=0.05)
     assert s.seen_items("u") == []
+
+
+def test_seen_upkeep_flags_prune_and_expire_only_the_users_asked_for(redis_client: redis.Redis) -> None:
+    s = FactorStore(redis_client, "upkeep", seen_cap=3, seen_ttl=TTL)
+    s.ensure_model(K)
+    ttl_ms = TTL * 1000
+    first = [("u", "a", T0), ("v", "a", T0), ("v", "b", T0 + 1)]
+    assert s.apply_batch(1, _batch(0, None, 0, seen=first, seen_upkeep={"u": SEEN_PRUNE | SEEN_EXPIRE, "v": 0}))
+    assert redis_client.ttl(s.keys.seen("u")) > 0 and redis_client.ttl(s.keys.seen("v")) == -1  # -1: no TTL
+    late = [("u", "z", T0 + ttl_ms + 5), ("v", "z", T0 + ttl_ms + 5)]
+    assert s.apply_batch(1, _batch(0, 0, 1, seen=late, seen_upkeep={"u": 0, "v": SEEN_PRUNE}))
+    assert s.seen_items("u") == ["z", "a"]  # not pruned this batch: 'a' waits for the next prune
+    assert s.seen_items("v") == ["z"] and redis_client.ttl(s.keys.seen("v")) == -1
+    # the cap holds whatever the flags; a click grouped with others of its user keeps the newest ts (GT)
+    many = [("u", f"n{j}", T0 + ttl_ms + 10 + j) for j in range(4)] + [("u", "n0", T0)]
+    assert s.apply_batch(1, _batch(0, 1, 2, seen=many, seen_upkeep={}))
+    assert s.seen_items("u") == ["n3", "n2", "n1"]
 
 
 # ------------------------------------------------------------------- generations

@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from stream import kafka_util
 from stream.config import load
@@ -76,6 +77,7 @@ def _stream(prefix: str) -> list[tuple[str, bytes]]:
     return out
 
 
+@pytest.mark.redis_cluster  # also on a three-primary Redis Cluster
 def test_two_workers_share_items_and_every_delta_lands(zerocf_env: dict[str, str]) -> None:
     cfg = load(
         LMFConfig, {**zerocf_env, "ZEROCF_FACTORS": str(K)}, {"lmf_group": f"two-{uuid.uuid4().hex[:8]}", "batch": 500}

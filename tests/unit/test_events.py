@@ -15,8 +15,11 @@ from stream.events import (
     Event,
     RawClick,
     RawImpression,
+    decode_events,
     encode_click,
+    encode_events,
     encode_impression,
+    pack_json,
     parse_click,
     parse_impression,
     parse_record,
@@ -313,3 +316,36 @@ def test_valid_impressions_round_trip(user: str, items: list[str], ts: int, offs
     events = to_events(raw, "zerocf.impressions", 1, offset)
     assert [e.item for e in events] == items
     assert all(Event.from_json(e.to_json()) == e for e in events)
+
+
+# ---------------------------------------------------------------------- packs: records of <p>.events
+def _clicks(n: int) -> list[Event]:
+    return [to_events(RawClick(f"u{k}", f"i{k}", 1_700_000_000_000 + k), "p.clicks", 0, k)[0] for k in range(n)]
+
+
+def test_a_pack_round_trips_in_order_and_a_single_event_record_still_decodes() -> None:
+    events = _clicks(5)
+    assert decode_events(encode_events(events)) == (events, [])
+    assert decode_events(events[0].to_json()) == ([events[0]], [])  # the layout before packs
+
+
+def test_a_bad_element_of_a_pack_is_refused_alone_and_garbage_is_one_reason() -> None:
+    good = _clicks(2)
+    broken = json.loads(good[1].to_json())
+    broken["ts"] = "yesterday"
+    value = b"[" + good[0].to_json() + b"," + json.dumps(broken).encode() + b"]"
+    events, bad = decode_events(value)
+    assert events == [good[0]] and len(bad) == 1 and "ts" in bad[0]
+    for garbage in (b"[1, 2]", b"7", b"{not json", b"\xff\xfe"):
+        events, bad = decode_events(garbage)
+        assert events == [] and len(bad) == 1
+
+
+def test_pack_json_keeps_order_and_respects_the_count_and_byte_limits() -> None:
+    values = [e.to_json() for e in _clicks(10)]
+    packs = list(pack_json(values, 4, 1 << 20))
+    assert [len(decode_events(p)[0]) for p in packs] == [4, 4, 2]
+    assert [e.to_json() for p in packs for e in decode_events(p)[0]] == values
+    limit = 2 * len(values[0]) + 3  # two events fit, three do not
+    packs = list(pack_json(values, 100, limit))
+    assert all(len(p) <= limit for p in packs) and sum(len(decode_events(p)[0]) for p in packs) == 10

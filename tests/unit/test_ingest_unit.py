@@ -18,7 +18,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 import stream.ingest as ingest
 from stream import kafka_util
 from stream.config import StreamConfig, load
-from stream.events import Event, encode_click, encode_impression
+from stream.events import Event, decode_events, encode_click, encode_impression
 from stream.runtime import StopFlag
 
 TS = 1_700_000_000_000
@@ -83,7 +83,7 @@ class FakeConsumer:
         self.foreign_lag: dict[TopicPartition, int | None] = {}  # partitions another member holds
 
     def subscribe(self, topics: list[str]) -> None:
-        assert sorted(topics) == sorted([CLICKS, IMPS])
+        assert sorted(topics) == sorted([CLICKS, IMPS, f"{PREFIX}.erasures"])
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.log)
@@ -171,9 +171,11 @@ def test_routes_events_by_user_hash_dead_letters_and_commits_last_plus_one(
     fakes["consumer"], fakes["producer"] = FakeConsumer(log), FakeProducer()
     stats = ingest.Ingest(cfg).run(until_idle=True)
 
-    assert fakes["topics"] == {t: cfg.events_partitions for t in (IMPS, CLICKS, EVENTS, DLQ)}
+    assert fakes["topics"] == {t: cfg.events_partitions for t in (IMPS, CLICKS, EVENTS, DLQ, f"{PREFIX}.erasures")}
     sent = fakes["producer"].sent
-    events = [(key, Event.from_json(value), part) for topic, key, value, part in sent if topic == EVENTS]
+    records = [(key, value, part) for topic, key, value, part in sent if topic == EVENTS]
+    assert len(records) < 9 and all(key is None and value[:1] == b"[" for key, value, _ in records)  # packs
+    events = [(ev.key, ev, part) for _, value, part in records for ev in decode_events(value)[0]]
     assert sorted(e.id for _, e, _ in events) == sorted(
         [f"{CLICKS}:0:{o}:0" for o in range(5)] + [f"{CLICKS}:1:2:0"] + [f"{IMPS}:0:0:{i}" for i in range(3)]
     )
@@ -214,6 +216,22 @@ def test_routes_events_by_user_hash_dead_letters_and_commits_last_plus_one(
     assert reg.get_sample_value("zerocf_ingest_batch_seconds_count") == ing.stats.batches
 
 
+def test_pack_1_writes_one_event_per_record_keyed_by_user_and_packs_keep_stream_order(
+    cfg: StreamConfig, fakes: dict[str, Any]
+) -> None:
+    by_pack = {}
+    for pack in (1, 2):
+        fakes["consumer"], fakes["producer"] = FakeConsumer(_log()), FakeProducer()
+        ingest.Ingest(dataclasses.replace(cfg, events_pack=pack)).run(until_idle=True)
+        by_pack[pack] = [(k, v, p) for t, k, v, p in fakes["producer"].sent if t == EVENTS]
+    single = [(k, Event.from_json(v), p) for k, v, p in by_pack[1]]
+    assert len(single) == 9 and all(k == e.key for k, e, _ in single)  # the layout before packs
+    packed = [(e, p) for _k, v, p in by_pack[2] for e in decode_events(v)[0]]
+    assert all(len(decode_events(v)[0]) <= 2 for _k, v, _p in by_pack[2])
+    for part in range(cfg.events_partitions):  # per partition: the same events in the same order
+        assert [e for e, p in packed if p == part] == [e for _k, e, p in single if p == part]
+
+
 def test_failed_send_commits_nothing_seeks_back_and_reprocesses(cfg: StreamConfig, fakes: dict[str, Any]) -> None:
     log = {TopicPartition(CLICKS, 0): _log()[TopicPartition(CLICKS, 0)]}
     fakes["consumer"], fakes["producer"] = FakeConsumer(log), FakeProducer(fail_sends=1)
@@ -222,8 +240,9 @@ def test_failed_send_commits_nothing_seeks_back_and_reprocesses(cfg: StreamConfi
     consumer, producer = fakes["consumer"], fakes["producer"]
     assert consumer.seeks == [(TopicPartition(CLICKS, 0), 0)]
     assert consumer.commits == [{TopicPartition(CLICKS, 0): 4}, {TopicPartition(CLICKS, 0): 5}]
-    ids = [Event.from_json(v).id for _, _, v, _ in producer.sent]
-    assert ids[:4] == ids[4:8] == [f"{CLICKS}:0:{o}:0" for o in range(4)]  # the batch was produced again
+    ids = [e.id for _, _, v, _ in producer.sent for e in decode_events(v)[0]]
+    # the batch was produced again (in packs per events partition, so in partition order)
+    assert sorted(ids[:4]) == sorted(ids[4:8]) == [f"{CLICKS}:0:{o}:0" for o in range(4)]
     assert stats.produce_failures == 1 and stats.records_in == 5 and stats.clean_exit
 
 

@@ -14,7 +14,7 @@ from stream.events import Event
 from workers.config import LMFConfig
 from workers.kernels.lmf import event_weights
 from workers.online.model import BatchPlan, IdMap, OnlineModel, TrainResult, rank_rows
-from workers.store import GLOBAL_ROW
+from workers.store import GLOBAL_ROW, SEEN_EXPIRE, SEEN_PRUNE
 
 K = 4
 TS = 1_700_000_000_000
@@ -571,3 +571,22 @@ def test_stored_rows_without_versions_are_always_added() -> None:
     assert res.item_versions is not None and (res.item_versions == -1).all()
     m.commit(plan, res)
     assert (m.stored.ver[: m.n_items] == -1).all()
+
+
+def test_seen_upkeep_asks_for_prune_and_ttl_on_first_write_then_every_percent() -> None:
+    cfg = _cfg(seen_ttl_days=100.0)
+    m = OnlineModel(cfg, seed=0)
+    day_ms, day_s = 86_400_000, 86_400.0
+
+    def plan(*clicks: tuple[str, int]) -> BatchPlan:
+        empty = np.zeros(0, np.int32)
+        return BatchPlan([], empty, empty, np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.int64),
+                         clicks=[(u, "i", ts, 1.0) for u, ts in clicks])  # fmt: skip
+
+    both = SEEN_PRUNE | SEEN_EXPIRE
+    assert m.seen_upkeep(plan(("a", 0), ("a", 5)), now_s=0.0) == {"a": both}  # first write of the user
+    assert m.seen_upkeep(plan(("a", day_ms // 2)), now_s=day_s / 2) == {"a": 0}  # < 1 % of 100 days
+    assert m.seen_upkeep(plan(("a", day_ms + 5)), now_s=day_s / 2) == {"a": SEEN_PRUNE}  # 1 day of event time
+    assert m.seen_upkeep(plan(("a", day_ms + 5), ("b", 0)), now_s=day_s) == {"a": SEEN_EXPIRE, "b": both}
+    m.forget_users()  # a rebalance or a refused write: everything is asked for again
+    assert m.seen_upkeep(plan(("a", day_ms)), now_s=day_s) == {"a": both}

@@ -74,6 +74,7 @@ class InteractionMatrix:
         self._cols = np.empty(_INITIAL_CAPACITY, np.int32)
         self._vals = np.empty(_INITIAL_CAPACITY, np.float32)
         self._n = 0
+        self._dead: list[int] = []  # rows of removed users whose entries are still buffered
         self.metadata: dict[str, Any] = {}
         self.arrays: dict[str, npt.NDArray[Any]] = {}  # saved beside the matrix (see :meth:`save`)
 
@@ -146,6 +147,33 @@ class InteractionMatrix:
         self._rows[s], self._cols[s], self._vals[s] = rows, cols, w
         self._n += rows.size
 
+    def remove_user(self, user: str) -> bool:
+        """Drop every entry of ``user`` (an erased user, ``stream.erasure``); False when unknown.
+
+        The row index stays, its id becomes ``""`` (never a valid id): rows are only ever appended, so the
+        ALS warm start stays aligned, and the publisher skips such rows. A later event of the same id gets a
+        new row.
+
+        >>> m = InteractionMatrix()
+        >>> m.add_batch(["u1", "u2"], ["a", "b"], [1.0, 2.0])
+        >>> m.remove_user("u1"), m.user_ids, m.to_csr().toarray().tolist()
+        (True, ['', 'u2'], [[0.0, 0.0], [0.0, 2.0]])
+        """
+        j = self._user_index.pop(user, None)
+        if j is None:
+            return False
+        self._user_ids[j] = ""
+        self._dead.append(j)  # its entries leave the buffer at the next to_csr (one pass for many erasures)
+        return True
+
+    def _drop_dead(self) -> None:
+        if self._dead:
+            keep = ~np.isin(self._rows[: self._n], np.asarray(self._dead, np.int32))
+            n = int(keep.sum())
+            for buf in (self._rows, self._cols, self._vals):
+                buf[:n] = buf[: self._n][keep]
+            self._n, self._dead = n, []
+
     def _reserve(self, extra: int) -> None:
         if self._n + extra <= self._rows.size:
             return
@@ -174,6 +202,7 @@ class InteractionMatrix:
 
     def to_csr(self) -> sp.csr_matrix:
         """User x item counts: float32 data, int32 indices and indptr, duplicates summed, sorted."""
+        self._drop_dead()
         m = sp.csr_matrix(
             (self._vals[: self._n], (self._rows[: self._n], self._cols[: self._n])), shape=self.shape, dtype=np.float32
         )
@@ -277,7 +306,7 @@ class InteractionMatrix:
         m = cls()
         m.arrays = arrays
         m._user_ids, m._item_ids = list(ids["users"]), list(ids["items"])
-        m._user_index = {u: j for j, u in enumerate(m._user_ids)}
+        m._user_index = {u: j for j, u in enumerate(m._user_ids) if u}  # "": an erased user's row
         m._item_index = {i: j for j, i in enumerate(m._item_ids)}
         coo = csr.tocoo()
         m._reserve(coo.nnz)

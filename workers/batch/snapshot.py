@@ -15,6 +15,10 @@ no clicks would only be published as near-zero vectors; users and items seen onl
 initialised online by the LMF worker instead. Every accepted event (click or impression) counts in
 ``n_events``; undecodable records are logged and skipped.
 
+An ``"erase"`` event (:mod:`stream.erasure`) removes the user's row from the matrix (the row index stays with
+the id ``""``, skipped by the publisher) and records a tombstone (the user id's digest, never the id): the
+user's later events with ``ts`` up to the erasure are ignored, newer ones start a fresh row.
+
 Checkpoint (:meth:`Snapshot.save`, atomic via :meth:`InteractionMatrix.save`)::
 
     <checkpoint_dir>/CURRENT, ckpt-<seq>/{matrix.npz, ids.json, meta.json}
@@ -24,7 +28,8 @@ Checkpoint (:meth:`Snapshot.save`, atomic via :meth:`InteractionMatrix.save`)::
                            "offsets": {"<partition>": last offset included, ...},
                            "watermarks": {"<partition>": Deduper.state(), ...},
                            "n_events": accepted events, "n_clicks": accepted clicks,
-                           "n_duplicates": ..., "n_invalid": ...}
+                           "n_duplicates": ..., "n_invalid": ..., "n_erasures": erase events,
+                           "erased": {"<erased_digest(user)>": erased_at_ms, ...}}
 
 **Binding.** A checkpoint belongs to one source and one model: the events topic, its partition count, the
 Kafka cluster id (where the broker reports one) and the store's model id. :meth:`Snapshot.load` refuses a
@@ -42,15 +47,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stream.dedupe import Deduper
-from stream.errors import InvalidEvent, ServiceUnavailable
-from stream.events import Event
+from stream.erasure import Tombstones
+from stream.errors import ServiceUnavailable
+from stream.events import Event, decode_events
 from stream.runtime import StopFlag
 from workers.batch.interactions import InteractionMatrix
 from workers.errors import WorkerError
@@ -115,6 +122,8 @@ class Snapshot:
         self.n_clicks = 0
         self.n_duplicates = 0
         self.n_invalid = 0
+        self.n_erasures = 0
+        self.tombstones = Tombstones()  # erased users (digests only), checkpointed as "erased"
         self.pop_half_life_ms = int(pop_half_life_ms)
         self.pop_ref_ms = 0  # set by the first click
         self.popularity = np.zeros(0)  # decayed click weight per item index of the matrix
@@ -174,6 +183,8 @@ class Snapshot:
             "n_clicks": self.n_clicks,
             "n_duplicates": self.n_duplicates,
             "n_invalid": self.n_invalid,
+            "n_erasures": self.n_erasures,
+            "erased": self.tombstones.state(),
             "pop_ref_ms": self.pop_ref_ms,
             "pop_half_life_ms": self.pop_half_life_ms,
         }
@@ -206,8 +217,9 @@ class Snapshot:
         self.matrix = m
         self.offsets = {int(p): int(o) for p, o in meta.get("offsets", {}).items()}
         self.dedupers = {int(p): Deduper.from_state(w) for p, w in meta.get("watermarks", {}).items()}
-        for name in ("n_events", "n_clicks", "n_duplicates", "n_invalid"):
+        for name in ("n_events", "n_clicks", "n_duplicates", "n_invalid", "n_erasures"):
             setattr(self, name, int(meta.get(name, 0)))
+        self.tombstones.load(meta.get("erased", {}))
         if int(meta.get("pop_half_life_ms", self.pop_half_life_ms)) == self.pop_half_life_ms:
             self.pop_ref_ms = int(meta.get("pop_ref_ms", 0))
             self.popularity = m.arrays.get("popularity", np.zeros(0)).astype(np.float64)
@@ -356,24 +368,55 @@ class Snapshot:
         items: list[str] = []
         weights: list[float] = []
         stamps: list[int] = []
-        for rec in records:
-            try:
-                ev = Event.from_json(rec.value)
-                fresh = dedupe.accept(ev)
-            except InvalidEvent as exc:
+        for ev, rec in _events(records):
+            if ev is None:
                 self.n_invalid += 1
-                log.error("partition %d offset %d: undecodable event skipped (%s)", partition, rec.offset, exc)
+                log.error("partition %d offset %d: undecodable event skipped (%s)", partition, rec.offset, rec.reason)
                 continue
-            if not fresh:
+            if not dedupe.accept(ev):
                 self.n_duplicates += 1
                 continue
             self.n_events += 1
-            if ev.type == "click" and ev.weight > 0:
+            if ev.type == "erase":  # user erasure (stream.erasure): the clicks before it first, then the user goes
+                self._add_clicks(users, items, weights, stamps)
+                self._erase(ev)
+            elif ev.type == "click" and ev.weight > 0 and not self.tombstones.ignores(ev):
                 users.append(ev.user)
                 items.append(ev.item)
                 weights.append(ev.weight)
                 stamps.append(ev.ts)
+        self._add_clicks(users, items, weights, stamps)
+        self.offsets[partition] = int(records[-1].offset)
+
+    def _add_clicks(self, users: list[str], items: list[str], weights: list[float], stamps: list[int]) -> None:
+        """Fold collected clicks into the matrix and the popularity, then empty the lists."""
         self.matrix.add_batch(users, items, weights)
         self._add_popularity(items, weights, stamps)
         self.n_clicks += len(users)
-        self.offsets[partition] = int(records[-1].offset)
+        for part in (users, items, weights, stamps):
+            part.clear()
+
+    def _erase(self, ev: Event) -> None:
+        """An erase event: the user's row leaves the matrix (its id too), a tombstone makes the snapshot ignore
+        the user's events up to ``ev.ts`` from now on. The decayed popularity keeps the user's clicks, as
+        anonymous per-item sums (stream.erasure)."""
+        self.tombstones.record(ev.user, ev.ts)
+        self.matrix.remove_user(ev.user)
+        self.n_erasures += 1
+
+
+@dataclass(frozen=True)
+class _Refused:
+    offset: int
+    reason: str
+
+
+def _events(records: list[Any]) -> Iterator[tuple[Event | None, Any]]:
+    """``(event, record)`` for every event of the records (a record is one event or a pack), in order, and
+    ``(None, _Refused)`` for each element that could not be decoded."""
+    for rec in records:
+        events, bad = decode_events(rec.value)
+        for reason in bad:
+            yield None, _Refused(rec.offset, reason)
+        for ev in events:
+            yield ev, rec

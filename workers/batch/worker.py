@@ -5,8 +5,8 @@ One run (:meth:`ALSWorker.run_once`):
 1. **Snapshot.** :class:`workers.batch.snapshot.Snapshot` catches up on ``<p>.events`` (all partitions, no
    group, de-duplicated like the LMF worker) and checkpoints the click matrix with its offsets and dedupe
    watermarks, so a restart resumes where the last checkpoint ended.
-2. **Decide.** ``pending`` = events-topic records past the live generation's snapshot offsets. ``--once``
-   solves whenever the snapshot holds a click; ``--every`` only when ``pending >= --min-new-events``.
+2. **Decide.** ``pending`` = events past the live generation's snapshot offsets (:meth:`ALSWorker.pending`).
+   ``--once`` solves whenever the snapshot holds a click; ``--every`` only when ``pending >= --min-new-events``.
 3. **Solve.** :func:`workers.kernels.als.als_fit` on the snapshot, warm-started from the previous solve's raw
    (uncalibrated) factors kept in ``<checkpoint_dir>/factors.npz``, never from the live rows, which carry the
    calibration scale and online updates; new rows are seeded like ``als_fit`` seeds them (uniform
@@ -195,9 +195,15 @@ class ALSWorker:
         }
 
     def pending(self) -> int:
-        """Events-topic records the snapshot holds beyond the live generation's snapshot offsets."""
+        """Events the snapshot holds beyond the live generation's snapshot offsets: the records past them times
+        the snapshot's mean events per record (a record of ``<p>.events`` is one event or a pack of them; exact
+        for one event per record, and for packs whenever nothing was de-duplicated)."""
         meta = self.store.generation_meta(self.store.live_generation())
-        return sum(max(0, o - meta.offsets.get(p, -1)) for p, o in self.snapshot.offsets.items())
+        offsets = self.snapshot.offsets
+        records = sum(max(0, o - meta.offsets.get(p, -1)) for p, o in offsets.items())
+        total = sum(o + 1 for o in offsets.values())
+        per_record = self.snapshot.n_events / total if total else 1.0
+        return round(records * max(per_record, 1.0)) if records else 0
 
     # ------------------------------------------------------------------ one run
     def run_once(self, min_new_events: int = 0) -> RunResult:
@@ -250,7 +256,7 @@ class ALSWorker:
             return RunResult("skipped", new_events=new, pending=pending)
         if min_new_events > 0 and pending < min_new_events:
             log.info(
-                "%d new records since the live generation (< --min-new-events %d): not solving", pending, min_new_events
+                "%d new events since the live generation (< --min-new-events %d): not solving", pending, min_new_events
             )
             return RunResult("skipped", new_events=new, pending=pending)
         return self.solve_and_publish(new_events=new, pending=pending)
@@ -263,8 +269,12 @@ class ALSWorker:
         users, items = snap.matrix.user_ids, snap.matrix.item_ids
         offsets, watermarks = dict(snap.offsets), snap.watermarks()
         U, V, loss = self._solve(csr, users, items)
+        erased = np.array([not u for u in users], np.bool_)  # rows of erased users (stream.erasure): id ""
+        U[erased] = 0  # not even the warm start keeps a trace of them
         self.factors.save(U, V)
         U_rows, V_rows, cal = handoff_rows(U, V, csr, cfg)
+        if erased.any():  # never published: a generation holds no row for an erased user
+            users, U_rows = [u for u in users if u], U_rows[~erased]
         if cal.clamped:
             log.warning("calibration slope was <= 0 (ALS scores do not rank clicks above negatives); clamped to "
                         "%g: check ZEROCF_ALS_ALPHA/ZEROCF_ALS_REG", cal.scale)  # fmt: skip

@@ -69,6 +69,13 @@ class ExposureTracker:
             for k in zip(np.atleast_1d(users).tolist(), np.atleast_1d(items).tolist(), strict=True)
         )
 
+    def forget_user(self, user: int) -> int:
+        """Forget every pending pair of ``user`` (an erased user, ``stream.erasure``); return how many."""
+        gone = [key for key in self._pending if key[0] == user]
+        for key in gone:
+            del self._pending[key]
+        return len(gone)
+
     def due(self, now_ts: int, window_ms: int) -> tuple[I32, I32]:
         """Pop pairs shown more than ``window_ms`` before ``now_ts``: (users, items) int32 arrays."""
         out_u: list[int] = []

@@ -15,6 +15,8 @@ The worker (:mod:`workers.online.worker`) does the I/O; this module turns a part
 - ``count`` / ``decayed``: all-time and time-decayed click weight per item (the popularity baselines of the
   prequential ranks; the decayed one is what the store's fallback serves).
 - ``exposure``: impressions not clicked within the window become weighted negatives (optional).
+- ``tombstones``: erased users (:mod:`stream.erasure`): :meth:`OnlineModel.erase` applies the rule to a batch
+  and forgets the erased users' cached state (the worker loads the tombstones from Redis with the generation).
 
 New users start from a small random vector (``ZEROCF_LMF_INIT_SCALE``), new items at zero, so two workers
 that create the same item concurrently both add their deltas to zero and the row stays exact.
@@ -31,13 +33,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from stream.erasure import Tombstones
 from stream.events import Event
 from workers.config import LMFConfig
 from workers.kernels.exposure import ExposureTracker
 from workers.kernels.lmf import LMFParams, Touched, check_finite, event_weights, init_rows, lmf_train, positive_set
 from workers.kernels.sampling import PopularitySampler, Reservoir
 from workers.online.stored import StoredRows
-from workers.store import GLOBAL_ROW
+from workers.store import GLOBAL_ROW, SEEN_EXPIRE, SEEN_PRUNE
 
 log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -97,12 +100,14 @@ class SeenItems:
     ([7, 3, 9], [3, 7, 9])
     """
 
-    __slots__ = ("_order", "_buf", "_n")
+    __slots__ = ("_order", "_buf", "_n", "pruned_ts", "expired_s")
 
     def __init__(self, items: Iterable[int] = ()) -> None:
         self._order: dict[int, None] = dict.fromkeys(items)
         self._buf = np.fromiter(self._order, np.int32, len(self._order))
         self._n = self._buf.size
+        self.pruned_ts: int | None = None  # event time of the last retention prune this worker asked Redis for
+        self.expired_s: float | None = None  # wall time of the last TTL refresh this worker asked Redis for
 
     def add(self, item: int, cap: int) -> None:
         if item in self._order:
@@ -146,6 +151,7 @@ class BatchPlan:
     fetch_users: list[str] = field(default_factory=list)  # users not in the cache: fetch rows and seen items
     n_events: int = 0  # events applied (clicks + impressions) after de-duplication
     n_exposure: int = 0
+    erased: dict[str, int] = field(default_factory=dict)  # users erased by this batch -> erased_at ms
 
     def click_users(self) -> list[str]:
         """The user of each click, in stream order."""
@@ -204,6 +210,7 @@ class OnlineModel:
         self.exp_items = IdMap()  # likewise (never self.items: a shown item has no row until trained)
         self.clicks_trained = 0
         self.exposure: dict[int, ExposureTracker] = {}
+        self.tombstones = Tombstones()
         self.warm([], np.zeros((0, self.k + 1), np.float32), 0.0, {}, {}, 0, 86_400_000)
 
     # -------------------------------------------------------------- state
@@ -282,6 +289,25 @@ class OnlineModel:
         self.user_cache.clear()
         self.exposure.clear()
 
+    def erase(self, events: Sequence[Event]) -> tuple[list[Event], dict[str, int]]:
+        """The tombstone rule (:class:`stream.erasure.Tombstones`) on a batch: the events kept and the users it
+        erases (``user -> erased_at``). Each erased user restarts here as a new user (a fresh row, no seen items,
+        no pending impressions) without a read of Redis, where the batch's write deletes the old state."""
+        kept, erased = self.tombstones.apply(events)
+        for user in erased:
+            fresh = init_rows(1, self.k, self.rng, self.cfg.init_scale)[0]
+            self.user_cache[user] = (fresh, np.zeros(2, np.float32), False)
+            self.user_cache.move_to_end(user)
+            self.seen[user] = SeenItems()
+            self.seen.move_to_end(user)
+            j = self.users.get(user)
+            if j is not None:
+                for tracker in self.exposure.values():
+                    tracker.forget_user(j)
+        if erased:
+            log.info("erased %d user(s) (stream.erasure): %d of %d events kept", len(erased), len(kept), len(events))
+        return kept, erased
+
     def load_users(self, users: Sequence[str], rows: F32, found: npt.NDArray[np.bool_], acc: F32 | None,
                    seen: dict[str, list[str]], plan: BatchPlan | None = None) -> None:  # fmt: skip
         """Cache users read from Redis (new ones get their initial row) and their seen items.
@@ -312,6 +338,31 @@ class OnlineModel:
             if np.isfinite(p).all() and np.abs(p).max() >= 1e-6:
                 out[n, :k] = p
 
+    def seen_upkeep(self, plan: BatchPlan, now_s: float) -> dict[str, int]:
+        """``SEEN_PRUNE | SEEN_EXPIRE`` flags per clicking user of the batch (:class:`BatchWrite.seen_upkeep`):
+        both on this worker's first write of a user, then a prune once the user's newest click is 1 % of the
+        retention past the last one and a TTL refresh once 1 % of the TTL passed. A set thus holds clicks at
+        most ~1.01x the retention old and expires within 1 % of the TTL after the user's last click."""
+        retention_ms = self.cfg.seen_ttl_days * 86_400_000
+        ttl_s = self.cfg.seen_ttl_days * 86_400
+        newest: dict[str, int] = {}
+        for user, _item, ts, _w in plan.clicks:
+            newest[user] = max(ts, newest.get(user, ts))
+        out: dict[str, int] = {}
+        for user, ts in newest.items():
+            got = self.seen.get(user)
+            if got is None:
+                got = self.seen[user] = SeenItems()
+            flags = 0
+            if got.pruned_ts is None or ts - got.pruned_ts >= retention_ms / 100:
+                flags |= SEEN_PRUNE
+                got.pruned_ts = ts
+            if got.expired_s is None or now_s - got.expired_s >= ttl_s / 100:
+                flags |= SEEN_EXPIRE
+                got.expired_s = now_s
+            out[user] = flags
+        return out
+
     def _trim_users(self) -> None:
         while len(self.user_cache) > USER_CACHE_LIMIT:
             self.user_cache.popitem(last=False)
@@ -319,11 +370,25 @@ class OnlineModel:
             self.seen.popitem(last=False)
 
     # -------------------------------------------------------------- planning
-    def plan(self, partition: int, events: Sequence[Event]) -> BatchPlan:
-        """Map a partition's de-duplicated events to rows: clicks in stream order, then exposure negatives."""
+    def plan(self, partition: int, events: Sequence[Event], erased: dict[str, int] | None = None) -> BatchPlan:
+        """Map a partition's de-duplicated events to rows: clicks in stream order, then exposure negatives.
+
+        ``erased``: the users :meth:`erase` erased in this batch (its ``events`` are what it kept)."""
+        return self.plan_many([(partition, events)], erased)
+
+    def plan_many(self, parts: Sequence[tuple[int, Sequence[Event]]], erased: dict[str, int] | None = None
+                  ) -> BatchPlan:  # fmt: skip
+        """:meth:`plan` for the events of several partitions in one batch (``(partition, events)`` each; a user's
+        events are all in one partition, so each keeps its stream order)."""
         cfg = self.cfg
+        events = [e for _p, evs in parts for e in evs]
         clicks = [e for e in events if e.type == "click"]
-        exp_users, exp_items, exp_ts = self._exposures(partition, events, clicks)
+        exp_users, exp_items, exp_ts = [], [], []
+        for p, evs in parts:
+            pu, pi, pt = self._exposures(p, evs, [e for e in evs if e.type == "click"])
+            exp_users += pu
+            exp_items += pi
+            exp_ts += pt
         known_before = len(self.items)
         items = self.items.index_many([e.item for e in clicks] + exp_items)
         self._grow()
@@ -339,7 +404,8 @@ class OnlineModel:
         fetch = [u for u in users if u not in self.user_cache]
         return BatchPlan(users, ev_user, items, weights.astype(np.float32), exposure, ts,
                          clicks=[(e.user, e.item, e.ts, e.weight) for e in clicks], new_items=new_items,
-                         fetch_users=fetch, n_events=len(events), n_exposure=len(exp_users))  # fmt: skip
+                         fetch_users=fetch, n_events=len(events), n_exposure=len(exp_users),
+                         erased=dict(erased or {}))  # fmt: skip
 
     def _exposures(self, partition: int, events: Sequence[Event], clicks: Sequence[Event]
                    ) -> tuple[list[str], list[str], list[int]]:  # fmt: skip

@@ -32,6 +32,7 @@ import enum
 import json
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,14 +44,14 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from stream import kafka_util
 from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.dedupe import Deduper
-from stream.errors import ConfigError, InvalidEvent
-from stream.events import Event
+from stream.errors import ConfigError
+from stream.events import Event, decode_events
 from stream.runtime import Backoff, StopFlag, start_http
 from workers.config import LMFConfig
 from workers.online.metrics import LMFMetrics, WorkerStats
 from workers.online.model import BatchPlan, OnlineModel, TrainResult, rank_rows
 from workers.online.progress import TopicEnds
-from workers.store import ApplyStatus, BatchState, BatchWrite, FactorStore, ModelLost
+from workers.store import ApplyStatus, BatchState, BatchWrite, FactorStore, Fence, ModelLost
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +232,8 @@ class LMFWorker:
             return Step.RESUMED
         if not polled:
             return self._idle()
-        for tp, records in polled.items():
-            if not self._train_partition(tp.partition, records):
-                return Step.RESTARTED
+        if not self._train_polled(polled):
+            return Step.RESTARTED
         self._healthy_redis = True
         self._update_lag()
         return Step.TRAINED
@@ -325,6 +325,7 @@ class LMFWorker:
         self.model.warm(ids, rows, glob, store.item_counts(g), store.item_popularity(g), meta.pop_ref_ms,
                         meta.pop_half_life_ms, item_acc, versions)  # fmt: skip
         self.model.forget_users()
+        self.model.tombstones.load(store.erased_users())  # erased users (stream.erasure)
         self.metrics.generation.set(g)
         self._items_read = time.monotonic()
         log.info("writing into generation %d (%d items, global bias %.3f)", g, len(ids), glob)
@@ -396,9 +397,13 @@ class LMFWorker:
         for tp, behind in kafka_util.lag(self.consumer).items():
             self.metrics.lag.labels(str(tp.partition)).set(behind)
 
-    # ------------------------------------------------------------------ one partition's batch
-    def _train_partition(self, p: int, records: list[Any]) -> bool:
-        """Decode, plan, fetch, train and submit one partition's batch; False if the worker restarted.
+    # ------------------------------------------------------------------ one poll's batches
+    def _train_polled(self, polled: Mapping[Any, list[Any]]) -> bool:
+        """Decode, plan, fetch, train and submit what one poll returned; False if the worker restarted.
+
+        A poll holds records of several partitions: they are trained and written together, in batches of
+        whole records holding about ``batch`` events, each write fencing and advancing every partition it
+        covers (one Lua script per batch, not one per partition: hot item rows are written once for all).
 
         The worker does not wait for the write in flight before fetching: it reads only users and items it
         holds no row for (users have one writer, so the cached rows are never older than Redis; an item this
@@ -411,17 +416,63 @@ class LMFWorker:
         one read or wrote them: the others are sent as ``stored + delta`` with their version and SET
         (:mod:`workers.online.stored`, the same bits).
         """
-        if p not in self.dedupers:  # assigned between the poll and now: resume properly first
-            if self._settle():
-                self._restart(f"partition {p} was assigned mid-poll: resuming from Redis")
-            return False
-        applied = self.applied.get(p)
-        records = [r for r in records if applied is None or r.offset > applied]
-        if not records:
-            return True
+        runs: dict[int, list[tuple[int, list[Event]]]] = {}
+        for tp, records in polled.items():
+            p = tp.partition
+            if p not in self.dedupers:  # assigned between the poll and now: resume properly first
+                if self._settle():
+                    self._restart(f"partition {p} was assigned mid-poll: resuming from Redis")
+                return False
+            applied = self.applied.get(p)
+            fresh = [r for r in records if applied is None or r.offset > applied]
+            if fresh:
+                runs[p] = self._parse(p, fresh)
+        return all(self._train_chunk(chunk) for chunk in self._chunks(runs))
+
+    def _chunks(self, runs: dict[int, list[tuple[int, list[Event]]]]) -> Iterator[dict[int, list[Any]]]:
+        """``{partition: [(offset, events), ...]}`` runs of whole records holding about ``batch`` events each
+        (a pack of ``<p>.events`` holds up to ``ZEROCF_EVENTS_PACK`` events; a record is never split across
+        writes), partitions in poll order, each partition's records in offset order."""
+        chunk: dict[int, list[Any]] = {}
+        n = 0
+        for p, parsed in runs.items():
+            for rec in parsed:
+                chunk.setdefault(p, []).append(rec)
+                n += len(rec[1])
+                if n >= self.cfg.batch:
+                    yield chunk
+                    chunk, n = {}, 0
+        if chunk:
+            yield chunk
+
+    def _parse(self, p: int, records: list[Any]) -> list[tuple[int, list[Event]]]:
+        """``(offset, events)`` of each record; what cannot be decoded is counted, logged and skipped (only
+        ingest writes ``<p>.events``: a bad record there is a bug or a foreign producer, never a user error)."""
+        out = []
+        for rec in records:
+            events, bad = decode_events(rec.value)
+            for reason in bad:
+                self.metrics.invalid.inc()
+                log.error("partition %d offset %d: undecodable event skipped (%s)", p, rec.offset, reason)
+            out.append((rec.offset, events))
+        return out
+
+    def _train_chunk(self, chunk: dict[int, list[tuple[int, list[Event]]]]) -> bool:
+        """Plan, fetch, train and submit one batch of records of one or more partitions; False if the worker
+        restarted."""
+        fences = [(p, self.applied.get(p), recs[-1][0]) for p, recs in chunk.items()]
         t0 = time.perf_counter()
-        events, dups = self._decode(p, records)
-        plan = self.model.plan(p, events)
+        parts: list[tuple[int, list[Event]]] = []
+        erased: dict[str, int] = {}
+        dups = 0
+        for p, recs in chunk.items():
+            fresh, d = self._decode(p, recs)
+            kept, gone = self.model.erase(fresh)  # user erasure (stream.erasure): the tombstone rule
+            parts.append((p, kept))
+            erased |= gone
+            dups += d
+        events = [e for _p, evs in parts for e in evs]
+        plan = self.model.plan_many(parts, erased)
         state = self._fetch(plan)
         if state.live_gen != self.g:
             if self._settle():
@@ -433,7 +484,7 @@ class LMFWorker:
         result = self.model.train(plan, rank_every=self.rank_every if self.rank_hook is not None else 0)
         if not self._settle():  # the previous write must land before this one is fenced on its offset
             return False
-        self._submit(p, applied, records[-1].offset, events, dups, plan, result, t0)
+        self._submit(fences, events, dups, plan, result, t0)
         if self.cfg.item_refresh_s and time.monotonic() - self._items_read > self.cfg.item_refresh_s:
             if self._settle():
                 self._refresh_items()
@@ -441,22 +492,17 @@ class LMFWorker:
                 return False
         return True
 
-    def _decode(self, p: int, records: list[Any]) -> tuple[list[Event], int]:
-        """Parse and de-duplicate; returns (new events, replayed duplicates dropped)."""
-        dedupe = self.dedupers[p]
+    def _decode(self, p: int, chunk: list[tuple[int, list[Event]]]) -> tuple[list[Event], int]:
+        """De-duplicate a run of parsed records; returns (new events, replayed duplicates dropped)."""
+        accept = self.dedupers[p].accept
         events: list[Event] = []
         dups = 0
-        for rec in records:
-            try:
-                ev = Event.from_json(rec.value)
-            except InvalidEvent as exc:
-                self.metrics.invalid.inc()
-                log.error("partition %d offset %d: undecodable event skipped (%s)", p, rec.offset, exc.reason)
-                continue
-            if dedupe.accept(ev):
-                events.append(ev)
-            else:
-                dups += 1
+        for _offset, evs in chunk:
+            for ev in evs:
+                if accept(ev):
+                    events.append(ev)
+                else:
+                    dups += 1
         return events, dups
 
     def _fetch(self, plan: BatchPlan) -> BatchState:
@@ -484,15 +530,20 @@ class LMFWorker:
         self._restart("the decayed popularity was rescaled by another worker: reloading")
         return False
 
-    def _submit(self, p: int, applied: int | None, last: int, events: list[Event], dups: int, plan: BatchPlan,
+    def _submit(self, fences: list[tuple[int, int | None, int]], events: list[Event], dups: int, plan: BatchPlan,
                 result: TrainResult, t0: float) -> None:  # fmt: skip
-        """Hand the batch's write to the writer thread (the model's caches are updated optimistically)."""
+        """Hand the batch's write to the writer thread (the model's caches are updated optimistically).
+        ``fences``: ``(partition, applied offset before, last offset of the batch)`` of each partition."""
         increments: dict[str, int] = {}
         for e in events:
             increments[e.user] = increments.get(e.user, 0) + 1
+        (p, applied, last), *rest = fences
+        more = [Fence(q, before, end, self.dedupers[q].state()) for q, before, end in rest]
         write = BatchWrite(p, applied, last, self.dedupers[p].state(), counts=result.counts,
                            user_increments=increments, seen=[(u, i, ts) for u, i, ts, _w in plan.clicks],
-                           popularity=result.popularity, pop_ref_ms=self.model.pop_ref_ms)  # fmt: skip
+                           seen_upkeep=self.model.seen_upkeep(plan, time.time()),
+                           popularity=result.popularity, pop_ref_ms=self.model.pop_ref_ms,
+                           erase=plan.erased, more=more)  # fmt: skip
         if result.finite:
             write = replace(write, user_ids=plan.users, user_rows=result.user_rows, item_ids=result.item_ids,
                             item_deltas=result.item_deltas, user_acc=result.user_acc,
@@ -501,15 +552,18 @@ class LMFWorker:
         else:
             self.metrics.nan_guards.inc()
             self.stats.nan_batches += 1
-            log.error("partition %d offsets ..%d: non-finite factors, batch refused (its clicks, counts and "
-                      "offsets are still recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", p, last)  # fmt: skip
+            where = ", ".join(f"partition {q} offsets ..{end}" for q, _b, end in fences)
+            log.error("%s: non-finite factors, batch refused (its clicks, counts and offsets are still "
+                      "recorded); lower ZEROCF_LMF_LR or raise ZEROCF_LMF_REG", where)  # fmt: skip
             self.model.rollback(result)
         self.model.commit(plan, result)  # optimistic: a refused write reloads every cache (_restart)
         future = self._writer.submit(self.store.apply_batch, self.g, write)
-        self.applied[p] = last
+        for q, _before, end in fences:
+            self.applied[q] = end
         loss = result.loss / max(1, len(plan.ev_user)) if result.finite else None
         ranks = rank_rows(plan, result) if self.rank_hook is not None else None
-        self._pending = _Pending(future, p, last, len(events), dups, len(plan.clicks), ranks, loss, t0)
+        self._pending = _Pending(future, [(q, end) for q, _b, end in fences], len(events), dups, len(plan.clicks),
+                                 ranks, loss, t0)  # fmt: skip
 
     def _settle(self, restart: bool = True) -> bool:
         """Wait for the write in flight and account for it.
@@ -524,7 +578,7 @@ class LMFWorker:
         status = pending.future.result()
         if status is ApplyStatus.APPLIED:
             self._account(pending)
-            self._commit_hint(pending.partition, pending.offset)
+            self._commit_hint(pending.fences)
             return True
         if status is ApplyStatus.NEW_GENERATION:
             self.metrics.batches.labels("new_generation").inc()
@@ -534,17 +588,19 @@ class LMFWorker:
             why = f"generation {self.g}'s popularity reference moved (another worker): reloading"
         else:
             self.metrics.batches.labels("stale").inc()
-            why = f"partition {pending.partition}: stored offset moved under us (another writer?); resuming from Redis"
+            where = ", ".join(str(q) for q, _end in pending.fences)
+            why = f"partition(s) {where}: stored offset moved under us (another writer?); resuming from Redis"
         if restart:
             self._restart(why)
         return False
 
-    def _commit_hint(self, p: int, offset: int) -> None:
-        """Commit the applied offset + 1 to Kafka with the model's identity as metadata. Only a hint for
-        positions (Redis holds the truth) but it survives a Redis loss, which :meth:`_check_store` detects."""
+    def _commit_hint(self, fences: list[tuple[int, int]]) -> None:
+        """Commit each partition's applied offset + 1 to Kafka with the model's identity as metadata. Only a hint
+        for positions (Redis holds the truth) but it survives a Redis loss, which :meth:`_check_store` detects."""
         meta = json.dumps({"model": self.model_id, "g": self.g}, separators=(",", ":"))
-        tp = TopicPartition(self.cfg.topics.events, p)
-        self.consumer.commit_async({tp: OffsetAndMetadata(offset + 1, meta, -1)})
+        topic = self.cfg.topics.events
+        offsets = {TopicPartition(topic, p): OffsetAndMetadata(end + 1, meta, -1) for p, end in fences}
+        self.consumer.commit_async(offsets)
 
     def _account(self, pending: _Pending) -> None:
         st, m = self.stats, self.metrics
@@ -598,8 +654,7 @@ class _Pending:
     """The one batch write in flight and what to account when it lands."""
 
     future: Any
-    partition: int
-    offset: int  # the batch's last offset (applied once the write lands)
+    fences: list[tuple[int, int]]  # (partition, the batch's last offset there): applied once the write lands
     events: int
     dups: int
     clicks: int

@@ -31,6 +31,20 @@ yet, or all zeros) gets the same popularity fallback as a user without one, itse
 (the items of a category) restricts an answer further: nothing outside it is returned (an empty ``only``
 gives an empty list).
 
+Catalogues of ``ann_min_items`` items or more (200,000 by default, ``ZEROCF_SERVE_ANN_MIN_ITEMS``; 0 =
+always exact) are ranked through an approximate index (:mod:`workers.kernels.ann`, faiss IVF-Flat over
+``[q_i, b_i]`` rows in inner-product space) instead of the full product: the index returns
+``max(2k, k + ANN_EXTRA)`` candidates, seen and hidden items excluded inside its scan, and those are scored
+exactly against the cached matrix; when fewer than ``k`` come back the lookup scans exactly. A lookup with
+``only`` scores the rows of ``only`` exactly (cost proportional to its size). The index is built (trained)
+once per generation on the reload thread, before the new matrix is swapped in; later reloads of the same
+generation keep it, put its rows first in its own order and add the items that arrived since as new ids
+(filed under the trained centroids, no training), so a new item is findable as soon as it is in the cached
+matrix. Vectors that LMF changed after they were indexed are scored fresh but found through their
+indexed position: the index is retrained when the generation changes, when it holds twice the rows it was
+trained on, or once it is older than ``max(ANN_REBUILD_S, build_seconds / RELOAD_SHARE)`` (an hour; a build
+took 3-11 s at 1M items on 2 cores), and at once if an indexed item left the store.
+
 Lost or empty stores are errors, never empty answers. A user without a vector may mean that Redis lost the
 model (an empty restart, a flushed database): before answering one, the live generation is read (one round
 trip), and a missing model or a live generation older than the cached one raises :class:`StoreLost`; a
@@ -74,6 +88,7 @@ import numpy as np
 import numpy.typing as npt
 
 from workers.errors import GenerationError, StoreSchemaError, WorkerError
+from workers.kernels.ann import ItemIndex
 from workers.kernels.similarity import cosine_top_k, unit_rows
 from workers.kernels.topk import top_k
 from workers.serving.gate import FifoGate
@@ -86,6 +101,9 @@ __all__ = ["EmptyModel", "NoModel", "Recommendation", "Recommender", "SimilarIte
 RELOAD_SHARE = 0.05  # a periodic content reload may use at most this share of wall time
 STALE_POPULAR = 1000  # popular items kept with the cached matrix, for recommend_stale
 _BATCH_CELLS = 1 << 22  # users x items scores per chunk of recommend_many (16 MiB of float32)
+ANN_MIN_ITEMS = 200_000  # default catalogue size from which lookups use the index (ZEROCF_SERVE_ANN_MIN_ITEMS)
+ANN_EXTRA = 32  # candidates beyond k that the index returns for the exact re-scoring (at least 2k in all)
+ANN_REBUILD_S = 3600.0  # an index of the same generation is retrained after this long (or 20x its build time)
 
 
 class NoModel(WorkerError):
@@ -156,6 +174,8 @@ class _ItemCache:
     popular: list[str]  # the generation's most popular items at load time, best first (recommend_stale)
     unit: npt.NDArray[np.float32]  # (n_items, k - 1): latent parts at unit norm, for similar()
     has_direction: npt.NDArray[np.bool_]  # (n_items,): False for an all-zero latent vector
+    ann: ItemIndex | None = None  # over every row, ids = rows (catalogues of ann_min_items or more)
+    ann_built_at: float = 0.0  # when (on the clock) ann was trained
 
 
 def sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -195,6 +215,11 @@ class Recommender:
         date, not a Redis round trip). Every answer applies it: :meth:`recommend`, :meth:`similar`, their
         popularity fallbacks and their stale forms. None (the default): nothing is hidden;
         ``zerocf serve`` passes :meth:`stream.catalog.CatalogView.hidden_now`.
+    ann_min_items : int
+        Catalogues of at least this many items are ranked through an approximate index (see the module
+        docstring); 0 = always exact. ``zerocf serve`` passes ``ZEROCF_SERVE_ANN_MIN_ITEMS``.
+    ann_threads : int, optional
+        OpenMP threads of an index build (None: one per CPU).
 
     Thread-safe: readers take the current cache reference; one thread at a time reloads.
     """
@@ -209,9 +234,14 @@ class Recommender:
         reload_store: FactorStore | None = None,
         gate: FifoGate | None = None,
         hidden: Callable[[], Collection[str]] | None = None,
+        ann_min_items: int = ANN_MIN_ITEMS,
+        ann_threads: int | None = None,
     ) -> None:
         if refresh_s < 0:
             raise ValueError(f"refresh_s={refresh_s} must be >= 0 seconds")
+        if ann_min_items < 0:
+            raise ValueError(f"ann_min_items={ann_min_items} must be >= 0 (0 = always exact)")
+        self.ann_min_items, self.ann_threads = int(ann_min_items), ann_threads
         self.store, self.refresh_s, self._clock, self.auto_refresh = store, float(refresh_s), clock, auto_refresh
         self._reload_store = reload_store or store
         self._gate: contextlib.AbstractContextManager[object] = gate or contextlib.nullcontext()
@@ -294,8 +324,10 @@ class Recommender:
                 f"live generation of {self.store.keys.ns!r} kept changing during the item "
                 "load; retry, and check that the ALS worker is not publishing in a loop"
             )
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        ids, matrix, ann, built_at, build_s = self._indexed(live, ids, matrix)
         unit, has_direction = unit_rows(matrix[:, :-1])  # once per load, not per similar() call
-        took = self._clock() - started
+        took = self._clock() - started - build_s  # a build is bounded on its own (ANN_REBUILD_S)
         log.info(
             "item matrix loaded namespace=%s gen=%s items=%d bias=%.4f in %.3fs",
             self.store.keys.ns,
@@ -309,13 +341,52 @@ class Recommender:
             float(bias),
             ids,
             {i: n for n, i in enumerate(ids)},
-            np.ascontiguousarray(matrix, dtype=np.float32),
+            matrix,
             self._clock(),
             took,
             popular,
             unit,
             has_direction,
+            ann,
+            built_at,
         )
+
+    def _indexed(
+        self, live: int, ids: list[str], matrix: npt.NDArray[np.float32]
+    ) -> tuple[list[str], npt.NDArray[np.float32], ItemIndex | None, float, float]:
+        """``(ids, matrix, index, built_at, build_seconds)`` of a load: no index below ``ann_min_items``; the
+        cached index of the same generation with the rows reordered to its ids and the new items added, or
+        a new one (see the module docstring). ``build_seconds`` is 0 unless it was trained here."""
+        if self.ann_min_items == 0 or len(ids) < self.ann_min_items:
+            return ids, matrix, None, 0.0, 0.0
+        old, now = self._cache, self._clock()
+        if old is not None and old.ann is not None and old.gen == live and old.ann.n <= 2 * old.ann.trained_n:
+            fresh = now - old.ann_built_at < max(ANN_REBUILD_S, old.ann.build_seconds / RELOAD_SHARE)
+            pos = {i: n for n, i in enumerate(ids)}
+            order = [pos.get(i, -1) for i in old.ids[: old.ann.n]]
+            if fresh and -1 not in order:  # every indexed item is still there: keep the index
+                rest = np.ones(len(ids), dtype=bool)
+                rest[order] = False
+                rows = np.concatenate([np.asarray(order, dtype=np.intp), np.flatnonzero(rest)])
+                matrix = matrix[rows]
+                ann = old.ann.with_rows(matrix[old.ann.n :])
+                return [ids[j] for j in rows.tolist()], matrix, ann, old.ann_built_at, 0.0
+        try:
+            ann = ItemIndex.build(matrix, threads=self.ann_threads)
+        except ImportError as exc:  # faiss-cpu missing from this install: serve exactly, say so once
+            log.warning("no item index (%s): lookups over %d items stay exact; pip install faiss-cpu", exc, len(ids))
+            self.ann_min_items = 0
+            return ids, matrix, None, 0.0, 0.0
+        log.info(
+            "item index built namespace=%s gen=%s items=%d cells=%d nprobe=%d in %.1fs",
+            self.store.keys.ns,
+            live,
+            ann.n,
+            ann.nlist,
+            ann.nprobe,
+            ann.build_seconds,
+        )
+        return ids, matrix, ann, now, ann.build_seconds
 
     def _current(self) -> _ItemCache:
         if self._cache is None or self.auto_refresh:
@@ -359,11 +430,19 @@ class Recommender:
             return {}
         self._require_items(cache)
         hidden = self._hidden()
-        hidden_rows = self._excluded_rows(cache, hidden, only)
+        indexed = cache.ann is not None  # only: the rows of only are scored, not the complement masked
+        hidden_rows = self._rows(cache, hidden) if indexed else self._excluded_rows(cache, hidden, only)
         vecs, found = self.store.get_vectors(cache.gen, "user", users)
         seen = self.store.seen_items_many(users) if exclude_seen else {}
         out: dict[str, Recommendation] = {}
         known = np.flatnonzero(found)
+        if indexed:  # a large catalogue: the index's candidates (or the rows of only), scored exactly
+            allowed = None if only is None else self._allowed_rows(cache, only, hidden_rows)
+            for i in known.tolist():
+                excl = self._rows(cache, seen.get(users[i], ())) + hidden_rows
+                with self._gate:
+                    out[users[i]] = self._rank_indexed(cache, users[i], vecs[i], k, excl, allowed)
+            known = known[:0]
         chunk = max(1, _BATCH_CELLS // max(1, len(cache.ids)))
         for c in range(0, len(known), chunk):
             rows = known[c : c + chunk]
@@ -407,6 +486,41 @@ class Recommender:
         out[cls._rows(cache, only)] = False
         out[cls._rows(cache, hidden)] = True
         return np.flatnonzero(out).tolist()
+
+    @classmethod
+    def _allowed_rows(cls, cache: _ItemCache, only: Collection[str], hidden_rows: list[int]) -> npt.NDArray[np.intp]:
+        """Rows of ``only`` that no answer excludes for everyone (``hidden_rows`` already covers the rest)."""
+        rows = np.unique(np.asarray(cls._rows(cache, only), dtype=np.intp))
+        return np.setdiff1d(rows, np.asarray(hidden_rows, dtype=np.intp), assume_unique=True)
+
+    def _rank_indexed(
+        self,
+        cache: _ItemCache,
+        user: str,
+        vec: npt.NDArray[np.float32],
+        k: int,
+        excl: list[int],
+        allowed: npt.NDArray[np.intp] | None,
+    ) -> Recommendation:
+        """:meth:`_rank` of one user over the index's candidates (or over ``allowed`` rows, exactly)."""
+        assert cache.ann is not None
+        q = np.array(vec, dtype=np.float32, copy=True)
+        offset = q[-1] + np.float32(cache.bias)
+        q[-1] = 1.0  # [p_u, 1] . [q_i, b_i] = p_u . q_i + b_i
+        if allowed is not None:  # a category: exact over its rows, the user's seen ones removed
+            rows = np.setdiff1d(allowed, np.asarray(excl, dtype=np.intp))
+        else:
+            want = min(k, len(cache.ids) - len(set(excl)))
+            rows = np.sort(cache.ann.search(q, max(2 * k, k + ANN_EXTRA), excl)[0]).astype(np.intp)
+            if rows.size < want:  # the probed cells held too few eligible items: scan exactly
+                logits = cache.matrix @ q + offset
+                return self._rank(cache, user, logits, k, excl)
+        logits = cache.matrix[rows] @ q + offset
+        ids, top = top_k(logits[None, :], k)
+        best = ids[0][ids[0] >= 0]
+        return Recommendation(
+            user, [cache.ids[j] for j in rows[best].tolist()], sigmoid(top[0][: best.size]).tolist(), False, cache.gen
+        )
 
     def _check_store(self, cache: _ItemCache) -> None:
         """Raise :class:`StoreLost` unless Redis still holds the cached generation's model (one round trip)."""

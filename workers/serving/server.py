@@ -367,8 +367,9 @@ def make_server(
         store, reload_store = serving_stores(source, settings)
         hidden = None if catalog is None else catalog.hidden_now
         rec = Recommender(
-            store, source.item_refresh_s, reload_store=reload_store, gate=compute_gate(settings), hidden=hidden
-        )
+            store, source.item_refresh_s, reload_store=reload_store, gate=compute_gate(settings), hidden=hidden,
+            ann_min_items=settings.ann_min_items,
+        )  # fmt: skip
         host = source.host if host is None else host
         port = source.port if port is None else port
         max_k = source.max_k if max_k is None else max_k
@@ -407,8 +408,9 @@ def run(args: argparse.Namespace) -> int:
     catalog = start_catalog(args.env, cfg.topic_prefix) if settings.catalog else None
     hidden = None if catalog is None else catalog.hidden_now
     rec = Recommender(
-        store, cfg.item_refresh_s, auto_refresh=False, reload_store=reload_store, gate=gate, hidden=hidden
-    )
+        store, cfg.item_refresh_s, auto_refresh=False, reload_store=reload_store, gate=gate, hidden=hidden,
+        ann_min_items=settings.ann_min_items,
+    )  # fmt: skip
     last_error = _refresh(rec, "")
     try:
         server = make_server(rec, cfg.host, cfg.port, max_k=cfg.max_k, settings=settings, catalog=catalog)

@@ -7,8 +7,8 @@ environment variables are accepted once ``workers.cli.CONFIG_CLASSES`` lists
 
 >>> from stream.config import load
 >>> s = load(ServeSettings, {"ZEROCF_SERVE_REDIS_TIMEOUT_S": "0.5"})
->>> s.redis_timeout_s, s.max_connections, s.request_timeout_s
-(0.5, 256, 10.0)
+>>> s.redis_timeout_s, s.max_connections, s.request_timeout_s, s.ann_min_items
+(0.5, 256, 10.0, 200000)
 >>> load(ServeSettings, {"ZEROCF_SERVE_REDIS_TIMEOUT_S": "0"})
 Traceback (most recent call last):
 ...
@@ -64,10 +64,19 @@ class ServeSettings:
         "ZEROCF_KAFKA_*); without a reachable broker serve still serves, hiding nothing",
     )
 
+    ann_min_items: int = setting(
+        200_000,
+        "SERVE_ANN_MIN_ITEMS",
+        "catalogue size from which /recommend re-scores the candidates of an approximate index (faiss "
+        "IVF-Flat, built per generation, new items added as they load) instead of scanning every item; "
+        "0 = always exact",
+    )
+
     def __post_init__(self) -> None:
         check_ranges(
             self,
             {
+                "ann_min_items": (0, 10**12),
                 "redis_timeout_s": (0.001, 60),
                 "max_connections": (1, 100_000),
                 "request_timeout_s": (0.1, 3600),

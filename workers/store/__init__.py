@@ -8,7 +8,16 @@ them. Callers import from here.
 from workers.store.codec import DTYPE, decode, encode, encode_joined
 from workers.store.factor_store import LEASE_S, FactorStore, ModelLost
 from workers.store.keys import GLOBAL_ROW, KEY_PREFIX, SCHEMA_VERSION, TABLES, Keys, Table
-from workers.store.records import ApplyStatus, BatchState, BatchWrite, GenerationMeta, ModelMeta
+from workers.store.records import (
+    SEEN_EXPIRE,
+    SEEN_PRUNE,
+    ApplyStatus,
+    BatchState,
+    BatchWrite,
+    Fence,
+    GenerationMeta,
+    ModelMeta,
+)
 
 __all__ = [
     "DTYPE",
@@ -16,11 +25,14 @@ __all__ = [
     "KEY_PREFIX",
     "LEASE_S",
     "SCHEMA_VERSION",
+    "SEEN_EXPIRE",
+    "SEEN_PRUNE",
     "TABLES",
     "ApplyStatus",
     "BatchState",
     "BatchWrite",
     "FactorStore",
+    "Fence",
     "GenerationMeta",
     "Keys",
     "ModelLost",

@@ -39,9 +39,11 @@ import numpy.typing as npt
 import redis
 
 from stream.config import redact_url
+from stream.erasure import RETENTION_MS, erased_digest
 from stream.errors import ConfigError, ServiceUnavailable
 from workers.errors import GenerationError, ModelDiverged, StoreSchemaError
 from workers.store.codec import DTYPE, decode, encode, encode_joined
+from workers.store.connect import Client, client_from_url, connection_kwargs, is_cluster, where
 from workers.store.keys import GLOBAL_ROW, SCHEMA_VERSION, TABLES, Keys, Table
 from workers.store.lua import (
     APPLY_BATCH_LUA,
@@ -51,7 +53,15 @@ from workers.store.lua import (
     SEEN_ADD_LUA,
     SEEN_MANY_LUA,
 )
-from workers.store.records import ApplyStatus, BatchState, BatchWrite, GenerationMeta, ModelMeta
+from workers.store.records import (
+    SEEN_EXPIRE,
+    SEEN_PRUNE,
+    ApplyStatus,
+    BatchState,
+    BatchWrite,
+    GenerationMeta,
+    ModelMeta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +83,7 @@ class FactorStore:
 
     Parameters
     ----------
-    client : redis.Redis
+    client : redis.Redis or redis.cluster.RedisCluster
         A client with ``decode_responses=False`` (blobs are bytes).
     namespace : str
         The topic prefix; every key carries the hash tag ``{namespace}``.
@@ -86,15 +96,14 @@ class FactorStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client,
         namespace: str = "zerocf",
         *,
         seen_cap: int = 10_000,
         seen_ttl: int = 365 * 86400,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        pool = getattr(client, "connection_pool", None)
-        if pool is not None and pool.connection_kwargs.get("decode_responses"):
+        if connection_kwargs(client).get("decode_responses"):
             raise ConfigError(
                 "the Redis client decodes responses; FactorStore needs bytes: create it with decode_responses=False"
             )
@@ -107,7 +116,7 @@ class FactorStore:
         self.seen_cap, self.seen_ttl, self._clock = int(seen_cap), int(seen_ttl), clock
         self._k: int | None = None
         self._model_id: str | None = None  # the model this store object has seen (a change = a lost store)
-        self.where = _where(client)
+        self.where = where(client)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"  # written into the leases this process takes
         self.rows_added = 0  # item rows apply_batch added in Redis (versions moved or unknown) instead of SET
         self._apply = client.register_script(APPLY_BATCH_LUA)
@@ -119,14 +128,15 @@ class FactorStore:
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "zerocf", **kw: Any) -> FactorStore:
-        """Connect with a ``redis://`` / ``rediss://`` (TLS) URL; a password may be in the URL.
+        """Connect with a ``redis://`` / ``rediss://`` (TLS) URL, or ``redis+cluster://host:port[,host:port...]``
+        for a Redis Cluster (:mod:`workers.store.connect`); a password may be in the URL.
 
-        ``kw`` goes to :class:`FactorStore` (``seen_cap``, ``seen_ttl``, ``clock``) or else to
-        :meth:`redis.Redis.from_url` (e.g. ``ssl_ca_certs``, ``socket_timeout``).
+        ``kw`` goes to :class:`FactorStore` (``seen_cap``, ``seen_ttl``, ``clock``) or else to the client
+        (e.g. ``ssl_ca_certs``, ``socket_timeout``).
         """
         own = {n: kw.pop(n) for n in ("seen_cap", "seen_ttl", "clock") if n in kw}
         log.info("connecting factor store %s namespace=%s", redact_url(url), namespace)
-        client = redis.Redis.from_url(url, decode_responses=False, **kw)
+        client = client_from_url(url, **kw)
         store = cls(client, namespace, **own)
         store.where = redact_url(url)
         return store
@@ -142,9 +152,9 @@ class FactorStore:
         kw.setdefault("socket_timeout", 15)
         kw.setdefault("socket_connect_timeout", 5)
         kw.setdefault("health_check_interval", 30)
-        store = cls.from_url(url, namespace, **kw)
         where = redact_url(url)
         try:
+            store = cls.from_url(url, namespace, **kw)  # a cluster client connects here (it reads the slot map)
             store.r.ping()
         except redis.AuthenticationError as exc:
             raise ConfigError(
@@ -393,7 +403,8 @@ class FactorStore:
             p.hmget(km.offsets(g), parts)
             p.hmget(km.watermarks(g), parts)
         seen_users = [str(u) for u in seen_users]
-        if seen_users:
+        apart = bool(seen_users) and is_cluster(self.r)  # a cluster pipeline refuses EVALSHA: its own round trip
+        if seen_users and not apart:
             self._seen_many(keys=[km.seen(u) for u in seen_users], args=[-1], client=p)
         res = iter(p.execute())
         live, mid = next(res)
@@ -404,6 +415,8 @@ class FactorStore:
         mats = {t: decode(next(res) if ids else [], self._width(t), ids) for t, ids in zip(tables, idlists)}
         offs = next(res) if parts else []
         wms = next(res) if parts else []
+        if apart:
+            res = iter([self._seen_many(keys=[km.seen(u) for u in seen_users], args=[-1])])
         seen = {u: [i.decode() for i in rows] for u, rows in zip(seen_users, next(res))} if seen_users else None
         return BatchState(
             live_gen=int(live),
@@ -437,7 +450,8 @@ class FactorStore:
         stored applied offset equals ``b.expected_offset`` (absent when None; else ``STALE``) and, when the
         batch carries popularity, the generation's popularity reference is ``b.pop_ref_ms`` or not set yet
         (else ``POPULARITY_MOVED``). Raises :class:`ModelDiverged` for NaN/inf input or a float32 overflow
-        (nothing written).
+        (nothing written). ``b.erase`` users are deleted (and tombstoned) before the batch's own writes
+        (:meth:`_erase_args`, docs/redis-schema.md *User erasure*).
         """
         w, km = self.width, self.keys
         uids, iids = [str(u) for u in b.user_ids], [str(i) for i in b.item_ids]
@@ -452,24 +466,55 @@ class FactorStore:
         for name, values in (("count", b.counts), ("popularity", b.popularity)):
             if not all(math.isfinite(c) for c in values.values()):
                 raise ModelDiverged(f"batch for partition {b.partition} has a non-finite item {name}; refused")
-        seen_keys, seen_args = self._seen_args(b.seen, first_key=13)
+        seen_keys, seen_args = self._seen_groups(b.seen, b.seen_upkeep, first_key=13)
         keys = [km.meta, km.offsets(g), km.watermarks(g), *(km.vectors(g, t) for t in TABLES), km.counts(g)]
         keys += [km.updates(g), km.gen_meta(g), km.popularity(g), km.item_versions(g), *seen_keys]
         n_uacc, n_iacc = len(uacc) // (4 * ACC_WIDTH), len(iacc) // (4 * ACC_WIDTH)
         head: list[Any] = [g, b.partition, "" if b.expected_offset is None else b.expected_offset, b.new_offset]
         head += [json.dumps(dict(b.watermarks), sort_keys=True), 4 * w, self.seen_cap, self.seen_ttl]
         head += [self.seen_ttl * 1000, int(b.pop_ref_ms), len(uids), len(iids), len(b.counts)]
-        head += [len(b.popularity), len(b.user_increments), len(seen_args) // 3, n_uacc, n_iacc]
-        head += [len(absolute) and len(iids)]
+        head += [len(b.popularity), len(b.user_increments), len(seen_args), n_uacc, n_iacc]
+        head += [len(absolute) and len(iids), len(b.more)]
+        for f in b.more:
+            head += [f.partition, "" if f.expected_offset is None else f.expected_offset, f.new_offset]
+            head += [json.dumps(dict(f.watermarks), sort_keys=True)]
         args = [*head, *uids, ublob, *iids, iblob]
         args += _pairs(list(b.counts), [_num(c) for c in b.counts.values()])
         args += _pairs(list(b.popularity), [_num(c) for c in b.popularity.values()])
         args += _pairs(list(b.user_increments), [int(n) for n in b.user_increments.values()]) + seen_args
         args += [uacc, iacc, *absolute]
+        if b.erase:  # appended: the script finds the section after the ones above
+            erase_keys, erase_args = self._erase_args(g, b.erase, first_key=len(keys) + 1)
+            keys, args = keys + erase_keys, args + erase_args
         code, detail, *added = self._apply(keys=keys, args=args)
         if added:
             self.rows_added += int(added[0])
         return self._status(int(code), detail, g, b)
+
+    def _erase_args(self, g: int, erase: Mapping[str, int], first_key: int) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of the batch script's erase section (``lua._ERASE_LIB``): the tombstone zset, the
+        users' seen sets, then (user, user_acc, nupd) of every retired generation still kept. A building
+        generation is left alone (its builder checks its row count at publish); if it holds the user, the LMF
+        worker replays the erase event into it once it is live (its snapshot offsets precede the event)."""
+        km = self.keys
+        others = [x for x in self.generations() if x != g]
+        if others:
+            p = self.r.pipeline(transaction=False)
+            for x in others:
+                p.hget(km.gen_meta(x), "state")
+            others = [x for x, state in zip(others, p.execute()) if state == b"retired"]
+        users = [str(u) for u in erase]
+        keys = [km.erased, *(km.seen(u) for u in users)]
+        for x in others:
+            keys += [km.vectors(x, "user"), km.vectors(x, "user_acc"), km.updates(x)]
+        args: list[Any] = [len(users), first_key, RETENTION_MS, len(others), first_key + 1 + len(users)]
+        for n, u in enumerate(users):
+            args += [u, erased_digest(u), int(erase[u]), first_key + 1 + n]
+        return keys, args
+
+    def erased_users(self) -> dict[str, int]:
+        """Every tombstone: ``stream.erasure.erased_digest(user) -> erased_at_ms`` (ZSCAN)."""
+        return {d.decode(): int(t) for d, t in self.r.zscan_iter(self.keys.erased, count=_CHUNK)}
 
     def _absolute(self, b: BatchWrite, iids: Sequence[str], w: int, n_acc: int) -> list[Any]:
         """The versions, absolute rows and absolute accumulators of ``b`` as script arguments ([] without)."""
@@ -752,6 +797,21 @@ class FactorStore:
             args += [idx, int(ts), str(item)]
         return list(index), args
 
+    def _seen_groups(self, seen: Iterable[tuple[str, str, int]], upkeep: Mapping[str, int] | None, first_key: int
+                     ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        """Seen keys (KEYS from ``first_key``) and the batch script's per-user groups ``(KEYS index, flags, m,
+        (ts, item) * m)`` (``lua._SEEN_GROUPS_LIB``); flags from ``upkeep`` (absent: prune and expire)."""
+        by_user: dict[str, list[Any]] = {}
+        for user, item, ts in seen:
+            by_user.setdefault(str(user), []).extend((int(ts), str(item)))
+        keys: list[str] = []
+        args: list[Any] = []
+        for n, (user, pairs) in enumerate(by_user.items()):
+            keys.append(self.keys.seen(user))
+            flags = SEEN_PRUNE | SEEN_EXPIRE if upkeep is None else upkeep.get(user, 0)
+            args += [first_key + n, flags, len(pairs) // 2, *pairs]
+        return keys, args
+
     def seen_items(self, user: str, limit: int | None = None) -> list[str]:
         """The user's seen items, newest first (at most ``limit``)."""
         if limit is not None and limit <= 0:
@@ -766,14 +826,6 @@ class FactorStore:
         for u in users:
             p.zrevrange(self.keys.seen(str(u)), 0, _end(limit))
         return {str(u): [i.decode() for i in rows] for u, rows in zip(users, p.execute())}
-
-
-def _where(client: Any) -> str:
-    """Where a client connects, for messages (never with a password)."""
-    kw = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
-    if "path" in kw:
-        return f"unix://{kw['path']}"
-    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
 
 
 def _new_generation(source: str, now: str, pop_half_life_ms: int, *, complete: bool) -> dict[str, Any]:

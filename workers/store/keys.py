@@ -98,6 +98,12 @@ class Keys:
     def seen(self, user: str) -> str:
         return f"{self.base}:seen:{user}"
 
+    @property
+    def erased(self) -> str:
+        """Tombstones of erased users (ZSET, ``stream.erasure.erased_digest(user)`` -> erased_at ms); not per
+        generation, like the seen sets."""
+        return f"{self.base}:erased"
+
     def generation_keys(self, g: int) -> list[str]:
         """All keys owned by generation ``g`` (what :meth:`FactorStore.drop_generation` unlinks)."""
         return [

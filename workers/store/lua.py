@@ -171,19 +171,78 @@ local function add_seen(pos, n, cap, ttl, retention)
 end
 """
 
-# KEYS: meta offsets wm user item user_acc item_acc counts nupd gen_meta pop iver seen...
+# The batch script's seen sets, grouped per user: from ARGV[pos], `slots` arguments of groups (KEYS index, flags,
+# m, then m pairs (ts_ms, item)). One ZADD GT per user, then the cap (ZCARD); flag 1 (SEEN_PRUNE) also drops
+# items clicked more than `retention` ms before the user's newest click, flag 2 (SEEN_EXPIRE) sets the TTL. The
+# worker raises each flag on its first write of a user and then at most every 1 % of the retention / TTL, so
+# most users cost two commands instead of four plus one per click.
+_SEEN_GROUPS_LIB = r"""
+local function add_seen_groups(pos, slots, cap, ttl, retention)
+  local stop = pos + slots
+  while pos < stop do
+    local key, flags, m = KEYS[tonumber(ARGV[pos])], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+    local zargs = {}
+    for j = 1, 2 * m do zargs[j] = ARGV[pos + 2 + j] end
+    redis.call('ZADD', key, 'GT', unpack(zargs))
+    if flags % 2 == 1 then
+      local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. string.format('%.0f', tonumber(newest) - retention))
+    end
+    if redis.call('ZCARD', key) > cap then redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1)) end
+    if flags >= 2 then redis.call('EXPIRE', key, ttl) end
+    pos = pos + 3 + 2 * m
+  end
+end
+"""
+
+# User erasure (stream.erasure), in the batch script after its checks and before its writes. The section
+# starts at ARGV[at] (absent: nothing to erase): n, KEYS index of the tombstone zset, tombstone retention (ms),
+# n_gen and the KEYS index of the first of the other generations' (user, user_acc, nupd) keys, then per user
+# (user id, digest, erased_at_ms, KEYS index of its seen set). Each user's row, accumulators and counter leave
+# this generation (KEYS[4], [6], [9]) and the others, the seen set is unlinked, the tombstone keeps the newest
+# time (ZADD GT), and tombstones older than the retention before the newest erasure are dropped.
+_ERASE_LIB = r"""
+local function erase_users(at)
+  local n = tonumber(ARGV[at] or '0')
+  if n == 0 then return end
+  local tomb, retention = KEYS[tonumber(ARGV[at + 1])], tonumber(ARGV[at + 2])
+  local n_gen, first = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  local newest = 0
+  for i = 0, n - 1 do
+    local q = at + 5 + 4 * i
+    local user = ARGV[q]
+    redis.call('HDEL', KEYS[4], user)
+    redis.call('HDEL', KEYS[6], user)
+    redis.call('HDEL', KEYS[9], user)
+    for j = first, first + 3 * n_gen - 1 do redis.call('HDEL', KEYS[j], user) end
+    redis.call('UNLINK', KEYS[tonumber(ARGV[q + 3])])
+    redis.call('ZADD', tomb, 'GT', ARGV[q + 2], ARGV[q + 1])
+    newest = math.max(newest, tonumber(ARGV[q + 2]))
+  end
+  redis.call('ZREMRANGEBYSCORE', tomb, '-inf', '(' .. string.format('%.0f', newest - retention))
+end
+"""
+
+# KEYS: meta offsets wm user item user_acc item_acc counts nupd gen_meta pop iver seen... [erase keys...]
 # ARGV: g part expected new_offset wm_json row_bytes cap ttl retention_ms pop_ref
-#       n_users n_items n_counts n_pop n_incr n_seen n_uacc n_iacc n_abs, then the sections in that order
-#       (see FactorStore.apply_batch).
+#       n_users n_items n_counts n_pop n_incr n_seen n_uacc n_iacc n_abs n_more, (part expected new wm_json) *
+#       n_more (more partitions fenced and advanced by the same batch), then the sections in that order
+#       (see FactorStore.apply_batch), then the optional erase section (_ERASE_LIB).
 APPLY_BATCH_LUA = (
     _LUA_LIB
-    + _SEEN_LIB
+    + _SEEN_GROUPS_LIB
+    + _ERASE_LIB
     + r"""
 local g, part, expected = ARGV[1], ARGV[2], ARGV[3]
 local live = redis.call('HGET', KEYS[1], 'live_gen')
 if live ~= g then return {-1, live or ''} end
 local stored = redis.call('HGET', KEYS[2], part)
 if (expected == '' and stored) or (expected ~= '' and stored ~= expected) then return {0, stored or ''} end
+local n_more = tonumber(ARGV[20])  -- more partitions in this batch: (part, expected, new, wm_json) each
+for f = 21, 20 + 4 * n_more, 4 do
+  local got, want = redis.call('HGET', KEYS[2], ARGV[f]), ARGV[f + 1]
+  if (want == '' and got) or (want ~= '' and got ~= want) then return {0, ARGV[f] .. ':' .. (got or '')} end
+end
 local w, cap, ttl, retention = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local pop_ref = ARGV[10]
 local n_pop = tonumber(ARGV[14])
@@ -193,7 +252,7 @@ if n_pop > 0 then  -- the decayed popularity must be relative to the generation'
   if not ref or ref == '0' then set_ref = true
   elseif ref ~= pop_ref then return {-6, ref} end
 end
-local pos = 20
+local pos = 21 + 4 * n_more
 local n_users, n_items, n_uacc, n_iacc = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[17]), tonumber(ARGV[18])
 local uids, iids, ublobs, uacc
 uids, pos = take_ids(pos, n_users)
@@ -207,8 +266,8 @@ local cids, cinc, pids, pinc, xids, xinc
 cids, cinc, pos = take_pairs(pos, tonumber(ARGV[13]))
 pids, pinc, pos = take_pairs(pos, n_pop)
 xids, xinc, pos = take_pairs(pos, tonumber(ARGV[15]))
-local seen_pos, nseen = pos, tonumber(ARGV[16])
-pos = pos + 3 * nseen
+local seen_pos, nseen = pos, tonumber(ARGV[16])  -- nseen: argument slots of the seen groups
+pos = pos + nseen
 -- accumulators of the first n_uacc users and n_iacc items, one blob each
 uacc = split(ARGV[pos], math.min(n_uacc, n_users), 8)
 if not uacc or n_uacc > n_users then return {-5, 'user_acc'} end
@@ -226,6 +285,7 @@ end
 local items, iacc, iver, err, bad = item_sums(KEYS[5], KEYS[7], KEYS[12], iids, ideltas, n_iacc, bdeltas, vers,
                                              iabs, babs, w)
 if not items then return {err, bad} end
+erase_users(pos + (n_abs > 0 and 3 or 0))  -- first: later events of an erased user create it afresh
 if set_ref then redis.call('HSET', KEYS[10], 'pop_ref_ms', pop_ref) end
 hset_many(KEYS[4], uids, ublobs)
 hset_many(KEYS[5], iids, items)
@@ -235,9 +295,13 @@ hset_many(KEYS[7], iids, iacc, n_iacc)
 zincr_many(KEYS[8], cids, cinc)
 zincr_many(KEYS[11], pids, pinc)
 hincr_many(KEYS[9], xids, xinc)
-add_seen(seen_pos, nseen, cap, ttl, retention)
+add_seen_groups(seen_pos, nseen, cap, ttl, retention)
 redis.call('HSET', KEYS[2], part, ARGV[4])
 redis.call('HSET', KEYS[3], part, ARGV[5])
+for f = 21, 20 + 4 * n_more, 4 do
+  redis.call('HSET', KEYS[2], ARGV[f], ARGV[f + 2])
+  redis.call('HSET', KEYS[3], ARGV[f], ARGV[f + 3])
+end
 return {1, ARGV[4], err}  -- err: here the number of item rows added (not SET)
 """
 )

@@ -98,7 +98,17 @@ class BatchWrite:
       other row falls back to the add. Version -1: unknown, always added;
     - ``counts`` (all-time clicks) and ``popularity`` (decayed click weight relative to ``pop_ref_ms``)
       are added per item, ``user_increments`` per user;
-    - ``seen`` ``(user, item, ts_ms)`` enter the users' seen sets;
+    - ``partition``'s applied offset is fenced (``expected_offset``) and advanced (``new_offset``,
+      ``watermarks``); ``more`` :class:`Fence` entries do the same for other partitions in the same batch
+      (one worker writes the partitions of one poll at once: one script instead of one per partition);
+    - ``seen`` ``(user, item, ts_ms)`` enter the users' seen sets; each touched set is capped at ``seen_cap``.
+      ``seen_upkeep`` (``user -> SEEN_PRUNE | SEEN_EXPIRE``) says which sets are also pruned to the retention
+      and get their TTL refreshed in this batch; None (the default) does both for every touched set. The LMF
+      worker asks for each at most every 1 % of the retention (event time) / TTL (wall time) per user, and on
+      its first write of a user (docs/redis-schema.md);
+    - ``erase`` ``{user: erased_at_ms}`` (``stream.erasure``): before any of the writes above, each user's row,
+      accumulators, counter and seen set are deleted and a tombstone recorded (the writes above may then create
+      the user afresh from events after the erasure);
     - finally the partition's applied offset becomes ``new_offset`` with the dedupe ``watermarks``.
     """
 
@@ -120,6 +130,24 @@ class BatchWrite:
     pop_ref_ms: int = 0
     user_increments: Mapping[str, int] = field(default_factory=dict)
     seen: Sequence[tuple[str, str, int]] = ()
+    seen_upkeep: Mapping[str, int] | None = None
+    erase: Mapping[str, int] = field(default_factory=dict)
+    more: Sequence[Fence] = ()
+
+
+SEEN_PRUNE = 1  # seen_upkeep flag: drop items clicked more than the retention before the user's newest click
+SEEN_EXPIRE = 2  # seen_upkeep flag: (re)set the set's TTL
+
+
+@dataclass(frozen=True)
+class Fence:
+    """One more events partition a :class:`BatchWrite` covers: its stored applied offset must be
+    ``expected_offset`` (absent when None); the write sets it to ``new_offset`` with ``watermarks``."""
+
+    partition: int
+    expected_offset: int | None
+    new_offset: int
+    watermarks: Mapping[str, Any]
 
 
 class ApplyStatus(IntEnum):
