@@ -447,6 +447,33 @@ def to_events(raw: RawClick | RawImpression | RawErasure, topic: str, partition:
     return [Event(f"{head}{i}", "impression", user, item, ts, 0.0, i, imp, src) for i, item in enumerate(raw.item_ids)]
 
 
+def event_records(raw: RawClick | RawImpression | RawErasure, topic: str, partition: int, offset: int
+                  ) -> list[tuple[bytes, bytes]]:  # fmt: skip
+    """``(key, value)`` of each event of :func:`to_events`, the same bytes as ``(e.key, e.to_json())``, without
+    building the :class:`Event` objects for a click (ingest's hot path: most records are clicks).
+
+    >>> raw = RawClick("u42", "i7", 1700000000000, "imp-9")
+    >>> event_records(raw, "z.clicks", 2, 1041) == [(e.key, e.to_json()) for e in to_events(raw, "z.clicks", 2, 1041)]
+    True
+    """
+    if type(raw) is not RawClick:
+        return [(e.key, e.to_json()) for e in to_events(raw, topic, partition, offset)]
+    value = orjson.dumps(
+        {
+            "id": f"{topic}:{partition}:{offset}:0",
+            "type": "click",
+            "user": raw.user_id,
+            "item": raw.item_id,
+            "ts": raw.ts,
+            "weight": float(raw.count),
+            "pos": None,
+            "imp": raw.impression_id,
+            "src": f"{topic}/{partition}/{offset}",
+        }
+    )
+    return [(raw.user_id.encode("utf-8"), value)]
+
+
 def _dumps(obj: dict[str, Any]) -> bytes:
     try:
         return _ENCODER.encode(obj).encode("utf-8")

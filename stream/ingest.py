@@ -46,7 +46,7 @@ from typing import Any, Literal
 from stream import kafka_util
 from stream.config import TOP_LEVEL, StreamConfig, add_flags, flag_overrides, load
 from stream.errors import InvalidEvent
-from stream.events import RawKind, pack_json, parse_record, to_events
+from stream.events import RawKind, event_records, pack_json, parse_record
 from stream.runtime import Backoff, StopFlag, start_http
 
 log = logging.getLogger(__name__)
@@ -552,8 +552,7 @@ class Ingest:
             n_in += len(records)
             for rec in records:
                 try:
-                    events = to_events(parse_record(kind, rec.value, now_ms), topic, partition, rec.offset)
-                    out = [(e.user.encode("utf-8"), e.to_json()) for e in events]
+                    out = event_records(parse_record(kind, rec.value, now_ms), topic, partition, rec.offset)
                     big = max((len(k) + len(v) for k, v in out), default=0)
                     if big > limit:  # unreachable with today's field limits; never let it wedge the batch
                         raise InvalidEvent(f"event record is {big} bytes; ingest writes records of at most {limit}")

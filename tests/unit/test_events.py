@@ -19,6 +19,7 @@ from stream.events import (
     encode_click,
     encode_events,
     encode_impression,
+    event_records,
     pack_json,
     parse_click,
     parse_impression,
@@ -349,3 +350,21 @@ def test_pack_json_keeps_order_and_respects_the_count_and_byte_limits() -> None:
     limit = 2 * len(values[0]) + 3  # two events fit, three do not
     packs = list(pack_json(values, 100, limit))
     assert all(len(p) <= limit for p in packs) and sum(len(decode_events(p)[0]) for p in packs) == 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    user=st.text(min_size=1, max_size=8).filter(lambda t: t.isprintable()),
+    item=st.text(min_size=1, max_size=8).filter(lambda t: t.isprintable()),
+    count=st.integers(1, 1000),
+    imp=st.none() | st.text(min_size=1, max_size=5).filter(lambda t: t.isprintable()),
+    offset=st.integers(0, 10**12),
+)
+def test_event_records_are_the_bytes_of_to_events(
+    user: str, item: str, count: int, imp: str | None, offset: int
+) -> None:
+    shown = RawImpression("m", user, (item, item + "x"), MIN_TS_MS)
+    for raw in (RawClick(user, item, MIN_TS_MS + 5, imp, count), shown):
+        want = [(e.key, e.to_json()) for e in to_events(raw, "p.clicks", 3, offset)]
+        assert event_records(raw, "p.clicks", 3, offset) == want
+        assert [decode_events(v)[0][0] for _k, v in want] == to_events(raw, "p.clicks", 3, offset)

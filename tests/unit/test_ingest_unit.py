@@ -249,14 +249,14 @@ def test_failed_send_commits_nothing_seeks_back_and_reprocesses(cfg: StreamConfi
 def test_internal_error_on_one_record_goes_to_dlq(
     cfg: StreamConfig, fakes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = ingest.to_events
+    real = ingest.event_records
 
     def buggy(raw: Any, topic: str, partition: int, offset: int) -> Any:
         if offset == 1:
             raise ZeroDivisionError("division by zero")
         return real(raw, topic, partition, offset)
 
-    monkeypatch.setattr(ingest, "to_events", buggy)
+    monkeypatch.setattr(ingest, "event_records", buggy)
     fakes["consumer"] = FakeConsumer({TopicPartition(CLICKS, 0): _log()[TopicPartition(CLICKS, 0)]})
     fakes["producer"] = FakeProducer()
     stats = ingest.Ingest(cfg).run(until_idle=True)
