@@ -21,8 +21,11 @@ from stream import kafka_util
 from stream.client.producer import EventProducer
 from stream.config import StreamConfig, load
 from stream.erasure import erased_digest
+from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from tests.helpers import TS, fresh_group, run_lmf, run_zerocf
+from tests.helpers import TS, fresh_group, run_zerocf
+from workers.config import LMFConfig
+from workers.online.worker import LMFWorker
 from workers.serving.lookup import Recommender
 from workers.store import FactorStore
 
@@ -45,10 +48,25 @@ def _send(env: dict[str, str], rows: list[tuple[str, str, int]]) -> None:
             p.send_click(user, item, ts)
 
 
+def _ingest(env: dict[str, str]) -> None:
+    """``zerocf ingest --until-idle``'s worker class in this process (saves a process start per call)."""
+    stats = Ingest(load(StreamConfig, env)).run(until_idle=True)
+    assert stats.clean_exit and not stats.unfinished, stats.summary()
+
+
+def _lmf(env: dict[str, str], group: str) -> None:
+    """``zerocf lmf --until-idle --group GROUP``'s worker class in this process."""
+    cfg = load(LMFConfig, env, {"lmf_group": group})
+    worker = LMFWorker(cfg, FactorStore.from_url(cfg.redis_url, cfg.topic_prefix))
+    worker.run(until_idle=True)
+    assert worker.exit_code == 0
+
+
 def _pipeline(env: dict[str, str], group: str, ckpt: Path) -> None:
-    """ingest --until-idle, lmf --until-idle, als --once: what a deployment runs, as the CLI runs it."""
-    run_zerocf(env, "ingest", "--until-idle")
-    run_lmf(env, group)
+    """ingest --until-idle, lmf --until-idle (their worker classes), als --once (the CLI): what a deployment
+    runs."""
+    _ingest(env)
+    _lmf(env, group)
     run_zerocf(env, "als", "--once", *ALS_FLAGS, "--checkpoint-dir", str(ckpt))
 
 
@@ -125,10 +143,10 @@ def test_forget_user_leaves_no_trace_and_replays_do_not_bring_the_user_back(
     assert [(s["user_id"], s["topic"]) for s in sent] == [(A, cfg.topics.erasures)]
     erased_at = sent[0]["ts"]
     assert before <= erased_at <= int(time.time() * 1000)
-    run_zerocf(env, "ingest", "--until-idle")
+    _ingest(env)
     erase = [e for e in _events(cfg) if e["type"] == "erase"]
     assert [(e["user"], e["item"], e["ts"], e["weight"]) for e in erase] == [(A, "", erased_at, 0.0)]
-    run_lmf(env, group)  # the live generation (2) and the retired one (1) lose A at once
+    _lmf(env, group)  # the live generation (2) and the retired one (1) lose A at once
     assert not store.get_vectors(2, "user", [A])[1].any() and not store.get_vectors(1, "user", [A])[1].any()
     assert store.seen_items(A) == [] and store.erased_users() == {erased_digest(A): erased_at}
     run_zerocf(env, "als", "--once", *ALS_FLAGS, "--checkpoint-dir", str(ckpt))
