@@ -127,7 +127,7 @@ def test_a_model_lives_in_one_slot_on_one_primary(redis_cluster: str) -> None:
 
 
 # ------------------------------------------------------------------- exactly-once on the cluster
-N_CLICKS = 6_000
+N_CLICKS = 12_000
 N_KILLS = 3
 
 
@@ -156,7 +156,7 @@ def test_kill_9_on_the_cluster_loses_nothing_and_applies_nothing_twice(
     for n in range(N_KILLS):
         start = applied()
         with open(tmp_path / f"lmf-{n}.log", "wb") as err:
-            proc = subprocess.Popen(lmf_cmd("--batch", "50", "--group", fresh_group(f"lmf-ck{n}")), env=env,
+            proc = subprocess.Popen(lmf_cmd("--batch", "100", "--group", fresh_group(f"lmf-ck{n}")), env=env,
                                     stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
         try:
             deadline = time.monotonic() + 30
