@@ -136,7 +136,8 @@ def test_kill_9_on_the_cluster_loses_nothing_and_applies_nothing_twice(
     zerocf_env: dict[str, str], tmp_path: Path
 ) -> None:
     """A shorter ``test_lmf_kill``: the stream is on ``<p>.events`` first, small batches keep the worker busy for
-    a few seconds, and each of three workers is SIGKILLed 0.2-1 s after it was seen applying."""
+    a few seconds (a batch of 20 events is one record: a pack of ingest), and each of three workers is SIGKILLed
+    0.1-0.5 s after it was seen applying."""
     env = {**zerocf_env, "ZEROCF_IDLE_SECONDS": "1"}
     assert env["ZEROCF_REDIS_URL"].startswith("redis+cluster://")
     cfg = load(LMFConfig, env)
@@ -156,14 +157,14 @@ def test_kill_9_on_the_cluster_loses_nothing_and_applies_nothing_twice(
     for n in range(N_KILLS):
         start = applied()
         with open(tmp_path / f"lmf-{n}.log", "wb") as err:
-            proc = subprocess.Popen(lmf_cmd("--batch", "100", "--group", fresh_group(f"lmf-ck{n}")), env=env,
+            proc = subprocess.Popen(lmf_cmd("--batch", "20", "--group", fresh_group(f"lmf-ck{n}")), env=env,
                                     stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
         try:
             deadline = time.monotonic() + 30
             while applied() == start and time.monotonic() < deadline:
                 assert proc.poll() is None, (tmp_path / f"lmf-{n}.log").read_text()[-3000:]
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.2, 1.0))
+            time.sleep(rng.uniform(0.1, 0.5))
             assert proc.poll() is None, f"lmf {n} exited before its kill"
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
