@@ -780,22 +780,13 @@ class FactorStore:
 
     def add_seen(self, seen: Iterable[tuple[str, str, int]], pipeline: redis.client.Pipeline | None = None) -> None:
         """Record ``(user, item, ts_ms)`` clicks in the users' seen sets (the batch write's Lua code)."""
-        keys, args = self._seen_args(seen, first_key=1)
+        keys, args = self._seen_groups(seen, None, first_key=1)
         if keys:
             self._seen_add(
                 keys=keys,
                 args=[self.seen_cap, self.seen_ttl, self.seen_ttl * 1000, *args],
                 client=pipeline if pipeline is not None else self.r,
             )
-
-    def _seen_args(self, seen: Iterable[tuple[str, str, int]], first_key: int) -> tuple[list[str], list[Any]]:
-        """Seen keys and ``(KEYS index, ts, item)`` triples for the Lua ``add_seen`` (KEYS from ``first_key``)."""
-        index: dict[str, int] = {}
-        args: list[Any] = []
-        for user, item, ts in seen:
-            idx = index.setdefault(self.keys.seen(str(user)), first_key + len(index))
-            args += [idx, int(ts), str(item)]
-        return list(index), args
 
     def _seen_groups(self, seen: Iterable[tuple[str, str, int]], upkeep: Mapping[str, int] | None, first_key: int
                      ) -> tuple[list[str], list[Any]]:  # fmt: skip

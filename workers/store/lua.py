@@ -149,33 +149,12 @@ local function take_pairs(pos, n)
 end
 """
 
-# The one implementation of the per-user seen sets: n triples (KEYS index, ts_ms, item) from ARGV[pos]. ZADD GT
-# keeps each item's newest ts (a replayed older click never demotes it); then every item clicked more than
-# `retention` ms before the user's newest click is dropped, at most `cap` items are kept, and the key expires
-# `ttl` seconds after the user's last click.
-_SEEN_LIB = r"""
-local function add_seen(pos, n, cap, ttl, retention)
-  local touched = {}
-  for i = 0, n - 1 do
-    local p = pos + 3 * i
-    local key = KEYS[tonumber(ARGV[p])]
-    redis.call('ZADD', key, 'GT', ARGV[p + 1], ARGV[p + 2])
-    touched[key] = true
-  end
-  for key, _ in pairs(touched) do
-    local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. string.format('%.0f', tonumber(newest) - retention))
-    if redis.call('ZCARD', key) > cap then redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1)) end
-    redis.call('EXPIRE', key, ttl)
-  end
-end
-"""
-
-# The batch script's seen sets, grouped per user: from ARGV[pos], `slots` arguments of groups (KEYS index, flags,
-# m, then m pairs (ts_ms, item)). One ZADD GT per user, then the cap (ZCARD); flag 1 (SEEN_PRUNE) also drops
-# items clicked more than `retention` ms before the user's newest click, flag 2 (SEEN_EXPIRE) sets the TTL. The
-# worker raises each flag on its first write of a user and then at most every 1 % of the retention / TTL, so
-# most users cost two commands instead of four plus one per click.
+# The one implementation of the per-user seen sets (the batch script and SEEN_ADD_LUA), grouped per user:
+# from ARGV[pos], `slots` arguments of groups (KEYS index, flags, m, then m pairs (ts_ms, item)). One ZADD GT
+# per user (an item's newest ts is kept: a replayed older click never demotes it), then the cap (ZCARD); flag 1
+# (SEEN_PRUNE) also drops items clicked more than `retention` ms before the user's newest click, flag 2
+# (SEEN_EXPIRE) sets the TTL. The LMF worker raises each flag on its first write of a user and then at most
+# every 1 % of the retention / TTL, so most users cost two commands instead of four plus one per click.
 _SEEN_GROUPS_LIB = r"""
 local function add_seen_groups(pos, slots, cap, ttl, retention)
   local stop = pos + slots
@@ -306,11 +285,12 @@ return {1, ARGV[4], err}  -- err: here the number of item rows added (not SET)
 """
 )
 
-# KEYS: seen keys...   ARGV: cap ttl retention_ms (key index, ts_ms, item)*   (no floats: fakeredis+lupa runs it)
+# KEYS: seen keys...   ARGV: cap ttl retention_ms, then the groups of _SEEN_GROUPS_LIB (every flag raised):
+# the batch write's seen-set code on its own (no floats: fakeredis+lupa runs it)
 SEEN_ADD_LUA = (
-    _SEEN_LIB
+    _SEEN_GROUPS_LIB
     + r"""
-add_seen(4, (#ARGV - 3) / 3, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+add_seen_groups(4, #ARGV - 3, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 return 1
 """
 )
