@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from stream.errors import ConfigError
+from stream.events import parse_feedback_weights
 
 T = TypeVar("T")
 ENV_PREFIX = "ZEROCF_"
@@ -511,6 +512,11 @@ class StreamConfig(ConsumerSettings):
         64, "EVENTS_PACK", "events per record of <p>.events: a JSON array (1 = one event object per record, "
         "keyed by user, as before packs)", flag="--pack", unit="events"
     )  # fmt: skip
+    feedback_weights: str = setting(
+        "click:1", "FEEDBACK_WEIGHTS", "feedback types of raw clicks and their weights, type:weight comma-separated "
+        "(e.g. click:1,like:2,purchase:5,dislike:-1); a negative weight makes an explicit negative; click is 1 "
+        "unless named; other types are dead-lettered", flag="--feedback-weights"
+    )  # fmt: skip
     message_max_bytes: int = setting(
         1_048_588,
         "MESSAGE_MAX_BYTES",
@@ -522,6 +528,15 @@ class StreamConfig(ConsumerSettings):
         super().__post_init__()
         check_ranges(self, {"events_partitions": (1, 10_000), "ingest_batch": (1, 1_000_000),
                             "events_pack": (1, 10_000), "message_max_bytes": (16_384, 1 << 30)})  # fmt: skip
+        try:
+            parse_feedback_weights(self.feedback_weights)
+        except ValueError as e:
+            raise ConfigError(f"ZEROCF_FEEDBACK_WEIGHTS={self.feedback_weights!r}: {e}") from None
+
+    @property
+    def feedback(self) -> dict[str, float]:
+        """The feedback map of ``feedback_weights`` (:func:`stream.events.parse_feedback_weights`)."""
+        return parse_feedback_weights(self.feedback_weights)
 
     @property
     def group(self) -> str:

@@ -76,14 +76,23 @@ class Deduper:
     (False, True)
     """
 
-    __slots__ = ("_marks",)
+    __slots__ = ("_marks", "_keys")
 
     def __init__(self, marks: Mapping[str, tuple[int, int]] | None = None) -> None:
         self._marks: dict[str, tuple[int, int]] = {k: (int(v[0]), int(v[1])) for k, v in (marks or {}).items()}
+        self._keys: dict[str, str] = {}  # "<topic>:<partition>" as written in ids -> its source key
 
     def accept_id(self, event_id: str) -> bool:
         """True (and advance the mark) if ``event_id`` is above its source partition's mark."""
-        src, offset, index = parse_event_id(event_id)
+        head, _, index_text = event_id.rpartition(":")
+        prefix, _, offset_text = head.rpartition(":")
+        src = self._keys.get(prefix)
+        if src is None or not (offset_text.isdecimal() and index_text.isdecimal()):  # first sight, or odd: check
+            src, offset, index = parse_event_id(event_id)
+            if len(self._keys) < 10_000:
+                self._keys[prefix] = src
+        else:
+            offset, index = int(offset_text), int(index_text)
         pos = (offset, index)
         mark = self._marks.get(src)
         if mark is not None and pos <= mark:

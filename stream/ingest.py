@@ -318,6 +318,7 @@ class Ingest:
             cfg.topics.impressions: "impressions",
             cfg.topics.erasures: "erasures",  # zerocf forget-user (stream.erasure)
         }
+        self._feedback = cfg.feedback  # feedback type -> weight (ZEROCF_FEEDBACK_WEIGHTS)
         self._assigned = 0
         self._failing = False
         self._part_cache: dict[bytes, int] = {}
@@ -542,7 +543,7 @@ class Ingest:
             cache.clear()
         futures: list[Any] = []
         append = futures.append
-        pack = self.cfg.events_pack
+        pack, feedback = self.cfg.events_pack, self._feedback
         by_partition: dict[int, list[bytes]] = {}  # pack > 1: the batch's events per events partition, in order
         dead: list[_DeadLetter] = []
         n_in = n_out = 0
@@ -552,7 +553,8 @@ class Ingest:
             n_in += len(records)
             for rec in records:
                 try:
-                    out = event_records(parse_record(kind, rec.value, now_ms), topic, partition, rec.offset)
+                    raw = parse_record(kind, rec.value, now_ms)
+                    out = event_records(raw, topic, partition, rec.offset, feedback)
                     big = max((len(k) + len(v) for k, v in out), default=0)
                     if big > limit:  # unreachable with today's field limits; never let it wedge the batch
                         raise InvalidEvent(f"event record is {big} bytes; ingest writes records of at most {limit}")

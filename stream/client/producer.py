@@ -164,11 +164,13 @@ class EventProducer:
         ts: int | str | None = None,
         impression_id: str | int | None = None,
         count: int | None = None,
+        feedback: str | None = None,
     ) -> Any:
-        """Validate and send one click (``ts`` defaults to now); returns the producer's future."""
+        """Validate and send one click (``ts`` defaults to now) of feedback type ``feedback`` (``None``: a plain
+        click; ingest maps the type to a weight by ``ZEROCF_FEEDBACK_WEIGHTS``); returns the producer's future."""
         now = self._now_ms()
         try:
-            value = encode_click(user_id, item_id, now if ts is None else ts, impression_id, count)
+            value = encode_click(user_id, item_id, now if ts is None else ts, impression_id, count, feedback)
             raw = parse_click(value, now)
         except ZerocfError:
             self.rejected += 1

@@ -1,8 +1,13 @@
 """The dashboard of ``zerocf serve`` (``/`` and ``/api/dashboard``) in a real headless Chromium, on the real
 Redis: the page loads without console errors and fetches nothing from outside the server, its generation
 table and charts are drawn from the store's data (rows, bars and points counted and compared), the
-applied-offsets rate follows offsets written while the page is open, and the two boxes give exactly what
-``/recommend`` and ``/similar`` answer.
+applied-offsets rate follows offsets written while the page is open, the two boxes give exactly what
+``/recommend`` and ``/similar`` answer, and the live quality (HR@10 against popularity) of a real ``zerocf lmf``
+appears when it ranks clicks (and the page says quality is off when no worker does).
+
+Each browser test starts from ``about:blank`` with the console log drained (:func:`fresh_page`): the page of the
+previous test keeps refreshing against a server that its fixture has shut down, and its refused fetches would
+otherwise land in the next test's console log.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package (the ``dev`` extra); without
 them the browser tests skip with the reason (``make test`` installs the browser when apt-get is usable).
@@ -21,7 +26,12 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 
-from tests.helpers import TS, http_get, serving_in_thread, wait_until
+from stream import kafka_util
+from stream.config import load
+from stream.events import Event
+from tests.helpers import TS, background, fresh_group, http_get, serving_in_thread, tail, wait_until
+from workers.config import LMFConfig
+from workers.online.quality import TTL_S, merge
 from workers.serving.dashboard import dashboard_page
 from workers.serving.lookup import Recommender
 from workers.serving.server import RecommendServer, make_server
@@ -95,6 +105,12 @@ def api(srv: RecommendServer, path: str) -> dict[str, Any]:
     return doc
 
 
+def fresh_page(drv: Any) -> None:
+    """Leave the previous test's page (its refresh timer stops) and drop what the console log holds."""
+    drv.get("about:blank")
+    drv.get_log("browser")
+
+
 def severe(drv: Any) -> list[dict[str, Any]]:
     return [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -143,7 +159,7 @@ def test_page_is_self_contained() -> None:
 def test_dashboard_in_chromium(browser: Any, server: RecommendServer, store: FactorStore) -> None:
     build(store)
     base = f"http://127.0.0.1:{server.port}/"
-    browser.get_log("browser")  # drop what an earlier test left
+    fresh_page(browser)
     browser.get(base + "#refresh=0.3")
     wait_until("dashboard rendered", lambda: attr(browser, "#status", "data-state") == ["ok"], 15)
 
@@ -165,6 +181,11 @@ def test_dashboard_in_chromium(browser: Any, server: RecommendServer, store: Fac
     assert [float(v) for v in attr(browser, "#top-chart rect", "data-value")] == [c for _, c in top]
     assert attr(browser, "#trending-chart rect", "data-label") == [i for i, _ in store.popular_items(2, 10)]
     assert attr(browser, "#trending-chart rect", "data-label") == ["d", "c", "a"]
+
+    # no LMF worker ranks clicks: the quality section says it is off, with nothing drawn
+    assert attr(browser, "#quality", "data-state") == ["off"]
+    assert "live quality is off" in text(browser, "quality-note") and text(browser, "quality-clicks") == "0"
+    assert attr(browser, "#quality-chart circle", "data-value") == [] and table(browser, "quality-workers") == []
 
     # the applied-offsets rate follows the fence: 300 offsets more per partition while the page refreshes
     time.sleep(1.1)
@@ -203,7 +224,7 @@ def test_dashboard_in_chromium(browser: Any, server: RecommendServer, store: Fac
 def test_dashboard_without_a_model_says_so(browser: Any, server: RecommendServer) -> None:
     code, _, body = http_get(server, "/api/dashboard")
     assert code == 503 and json.loads(body)["reason"] == "no_model"
-    browser.get_log("browser")
+    fresh_page(browser)
     browser.get(f"http://127.0.0.1:{server.port}/")
     wait_until("error shown", lambda: attr(browser, "#status", "data-state") == ["error"], 15)
     assert "no zerocf model" in text(browser, "status") and "zerocf als --once" in text(browser, "status")
@@ -218,6 +239,7 @@ def test_dashboard_api_validation_and_rate(server: RecommendServer, store: Facto
     assert doc["applied"]["partitions"] == [{"partition": p, "offset": o} for p, o in SNAPSHOT.items()]
     assert doc["applied"]["rate_per_s"] is None and doc["model"]["live_generation"] == 2
     assert [g["live"] for g in doc["generations"]] == [False, True]
+    assert doc["quality"]["workers"] == [] and doc["quality"]["clicks"] == 0 and doc["quality"]["model_hr"] is None
     time.sleep(1.05)
     store.write_offsets(2, {0: 1010}, {})
     rate = api(server, "/api/dashboard")["applied"]["rate_per_s"]
@@ -225,3 +247,85 @@ def test_dashboard_api_validation_and_rate(server: RecommendServer, store: Facto
     for query, fragment in (("top=0", "top='0'"), ("top=101", "1..100"), ("n=3", "unknown parameter 'n'; use top")):
         code, _, body = http_get(server, "/api/dashboard?" + query)
         assert code == 400 and fragment in json.loads(body)["error"], query
+
+
+# ------------------------------------------------------------------- live quality of a real LMF worker
+N_QUALITY = 1200  # clicks of the quality test: every one is ranked (ZEROCF_LMF_QUALITY_EVERY=1)
+
+
+def send_clicks(env: dict[str, str], n: int, partitions: int = 2) -> None:
+    """``n`` clicks of 40 users straight onto ``<p>.events`` (as ingest writes them, keyed and partitioned by
+    user), items skewed towards a few popular ones so that popularity ranks them well."""
+    cfg = load(LMFConfig, env)
+    kafka_util.ensure_topics(cfg.kafka, {cfg.topics.events: partitions})
+    rng = np.random.default_rng(11)
+    offsets = [0] * partitions
+    producer = kafka_util.producer(cfg.kafka, client_id="test-dashboard-events")
+    try:
+        futures = []
+        for j in range(n):
+            u = int(rng.integers(40))
+            user, item, p = f"u{u}", f"i{min(int(rng.zipf(1.6)) - 1, 59)}", u % partitions
+            src = f"{cfg.topic_prefix}.clicks"
+            ev = Event(id=f"{src}:{p}:{offsets[p]}:0", type="click", user=user, item=item, ts=TS + 1000 * j,
+                       weight=1.0, pos=None, imp=None, src=f"{src}/{p}/{offsets[p]}")  # fmt: skip
+            offsets[p] += 1
+            futures.append(producer.send(cfg.topics.events, key=user.encode(), value=ev.to_json(), partition=p))
+        producer.flush()
+        for f in futures:
+            f.get(timeout=10)
+    finally:
+        producer.close()
+
+
+def untimed(quality: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard's ``quality`` without the workers' ``published_at``."""
+    return {**quality, "workers": [{k: v for k, v in w.items() if k != "published_at"} for w in quality["workers"]]}
+
+
+def test_live_quality_of_an_lmf_worker(browser: Any, server: RecommendServer, store: FactorStore,
+                                       zerocf_env: dict[str, str], tmp_path: Any) -> None:  # fmt: skip
+    """``zerocf lmf`` with ``ZEROCF_LMF_QUALITY_EVERY=1`` ranks every click before learning it and publishes HR@10
+    against popularity; ``/api/dashboard`` merges what the store holds and the page shows it, number by number."""
+    env = {**zerocf_env, "ZEROCF_FACTORS": "8", "ZEROCF_LMF_BATCH": "100", "ZEROCF_LMF_QUALITY_EVERY": "1"}
+    send_clicks(env, N_QUALITY)
+    log_path = tmp_path / "lmf.log"
+    with background(env, log_path, "lmf", "--group", fresh_group("lmf-quality")) as proc:
+        published = lambda: [d["ranked"] for d in store.read_quality()] == [N_QUALITY]  # noqa: E731
+        try:
+            wait_until("the worker's figures of every click", published, 120, proc)
+        except AssertionError:
+            raise AssertionError(f"no live quality in Redis; the worker's log ends:\n{tail(log_path)}") from None
+        [figures] = store.read_quality()
+        key = store.keys.quality(figures["worker"])
+        assert 0 < store.r.ttl(key) <= TTL_S and figures["every"] == 1 and figures["generation"] == 1
+
+        doc = api(server, "/api/dashboard")
+        q = doc["quality"]  # what the store holds, merged (the worker may have published again since: same figures)
+        assert untimed(q) == untimed(merge(store.read_quality(), doc["now"]))
+        assert q["clicks"] == N_QUALITY and [w["worker"] for w in q["workers"]] == [figures["worker"]]
+        assert sum(w["clicks"] for w in q["windows"]) == N_QUALITY and q["workers"][0]["ranked"] == N_QUALITY
+        hrs = [q["model_hr"], q["popularity_hr"], q["decayed_hr"]]
+        assert all(0.0 <= h <= 1.0 for h in hrs), hrs
+        assert q["popularity_hr"] > 0.3  # a skewed stream: the popular items are clicked most
+        assert f"{N_QUALITY} clicks ranked by 1 LMF worker (ranking every n-th click: n = 1)" in q["note"]
+
+        fresh_page(browser)
+        browser.get(f"http://127.0.0.1:{server.port}/#refresh=0.5")
+        wait_until("quality shown", lambda: attr(browser, "#quality", "data-state") == ["on"], 15)
+        assert text(browser, "quality-clicks") == str(N_QUALITY) and text(browser, "quality-k") == "10"
+        for name in ("model", "popularity", "decayed"):
+            shown = float(text(browser, f"quality-{name}"))
+            assert shown == pytest.approx(q[f"{name}_hr"], rel=5e-3, abs=1e-3), name
+            points = [float(v) for v in attr(browser, f"#quality-chart circle.{name}", "data-value")]
+            assert points == [w[f"{name}_hr"] for w in q["windows"]], name
+        assert set(attr(browser, "#quality-chart circle", "data-series")) == {"model", "popularity", "decayed"}
+        [row] = table(browser, "quality-workers")
+        assert row[:2] == [figures["worker"]] * 2 and row[2:6] == ["1", "1", str(N_QUALITY), str(N_QUALITY)]
+        worker = q["workers"][0]  # its progress: events/s between two publishes, records behind at its last batch
+        assert worker["lag"] == 0 and (worker["events_per_s"] is None or worker["events_per_s"] >= 0)
+        assert len(row) == 9 and row[8] == "0"
+        assert "HR@10 over the last 10 min" in text(browser, "quality-note")
+        assert severe(browser) == []
+    assert proc.returncode == 0, tail(log_path)
+    assert [d["ranked"] for d in store.read_quality()] == [N_QUALITY]  # the last figures stay until the TTL

@@ -54,10 +54,10 @@ def test_confidence_sums_duplicates_and_drops_explicit_zeros() -> None:
     assert c.nnz == 1 and c[0, 1] == 3.0
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_bad_counts_rejected(bad: float) -> None:
     F = sp.csr_matrix(np.array([[1.0, bad]], np.float32))
-    with pytest.raises(ValueError, match="NaN/inf|>= 0"):
+    with pytest.raises(ValueError, match="NaN/inf"):
         confidence(F, 1.0)
     with pytest.raises(ValueError):
         als_fit(F, factors=2, iterations=1)

@@ -251,10 +251,10 @@ def test_internal_error_on_one_record_goes_to_dlq(
 ) -> None:
     real = ingest.event_records
 
-    def buggy(raw: Any, topic: str, partition: int, offset: int) -> Any:
+    def buggy(raw: Any, topic: str, partition: int, offset: int, feedback: Any) -> Any:
         if offset == 1:
             raise ZeroDivisionError("division by zero")
-        return real(raw, topic, partition, offset)
+        return real(raw, topic, partition, offset, feedback)
 
     monkeypatch.setattr(ingest, "event_records", buggy)
     fakes["consumer"] = FakeConsumer({TopicPartition(CLICKS, 0): _log()[TopicPartition(CLICKS, 0)]})

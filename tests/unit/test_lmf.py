@@ -538,7 +538,7 @@ def test_positive_set_holds_the_pairs_and_grows_with_clicks() -> None:
 def test_event_weights() -> None:
     np.testing.assert_allclose(event_weights([1, 3, 50], "linear", cap=10), [1, 3, 10])
     np.testing.assert_allclose(event_weights([1, np.e**2, 1e9], "log", cap=10), [1, 3, 10], rtol=1e-6)
-    np.testing.assert_allclose(event_weights([0, 0.5, 1]), [1, 1, 1])  # counts below 1 count as 1
+    np.testing.assert_allclose(event_weights([0.25, 0.5, 1]), [0.25, 0.5, 1])  # lighter feedback stays light
     np.testing.assert_allclose(event_weights([100]), [1 + math.log(100)], rtol=1e-6)  # default: log, cap 10
     assert event_weights([2.0]).dtype == np.float32 and event_weights([]).shape == (0,)
     with pytest.raises(ValueError, match="linear"):

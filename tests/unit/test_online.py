@@ -590,3 +590,15 @@ def test_seen_upkeep_asks_for_prune_and_ttl_on_first_write_then_every_percent() 
     assert m.seen_upkeep(plan(("a", day_ms + 5), ("b", 0)), now_s=day_s) == {"a": SEEN_EXPIRE, "b": both}
     m.forget_users()  # a rebalance or a refused write: everything is asked for again
     assert m.seen_upkeep(plan(("a", day_ms)), now_s=day_s) == {"a": both}
+
+
+def test_hidden_items_are_never_sampled_as_negatives() -> None:
+    m = _warm_model(_cfg(negatives=6, hard_share=0.5), n_items=30)
+    m.hidden = frozenset(f"i{j}" for j in range(5, 30)) | {"not-a-row"}  # 25 of 30 items withdrawn
+    events = [_click(f"u{j % 7}", f"i{j % 5}", TS + j) for j in range(200)]
+    plan, res = _batch(m, events)
+    assert res.finite and m.banned().sum() == 25 and m.banned()[:5].sum() == 0
+    assert set(res.touched.idx.tolist()) <= set(range(5))  # only visible rows: positives and their negatives
+    m.hidden = frozenset()
+    plan, res = _batch(m, [_click(f"u{j % 7}", f"i{j % 5}", TS + 300 + j) for j in range(200)])
+    assert m.banned().sum() == 0 and any(j >= 5 for j in res.touched.idx.tolist())  # sampled again once shown

@@ -515,3 +515,18 @@ def test_write_methods_queue_on_a_given_pipeline(store: FactorStore) -> None:
     assert store.r.hlen(store.keys.vectors(1, "user")) == 1
     assert store.top_items(1, 1) == [("a", 1.0)] and store.seen_items("a") == ["b"]
     assert store.read_batch_state(1, [0], [], []).offsets == {0: 3}
+
+
+def test_user_rows_and_seen_in_one_round_trip_equal_the_two_reads(store: FactorStore) -> None:
+    m = _mat(2)
+    store.write_vectors(1, "user", ["a", "b"], m)
+    store.add_seen([("a", "i1", T0), ("a", "i2", T0 + 1), ("c", "i3", T0)])
+    users = ["a", "b", "c", "nobody"]
+    vecs, found, seen = store.user_rows_and_seen(1, users)
+    want_vecs, want_found = store.get_vectors(1, "user", users)
+    np.testing.assert_array_equal(vecs, want_vecs)
+    assert found.tolist() == want_found.tolist() == [True, True, False, False]
+    assert seen == store.seen_items_many(users) == {"a": ["i2", "i1"], "b": [], "c": ["i3"], "nobody": []}
+    assert store.user_rows_and_seen(1, users, limit=1)[2]["a"] == ["i2"]
+    assert store.user_rows_and_seen(1, users, limit=0)[2] == {}
+    assert store.user_rows_and_seen(1, [])[0].shape == (0, W)

@@ -3,7 +3,9 @@
 :class:`InteractionMatrix` accumulates ``(user_id, item_id, weight)`` events into growable COO
 buffers (int32 rows, int32 cols, float32 weights) and string -> int32 id maps, and hands ALS a CSR
 with duplicates summed. Zero-weight events (impressions) only register their ids: an explicit zero
-in the CSR would read as an observed pair to ALS.
+in the CSR would read as an observed pair to ALS. Negative weights are explicit negatives (a disliked item):
+a pair's entry is the signed sum of its events, and ALS reads a negative entry as an observed zero
+(:mod:`workers.kernels.als`).
 
 Checkpoint layout (``save(path)``)::
 
@@ -121,9 +123,10 @@ class InteractionMatrix:
         self.add_batch([user], [item], [weight])
 
     def add_batch(self, users: Iterable[str], items: Iterable[str], weights: npt.ArrayLike | None = None) -> None:
-        """Add events; ``weights`` default to 1.0. Zero weights only register the ids.
+        """Add events; ``weights`` default to 1.0. Zero weights only register the ids; negative ones are
+        explicit negatives (summed with the pair's positive weight).
 
-        Raises ValueError (nothing added) on mismatched lengths or a negative/NaN/inf weight.
+        Raises ValueError (nothing added) on mismatched lengths or a NaN/inf weight.
         """
         users, items = list(users), list(items)
         w = np.ones(len(users), np.float32) if weights is None else np.asarray(weights, dtype=np.float32).ravel()
@@ -131,16 +134,16 @@ class InteractionMatrix:
             raise ValueError(
                 f"got {len(users)} users, {len(items)} items, {w.size} weights; pass one of each per event"
             )
-        bad = ~np.isfinite(w) | (w < 0)
+        bad = ~np.isfinite(w)
         if bad.any():
             j = int(np.argmax(bad))
             raise ValueError(
                 f"event {j} ({users[j]!r}, {items[j]!r}) has weight {w[j]}; weights must be "
-                "finite and >= 0: send the dedupe/DLQ path bad events, not the matrix"
+                "finite: send the dedupe/DLQ path bad events, not the matrix"
             )
         rows = np.asarray(self._intern(users, self._user_index, self._user_ids, "user"), np.int32)
         cols = np.asarray(self._intern(items, self._item_index, self._item_ids, "item"), np.int32)
-        keep = w > 0
+        keep = w != 0
         rows, cols, w = rows[keep], cols[keep], w[keep]
         self._reserve(rows.size)
         s = slice(self._n, self._n + rows.size)

@@ -7,9 +7,11 @@ partition, so a duplicate run left by an at-least-once ingest is counted once, a
 watermarks with the offsets. "Caught up" uses the high watermark of the last fetch
 (:func:`stream.kafka_util.caught_up`), never ``end_offsets`` (wrong on the dev broker).
 
-What is accumulated: ``type == "click"`` events add their ``weight`` (the click count) to ``F[user, item]``
-and ``weight · 2^((ts - pop_ref_ms) / half_life)`` to the item's time-decayed popularity (a sum that does not
-depend on the order the partitions are read in, so the LMF workers' replay after the swap continues it exactly).
+What is accumulated: ``type == "click"`` events add their ``weight`` (the click count times its feedback weight) to
+``F[user, item]``, ``"negative"`` events (explicit negatives, e.g. dislikes) subtract theirs (ALS reads a negative
+entry as an observed zero of confidence ``1 + alpha |f|``, :mod:`workers.kernels.als`; no popularity), and clicks
+add ``weight · 2^((ts - pop_ref_ms) / half_life)`` to the item's time-decayed popularity (a sum that does not depend
+on the order the partitions are read in, so the LMF workers' replay after the swap continues it exactly).
 Impressions register nothing (no ids either): a zero entry would not change the ALS solution, and rows with
 no clicks would only be published as near-zero vectors; users and items seen only in impressions are
 initialised online by the LMF worker instead. Every accepted event (click or impression) counts in
@@ -380,19 +382,24 @@ class Snapshot:
             if ev.type == "erase":  # user erasure (stream.erasure): the clicks before it first, then the user goes
                 self._add_clicks(users, items, weights, stamps)
                 self._erase(ev)
-            elif ev.type == "click" and ev.weight > 0 and not self.tombstones.ignores(ev):
+            elif (ev.type == "click" or ev.type == "negative") and ev.weight > 0 and not self.tombstones.ignores(ev):
                 users.append(ev.user)
                 items.append(ev.item)
-                weights.append(ev.weight)
+                weights.append(ev.weight if ev.type == "click" else -ev.weight)
                 stamps.append(ev.ts)
         self._add_clicks(users, items, weights, stamps)
         self.offsets[partition] = int(records[-1].offset)
 
     def _add_clicks(self, users: list[str], items: list[str], weights: list[float], stamps: list[int]) -> None:
-        """Fold collected clicks into the matrix and the popularity, then empty the lists."""
+        """Fold collected clicks (and explicit negatives: negative weights) into the matrix, the clicks into the
+        popularity, then empty the lists."""
         self.matrix.add_batch(users, items, weights)
-        self._add_popularity(items, weights, stamps)
-        self.n_clicks += len(users)
+        pi, pw, pt = items, weights, stamps
+        if any(w < 0 for w in weights):
+            pos = [n for n, w in enumerate(weights) if w > 0]
+            pi, pw, pt = [items[n] for n in pos], [weights[n] for n in pos], [stamps[n] for n in pos]
+        self._add_popularity(pi, pw, pt)
+        self.n_clicks += len(pi)
         for part in (users, items, weights, stamps):
             part.clear()
 

@@ -30,8 +30,8 @@ F32 = npt.NDArray[np.float32]
 
 def _ratings(counts: sp.csr_matrix, scaling: str, eps: float) -> sp.coo_matrix:
     coo = sp.coo_matrix(counts)
-    if scaling == "log":
-        coo.data = np.log1p(coo.data.astype(np.float64) / eps)
+    if scaling == "log":  # sign kept: MLlib reads a negative rating as preference 0, confidence 1 + alpha |r|
+        coo.data = np.sign(coo.data) * np.log1p(np.abs(coo.data.astype(np.float64)) / eps)
     elif scaling != "linear":
         raise ValueError(f"scaling must be 'linear' or 'log', got {scaling!r}")
     return coo

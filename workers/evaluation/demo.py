@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             stack.down()
     print(_report(_summary(args, source, ranks, info, dlq, recs, out_dir)))
+    print("dashboard       zerocf demo --serve keeps this stack up and serves the dashboard "
+          "(http://127.0.0.1:<port>/, printed) until Ctrl-C")  # fmt: skip
     return 0
 
 

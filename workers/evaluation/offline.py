@@ -113,7 +113,7 @@ class _Replay:
         m.commit(plan, result)
         idx = np.array([int(u) for u in plan.users], np.int64)
         self.U[idx], self.GU[idx], self.found[idx] = result.user_rows, result.user_acc, True
-        for user, item, _ts, _w in plan.clicks:
+        for user, item, _ts in plan.seen_adds():
             self.seen.setdefault(user, []).insert(0, item)
         if self.rank:
             self.ranks(rank_rows(plan, result))

@@ -2,13 +2,16 @@
 
 Pure kernels: arrays, scalars and a ``np.random.Generator`` in, arrays out. No I/O, no logging setup.
 
-Problem solved. For a user x item count matrix ``F`` (CSR, ``f_ui >= 0``) every observed pair has
+Problem solved. For a user x item count matrix ``F`` (CSR) every observed pair with ``f_ui > 0`` has
 preference ``r_ui = 1`` and confidence ``c_ui = 1 + d_ui`` with
 
 - ``scaling="linear"``: ``d_ui = alpha * f_ui``
 - ``scaling="log"``:    ``d_ui = alpha * log(1 + f_ui / eps)``
 
-and every unobserved pair has ``r_ui = 0``, ``c_ui = 1``. ALS minimises the WMF objective ::
+every unobserved pair has ``r_ui = 0``, ``c_ui = 1``, and a pair with ``f_ui < 0`` (explicit negatives such
+as dislikes outweigh the positives) is an **observed zero**: ``r_ui = 0`` with confidence ``1 + |d_ui|``, the
+same transform of ``|f_ui|`` (stored as ``d_ui < 0``; MLlib's implicit ALS and ``implicit`` read a negative
+value the same way). ALS minimises the WMF objective ::
 
     L(P, Q) = sum_{all u, i} c_ui (r_ui - p_u . q_i)^2 + reg (||P||^2 + ||Q||^2)
 
@@ -86,11 +89,6 @@ def _check_counts(counts: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
     if not np.isfinite(c.data).all():
         bad = int((~np.isfinite(c.data)).sum())
         raise ValueError(f"counts hold {bad} NaN/inf values; drop or clip them before fitting")
-    if (c.data < 0).any():
-        raise ValueError(
-            f"counts must be >= 0, min is {float(c.data.min())}; "
-            "ALS models positive feedback only, drop negative events upstream"
-        )
     c.eliminate_zeros()
     return c
 
@@ -98,12 +96,14 @@ def _check_counts(counts: sp.spmatrix | sp.sparray) -> sp.csr_matrix:
 def confidence(
     counts_csr: sp.spmatrix | sp.sparray, alpha: float, scaling: Scaling = "linear", eps: float = 1.0
 ) -> sp.csr_matrix:
-    """Return the extra confidence ``d = c - 1`` of every observed pair, as float32 CSR.
+    """Return the extra confidence ``d = c - 1`` of every observed pair, as float32 CSR (negative for an
+    observed zero: ``c = 1 + |d|``, preference 0).
 
     Parameters
     ----------
     counts_csr : sparse matrix, shape (n_users, n_items)
-        Non-negative click counts ``f_ui``; duplicates are summed, explicit zeros dropped.
+        Signed click counts ``f_ui`` (negative: explicit negatives outweigh); duplicates are summed, explicit
+        zeros dropped.
     alpha : float
         Confidence scale, ``> 0``.
     scaling : {"linear", "log"}
@@ -125,6 +125,8 @@ def confidence(
     array([[0., 2., 6.]], dtype=float32)
     >>> np.round(confidence(f, alpha=2.0, scaling="log").data, 3)
     array([1.386, 2.773], dtype=float32)
+    >>> confidence(sp.csr_matrix(np.array([[-1, 3]], dtype=np.float32)), alpha=2.0).toarray()
+    array([[-2.,  6.]], dtype=float32)
     """
     if not alpha > 0 or not np.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
@@ -136,7 +138,8 @@ def confidence(
         if not eps > 0:
             raise ValueError(f"eps must be > 0 for scaling='log', got {eps}")
         with np.errstate(over="ignore"):
-            c.data = (alpha * np.log1p(c.data.astype(np.float64) / eps)).astype(np.float32)
+            f = c.data.astype(np.float64)
+            c.data = (np.sign(f) * alpha * np.log1p(np.abs(f) / eps)).astype(np.float32)
     else:
         raise ValueError(f"scaling must be 'linear' or 'log', got {scaling!r}")
     if not np.isfinite(c.data).all():
@@ -316,7 +319,8 @@ def fold_in(
 ) -> F32:
     """Exact factor of one (cold) user against fixed item factors.
 
-    Solves ``(V^T V + V_I^T D V_I + reg I) p = V_I^T (1 + d)`` with ``d`` from :func:`confidence`.
+    Solves ``(V^T V + V_I^T |D| V_I + reg I) p = V_I^T r (1 + d)`` with ``d`` from :func:`confidence` and
+    ``r`` the preference (1, or 0 for an observed zero: a negative ``d``).
 
     Parameters
     ----------
@@ -324,7 +328,7 @@ def fold_in(
     item_idx : array of int, shape (t,)
         Item rows the user interacted with (duplicates are summed).
     counts : array of float, shape (t,)
-        Their counts ``f >= 0``.
+        Their signed counts ``f`` (negative: an observed zero).
     gram : ndarray, shape (k, k), optional
         Precomputed ``V^T V`` (saves ``O(n k^2)`` per call when folding in many users).
 
@@ -350,6 +354,7 @@ def fold_in(
     Vi = V[d.indices].astype(np.float64)
     V64 = V.astype(np.float64)
     A = (V64.T @ V64 if gram is None else np.asarray(gram, np.float64)) + reg * np.eye(V.shape[1])
-    A += (Vi * d.data[:, None]).T @ Vi
-    b = Vi.T @ (1.0 + d.data.astype(np.float64))
+    dd = d.data.astype(np.float64)
+    A += (Vi * np.abs(dd)[:, None]).T @ Vi
+    b = Vi.T @ np.where(dd > 0, 1.0 + dd, 0.0)
     return np.linalg.solve(A, b).astype(np.float32)

@@ -2,7 +2,8 @@
 
 Each sweep solves every row of ``X`` against fixed ``Y`` with the Gram trick: ``G = YᵀY + λI`` is computed
 once per half-sweep by the caller, and row u only adds ``Y_uᵀ (C_u − I) Y_u`` over its observed items, so a
-sweep costs O(nnz·k + n·k²). ``data`` holds ``c − 1`` (see :func:`workers.kernels.als.confidence`).
+sweep costs O(nnz·k + n·k²). ``data`` holds ``c − 1`` (negative for an observed zero, ``c = 1 + |data|``;
+see :func:`workers.kernels.als.confidence`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def cg_sweep(indptr, indices, data, X, Y, G, cg_steps, work):  # pragma: no cove
                 s = np.float32(0.0)
                 for f in range(k):
                     s += Y[i, f] * x[f]
-                w = np.float32(1.0) + d - d * s
+                w = np.float32(1.0) + d - d * s if d > 0 else d * s  # d < 0: an observed zero, c = 1 + |d|
                 for f in range(k):
                     r[f] += w * Y[i, f]
             rs = np.float32(0.0)
@@ -77,7 +78,7 @@ def cg_sweep(indptr, indices, data, X, Y, G, cg_steps, work):  # pragma: no cove
                         s += G[a, b] * p[b]
                     ap[a] = s
                 for j in range(indptr[u], indptr[u + 1]):
-                    i, d = indices[j], data[j]
+                    i, d = indices[j], abs(data[j])
                     s = np.float32(0.0)
                     for f in range(k):
                         s += Y[i, f] * p[f]
@@ -114,10 +115,12 @@ def exact_sweep(indptr, indices, data, X, Y, G):  # pragma: no cover - numba
             b[:] = 0.0
             for j in range(indptr[u], indptr[u + 1]):  # lower triangle of A, and b
                 i, d = indices[j], np.float64(data[j])
+                r = 1.0 + d if d > 0.0 else 0.0  # d < 0: an observed zero (preference 0, c = 1 + |d|)
+                d = abs(d)
                 for f in range(k):
                     y[f] = Y[i, f]
                 for a in range(k):
-                    b[a] += (1.0 + d) * y[a]
+                    b[a] += r * y[a]
                     w = d * y[a]
                     for c in range(a + 1):
                         A[a, c] += w * y[c]
@@ -148,7 +151,8 @@ def exact_sweep(indptr, indices, data, X, Y, G):  # pragma: no cover - numba
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def observed_loss(indptr, indices, data, X, Y):  # pragma: no cover - numba
-    """Sum over observed pairs of ``(1 + d)(1 - s)^2 - s^2`` with ``s = x_u . y_i`` (deterministic)."""
+    """Sum over observed pairs of ``(1 + d)(1 - s)^2 - s^2`` with ``s = x_u . y_i`` (``|d| s^2`` for an observed
+    zero, ``d < 0``; deterministic)."""
     n, k = X.shape
     nblocks = (n + _CHUNK - 1) // _CHUNK
     part = np.zeros(nblocks, np.float64)
@@ -160,6 +164,7 @@ def observed_loss(indptr, indices, data, X, Y):  # pragma: no cover - numba
                 s = 0.0
                 for f in range(k):
                     s += np.float64(X[u, f]) * np.float64(Y[i, f])
-                acc += (1.0 + data[j]) * (1.0 - s) ** 2 - s * s
+                d = data[j]
+                acc += (1.0 + d) * (1.0 - s) ** 2 - s * s if d > 0 else -d * s * s  # observed zero: |d| s^2
         part[blk] = acc
     return part.sum()

@@ -155,8 +155,9 @@ def sample_pairs(
     >>> int(y.sum()), bool((F[u[y == 0], i[y == 0]] == 0).all())
     (4, True)
     """
-    C = sp.csr_matrix(counts_csr)
+    C = sp.csr_matrix(counts_csr, copy=True)
     C.sum_duplicates()
+    C.data[C.data < 0] = 0  # explicit negatives (ALS's observed zeros) are no positives; they may be drawn
     C.eliminate_zeros()
     m, n = C.shape
     rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(C.indptr))

@@ -51,6 +51,9 @@ EPS = 1e-8
 # indices into the float / int parameter arrays the compiled kernel takes
 (P_LR, P_REG, P_LRB, P_REGB, P_LRG, P_CLIP, P_BCLAMP, P_GCLAMP, P_MIX) = range(9)
 (Q_NNEG, Q_NHARD, Q_NCAND, Q_ADA, Q_SEED) = range(5)
+# LLVM may reorder sums (SIMD dot products) and fuse multiply-adds; NaN/inf semantics stay exact, so a diverging
+# batch still comes out non-finite and is refused (check_finite)
+_FAST = {"reassoc", "contract"}
 
 
 @dataclass(frozen=True)
@@ -222,25 +225,26 @@ def _proposal(prob, alias, support, n_known, mix):  # pragma: no cover - compile
 
 
 @njit(cache=True)
-def _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix):  # pragma: no cover - compiled
-    """One proposal draw that is neither a known positive of ``u`` nor ``pos``; -1 if none is found."""
+def _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix, banned):  # pragma: no cover - compiled
+    """One proposal draw that is neither a known positive of ``u`` nor ``pos`` nor banned (a hidden or expired
+    item of the catalogue); -1 if none is found."""
     for attempt in range(26):
         j = _proposal(prob, alias, support, n_known, mix) if attempt < 6 else np.random.randint(0, n_known)
-        if j != pos and not _hs_has(hs, np.int64(u) * n_items + j):
+        if j != pos and not banned[j] and not _hs_has(hs, np.int64(u) * n_items + j):
             return j
     return -1
 
 
-@njit(cache=True)
-def _negative(U, V, u, pos, t, n_items, hs, prob, alias, support, n_known, ip, fp):  # pragma: no cover
+@njit(cache=True, fastmath=_FAST)
+def _negative(U, V, u, pos, t, n_items, hs, prob, alias, support, n_known, ip, fp, banned):  # pragma: no cover
     mix = fp[P_MIX]
     if t >= ip[Q_NHARD]:
-        return _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix)
+        return _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix, banned)
     k = U.shape[1] - 1
     best = -np.inf
     j = -1
     for _m in range(ip[Q_NCAND]):
-        c = _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix)
+        c = _draw(u, pos, n_items, hs, prob, alias, support, n_known, mix, banned)
         if c < 0:
             continue
         s = np.float64(V[c, k])
@@ -285,10 +289,10 @@ def rank_of(U, V, u, target, n_known, hs, n_items, count, decayed):  # pragma: n
 
 
 # ------------------------------------------------------------------------------------- the batch
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FAST)
 def _train(ev_u, ev_i, ev_w, ev_neg, ev_count, ev_decay, U, GU, V, GV, glob, hs, n_known, prob, alias, support, fp, ip,
            given_neg, first, t_idx, t_rows, t_acc, n_touch, loss, rank_at, ranks, user_warm, count,
-           decayed):  # pragma: no cover - compiled  # fmt: skip
+           decayed, banned):  # pragma: no cover - compiled  # fmt: skip
     np.random.seed(ip[Q_SEED])
     n_items = np.int64(V.shape[0])
     n_neg = ip[Q_NNEG]
@@ -315,7 +319,7 @@ def _train(ev_u, ev_i, ev_w, ev_neg, ev_count, ev_decay, U, GU, V, GV, glob, hs,
             if use_given:
                 j = given_neg[e, t]
             else:
-                j = _negative(U, V, u, i, t, n_items, hs, prob, alias, support, n_known, ip, fp)
+                j = _negative(U, V, u, i, t, n_items, hs, prob, alias, support, n_known, ip, fp, banned)
             if j < 0:
                 continue
             _touch(V, GV, j, first, t_idx, t_rows, t_acc, n_touch)
@@ -340,6 +344,7 @@ def lmf_train(
     rank_at: npt.NDArray[np.bool_] | None = None,
     user_warm: npt.NDArray[np.bool_] | None = None,
     popularity: tuple[npt.NDArray[np.float64], ...] | None = None,
+    banned: npt.NDArray[np.bool_] | None = None,
 ) -> tuple[F32, Touched, npt.NDArray[np.int64] | None]:
     """Train one mini-batch of clicks in stream order (see the module docstring); arrays are updated in place.
 
@@ -359,6 +364,7 @@ def lmf_train(
         vector (updated), and ``(count, decayed, add_count, add_decayed)`` -- all-time and decayed popularity
         per item, updated with each click by its ``add_*`` (E,) values (count weight, and that times
         ``2^((ts - ref) / half_life)``).
+    banned : (n_items,) bool, items never drawn as negatives (hidden or expired in the catalogue); None: none.
 
     Returns
     -------
@@ -401,9 +407,14 @@ def lmf_train(
         count, decayed, add_c, add_d = popularity
     prob, alias, support = sampler
     add_c, add_d = (np.ascontiguousarray(a, np.float64) for a in (add_c, add_d))
+    if banned is None:
+        banned = np.zeros(V.shape[0], np.bool_)
+    elif banned.shape != (V.shape[0],) or banned.dtype != np.bool_:
+        raise ValueError(f"banned must be a ({V.shape[0]},) bool array, one flag per item row; got "
+                         f"{banned.dtype} {banned.shape}")  # fmt: skip
     _train(ev_u, ev_i, ev_w, ev_neg, add_c, add_d, U, GU, V, GV, glob, positives, int(n_known),
            prob, alias, support, fp, ip, gneg, first, t_idx, t_rows, t_acc, n_touch, loss, r_at, ranks, warm,
-           count, decayed)  # fmt: skip
+           count, decayed, banned)  # fmt: skip
     n = int(n_touch[0])
     return loss, Touched(t_idx[:n].copy(), t_rows[:n].copy(), t_acc[:n].copy()), (ranks if ranking else None)
 
@@ -487,19 +498,20 @@ def _ref_step(U: F32, GU: F32, V: F32, GV: F32, glob: npt.NDArray[np.float64], u
 
 # ------------------------------------------------------------------------------------- helpers
 def event_weights(counts: npt.ArrayLike, mode: str = "log", cap: float = 10.0) -> F32:
-    """Positive weight per click from its count: ``log`` min(1 + ln c, cap) (default), ``linear`` min(c, cap).
+    """SGD weight per event from its weight ``c`` (count times feedback weight): ``log`` min(1 + ln c, cap)
+    (default), ``linear`` min(c, cap); a weight below 1 (a feedback type lighter than a click) stays as it is.
 
-    >>> [round(float(x), 3) for x in event_weights([1, 4, 100], "log", cap=4.0)]
-    [1.0, 2.386, 4.0]
+    >>> [round(float(x), 3) for x in event_weights([0.5, 1, 4, 100], "log", cap=4.0)]
+    [0.5, 1.0, 2.386, 4.0]
     """
-    c = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    c = np.asarray(counts, dtype=np.float64)
     if mode == "linear":
         w = c
     elif mode == "log":
-        w = 1.0 + np.log(c)
+        w = 1.0 + np.log(np.maximum(c, 1.0))
     else:
         raise ValueError(f"weight mode {mode!r} is unknown; use 'linear' or 'log'")
-    return np.minimum(w, cap).astype(np.float32)
+    return np.minimum(np.where(c < 1.0, c, w), cap).astype(np.float32)
 
 
 def check_finite(*arrays: npt.ArrayLike) -> bool:

@@ -15,6 +15,11 @@ The worker (:mod:`workers.online.worker`) does the I/O; this module turns a part
 - ``count`` / ``decayed``: all-time and time-decayed click weight per item (the popularity baselines of the
   prequential ranks; the decayed one is what the store's fallback serves).
 - ``exposure``: impressions not clicked within the window become weighted negatives (optional).
+- explicit negatives (``"negative"`` events: a feedback type of negative weight, e.g. a dislike) are one
+  negative step each, of the event's weight; their items join the user's seen items (never recommended again,
+  not sampled as negatives: the explicit step already taught them) but not the popularity counts.
+- ``hidden``: the catalogue's hidden or expired items (the worker sets it from :class:`stream.catalog.CatalogView`
+  before each batch): never drawn as negatives (a withdrawn item says nothing about what a user dislikes).
 - ``tombstones``: erased users (:mod:`stream.erasure`): :meth:`OnlineModel.erase` applies the rule to a batch
   and forgets the erased users' cached state (the worker loads the tombstones from Redis with the generation).
 
@@ -144,18 +149,23 @@ class BatchPlan:
     ev_user: I32  # (E,) user row per training event
     ev_item: I32  # (E,) item row per training event
     ev_weight: F32  # (E,) SGD weight (click-count transform, or the exposure weight)
-    ev_exposure: npt.NDArray[np.bool_]  # (E,) exposure negative (shown, not clicked) instead of a click
+    ev_exposure: npt.NDArray[np.bool_]  # (E,) a negative step (explicit negative, or shown and not clicked)
     ev_ts: npt.NDArray[np.int64]  # (E,) event time, ms
     clicks: list[tuple[str, str, int, float]] = field(default_factory=list)  # (user, item, ts, count)
     new_items: list[str] = field(default_factory=list)  # items with no row here yet: fetch them first
     fetch_users: list[str] = field(default_factory=list)  # users not in the cache: fetch rows and seen items
     n_events: int = 0  # events applied (clicks + impressions) after de-duplication
     n_exposure: int = 0
+    negatives: list[tuple[str, str, int, float]] = field(default_factory=list)  # explicit (user, item, ts, weight)
     erased: dict[str, int] = field(default_factory=dict)  # users erased by this batch -> erased_at ms
 
     def click_users(self) -> list[str]:
         """The user of each click, in stream order."""
         return [c[0] for c in self.clicks]
+
+    def seen_adds(self) -> list[tuple[str, str, int]]:
+        """``(user, item, ts)`` the batch adds to seen sets: its clicks, then its explicit negatives."""
+        return [(u, i, ts) for u, i, ts, _w in self.clicks + self.negatives]
 
 
 @dataclass
@@ -211,12 +221,26 @@ class OnlineModel:
         self.clicks_trained = 0
         self.exposure: dict[int, ExposureTracker] = {}
         self.tombstones = Tombstones()
+        self.hidden: frozenset[str] = frozenset()  # catalogue: hidden or expired items, never drawn as negatives
+        self._banned: tuple[frozenset[str], int, npt.NDArray[np.bool_]] | None = None  # (hidden, rows, mask)
         self.warm([], np.zeros((0, self.k + 1), np.float32), 0.0, {}, {}, 0, 86_400_000)
 
     # -------------------------------------------------------------- state
     @property
     def n_items(self) -> int:
         return len(self.items)
+
+    def banned(self) -> npt.NDArray[np.bool_]:
+        """One flag per item row: hidden or expired in the catalogue (:attr:`hidden`), never a sampled negative.
+        Rebuilt only when the hidden set or the number of rows changed."""
+        rows = self.V.shape[0]
+        got = self._banned
+        if got is None or got[0] is not self.hidden or got[1] != rows:
+            mask = np.zeros(rows, np.bool_)
+            idx = [j for j in map(self.items.get, self.hidden) if j is not None]
+            mask[idx] = True
+            got = self._banned = (self.hidden, rows, mask)
+        return got[2]
 
     def _grow(self) -> None:
         n = len(self.items)
@@ -346,7 +370,7 @@ class OnlineModel:
         retention_ms = self.cfg.seen_ttl_days * 86_400_000
         ttl_s = self.cfg.seen_ttl_days * 86_400
         newest: dict[str, int] = {}
-        for user, _item, ts, _w in plan.clicks:
+        for user, _item, ts in plan.seen_adds():
             newest[user] = max(ts, newest.get(user, ts))
         out: dict[str, int] = {}
         for user, ts in newest.items():
@@ -371,7 +395,8 @@ class OnlineModel:
 
     # -------------------------------------------------------------- planning
     def plan(self, partition: int, events: Sequence[Event], erased: dict[str, int] | None = None) -> BatchPlan:
-        """Map a partition's de-duplicated events to rows: clicks in stream order, then exposure negatives.
+        """Map a partition's de-duplicated events to rows: clicks in stream order, then explicit negatives, then
+        exposure negatives.
 
         ``erased``: the users :meth:`erase` erased in this batch (its ``events`` are what it kept)."""
         return self.plan_many([(partition, events)], erased)
@@ -383,28 +408,30 @@ class OnlineModel:
         cfg = self.cfg
         events = [e for _p, evs in parts for e in evs]
         clicks = [e for e in events if e.type == "click"]
+        negs = [e for e in events if e.type == "negative"]
         exp_users, exp_items, exp_ts = [], [], []
         for p, evs in parts:
-            pu, pi, pt = self._exposures(p, evs, [e for e in evs if e.type == "click"])
+            pu, pi, pt = self._exposures(p, evs, [e for e in evs if e.type == "click" or e.type == "negative"])
             exp_users += pu
             exp_items += pi
             exp_ts += pt
         known_before = len(self.items)
-        items = self.items.index_many([e.item for e in clicks] + exp_items)
+        items = self.items.index_many([e.item for e in clicks] + [e.item for e in negs] + exp_items)
         self._grow()
         new_items = [self.items.ids[j] for j in np.unique(items) if j >= known_before]
-        users = list(dict.fromkeys([e.user for e in clicks] + exp_users))
+        ev_users = [e.user for e in clicks] + [e.user for e in negs] + exp_users
+        users = list(dict.fromkeys(ev_users))
         row = {u: n for n, u in enumerate(users)}
-        ev_user = np.fromiter((row[u] for u in [e.user for e in clicks] + exp_users), np.int32, len(items))
-        n_c = len(clicks)
-        weights = np.concatenate([event_weights([e.weight for e in clicks]) if clicks else np.zeros(0, np.float32),
+        ev_user = np.fromiter((row[u] for u in ev_users), np.int32, len(items))
+        weights = np.concatenate([event_weights([e.weight for e in clicks]), event_weights([e.weight for e in negs]),
                                   np.full(len(exp_users), cfg.exposure_weight, np.float32)])  # fmt: skip
-        exposure = np.arange(len(items)) >= n_c
-        ts = np.array([e.ts for e in clicks] + exp_ts, np.int64)
+        exposure = np.arange(len(items)) >= len(clicks)
+        ts = np.array([e.ts for e in clicks] + [e.ts for e in negs] + exp_ts, np.int64)
         fetch = [u for u in users if u not in self.user_cache]
         return BatchPlan(users, ev_user, items, weights.astype(np.float32), exposure, ts,
                          clicks=[(e.user, e.item, e.ts, e.weight) for e in clicks], new_items=new_items,
                          fetch_users=fetch, n_events=len(events), n_exposure=len(exp_users),
+                         negatives=[(e.user, e.item, e.ts, e.weight) for e in negs],
                          erased=dict(erased or {}))  # fmt: skip
 
     def _exposures(self, partition: int, events: Sequence[Event], clicks: Sequence[Event]
@@ -476,7 +503,8 @@ class OnlineModel:
         hs = positive_set(pos_u, pos_i, self.V.shape[0], extra=len(plan.clicks))
         self.sampler.maybe_refresh()
         dw = self.decay_weights(plan.ev_ts)
-        counts_w = np.array([c[3] for c in plan.clicks] + [0.0] * plan.n_exposure, np.float64)
+        counts_w = np.array([c[3] for c in plan.clicks] + [0.0] * (len(plan.negatives) + plan.n_exposure),
+                            np.float64)  # fmt: skip
         glob_before = float(self.glob[0])
         rank_at = None
         if rank_every > 0:
@@ -486,7 +514,8 @@ class OnlineModel:
         loss, touched, ranks = lmf_train(
             U, GU, self.V, self.GV, self.glob, (plan.ev_user, plan.ev_item, plan.ev_weight, plan.ev_exposure),
             hs, self.n_items, self.sampler.tables(), self.params, int(self.rng.integers(2**31)), rank_at=rank_at,
-            user_warm=warm, popularity=(self.count, self.decayed, counts_w, counts_w * dw))  # fmt: skip
+            user_warm=warm, popularity=(self.count, self.decayed, counts_w, counts_w * dw),
+            banned=self.banned())  # fmt: skip
         idx = touched.idx
         deltas = np.vstack([self.V[idx] - touched.rows, np.zeros((1, self.k + 1), np.float32)])
         deltas[-1, -1] = np.float32(self.glob[0] - glob_before)
@@ -529,10 +558,11 @@ class OnlineModel:
             self.user_cache[user] = (result.user_rows[n].copy(), result.user_acc[n].copy(), True)
             self.user_cache.move_to_end(user)
         if plan.clicks:
-            pos = plan.ev_item[: len(plan.clicks)]
-            self.reservoir.add(pos, self.rng)
+            self.reservoir.add(plan.ev_item[: len(plan.clicks)], self.rng)
+        answered = len(plan.clicks) + len(plan.negatives)
+        if answered:
             cap = self.cfg.seen_cap
-            for (user, _item, _ts, _w), p in zip(plan.clicks, pos.tolist()):
+            for (user, _item, _ts, _w), p in zip(plan.clicks + plan.negatives, plan.ev_item[:answered].tolist()):
                 got = self.seen.get(user)
                 if got is None:
                     got = self.seen[user] = SeenItems()

@@ -42,6 +42,7 @@ from kafka import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from stream import kafka_util
+from stream.catalog import CatalogView, catalog_consumer, items_topic
 from stream.config import TOP_LEVEL, add_flags, flag_overrides, load
 from stream.dedupe import Deduper
 from stream.errors import ConfigError
@@ -59,6 +60,8 @@ __all__ = ["LMFWorker", "register", "run"]
 
 PROGRESS_EVERY_S = 10.0
 GENERATION_CHECK_S = 1.0  # while idle, how often the worker looks for a newly published generation
+RANK_CAP_FROM_ITEMS = 20_000  # live quality: from this catalogue size on, rank_items_per_click spaces the ranks
+CATALOG_WAIT_S = 10.0  # at start, how long the worker waits for an existing catalogue topic to be read
 NO_ASSIGNMENT_EXIT_S = 60.0  # --until-idle gives up after this long without any partition
 PROBE_EVERY_S = 1.0  # --until-idle: how often the other partitions' progress is checked
 TOPIC_WAIT_LOG_S = 60.0  # without --until-idle: how often a missing events topic is reported
@@ -76,6 +79,9 @@ class Step(enum.Enum):
 class LMFWorker:
     """Consume ``<p>.events`` with a group and train the online model into the live generation.
 
+    ``catalog``: the catalogue view whose hidden and expired items are never sampled as negatives; by default
+    (``ZEROCF_LMF_CATALOG``) the worker follows ``<p>.items`` itself.
+
     ``rank_hook(ranks)``, if given, receives per applied batch the prequential ranks of its clicks (every
     ``rank_every``-th click, to bound the cost on large catalogues), each
     computed inside the kernel right before that click's own update: ``(user, item, model greater, model ties,
@@ -83,12 +89,15 @@ class LMFWorker:
     """
 
     def __init__(self, cfg: LMFConfig, store: FactorStore, stop: StopFlag | None = None, rank_hook: Any = None,
-                 rank_every: int = 1, rebuild: bool = False) -> None:  # fmt: skip
+                 rank_every: int = 1, rebuild: bool = False, catalog: CatalogView | None = None) -> None:  # fmt: skip
         self.cfg, self.store = cfg, store
+        self.catalog, self._own_catalog = catalog, False
         self.rebuild = rebuild  # create a new model even if the group's commits say the store lost one
         self.exit_code = 0  # 1: --until-idle ended without every partition applied to its end
         self.model_id = ""
         self.rank_hook, self.rank_every = rank_hook, rank_every
+        self.rank_items_per_click = 0  # > 0: rank at most one click per this many items (live quality, its cost)
+        self.lag_total: int | None = None  # records behind on the assigned partitions at the last batch
         self.stop = stop or StopFlag()
         self.model = OnlineModel(cfg, seed=cfg.seed)
         self.metrics = LMFMetrics()
@@ -107,9 +116,23 @@ class LMFWorker:
         self._progress: tuple[int, float] | None = None  # (records behind, since when) of the other partitions
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zerocf-lmf-writer")
 
+    @property
+    def effective_rank_every(self) -> int:
+        """Every how many clicks one is ranked: ``rank_every``, or more on a large catalogue with
+        ``rank_items_per_click`` (a rank scores every item)."""
+        n_items = self.model.n_items
+        if self.rank_items_per_click > 0 and n_items > RANK_CAP_FROM_ITEMS:
+            return max(self.rank_every, n_items // self.rank_items_per_click)
+        return self.rank_every
+
     # ------------------------------------------------------------------ lifecycle
     def run(self, until_idle: bool = False) -> WorkerStats:
-        """Bootstrap, loop until stopped (or caught up and idle with ``until_idle``), tear down."""
+        """Bootstrap, loop until stopped (or caught up and idle with ``until_idle``), tear down. Without a rank
+        hook of its own the worker publishes its live quality (``ZEROCF_LMF_QUALITY_EVERY``,
+        :mod:`workers.online.quality`) while it runs."""
+        from workers.online.quality import attach
+
+        reporter = attach(self) if self.rank_hook is None else None
         http = None
         try:
             http = self._bootstrap(until_idle)
@@ -117,6 +140,8 @@ class LMFWorker:
                 self._work(until_idle)
         finally:
             self._teardown(http)
+            if reporter is not None:
+                reporter.close()
         return self.stats
 
     def _bootstrap(self, until_idle: bool = False) -> Any:
@@ -125,19 +150,36 @@ class LMFWorker:
         # (the dev broker's memory storage after a restart) gets it back, and the group its partitions; Tansu
         # never assigns a topic to a member that joined before the topic existed.
         self.consumer = kafka_util.consumer(self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf",
-                                            max_poll_records=self.cfg.batch, allow_auto_create_topics=True)  # fmt: skip
+                                            max_poll_records=self.cfg.batch, allow_auto_create_topics=True,
+                                            fetch_max_wait_ms=self.cfg.fetch_wait_ms)  # fmt: skip
         if not self._wait_for_topic(until_idle):
             return False
         self._check_store()
         self.store.ensure_model(self.cfg.factors)
         self.model_id = self.store.model_id
         self.load_generation()
+        self._follow_catalog()
         self.consumer.subscribe([self.cfg.topics.events], listener=_Rebalance(self))
         port = self.cfg.runtime.metrics_port
         return start_http(port, self.health, self.metrics.registry, self.cfg.runtime.metrics_host) if port else None
 
+    def _follow_catalog(self) -> None:
+        """Follow ``<p>.items`` (``ZEROCF_LMF_CATALOG``) unless a view was given; when the topic exists, wait up to
+        :data:`CATALOG_WAIT_S` for it to be read, so the first batches already skip what it hides."""
+        if self.catalog is not None or not self.cfg.catalog:
+            return
+        topic = items_topic(self.cfg.topic_prefix)
+        kafka = self.cfg.kafka
+        self.catalog = CatalogView(lambda: catalog_consumer(kafka, client_id="zerocf-lmf-catalog"), topic).start()
+        self._own_catalog = True
+        if topic in self.consumer.topics() and not self.catalog.wait_loaded(CATALOG_WAIT_S):
+            log.warning("catalogue %s not read within %.0f s: until it is, hidden items may be sampled as "
+                        "negatives", topic, CATALOG_WAIT_S)  # fmt: skip
+
     def _teardown(self, http: Any) -> None:
         log.info("lmf stopping: %s", self.stats.summary())
+        if self._own_catalog and self.catalog is not None:
+            self.catalog.stop()
         self._writer.shutdown(wait=True)
         if self._ends is not None:
             self._ends.close()
@@ -394,8 +436,10 @@ class LMFWorker:
         log.info("redis is back: resumed from the offsets stored in Redis")
 
     def _update_lag(self) -> None:
-        for tp, behind in kafka_util.lag(self.consumer).items():
-            self.metrics.lag.labels(str(tp.partition)).set(behind)
+        behind = kafka_util.lag(self.consumer)
+        for tp, n in behind.items():
+            self.metrics.lag.labels(str(tp.partition)).set(n)
+        self.lag_total = sum(behind.values()) if behind else None
 
     # ------------------------------------------------------------------ one poll's batches
     def _train_polled(self, polled: Mapping[Any, list[Any]]) -> bool:
@@ -481,7 +525,9 @@ class LMFWorker:
             return False
         if not self._rescale_popularity(plan):
             return False
-        result = self.model.train(plan, rank_every=self.rank_every if self.rank_hook is not None else 0)
+        if self.catalog is not None:
+            self.model.hidden = self.catalog.hidden_now()
+        result = self.model.train(plan, rank_every=self.effective_rank_every if self.rank_hook is not None else 0)
         if not self._settle():  # the previous write must land before this one is fenced on its offset
             return False
         self._submit(fences, events, dups, plan, result, t0)
@@ -540,7 +586,7 @@ class LMFWorker:
         (p, applied, last), *rest = fences
         more = [Fence(q, before, end, self.dedupers[q].state()) for q, before, end in rest]
         write = BatchWrite(p, applied, last, self.dedupers[p].state(), counts=result.counts,
-                           user_increments=increments, seen=[(u, i, ts) for u, i, ts, _w in plan.clicks],
+                           user_increments=increments, seen=plan.seen_adds(),
                            seen_upkeep=self.model.seen_upkeep(plan, time.time()),
                            popularity=result.popularity, pop_ref_ms=self.model.pop_ref_ms,
                            erase=plan.erased, more=more)  # fmt: skip

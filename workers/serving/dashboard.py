@@ -8,11 +8,16 @@ Only what the serve process can know honestly, all read from Redis or from serve
 - ``applied``: the live generation's offset fence (``g:<g>:offsets``: the last offset of each ``<p>.events``
   partition the LMF workers applied) and the **applied-offsets rate**: the change of their sum between two
   samples, at least :data:`MIN_SAMPLE_GAP_S` apart, taken when the page asks. Serve has no Kafka connection,
-  so it shows no consumer lag: each LMF worker exports that as ``zerocf_lmf_lag`` on its own ``/metrics``.
+  so it reads no consumer lag itself: each LMF worker publishes its events/s and lag with its live quality
+  (``quality.workers``) and exports the lag per partition as ``zerocf_lmf_lag`` on its own ``/metrics``.
   The history restarts when the live generation changes (a new generation's fence starts at its snapshot).
 - ``requests``: serve's own request counts and latency per path (its Prometheus registry).
 - ``top_clicked`` (all-time counts) and ``trending`` (decayed popularity, relative to ``pop_ref_ms``) of the
   live generation.
+- ``quality``: live prequential quality, when LMF workers rank clicks (``ZEROCF_LMF_QUALITY_EVERY`` > 0):
+  HR@10 of what the system serves against the two popularity orders, over the last ten minutes and per
+  30-s window, summed over every worker whose figures have not expired (:func:`workers.online.quality.merge`);
+  with none, ``workers`` is empty and ``note`` says that quality is off.
 
 No model (or Redis away) is a 503 with the ``reason`` of ``/healthz``; the page shows its ``error``.
 The page is ``static/dashboard.html`` (HTML, CSS and hand-written SVG charts; no external URL).
@@ -35,6 +40,7 @@ import redis
 
 from stream.runtime import Response, json_response
 from workers.errors import GenerationError, StoreSchemaError
+from workers.online.quality import merge as merge_quality
 from workers.serving.lookup import Recommender
 from workers.serving.queries import BadRequest, parse_dashboard_query
 
@@ -43,8 +49,8 @@ __all__ = ["MIN_SAMPLE_GAP_S", "Dashboard", "OffsetHistory", "dashboard_page"]
 MIN_SAMPLE_GAP_S = 1.0  # applied-offset samples closer than this are not kept (several open pages, reloads)
 HISTORY = 120  # samples kept for the rate chart
 LAG_NOTE = (
-    "serve has no Kafka connection, so no consumer lag here: each LMF worker exports it as zerocf_lmf_lag "
-    "on its own /metrics"
+    "serve has no Kafka connection: each LMF worker reports its events/s and lag with its live quality (the "
+    "quality table), and exports the lag per partition as zerocf_lmf_lag on its own /metrics"
 )
 
 
@@ -166,6 +172,7 @@ class Dashboard:
                 "ref_ms": gm_live.pop_ref_ms if gm_live else 0,
                 "half_life_ms": gm_live.pop_half_life_ms if gm_live else 0,
             },
+            "quality": merge_quality(store.read_quality(), self._clock()),
         }
 
 

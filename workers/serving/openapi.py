@@ -220,6 +220,53 @@ def _dashboard_schema() -> dict[str, Any]:
     request = _obj(
         {"path": text, "requests": integer, "errors": integer, "mean_ms": maybe_num, "p95_ms_at_most": maybe_num}
     )
+    hr = {"type": ["number", "null"], "description": "HR@k (expected, random tie-break); null without clicks"}
+    quality = _obj(
+        {
+            "k": integer,
+            "window_s": num,
+            "span_s": {"type": "number", "description": "the rolling figures cover the last span_s seconds"},
+            "clicks": {"type": "integer", "description": "clicks ranked within span_s, every worker"},
+            "model_hr": {
+                **hr,
+                "description": "HR@k of what is served: the model, or the decayed-popularity "
+                "fallback for a user without a vector; null without clicks",
+            },
+            "popularity_hr": {**hr, "description": "HR@k of all-time click counts; null without clicks"},
+            "decayed_hr": {**hr, "description": "HR@k of the decayed popularity; null without clicks"},
+            "cold": {"type": ["number", "null"], "description": "share of those clicks whose user had no vector"},
+            "windows": {
+                "type": "array",
+                "items": _obj({"t": num, "clicks": integer, "model_hr": hr, "popularity_hr": hr, "decayed_hr": hr}),
+                "description": "per time window of window_s seconds (t: its start, epoch s), oldest first",
+            },
+            "workers": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "worker": text,
+                        "generation": integer,
+                        "every": integer,
+                        "published_at": num,
+                        "ranked": integer,
+                        "clicks": integer,
+                        "events_per_s": {
+                            "type": ["number", "null"],
+                            "description": "events applied per second between its last two publishes",
+                        },
+                        "lag": {
+                            "type": ["integer", "null"],
+                            "description": "records behind on its partitions at its last batch",
+                        },
+                    }
+                ),
+                "description": "LMF workers whose figures have not expired (every: it ranks every n-th click)",
+            },
+            "note": text,
+        },
+        "live prequential quality of the LMF workers (ZEROCF_LMF_QUALITY_EVERY): each ranked click is scored right "
+        "before it is learned; no worker listed = quality off",
+    )
     return _obj(
         {
             "namespace": text,
@@ -239,6 +286,7 @@ def _dashboard_schema() -> dict[str, Any]:
             "top_clicked": {**scored, "description": "most clicked items of the live generation (all-time counts)"},
             "trending": {**scored, "description": "highest decayed popularity, relative to popularity.ref_ms"},
             "popularity": _obj({"ref_ms": integer, "half_life_ms": integer}),
+            "quality": quality,
         },
         "what serve knows: generations Redis still holds, the applied offsets, its own requests, top items",
     )

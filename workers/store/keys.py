@@ -117,3 +117,14 @@ class Keys:
             self.item_versions(g),
             self.lease(g),
         ]
+
+    @property
+    def quality_workers(self) -> str:
+        """Live quality: LMF worker id -> when it last published its figures (ZSET, epoch s); pruned by the
+        writers and expiring with them. Not per generation (a worker's figures span generation swaps)."""
+        return f"{self.base}:quality"
+
+    def quality(self, worker: str) -> str:
+        """One LMF worker's live-quality figures (STRING, JSON; :mod:`workers.online.quality`), with a TTL so
+        a dead worker's figures expire."""
+        return f"{self.base}:quality:{worker}"
