@@ -376,6 +376,10 @@ class KafkaSettings:
     ssl_certfile: str | None = setting(None, "KAFKA_SSL_CERTFILE", "client certificate for SSL", cli=False)
     ssl_keyfile: str | None = setting(None, "KAFKA_SSL_KEYFILE", "client key for SSL", cli=False)
     ssl_password: str | None = setting(None, "KAFKA_SSL_PASSWORD", "password of the SSL key", secret=True)
+    bootstrap_timeout_s: float = setting(
+        30.0, "KAFKA_BOOTSTRAP_TIMEOUT_S", "how long a client tries to reach a bootstrap server before it reports "
+        "the broker unavailable (a serve without a broker says so after this long)", cli=False, unit="s"
+    )  # fmt: skip
     idempotence: bool = setting(
         False,
         "KAFKA_IDEMPOTENCE",
@@ -388,6 +392,7 @@ class KafkaSettings:
             raise ConfigError("SASL needs ZEROCF_KAFKA_SASL_MECHANISM and ZEROCF_KAFKA_SASL_USERNAME")
         if not self.bootstrap.strip():
             raise ConfigError("ZEROCF_KAFKA_BOOTSTRAP is empty; set host:port of a Kafka broker")
+        check_ranges(self, {"bootstrap_timeout_s": (0.1, 3600)})
         parse_bootstrap(self.bootstrap)
 
     def client_kwargs(self) -> dict[str, Any]:
@@ -395,6 +400,7 @@ class KafkaSettings:
         kw: dict[str, Any] = {
             "bootstrap_servers": parse_bootstrap(self.bootstrap),
             "security_protocol": self.security_protocol,
+            "bootstrap_timeout_ms": int(self.bootstrap_timeout_s * 1000),
         }
         optional = {
             "sasl_mechanism": self.sasl_mechanism,

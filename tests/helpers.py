@@ -395,3 +395,54 @@ def assert_published(env: dict[str, str], rows: list[Interaction], last: dict[in
     assert fu.all() and fi.all() and U.dtype == np.float32 and np.isfinite(U).all() and np.isfinite(V).all()
     assert store.item_counts(g) == {i: float(n) for i, n in Counter(r.item_id for r in rows).items()}
     return store, meta, users, items, U, V
+
+
+# ------------------------------------------------------------------- pre-started zerocf processes
+#: What a pre-started ``zerocf`` process runs: every command module imported (what ``main`` would import first),
+#: then ``workers.cli.main(ARGV)`` once a line ``go`` arrives on stdin (EOF or anything else: exit 0, nothing run).
+_PRESTARTED = (
+    "import sys\n"
+    "from workers import cli\n"
+    "cli.build_parser()\n"
+    "if sys.stdin.readline() == 'go\\n':\n"
+    "    sys.exit(cli.main(sys.argv[1:]))\n"
+)
+
+
+def prestart_zerocf(
+    env: dict[str, str], log: Any, *argv: str, stdout: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """A ``zerocf ARGV`` process started ahead of its turn: the interpreter and the imports (about 1.3 s) are done
+    while something else runs; :func:`release` makes it run ``zerocf ARGV`` (``workers.cli.main``, the console
+    script's entry point) at once. ``log`` receives its stderr (a file, or ``subprocess.PIPE``), ``stdout`` its
+    standard output. ``args[3]`` is the command, as in :func:`wait_until` messages."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _PRESTARTED, *argv], env=env, stdin=subprocess.PIPE, stdout=stdout, stderr=log
+    )
+
+
+def release(proc: subprocess.Popen[bytes]) -> None:
+    """Let a :func:`prestart_zerocf` process run its command now."""
+    assert proc.stdin is not None and proc.poll() is None, f"pre-started {proc.args[3:]} exited {proc.returncode}"
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    proc.stdin = None  # written and closed: nothing for communicate() to flush
+
+
+def finish_zerocf(
+    proc: subprocess.Popen[bytes], timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """:func:`release` a process from :func:`prestart_zerocf` (``stdout`` and ``log`` ``subprocess.PIPE``) and
+    wait for it: what :func:`run_zerocf` returns, with the same ``check``."""
+    release(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, (out or b"").decode(), (err or b"").decode())
+    if check:
+        argv = " ".join(map(str, proc.args[3:]))
+        assert done.returncode == 0, f"zerocf {argv} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done

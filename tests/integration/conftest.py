@@ -7,15 +7,17 @@ session by :meth:`stream.devstack.LocalStack.start_redis_cluster` when the first
 
 from __future__ import annotations
 
+import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from stream import kafka_util
 from stream.ingest import Ingest
 from stream.runtime import StopFlag
-from tests.helpers import ALS_PARTITIONS, als_stream_cfg
+from tests.helpers import ALS_PARTITIONS, als_stream_cfg, prestart_zerocf, stop_process
 from workers.store.connect import client_from_url
 
 
@@ -84,3 +86,18 @@ def ingest_thread(zerocf_env: dict[str, str]) -> Iterator[Ingest]:
     finally:
         ing.stop.set("test done")
         t.join(timeout=15)
+
+
+@pytest.fixture()
+def prestart() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """:func:`tests.helpers.prestart_zerocf`; every process it started is stopped at teardown (one never
+    released has run nothing)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str], log: Any, *argv: str, stdout: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+        procs.append(prestart_zerocf(env, log, *argv, stdout=stdout))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        stop_process(proc, 5)

@@ -177,7 +177,8 @@ def test_malformed_record_is_skipped_and_counted(served: tuple[RecommendServer, 
 
 def test_serve_without_a_broker_still_serves(store: FactorStore, zerocf_env: dict) -> None:
     tiny_model(store)
-    env = {**zerocf_env, "ZEROCF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}  # nothing listens there
+    # nothing listens there; clients give up bootstrapping after ZEROCF_KAFKA_BOOTSTRAP_TIMEOUT_S (30 s by default)
+    env = {**zerocf_env, "ZEROCF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}", "ZEROCF_KAFKA_BOOTSTRAP_TIMEOUT_S": "2"}
     with serving(store, env) as (srv, view):
         assert answers(srv) == {"user": ["b", "a", "c"], "similar": ["b", "c"], "ghost": ["b", "c"]}
         wait_until("the view reports the broker away", lambda: view.status()["state"] == "unavailable", 90)
@@ -223,3 +224,40 @@ def test_serve_command_follows_the_catalogue(zerocf_env: dict[str, str], store: 
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_lmf_worker_never_samples_hidden_items_as_negatives(zerocf_env: dict[str, str], store: FactorStore) -> None:
+    """A hidden item's row stays exactly as it was while other users' clicks train (each click draws 10 negatives
+    from 22 items: a visible item clicked as rarely, ``other``, is drawn and moves)."""
+    from stream.client.producer import EventProducer
+    from stream.config import StreamConfig
+    from stream.ingest import Ingest
+    from tests.helpers import TS, fresh_group
+    from workers.config import LMFConfig
+    from workers.online.worker import LMFWorker
+
+    env = {**zerocf_env, "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_EVENTS_PARTITIONS": "2", "ZEROCF_FACTORS": "8"}
+    group = fresh_group("lmf-catalog")
+
+    def stream(rows: list[tuple[str, str, int]]) -> None:
+        with EventProducer(bootstrap_servers=env["ZEROCF_KAFKA_BOOTSTRAP"], topic_prefix=env["ZEROCF_TOPIC_PREFIX"]
+                           ) as p:  # fmt: skip
+            for user, item, ts in rows:
+                p.send_click(user, item, ts)
+        assert Ingest(load(StreamConfig, env)).run(until_idle=True).clean_exit
+        worker = LMFWorker(load(LMFConfig, env, {"lmf_group": group}), store)
+        worker.run(until_idle=True)
+        assert worker.exit_code == 0
+
+    def rows() -> Any:
+        got, found = store.get_vectors(store.live_generation(), "item", ["gone", "other"])
+        assert found.all()
+        return got
+
+    stream([("z", "gone", TS), ("z", "other", TS + 1)] + [(f"u{n % 20}", f"a{n % 20}", TS + 10 + n) for n in range(40)])
+    before = rows()
+    items(env, "hide", "gone")
+    stream([(f"u{n % 20}", f"a{(3 * n) % 20}", TS + 100 + n) for n in range(300)])
+    after = rows()
+    assert (after[0] == before[0]).all()  # hidden: never a negative, so never touched
+    assert not (after[1] == before[1]).all()  # visible and as rare: drawn as a negative, so it moved

@@ -18,13 +18,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,12 @@ from tests.helpers import (
     assert_store_matches,
     background,
     events_of,
+    finish_zerocf,
     fresh_group,
     health_status,
     record_events,
+    release,
+    stop_process,
     tail,
     truth_of,
     wait_until,
@@ -77,6 +79,17 @@ def drill_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         yield st
     finally:
         st.down()
+
+
+@contextmanager
+def _released(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a pre-started ``zerocf`` process (the ``prestart`` fixture) now; on exit SIGTERM it (SIGKILL after
+    15 s) if still running, as :func:`tests.helpers.background` does."""
+    release(proc)
+    try:
+        yield proc
+    finally:
+        stop_process(proc, 15)
 
 
 def _env(stack: LocalStack, prefix: str, **extra: str) -> dict[str, str]:
@@ -136,7 +149,7 @@ def _stream_done(cfg: LMFConfig, n_events: int) -> Truth:
         holder[:] = [truth_of(cfg.kafka, cfg.topics.events)]
         return holder[0].distinct >= n_events
 
-    wait_until(f"{n_events} distinct events on {cfg.topics.events}", done, 60, every=1.0)
+    wait_until(f"{n_events} distinct events on {cfg.topics.events}", done, 60, every=0.5)
     return holder[0]
 
 
@@ -550,13 +563,38 @@ def test_ingest_survives_broker_restart_that_brings_back_fewer_partitions(
 
 # ------------------------------------------------------------------- drill 3: SIGTERM mid-batch
 def test_lmf_sigterm_mid_batch_exits_0_with_no_partial_batch(
-    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any, prestart: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     prefix = _prefix("term")
     env = _env(drill_stack, prefix)
     cfg = load(LMFConfig, env)
     work = Workload.make(41, 12_000, users=400, items=200)
-    ip = free_port()
+    ip, lp = free_port(), free_port()
+    # both lmf runs below, started now with their imports done; each runs its command when released
+    with open(tmp_path / "lmf.log", "ab") as err:
+        lmf_run = prestart(
+            env,
+            err,
+            "lmf",
+            "--factors",
+            "16",
+            "--batch",
+            "100",
+            "--metrics-port",
+            str(lp),
+            "--group",
+            fresh_group("lmf"),
+        )
+    with open(tmp_path / "lmf2.log", "ab") as err:  # --until-idle: exits once all is applied, then idle 0.2 s
+        lmf2_run = prestart(
+            {**env, "ZEROCF_IDLE_SECONDS": "0.2"},
+            err,
+            "lmf",
+            *LMF_FLAGS,
+            "--until-idle",
+            "--group",
+            fresh_group("lmf2"),
+        )
     with background(
         env, tmp_path / "ingest.log", "ingest", "--metrics-port", str(ip), "--group", fresh_group("ing")
     ) as ingest:
@@ -566,20 +604,7 @@ def test_lmf_sigterm_mid_batch_exits_0_with_no_partial_batch(
     records = read_topic(cfg.kafka, cfg.topics.events, 30)
     store = FactorStore.from_url(cfg.redis_url, prefix, socket_timeout=5)
     total = work.n_events
-    lp = free_port()
-    with background(
-        env,
-        tmp_path / "lmf.log",
-        "lmf",
-        "--factors",
-        "16",
-        "--batch",
-        "100",
-        "--metrics-port",
-        str(lp),
-        "--group",
-        fresh_group("lmf"),
-    ) as lmf:
+    with _released(lmf_run) as lmf:
         wait_until("lmf applying batches", lambda: _applied_total(store) > 1000, 40, lmf, every=0.05)
         at_signal = _applied_total(store)
         lmf.send_signal(signal.SIGTERM)
@@ -617,9 +642,7 @@ def test_lmf_sigterm_mid_batch_exits_0_with_no_partial_batch(
     assert sum(counts.values()) == len(ids) and counts == dict(want_users)
     assert store.item_counts(g) == {i: float(n) for i, n in want_items.items()}
 
-    with background(
-        env, tmp_path / "lmf2.log", "lmf", *LMF_FLAGS, "--until-idle", "--group", fresh_group("lmf2")
-    ) as again:
+    with _released(lmf2_run) as again:
         assert again.wait(60) == 0, tail(tmp_path / "lmf2.log")
     _assert_reconciled(store, cfg, work, truth)
 
@@ -648,7 +671,7 @@ def _metric(port: int, name: str) -> float:
 
 
 def test_ingest_sigterm_mid_stream_commits_and_restart_loses_nothing(
-    drill_stack: LocalStack, tmp_path: Path, record_property: Any
+    drill_stack: LocalStack, tmp_path: Path, record_property: Any, prestart: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     prefix = _prefix("iterm")
     env = _env(drill_stack, prefix)
@@ -657,6 +680,12 @@ def test_ingest_sigterm_mid_stream_commits_and_restart_loses_nothing(
     kafka_util.ensure_topics(
         scfg.kafka, {t: scfg.events_partitions for t in (scfg.topics.clicks, scfg.topics.impressions)}
     )
+    group = fresh_group("ing")
+    ip = free_port()
+    # both ingest runs below, started now (their imports overlap the send); each runs when released
+    with open(tmp_path / "ingest.log", "ab") as err:
+        ingest_run = prestart(env, err, "ingest", "--batch", "100", "--metrics-port", str(ip), "--group", group)
+    restart = prestart(env, subprocess.PIPE, "ingest", "--until-idle", "--group", group, stdout=subprocess.PIPE)
     work = Workload.make(51, 20_000, users=500, items=300)
     work.send(env["ZEROCF_KAFKA_BOOTSTRAP"], prefix)
     raw = {
@@ -664,11 +693,7 @@ def test_ingest_sigterm_mid_stream_commits_and_restart_loses_nothing(
         for t in (scfg.topics.clicks, scfg.topics.impressions)
         for r in read_topic(scfg.kafka, t, 30)
     }
-    group = fresh_group("ing")
-    ip = free_port()
-    with background(
-        env, tmp_path / "ingest.log", "ingest", "--batch", "100", "--metrics-port", str(ip), "--group", group
-    ) as ingest:
+    with _released(ingest_run) as ingest:
         wait_until(
             "ingest producing events",
             lambda: _metric(ip, "zerocf_ingest_events_out_total") >= 2000,
@@ -705,13 +730,8 @@ def test_ingest_sigterm_mid_stream_commits_and_restart_loses_nothing(
     # warm stop: every raw record below the committed offsets was handled, none at or above them
     assert handled == below, (len(handled - below), len(below - handled))
 
-    done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "ingest", "--until-idle", "--group", group],
-        env=env,
-        capture_output=True,
-        timeout=80,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    done = finish_zerocf(restart, timeout=80, check=False)  # `zerocf ingest --until-idle --group GROUP`
+    assert done.returncode == 0, done.stderr[-2000:]
     truth = truth_of(cfg.kafka, cfg.topics.events)
     assert truth.distinct == work.n_events and truth.repeated == 0, (truth.distinct, truth.repeated)
     assert len(read_topic(scfg.kafka, scfg.topics.dlq, 30)) == len(work.invalid)

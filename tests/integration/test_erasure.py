@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,19 @@ from stream.config import StreamConfig, load
 from stream.erasure import erased_digest
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from tests.helpers import TS, fresh_group, run_zerocf
-from workers.config import LMFConfig
+from tests.helpers import TS, finish_zerocf, fresh_group
+from workers.batch.worker import ALSWorker
+from workers.config import ALSConfig, LMFConfig
 from workers.online.worker import LMFWorker
 from workers.serving.lookup import Recommender
 from workers.store import FactorStore
 
 A, B = "alice-erase-me", "bob-keep-me"  # distinctive ids: a substring scan for A is meaningful
 ALS_FLAGS = ("--factors", "8", "--iterations", "4", "--reg", "1")
+ALS_SETTINGS = {"factors": 8, "als_iterations": 4, "als_reg": 1.0}  # the same, as ALSConfig fields
+# lmf --until-idle exits only once every partition is applied to its end (the offsets in Redis) and then idle
+# this long: a short idle changes when the run ends, never what it has done by then
+LMF_IDLE_S = "0.2"
 
 
 def _clicks(seed: int = 5) -> list[tuple[str, str, int]]:
@@ -56,18 +63,25 @@ def _ingest(env: dict[str, str]) -> None:
 
 def _lmf(env: dict[str, str], group: str) -> None:
     """``zerocf lmf --until-idle --group GROUP``'s worker class in this process."""
-    cfg = load(LMFConfig, env, {"lmf_group": group})
+    cfg = load(LMFConfig, {**env, "ZEROCF_IDLE_SECONDS": LMF_IDLE_S}, {"lmf_group": group})
     worker = LMFWorker(cfg, FactorStore.from_url(cfg.redis_url, cfg.topic_prefix))
     worker.run(until_idle=True)
     assert worker.exit_code == 0
 
 
+def _als(env: dict[str, str], ckpt: Path) -> None:
+    """``zerocf als --once ALS_FLAGS --checkpoint-dir CKPT``'s worker class in this process (the re-solve right
+    after the erasure runs the command itself)."""
+    cfg = load(ALSConfig, env, {**ALS_SETTINGS, "checkpoint_dir": str(ckpt)})
+    res = ALSWorker(cfg, FactorStore.connect(cfg.redis_url, cfg.topic_prefix)).run_once()
+    assert res.outcome == "published", res
+
+
 def _pipeline(env: dict[str, str], group: str, ckpt: Path) -> None:
-    """ingest --until-idle, lmf --until-idle (their worker classes), als --once (the CLI): what a deployment
-    runs."""
+    """ingest --until-idle, lmf --until-idle, als --once (their worker classes): what a deployment runs."""
     _ingest(env)
     _lmf(env, group)
-    run_zerocf(env, "als", "--once", *ALS_FLAGS, "--checkpoint-dir", str(ckpt))
+    _als(env, ckpt)
 
 
 def _redis_mentions(r: redis.Redis, needle: bytes) -> list[str]:
@@ -122,11 +136,16 @@ def _assert_forgotten(store: FactorStore, ckpt: Path, erased_at: int) -> None:
 
 
 def test_forget_user_leaves_no_trace_and_replays_do_not_bring_the_user_back(
-    zerocf_env: dict[str, str], tmp_path: Path
+    zerocf_env: dict[str, str], tmp_path: Path, prestart: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     env = {**zerocf_env, "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_EVENTS_PARTITIONS": "3", "ZEROCF_FACTORS": "8"}
     cfg = load(StreamConfig, env)
     ckpt, group = tmp_path / "ckpt", fresh_group("erase")
+    # the two commands run below, started now (their imports overlap the first pipeline); each runs its command
+    # only when finish_zerocf releases it
+    out_, err_ = subprocess.PIPE, subprocess.PIPE
+    forget = prestart(env, err_, "forget-user", A, "--json", stdout=out_)
+    als_cli = prestart(env, err_, "als", "--once", *ALS_FLAGS, "--checkpoint-dir", str(ckpt), stdout=out_)
     rows = _clicks()
     _send(env, rows)
     _pipeline(env, group, ckpt)
@@ -138,7 +157,7 @@ def test_forget_user_leaves_no_trace_and_replays_do_not_bring_the_user_back(
 
     # forget A: one erasure record, keyed by A, on <p>.erasures
     before = int(time.time() * 1000)
-    out = run_zerocf(env, "forget-user", A, "--json").stdout.strip().splitlines()
+    out = finish_zerocf(forget).stdout.strip().splitlines()  # `zerocf forget-user A --json`
     sent = [json.loads(line) for line in out]
     assert [(s["user_id"], s["topic"]) for s in sent] == [(A, cfg.topics.erasures)]
     erased_at = sent[0]["ts"]
@@ -149,7 +168,7 @@ def test_forget_user_leaves_no_trace_and_replays_do_not_bring_the_user_back(
     _lmf(env, group)  # the live generation (2) and the retired one (1) lose A at once
     assert not store.get_vectors(2, "user", [A])[1].any() and not store.get_vectors(1, "user", [A])[1].any()
     assert store.seen_items(A) == [] and store.erased_users() == {erased_digest(A): erased_at}
-    run_zerocf(env, "als", "--once", *ALS_FLAGS, "--checkpoint-dir", str(ckpt))
+    finish_zerocf(als_cli)  # `zerocf als --once ALS_FLAGS --checkpoint-dir CKPT`
     assert store.live_generation() == 3
     _assert_forgotten(store, ckpt, erased_at)
     assert sorted(store.seen_items(B)) == b_seen and store.get_vectors(3, "user", [B])[1].all()
@@ -200,7 +219,7 @@ def test_invalid_erasure_records_go_to_the_dead_letter_topic(zerocf_env: dict[st
             f.get(timeout=10)
     finally:
         producer.close()
-    run_zerocf(env, "ingest", "--until-idle")
+    _ingest(env)
     dead = [json.loads(r.value) for r in read_topic(cfg.kafka, cfg.topics.dlq, timeout=20)]
     assert sorted(d["topic"] for d in dead) == [cfg.topics.erasures] * len(bad)
     reasons = sorted(d["reason"].split(" ")[0] for d in dead)

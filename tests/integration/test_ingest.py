@@ -23,7 +23,7 @@ from stream.devstack import free_port
 from stream.events import encode_click, encode_impression
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from tests.helpers import events_of, record_events
+from tests.helpers import events_of, finish_zerocf, prestart_zerocf, record_events, stop_process
 
 log = logging.getLogger(__name__)
 TS = 1_700_000_000_000
@@ -49,6 +49,12 @@ def _produce(cfg: StreamConfig, records: list[tuple[str, bytes | None, bytes | N
 
 def _ingest_cmd(*flags: str) -> list[str]:
     return [sys.executable, "-m", "workers.cli", "ingest", *flags]
+
+
+def _prestart_until_idle(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``zerocf ingest --until-idle`` started ahead (imports done while the test runs), output captured; it runs
+    when :func:`tests.helpers.finish_zerocf` releases it."""
+    return prestart_zerocf(env, subprocess.PIPE, "ingest", "--until-idle", stdout=subprocess.PIPE)
 
 
 def _expected_ids(
@@ -208,21 +214,25 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_dedupe_removes_replays
 
     log_file = open(tmp_path / "ingest-killed.log", "wb")
     proc = subprocess.Popen(_ingest_cmd(), env=env, stderr=log_file)
+    restart = _prestart_until_idle(env)  # the run after the kill; it does nothing until released
     try:
-        seen = _wait_for_events(cfg, at_least=2000, timeout=30)
-        proc.kill()  # SIGKILL: no flush, no commit
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log_file.close()
-    assert seen >= 2000, "ingest produced no events before the kill"
-    before = len(events_of(read_topic(cfg.kafka, cfg.topics.events, 20)))
-    assert before < len(expected), "ingest finished before the kill; the test needs a bigger stream"
+        try:
+            seen = _wait_for_events(cfg, at_least=2000, timeout=30)
+            proc.kill()  # SIGKILL: no flush, no commit
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log_file.close()
+        assert seen >= 2000, "ingest produced no events before the kill"
+        before = len(events_of(read_topic(cfg.kafka, cfg.topics.events, 20)))
+        assert before < len(expected), "ingest finished before the kill; the test needs a bigger stream"
 
-    done = subprocess.run(_ingest_cmd("--until-idle"), env=env, capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+        done = finish_zerocf(restart, timeout=60, check=False)  # `zerocf ingest --until-idle` from here
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        stop_process(restart, 5)
 
     raw = read_topic(cfg.kafka, cfg.topics.events, 30)
     accepted, dropped = _dedupe(raw)
@@ -250,33 +260,40 @@ def test_sigterm_finishes_batch_commits_and_exits_0(zerocf_env: dict[str, str], 
 
     log_path = tmp_path / "ingest-term.log"
     port = free_port()
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(_ingest_cmd("--batch", "500", "--metrics-port", str(port)), env=env, stderr=log_file)
-        try:
-            assert _wait_for_events(cfg, at_least=1, timeout=30) >= 1
-            health = _get_until_ok(f"http://127.0.0.1:{port}/healthz", timeout=20)
-            assert health["ok"] is True and health["assigned_partitions"] > 0 and health["broker_reachable"]
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                metrics = resp.read().decode()
-            assert "zerocf_ingest_events_out_total" in metrics and "zerocf_ingest_batch_seconds_bucket" in metrics
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    err = log_path.read_bytes()
-    assert proc.returncode == 0, err.decode()[-2000:]
-    assert b"SIGTERM received" in err and b"ingest stopped" in err
-    first = read_topic(cfg.kafka, cfg.topics.events, 20)
+    restart, again_ = _prestart_until_idle(env), _prestart_until_idle(env)  # the two runs after the stop
+    try:
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                _ingest_cmd("--batch", "500", "--metrics-port", str(port)), env=env, stderr=log_file
+            )
+            try:
+                assert _wait_for_events(cfg, at_least=1, timeout=30) >= 1
+                health = _get_until_ok(f"http://127.0.0.1:{port}/healthz", timeout=20)
+                assert health["ok"] is True and health["assigned_partitions"] > 0 and health["broker_reachable"]
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    metrics = resp.read().decode()
+                assert "zerocf_ingest_events_out_total" in metrics and "zerocf_ingest_batch_seconds_bucket" in metrics
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        err = log_path.read_bytes()
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert b"SIGTERM received" in err and b"ingest stopped" in err
+        first = read_topic(cfg.kafka, cfg.topics.events, 20)
 
-    done = subprocess.run(_ingest_cmd("--until-idle"), env=env, capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    raw = read_topic(cfg.kafka, cfg.topics.events, 20)
-    ids = [e.id for e in events_of(raw)]
-    # everything produced before the stop was committed: the restart adds only the rest, no replays
-    assert not [i for i, c in Counter(ids).items() if c > 1]
-    assert set(ids) == expected and len(raw) >= len(first)
+        done = finish_zerocf(restart, timeout=60, check=False)  # `zerocf ingest --until-idle`
+        assert done.returncode == 0, done.stderr[-2000:]
+        raw = read_topic(cfg.kafka, cfg.topics.events, 20)
+        ids = [e.id for e in events_of(raw)]
+        # everything produced before the stop was committed: the restart adds only the rest, no replays
+        assert not [i for i, c in Counter(ids).items() if c > 1]
+        assert set(ids) == expected and len(raw) >= len(first)
 
-    again = subprocess.run(_ingest_cmd("--until-idle"), env=env, capture_output=True, timeout=60)
-    assert again.returncode == 0 and len(read_topic(cfg.kafka, cfg.topics.events, 20)) == len(raw)
+        again = finish_zerocf(again_, timeout=60, check=False)  # and once more: nothing left to do
+        assert again.returncode == 0 and len(read_topic(cfg.kafka, cfg.topics.events, 20)) == len(raw)
+    finally:
+        for p in (restart, again_):
+            stop_process(p, 5)

@@ -36,25 +36,39 @@ def store(redis_url: str, topic_prefix: str) -> FactorStore:
 @contextmanager
 def serve(env: dict[str, str], *flags: str) -> Iterator[int]:
     """``zerocf serve`` in a subprocess on a free port; yields the port once it answers /healthz."""
-    port = free_port()
-    env = {**env, "ZEROCF_SERVE_HOST": "127.0.0.1", "ZEROCF_SERVE_PORT": str(port)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "serve", *flags],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until("serve answers /healthz", lambda: _status(port, "/healthz") == 200, 60, proc)
+    with servers(env, flags) as (port,):
         yield port
+
+
+@contextmanager
+def servers(env: dict[str, str], *flag_sets: tuple[str, ...]) -> Iterator[tuple[int, ...]]:
+    """One ``zerocf serve`` subprocess per flag set, started together (their start-ups overlap); yields their
+    ports once every one answers /healthz."""
+    ports = [free_port() for _ in flag_sets]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for port, flags in zip(ports, flag_sets):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "workers.cli", "serve", *flags],
+                    env={**env, "ZEROCF_SERVE_HOST": "127.0.0.1", "ZEROCF_SERVE_PORT": str(port)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for port, proc in zip(ports, procs):
+            wait_until("serve answers /healthz", lambda port=port: _status(port, "/healthz") == 200, 60, proc)
+        yield tuple(ports)
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
 def _status(port: int, path: str) -> int | None:
@@ -112,7 +126,7 @@ def test_a_redis_pause_is_a_quick_503_or_a_flagged_stale_answer(
 ) -> None:
     """Before: each request during a Redis pause hung until Redis answered (15 s socket timeout)."""
     tiny_model(store)
-    with serve(zerocf_env) as strict, serve(zerocf_env, "--stale-s", "60") as lenient:
+    with servers(zerocf_env, (), ("--stale-s", "60")) as (strict, lenient):
         for port in (strict, lenient):
             code, doc, _ = timed_get(port, "/recommend?user=u1&k=2", 5)
             assert (code, doc["stale"]) == (200, False), doc
