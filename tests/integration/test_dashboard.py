@@ -324,7 +324,7 @@ def test_live_quality_of_an_lmf_worker(browser: Any, server: RecommendServer, st
         assert row[:2] == [figures["worker"]] * 2 and row[2:6] == ["1", "1", str(N_QUALITY), str(N_QUALITY)]
         worker = q["workers"][0]  # its progress: events/s between two publishes, records behind at its last batch
         assert worker["lag"] == 0 and (worker["events_per_s"] is None or worker["events_per_s"] >= 0)
-        assert len(row) == 9 and row[8] == "0"
+        assert len(row) == 10 and row[8] == "0" and worker["loss"] > 0  # events/s, lag, loss of the worker
         assert "HR@10 over the last 10 min" in text(browser, "quality-note")
         assert severe(browser) == []
     assert proc.returncode == 0, tail(log_path)

@@ -226,8 +226,8 @@ def test_reporter_logs_a_redis_outage_once(caplog: pytest.LogCaptureFixture) -> 
 def test_attach_sets_the_rank_hook_only_when_on(store: FactorStore) -> None:
     def worker(every: int) -> Any:
         return SimpleNamespace(cfg=SimpleNamespace(quality_every=every), store=store, g=3, rank_hook=None,
-                               rank_every=1, effective_rank_every=every, stats=SimpleNamespace(events=40),
-                               lag_total=7)  # fmt: skip
+                               rank_every=1, effective_rank_every=every,
+                               stats=SimpleNamespace(events=40, loss_ewma=float("nan")), lag_total=7)  # fmt: skip
 
     off = worker(0)
     assert attach(off) is None and off.rank_hook is None and off.rank_every == 1
@@ -246,7 +246,7 @@ def test_attach_sets_the_rank_hook_only_when_on(store: FactorStore) -> None:
 def test_the_reporter_publishes_the_events_rate_and_lag(store: FactorStore) -> None:
     tracker = QualityTracker()
     tracker([("u", "i", 0, 0, 0, 0, 0, 0, 1)])
-    progress = iter([(100, 5), (400, None)])
+    progress = iter([(100, 5, float("nan")), (400, None, 0.25)])
     clock = iter([1000.0, 1002.0])
     rep = QualityReporter(store, tracker, every_n=1, worker="w", progress=lambda: next(progress),
                           clock=lambda: next(clock))  # fmt: skip
@@ -254,12 +254,10 @@ def test_the_reporter_publishes_the_events_rate_and_lag(store: FactorStore) -> N
     first = store.read_quality()[0]
     rep.publish()
     second = store.read_quality()[0]
-    assert (first["events_per_s"], first["lag"]) == (None, 5) and (second["events_per_s"], second["lag"]) == (
-        150.0,
-        None,
-    )
+    assert (first["events_per_s"], first["lag"], first["loss"]) == (None, 5, None)
+    assert (second["events_per_s"], second["lag"], second["loss"]) == (150.0, None, 0.25)
     row = merge([second], now=1002.0)["workers"][0]
-    assert (row["events_per_s"], row["lag"]) == (150.0, None)
+    assert (row["events_per_s"], row["lag"], row["loss"]) == (150.0, None, 0.25)
 
 
 def test_the_setting_and_the_lmf_command_wiring() -> None:

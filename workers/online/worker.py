@@ -150,8 +150,7 @@ class LMFWorker:
         # (the dev broker's memory storage after a restart) gets it back, and the group its partitions; Tansu
         # never assigns a topic to a member that joined before the topic existed.
         self.consumer = kafka_util.consumer(self.cfg.kafka, group_id=self.cfg.group, client_id="zerocf-lmf",
-                                            max_poll_records=self.cfg.batch, allow_auto_create_topics=True,
-                                            fetch_max_wait_ms=self.cfg.fetch_wait_ms)  # fmt: skip
+                                            max_poll_records=self.cfg.batch, allow_auto_create_topics=True)  # fmt: skip
         if not self._wait_for_topic(until_idle):
             return False
         self._check_store()

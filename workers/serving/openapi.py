@@ -258,6 +258,10 @@ def _dashboard_schema() -> dict[str, Any]:
                             "type": ["integer", "null"],
                             "description": "records behind on its partitions at its last batch",
                         },
+                        "loss": {
+                            "type": ["number", "null"],
+                            "description": "its training loss (EWMA of the batches' mean log-loss per click)",
+                        },
                     }
                 ),
                 "description": "LMF workers whose figures have not expired (every: it ranks every n-th click)",
