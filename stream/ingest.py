@@ -479,14 +479,16 @@ class Ingest:
         started = time.monotonic()
         now_ms = int(time.time() * 1000)
         dead: list[_DeadLetter] = []
+        produced = started
         try:
             futures, dead, n_in, n_out = self._produce(producer, polled, now_ms)
+            produced = time.monotonic()
             ok = self._acknowledged(producer, futures, dead, now_ms)
         except Exception as exc:  # noqa: BLE001 - a send that cannot even be queued (e.g. a partition
             # that vanished when a dev broker restarted, a full buffer): the batch failed, nothing committed
             log.warning("ingest: could not queue the batch (%s: %s)", type(exc).__name__, exc)
             ok, n_in = False, sum(len(r) for r in polled.values())
-        produced = time.monotonic()
+        acked = time.monotonic()
         if not ok:
             self._refresh_partitions(producer)
             self._failing = True
@@ -503,7 +505,6 @@ class Ingest:
             )
             return False
         self._failing = False
-        acked = time.monotonic()
         self._commit(consumer, {tp: records[-1].offset + 1 for tp, records in polled.items()})
         n_lost = sum(d.mode == "lost" for d in dead)
         stats = self.stats

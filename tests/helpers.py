@@ -261,6 +261,15 @@ def events_of(records: Iterable[Any]) -> list[Event]:
     return [ev for rec in records for ev in record_events(rec)]
 
 
+def event_dicts(cfg: Any) -> list[dict[str, Any]]:
+    """Every event on ``cfg``'s ``<p>.events`` as the JSON objects on the wire (one event or a pack per record)."""
+    out: list[dict[str, Any]] = []
+    for rec in read_topic(cfg.kafka, cfg.topics.events, timeout=30):
+        got = json.loads(rec.value)
+        out += got if isinstance(got, list) else [got]
+    return out
+
+
 def assert_store_matches(store: FactorStore, truth: Truth, seen_cap: int) -> None:
     """Counters, item counts, vectors, seen sets and applied offsets equal what the topic holds."""
     g = store.live_generation()

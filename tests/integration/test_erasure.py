@@ -25,7 +25,7 @@ from stream.config import StreamConfig, load
 from stream.erasure import erased_digest
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from tests.helpers import TS, finish_zerocf, fresh_group
+from tests.helpers import TS, event_dicts, finish_zerocf, fresh_group
 from workers.batch.worker import ALSWorker
 from workers.config import ALSConfig, LMFConfig
 from workers.online.worker import LMFWorker
@@ -163,7 +163,7 @@ def test_forget_user_leaves_no_trace_and_replays_do_not_bring_the_user_back(
     erased_at = sent[0]["ts"]
     assert before <= erased_at <= int(time.time() * 1000)
     _ingest(env)
-    erase = [e for e in _events(cfg) if e["type"] == "erase"]
+    erase = [e for e in event_dicts(cfg) if e["type"] == "erase"]
     assert [(e["user"], e["item"], e["ts"], e["weight"]) for e in erase] == [(A, "", erased_at, 0.0)]
     _lmf(env, group)  # the live generation (2) and the retired one (1) lose A at once
     assert not store.get_vectors(2, "user", [A])[1].any() and not store.get_vectors(1, "user", [A])[1].any()
@@ -196,15 +196,6 @@ def test_forget_user_leaves_no_trace_and_replays_do_not_bring_the_user_back(
     assert not Recommender(store, refresh_s=0).recommend(A, k=5).fallback
 
 
-def _events(cfg: StreamConfig) -> list[dict[str, Any]]:
-    """Every event on ``<p>.events`` (one event or a pack per record)."""
-    out: list[dict[str, Any]] = []
-    for rec in read_topic(cfg.kafka, cfg.topics.events, timeout=30):
-        got = json.loads(rec.value)
-        out += got if isinstance(got, list) else [got]
-    return out
-
-
 def test_invalid_erasure_records_go_to_the_dead_letter_topic(zerocf_env: dict[str, str]) -> None:
     env = {**zerocf_env, "ZEROCF_IDLE_SECONDS": "1", "ZEROCF_EVENTS_PARTITIONS": "2"}
     cfg = load(StreamConfig, env)
@@ -224,6 +215,6 @@ def test_invalid_erasure_records_go_to_the_dead_letter_topic(zerocf_env: dict[st
     assert sorted(d["topic"] for d in dead) == [cfg.topics.erasures] * len(bad)
     reasons = sorted(d["reason"].split(" ")[0] for d in dead)
     assert reasons == ["message", "ts", "user_id", "user_id"], reasons
-    events = _events(cfg)
+    events = event_dicts(cfg)
     assert [(e["type"], e["user"], e["ts"]) for e in events] == [("erase", "u2", 1_700_000_000_000)]
     assert np.all([e["id"].startswith(cfg.topics.erasures + ":") for e in events])

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
 
 from stream.client.producer import EventProducer
 from stream.config import StreamConfig, load
 from stream.ingest import Ingest
 from stream.kafka_util import read_topic
-from tests.helpers import TS, fresh_group, run_zerocf
+from tests.helpers import TS, event_dicts, fresh_group, run_zerocf
 from workers.batch.interactions import InteractionMatrix
 from workers.config import LMFConfig
 from workers.online.worker import LMFWorker
@@ -27,14 +26,6 @@ from workers.store import FactorStore
 
 FAN = "fan"
 HIT = "i0"  # clicked by everyone else: the first thing the fan would be offered without the dislike
-
-
-def _events(cfg: StreamConfig) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for rec in read_topic(cfg.kafka, cfg.topics.events, timeout=30):
-        got = json.loads(rec.value)
-        out += got if isinstance(got, list) else [got]
-    return out
 
 
 def test_feedback_types_are_weighted_negatives_are_learned_and_unknown_types_dead_lettered(
@@ -67,7 +58,7 @@ def test_feedback_types_are_weighted_negatives_are_learned_and_unknown_types_dea
     stats = Ingest(cfg).run(until_idle=True)
     assert stats.clean_exit and stats.dlq == 2, stats.summary()
 
-    fan = {e["item"]: e for e in _events(cfg) if e["user"] == FAN}
+    fan = {e["item"]: e for e in event_dicts(cfg) if e["user"] == FAN}
     assert [(fan[i]["type"], fan[i]["weight"], fan[i].get("fb")) for i in ("i1", "i2", "i3", HIT)] == [
         ("click", 2.0, "like"),
         ("click", 10.0, "purchase"),

@@ -52,6 +52,7 @@ from workers.config import LMFConfig
 from workers.online.metrics import LMFMetrics, WorkerStats
 from workers.online.model import BatchPlan, OnlineModel, TrainResult, rank_rows
 from workers.online.progress import TopicEnds
+from workers.online.quality import attach
 from workers.store import ApplyStatus, BatchState, BatchWrite, FactorStore, Fence, ModelLost
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,6 @@ class LMFWorker:
         """Bootstrap, loop until stopped (or caught up and idle with ``until_idle``), tear down. Without a rank
         hook of its own the worker publishes its live quality (``ZEROCF_LMF_QUALITY_EVERY``,
         :mod:`workers.online.quality`) while it runs."""
-        from workers.online.quality import attach
-
         reporter = attach(self) if self.rank_hook is None else None
         http = None
         try:
